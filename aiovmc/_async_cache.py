@@ -1,0 +1,512 @@
+"""`AsyncCache`: the anyio facade over the synchronous `Cache` (DESIGN.md §4).
+
+The facade is thin on purpose (as httpx's async client is over its shared base):
+key encoding, TTL arithmetic, errors and statistics are the sync `Cache`'s, and
+`AsyncCache` only adds what waits — coalesced loads, copies moved off the loop,
+group-committed flushes and timestamp waits.
+
+No loop affinity: nothing here creates an anyio or asyncio object before it is
+needed inside a running loop, and what is created there (events, the copy limiter)
+is kept per loop, so one `AsyncCache` made at import time serves any number of
+successive or concurrent event loops, asyncio and trio alike.
+
+Checkpoints: an operation is a checkpoint exactly when it waits — a load, an
+off-loop copy, a flush, a timestamp wait, `clear` and `aclose`. A hit, a miss
+without a loader, and small writes return without yielding to the loop. See
+docs/cancellation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, TypeVar, Union, overload
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from ._cache import Cache, CacheStatistics, Reservation
+from ._coalesce import SingleFlight
+from ._convert import TTL, Key, encode_key, parse_size
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer, Self
+
+__all__ = [
+    "DEFAULT_OFFLOAD_THRESHOLD",
+    "OFFLOAD_CONCURRENCY",
+    "AsyncCache",
+    "AsyncReservation",
+    "Loader",
+]
+
+#: Values of at least this many bytes are copied by a worker thread rather than on
+#: the event loop thread. Provisional: benchmarks/ measures the crossover (the size
+#: above which a thread round trip costs less than the loop stall it avoids).
+DEFAULT_OFFLOAD_THRESHOLD: Final = 256 * 1024
+
+#: At most this many off-loop copies run at once per event loop (all handles
+#: together): copies are bound by memory bandwidth, so more threads only add
+#: latency to each of them.
+OFFLOAD_CONCURRENCY: Final = 4
+
+# Polling of `committed_timestamp` by `wait_committed` (a publication by another
+# process signals nothing to this one): first interval, backing off to the last.
+_COMMIT_POLL_FIRST: Final = 0.0001
+_COMMIT_POLL_MAX: Final = 0.01
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+#: An async loader: ``async def load(key: bytes) -> bytes | None`` (a buffer to
+#: store, or None for "no value"). A plain function returning the same is accepted
+#: and called on the loop thread.
+Loader = Callable[[bytes], Union[Awaitable[Union["Buffer", None]], "Buffer", None]]
+
+_copy_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "aiovmc.copy_limiter"
+)
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    """The running loop's limiter for off-loop copies (made on first use)."""
+    limiter = _copy_limiter.get(None)
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(OFFLOAD_CONCURRENCY)
+        _copy_limiter.set(limiter)
+    return limiter
+
+
+async def _offload(func: Callable[[], T]) -> T:
+    """Run ``func`` in a worker thread; a cancel takes effect once it has returned."""
+    return await anyio.to_thread.run_sync(func, limiter=_limiter())
+
+
+def _nbytes(value: object) -> int:
+    """The size of a buffer, or 0 for a non-buffer (the sync call then says why)."""
+    if value.__class__ is bytes:
+        return len(value)  # type: ignore[arg-type]
+    try:
+        with memoryview(value) as view:  # type: ignore[arg-type]
+            return view.nbytes
+    except TypeError:
+        return 0
+
+
+def _parse_threshold(value: int | str | None) -> int:
+    if value is None:
+        return DEFAULT_OFFLOAD_THRESHOLD
+    return parse_size(value, "offload_threshold")
+
+
+class AsyncReservation:
+    """Room for one value, reserved by `AsyncCache.reserve` (DESIGN.md §5).
+
+    Fill `buffer`, then `publish()`; or use ``async with``: leaving the block
+    normally publishes, leaving it with an exception — cancellation included —
+    cancels, so a half-written value is never published. Nothing here waits: entering
+    and leaving the block are not checkpoints. To fill a large buffer without
+    stalling the loop, write it from a worker thread
+    (``await anyio.to_thread.run_sync(fill, r.buffer)``).
+    """
+
+    __slots__ = ("_reservation",)
+
+    def __init__(self, reservation: Reservation) -> None:
+        self._reservation = reservation
+
+    @property
+    def key(self) -> bytes:
+        """The key the value will be published under."""
+        return self._reservation.key
+
+    @property
+    def size(self) -> int:
+        """The size of the value in bytes."""
+        return self._reservation.size
+
+    @property
+    def buffer(self) -> memoryview:
+        """A writable view of exactly `size` bytes inside the cache file."""
+        return self._reservation.buffer
+
+    @property
+    def timestamp(self) -> int | None:
+        """The publication timestamp; None until published."""
+        return self._reservation.timestamp
+
+    @property
+    def reservation(self) -> Reservation:
+        """The underlying synchronous `Reservation`."""
+        return self._reservation
+
+    def publish(self) -> int:
+        """Make the value visible to every process; return its timestamp. Never waits."""
+        return self._reservation.publish()
+
+    def cancel(self) -> None:
+        """Free the reserved room without publishing. Never waits."""
+        self._reservation.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Same rules as the sync context manager: publish on success, cancel on any
+        # exception (a cancellation is one).
+        self._reservation.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"<AsyncReservation of {self._reservation!r}>"
+
+
+class AsyncCache:
+    """An anyio facade over `Cache`, usable from asyncio and trio (DESIGN.md §4).
+
+    ``AsyncCache(path, on_miss=..., offload_threshold=..., **cache_options)`` opens
+    the file as ``Cache(path, **cache_options)`` would; `from_cache` wraps an open
+    `Cache`. ``on_miss`` is an async loader ``async def load(key: bytes) -> bytes |
+    None``, coalesced per key (see `get`). Values of at least ``offload_threshold``
+    bytes (default `DEFAULT_OFFLOAD_THRESHOLD`; sizes such as ``"1MiB"`` accepted)
+    are copied in a worker thread. `aclose` closes the underlying `Cache`, whether
+    this handle opened it or was given it.
+    """
+
+    __slots__ = (
+        "_cache",
+        "_fetch",
+        "_flushes",
+        "_get_inline",
+        "_limit",
+        "_loads",
+        "offload_threshold",
+        "on_miss",
+    )
+
+    on_miss: Loader | None
+    offload_threshold: int
+
+    def __init__(
+        self,
+        path: str | Any | None = None,
+        *,
+        on_miss: Loader | None = None,
+        offload_threshold: int | str | None = None,
+        **cache_options: Any,
+    ) -> None:
+        if "on_miss" in cache_options:  # pragma: no cover - caught by the signature
+            raise TypeError("on_miss is an AsyncCache argument")
+        threshold = _parse_threshold(offload_threshold)
+        self._setup(Cache(path, **cache_options), on_miss, threshold)
+
+    @classmethod
+    def from_cache(
+        cls,
+        cache: Cache,
+        *,
+        on_miss: Loader | None = None,
+        offload_threshold: int | str | None = None,
+    ) -> AsyncCache:
+        """Wrap an open `Cache`. Without ``on_miss``, the cache's own ``on_miss``
+        (a plain function, called on the loop thread) is the loader."""
+        if not isinstance(cache, Cache):
+            raise TypeError(f"from_cache() needs an aiovmc.Cache, not {type(cache).__name__}")
+        self = cls.__new__(cls)
+        loader = on_miss if on_miss is not None else cache.on_miss
+        self._setup(cache, loader, _parse_threshold(offload_threshold))
+        return self
+
+    def _setup(self, cache: Cache, on_miss: Loader | None, threshold: int) -> None:
+        self._cache = cache
+        self.on_miss = on_miss
+        self.offload_threshold = threshold
+        # _get_inline returns values of at most `_limit` bytes, sizes beyond.
+        self._limit = max(threshold - 1, 0)
+        self._get_inline = cache._get_inline
+        self._fetch = cache._fetch
+        self._loads: SingleFlight[bytes | None] = SingleFlight()
+        self._flushes: SingleFlight[int] = SingleFlight()
+
+    @property
+    def cache(self) -> Cache:
+        """The underlying synchronous `Cache` (same file, same statistics)."""
+        return self._cache
+
+    def __repr__(self) -> str:
+        return f"<AsyncCache of {self._cache!r}>"
+
+    # -- reads ---------------------------------------------------------------------
+
+    @overload
+    async def get(
+        self,
+        key: Key,
+        default: None = None,
+        *,
+        on_miss: Loader | None = None,
+        ttl: TTL = None,
+    ) -> bytes | None: ...
+
+    @overload
+    async def get(
+        self,
+        key: Key,
+        default: D,
+        *,
+        on_miss: Loader | None = None,
+        ttl: TTL = None,
+    ) -> bytes | D: ...
+
+    async def get(
+        self,
+        key: Key,
+        default: object = None,
+        *,
+        on_miss: Loader | None = None,
+        ttl: TTL = None,
+    ) -> object:
+        """Return the value of ``key``; on a miss, load it (coalesced) or return
+        ``default``.
+
+        A hit returns without waiting (no checkpoint), unless the value is at least
+        ``offload_threshold`` bytes: then it is copied in a worker thread. A miss
+        calls the loader (``on_miss`` here, else the handle's); all tasks missing the
+        same key meanwhile share that call (see `aiovmc._coalesce`). A loaded value
+        is stored with ``ttl`` (None: the cache's default) before anyone gets it; a
+        loader returning None stores nothing and every waiter gets its own
+        ``default``. Loader exceptions propagate to every waiter and are not cached.
+        Cancelling a waiting task cancels only it; a cancelled loader is retried by
+        another waiter.
+        """
+        k = key if key.__class__ is bytes else encode_key(key)
+        found = self._get_inline(k, self._limit)
+        if found.__class__ is bytes:
+            return found
+        if found is not None:
+            value = await _offload(functools.partial(self._fetch, k))
+            if value is not None:
+                return value
+            # Deleted or replaced between the lookup and the copy: a miss after all.
+        loader = on_miss if on_miss is not None else self.on_miss
+        if loader is None:
+            return default
+        loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl))
+        return default if loaded is None else loaded
+
+    async def _load(self, key: bytes, loader: Loader, ttl: TTL) -> bytes | None:
+        """Call the loader and store what it returns (the leader's part of a miss)."""
+        result = loader(key)
+        if inspect.isawaitable(result):
+            result = await result
+        if result is None:
+            return None
+        store = self._cache._store_loaded
+        if _nbytes(result) < self.offload_threshold:
+            store(key, result, ttl)
+            return result if result.__class__ is bytes else bytes(result)
+
+        def store_large() -> bytes:
+            store(key, result, ttl)
+            return result if result.__class__ is bytes else bytes(result)
+
+        # Once the loader has produced a value, finish storing it even if we are
+        # cancelled meanwhile, so the waiters get it rather than load again.
+        with anyio.CancelScope(shield=True):
+            return await _offload(store_large)
+
+    def get_nowait(self, key: Key, default: D | None = None) -> bytes | D | None:
+        """Return the value of ``key`` or ``default``. Synchronous: never loads and
+        never waits (a large value is copied on the calling thread)."""
+        k = key if key.__class__ is bytes else encode_key(key)
+        found = self._get_inline(k, sys.maxsize)
+        return default if found is None else found  # type: ignore[return-value]
+
+    async def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
+        """As `Cache.get_into`: copy ``value[offset:offset+len(buffer)]`` into
+        ``buffer``; return the value's total size, or None on a miss (no loader).
+
+        Waits (in a worker thread) only when ``buffer`` is at least
+        ``offload_threshold`` bytes; a cancel then takes effect after the copy.
+        """
+        get_into = self._cache.get_into
+        if _nbytes(buffer) < self.offload_threshold:
+            return get_into(key, buffer, offset=offset)
+        return await _offload(functools.partial(get_into, key, buffer, offset=offset))
+
+    async def get_many(self, keys: Iterable[Any]) -> dict[Any, bytes]:
+        """As `Cache.get_many`: ``{key: value}`` for the hits; never loads.
+
+        Values of at least ``offload_threshold`` bytes are copied in a worker thread
+        (a checkpoint); the others on the loop.
+        """
+        result: dict[Any, bytes] = {}
+        large: list[tuple[Any, bytes]] = []
+        get_inline, limit = self._get_inline, self._limit
+        for key in keys:
+            k = key if key.__class__ is bytes else encode_key(key)
+            found = get_inline(k, limit)
+            if found.__class__ is bytes:
+                result[key] = found  # type: ignore[assignment]
+            elif found is not None:
+                large.append((key, k))
+                result[key] = b""  # keeps the caller's key order
+        for key, k in large:
+            value = await _offload(functools.partial(self._fetch, k))
+            if value is None:
+                del result[key]
+            else:
+                result[key] = value
+        return result
+
+    # -- writes --------------------------------------------------------------------
+
+    async def put(self, key: Key, value: Buffer, *, ttl: TTL = None) -> int:
+        """As `Cache.put`: store ``value``; return its timestamp once committed.
+
+        A value of at least ``offload_threshold`` bytes is copied into the file by a
+        worker thread (a checkpoint; a cancel takes effect after the copy, so the
+        value may have been stored). A smaller one is stored without waiting.
+        """
+        if _nbytes(value) < self.offload_threshold:
+            return self._cache.put(key, value, ttl=ttl)
+        return await _offload(functools.partial(self._cache.put, key, value, ttl=ttl))
+
+    async def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
+        """As `Cache.add`: store only if ``key`` is absent; True if stored.
+        Waits as `put` does."""
+        if _nbytes(value) < self.offload_threshold:
+            return self._cache.add(key, value, ttl=ttl)
+        return await _offload(functools.partial(self._cache.add, key, value, ttl=ttl))
+
+    async def put_many(
+        self,
+        items: Mapping[Any, Buffer] | Iterable[tuple[Any, Buffer]],
+        *,
+        ttl: TTL = None,
+    ) -> int:
+        """As `Cache.put_many`: store every pair; return the last timestamp.
+
+        When the values add up to at least ``offload_threshold`` bytes the whole
+        batch is stored by a worker thread (a checkpoint; a cancel takes effect after
+        the batch), otherwise without waiting.
+        """
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        put_many = self._cache.put_many
+        if sum(_nbytes(v) for _, v in pairs) < self.offload_threshold:
+            return put_many(pairs, ttl=ttl)
+        return await _offload(functools.partial(put_many, pairs, ttl=ttl))
+
+    async def delete(self, key: Key) -> bool:
+        """As `Cache.delete`: remove ``key``; True if it was there. Never waits."""
+        return self._cache.delete(key)
+
+    async def evict(self, key: Key | None = None) -> bool:
+        """As `Cache.evict`: evict ``key`` (None: the least recently used entry) and
+        call ``on_evict``; True if something was evicted. Never waits."""
+        return self._cache.evict(key)
+
+    async def clear(self) -> None:
+        """As `Cache.clear`: remove every entry. Runs in a worker thread (its work
+        grows with the cache); a cancel takes effect after it has finished."""
+        await anyio.to_thread.run_sync(self._cache.clear)
+
+    def reserve(self, key: Key, size: int, *, ttl: TTL = None) -> AsyncReservation:
+        """Reserve room for a ``size``-byte value (as `Cache.reserve`, evicting as
+        needed); use the result with ``async with``. Never waits."""
+        return AsyncReservation(self._cache.reserve(key, size, ttl=ttl))
+
+    # -- timestamps ----------------------------------------------------------------
+
+    async def wait_committed(self, timestamp: int) -> int:
+        """Wait until publication ``timestamp`` is visible to every process; return
+        the committed timestamp then (>= ``timestamp``).
+
+        Always a checkpoint. A timestamp returned by this process's put or publish
+        is committed already; one published by another process may take a moment
+        (the wait polls). Waits forever for a timestamp never published: bound it
+        with ``anyio.fail_after``. A cancel leaves nothing behind.
+        """
+        cache = self._cache
+        committed = cache.committed_timestamp
+        if committed >= timestamp:
+            await anyio.lowlevel.checkpoint()
+            return committed
+        delay = _COMMIT_POLL_FIRST
+        while True:
+            await anyio.sleep(delay)
+            committed = cache.committed_timestamp
+            if committed >= timestamp:
+                return committed
+            delay = min(delay * 2, _COMMIT_POLL_MAX)
+
+    async def wait_persisted(self, timestamp: int) -> int:
+        """Wait until publication ``timestamp`` is durable in the file; return the
+        persisted timestamp then (>= ``timestamp``).
+
+        Always a checkpoint. Waits for the publication to be committed, then for a
+        flush (`Cache.persist`, in a worker thread). Concurrent waiters on one loop
+        share flushes (group commit): at most one flush runs at a time, and those
+        who arrive during a flush that may not cover them share the next one.
+        Cancelling a waiter cancels only its wait; a flush already started
+        completes.
+        """
+        cache = self._cache
+        persisted = cache.persisted_timestamp
+        if persisted >= timestamp:
+            await anyio.lowlevel.checkpoint()
+            return persisted
+        await self.wait_committed(timestamp)
+        while True:
+            persisted = await self._flushes.run(None, functools.partial(self._flush, timestamp))
+            if persisted >= timestamp:
+                return persisted
+            persisted = cache.persisted_timestamp
+            if persisted >= timestamp:
+                return persisted
+
+    async def _flush(self, timestamp: int) -> int:
+        """One group flush (the leader's part of `wait_persisted`)."""
+        persisted = self._cache.persisted_timestamp
+        if persisted >= timestamp:
+            return persisted  # a flush that covers us ended while we took over
+        return await anyio.to_thread.run_sync(self._cache.persist)
+
+    # -- statistics and lifetime ---------------------------------------------------
+
+    def statistics(self) -> CacheStatistics:
+        """The file's `CacheStatistics`, plus this handle's loader calls and the gets
+        served by another task's load (``coalesced_gets``). Never waits."""
+        stats = self._cache.statistics()
+        loads = self._loads
+        return dataclasses.replace(
+            stats,
+            loader_calls=stats.loader_calls + loads.loader_calls,
+            coalesced_gets=stats.coalesced_gets + loads.coalesced_gets,
+        )
+
+    async def aclose(self) -> None:
+        """Close the underlying `Cache` (idempotent). A checkpoint; the handle is
+        closed even if the caller is cancelled."""
+        self._cache.close()
+        await anyio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

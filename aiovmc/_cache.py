@@ -1,0 +1,425 @@
+"""`Cache`: the synchronous handle on a cache file shared by every process.
+
+The operations themselves are one C call each (`aiovmc._native.Handle`); this
+module adds what is policy: argument checking, the read-through loader, the
+eviction callback, statistics records, reservations and the mapping protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from ._convert import encode_key, parse_size, ttl_to_ns
+from ._errors import AiovmcError, CacheConfigError
+from ._native import Handle
+
+__all__ = ["Cache", "CacheStatistics", "Reservation", "encode_key"]
+
+_POLICIES = ("lru", "none")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    """A snapshot of a cache's counters.
+
+    The first nine fields belong to the file and are shared by every process
+    using it; `loader_calls` and `coalesced_gets` belong to the handle that
+    produced the snapshot.
+    """
+
+    puts: int
+    """Successful put, add and publish calls, including values stored from loaders."""
+    gets: int
+    """Keys looked up by get, get_into and get_many."""
+    hits: int
+    misses: int
+    evictions: int
+    """Entries removed to make room, and evict() calls."""
+    expirations: int
+    entries: int
+    used_bytes: int
+    """Pool bytes held by entries and open reservations, overhead included."""
+    capacity: int
+    """Usable pool bytes."""
+    loader_calls: int = 0
+    """Loader (on_miss) calls made by this handle."""
+    coalesced_gets: int = 0
+    """Gets of this handle served by joining another task's load."""
+
+
+class Cache(Handle):
+    """A cache in a memory-mapped file, shared by every process that opens it.
+
+    ``Cache(path=None, *, size=None, extent_size=256, policy="lru", ttl=None,
+    reset=False, mode=0o600, on_evict=None, on_miss=None)``
+
+    Every operation is safe from many threads and many processes at once.
+    """
+
+    __slots__ = (
+        "_creator_pid",
+        "_load_lock",
+        "_loader_calls",
+        "_on_evict",
+        "_path",
+        "_remove_file",
+        "_reservations",
+        "on_miss",
+    )
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        size: int | str | None = None,
+        extent_size: int | str = 256,
+        policy: str = "lru",
+        ttl: float | None = None,
+        reset: bool = False,
+        mode: int = 0o600,
+        on_evict: Callable[[bytes], object] | None = None,
+        on_miss: Callable[[bytes], Any] | None = None,
+        allow_other_owner: bool = False,
+    ) -> None:
+        size_bytes = None if size is None else parse_size(size)
+        unit = parse_size(extent_size, "extent_size")
+        if policy not in _POLICIES:
+            raise CacheConfigError(f"policy must be 'lru' or 'none', not {policy!r}")
+        ttl_ns = ttl_to_ns(ttl) or 0
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise TypeError(f"mode is an int such as 0o600, not {type(mode).__name__}")
+        for name, callback in (("on_evict", on_evict), ("on_miss", on_miss)):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{name} must be callable or None")
+        self._remove_file = path is None
+        if path is None:
+            if size_bytes is None:
+                raise CacheConfigError("size is required to create a private cache (path=None)")
+            path = _private_path()
+        self._path = os.fspath(path)
+        if reset and size_bytes is None:
+            raise CacheConfigError(f"reset=True needs a size to recreate {self._path} with")
+        self._open(
+            self._path,
+            size=size_bytes or 0,
+            extent_size=unit,
+            policy=policy,
+            default_ttl_ns=ttl_ns,
+            mode=mode,
+            create=size_bytes is not None,
+            reset=reset,
+            any_owner=allow_other_owner,
+        )
+        self._creator_pid = os.getpid()
+        self._on_evict = on_evict
+        self.on_miss = on_miss
+        self._loader_calls = 0
+        self._load_lock = threading.Lock()
+        self._reservations: weakref.WeakSet[Reservation] = weakref.WeakSet()
+        if not self.info.created:
+            self._check_attached_config(unit, policy, ttl_ns, extent_size, ttl)
+        _open_caches.add(self)
+
+    def _check_attached_config(
+        self, unit: int, policy: str, ttl_ns: int, extent_size: object, ttl: object
+    ) -> None:
+        """Geometry and policy belong to the file: a conflicting request is an error."""
+        info = self.info
+        conflicts = []
+        if extent_size != 256 and unit != info.extent_size:
+            conflicts.append(f"extent_size={info.extent_size}")
+        if policy != "lru" and policy != info.policy:
+            conflicts.append(f"policy={info.policy!r}")
+        if ttl is not None and ttl_ns != info.default_ttl_ns:
+            conflicts.append(f"ttl={info.default_ttl_ns / 1e9:g}")
+        if conflicts:
+            self.close()
+            raise CacheConfigError(
+                f"{self._path} was created with {', '.join(conflicts)}; geometry and policy "
+                "belong to the file (pass reset=True to recreate it)"
+            )
+
+    # ---- properties ----
+
+    @property
+    def path(self) -> str:
+        """The cache file."""
+        return self._path
+
+    @property
+    def capacity(self) -> int:
+        """Usable pool bytes."""
+        return self.info.capacity
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"capacity={self.capacity}"
+        return f"<aiovmc.Cache {self._path!r} {state}>"
+
+    # ---- loader and callbacks ----
+
+    def _missed(self, key: bytes, default: Any) -> Any:
+        loader = self.on_miss
+        if loader is None:
+            return default
+        with self._load_lock:
+            self._loader_calls += 1
+        value = loader(key)
+        if value is None:
+            return default
+        self._store_loaded(key, value, None)
+        return value if type(value) is bytes else bytes(value)
+
+    def _store_loaded(self, key: bytes, value: Any, ttl: Any) -> int:
+        """Store a loader's result (counts as a put); returns the timestamp."""
+        return self.put(key, value, ttl=ttl)
+
+    def _notify_evicted(self, keys: list[bytes]) -> None:
+        """Call on_evict for each key, with no lock held; every callback runs,
+        and the first exception raised by one is re-raised afterwards."""
+        callback = self._on_evict
+        if callback is None:
+            return
+        error: BaseException | None = None
+        for key in keys:
+            try:
+                callback(key)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                if error is None:
+                    error = exc
+        if error is not None:
+            raise error
+
+    # ---- operations beyond one C call ----
+
+    def evict(self, key: Any = None) -> bool:
+        """Evict `key`, or with None the least recently used entry, and call
+        on_evict. True if something was evicted."""
+        if key is None:
+            victim = self._evict_lru()
+        else:
+            victim = encode_key(key)
+            if not self._evict_key(victim):
+                victim = None
+        if victim is None:
+            return False
+        self._notify_evicted([victim])
+        return True
+
+    def keys(self) -> list[bytes]:
+        """A snapshot list of the unexpired keys."""
+        return list(self._shard_keys())
+
+    def get_many(self, keys: Iterable[Any]) -> dict[bytes, bytes]:
+        """``{key: value}`` for the keys present; never calls the loader."""
+        found: dict[bytes, bytes] = {}
+        get = Handle.get
+        for key in keys:
+            encoded = encode_key(key)
+            value = get(self, encoded, _ABSENT)
+            if value is not _ABSENT:
+                found[encoded] = value
+        return found
+
+    def put_many(
+        self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *, ttl: Any = None
+    ) -> int:
+        """Store every (key, value) pair; returns the last timestamp (0 if none)."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        ts = 0
+        for key, value in pairs:
+            ts = self.put(key, value, ttl=ttl)
+        return ts
+
+    def statistics(self) -> CacheStatistics:
+        """A frozen snapshot of the file's counters and this handle's loader calls."""
+        raw = self._raw_statistics()
+        return CacheStatistics(
+            puts=raw.puts,
+            gets=raw.gets,
+            hits=raw.hits,
+            misses=raw.misses,
+            evictions=raw.evictions,
+            expirations=raw.expirations,
+            entries=raw.entries,
+            used_bytes=raw.used_bytes,
+            capacity=raw.capacity,
+            loader_calls=self._loader_calls,
+        )
+
+    def reserve(self, key: Any, size: int | str, *, ttl: Any = None) -> Reservation:
+        """Room for a `size`-byte value that no reader sees until published."""
+        encoded = encode_key(key)
+        nbytes = parse_size(size)
+        ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
+        assert ttl_ns is not None
+        rid, buffer = self._reserve(encoded, nbytes, ttl_ns)
+        reservation = Reservation(self, rid, encoded, buffer)
+        self._reservations.add(reservation)
+        return reservation
+
+    # ---- mapping protocol (no loader: a miss is a KeyError) ----
+
+    def __getitem__(self, key: Any) -> bytes:
+        value = Handle.get(self, key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    # ---- life cycle ----
+
+    def close(self) -> None:
+        """Cancel this handle's open reservations and detach. Idempotent."""
+        if self.closed:
+            return
+        for reservation in list(self._reservations):
+            reservation._abandon()
+        _open_caches.discard(self)
+        self._close_native()
+        if self._remove_file and os.getpid() == self._creator_pid:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A private cache's file goes with its creator's handle, even unclosed.
+        if getattr(self, "_remove_file", False) and os.getpid() == self._creator_pid:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+
+
+class Reservation:
+    """Room for one value, filled in place and then published or cancelled.
+
+    `buffer` is a writable memoryview of exactly `size` bytes inside the cache
+    file: what is written there is the value, with no further copy. As a
+    context manager it publishes on success and cancels on an exception.
+    """
+
+    __slots__ = ("__weakref__", "_cache", "_id", "_state", "buffer", "key", "size", "timestamp")
+
+    def __init__(self, cache: Cache, rid: int, key: bytes, buffer: memoryview) -> None:
+        self._cache = cache
+        self._id = rid
+        self._state = "open"
+        self.key = key
+        self.size = buffer.nbytes
+        self.buffer = buffer
+        self.timestamp: int | None = None
+
+    @property
+    def state(self) -> str:
+        """"open", "published" or "cancelled"."""
+        return self._state
+
+    def _require_open(self, action: str) -> None:
+        if self._state != "open":
+            raise AiovmcError(f"cannot {action} a reservation that is already {self._state}")
+
+    def publish(self) -> int:
+        """Make the value visible atomically, replacing any older value of the
+        key; returns its timestamp (also kept as `timestamp`)."""
+        self._require_open("publish")
+        self.timestamp = self._cache._publish(self._id)
+        self._finish("published")
+        return self.timestamp
+
+    def cancel(self) -> None:
+        """Free the room without publishing. Idempotent once cancelled."""
+        if self._state == "cancelled":
+            return
+        self._require_open("cancel")
+        self._cache._cancel(self._id)
+        self._finish("cancelled")
+
+    def _abandon(self) -> None:
+        """Cancel quietly (the handle is closing)."""
+        if self._state == "open":
+            try:
+                self._cache._cancel(self._id)
+            except AiovmcError:
+                pass
+            self._finish("cancelled")
+
+    def _finish(self, state: str) -> None:
+        self._state = state
+        self._cache._reservations.discard(self)
+        try:
+            self.buffer.release()  # later writes through `buffer` fail loudly
+        except BufferError:
+            pass  # something still exports it; the mapping stays valid regardless
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state != "open":
+            return
+        if exc_type is None:
+            self.publish()
+        else:
+            self.cancel()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "open":
+            self._abandon()
+
+    def __repr__(self) -> str:
+        return f"<aiovmc.Reservation key={self.key!r} {self._state}>"
+
+
+_ABSENT: Any = object()
+
+_open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares its parent's liveness lock through the inherited
+    # descriptor; give every open handle a lock of its own.
+    for cache in list(_open_caches):
+        if not cache.closed:
+            cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _private_path() -> str:
+    """A fresh file name for a private cache: /dev/shm if usable, else the temp dir."""
+    directory = "/dev/shm"
+    if not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
+        directory = tempfile.gettempdir()
+    return os.path.join(directory, f"aiovmc-{os.getpid()}-{secrets.token_hex(8)}.cache")

@@ -1,0 +1,6 @@
+"""The binding to the C core. Only this package touches cffi's `ffi` and `lib`."""
+
+from ._handle import SCRATCH_SIZE, Handle, NativeInfo
+from ._status import ERRORS, raise_for
+
+__all__ = ["ERRORS", "SCRATCH_SIZE", "Handle", "NativeInfo", "raise_for"]

@@ -1,0 +1,425 @@
+"""`Handle`: the cache operations as one C call each.
+
+This is the only module that calls the compiled core. Each method converts its
+arguments, makes one call (two for values larger than the scratch buffer) and
+builds its result once; everything that is policy rather than a C call
+(loaders, eviction callbacks, statistics records, reservation objects, the
+mapping protocol) lives in `aiovmc._cache.Cache`, which subclasses this.
+
+Results come back through a per-thread scratch buffer: the core copies the
+value there while holding the shard lock, and slicing the buffer builds the
+`bytes` result. A value larger than the buffer is copied by the core straight
+into a fresh `bytes` object of the right size, with the GIL released: one copy
+from the mapping to the result.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from .._convert import encode_key, ttl_to_ns, value_buffer
+from .._errors import CacheClosedError
+from ._status import raise_for
+from ._vmc import ffi, lib
+
+__all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo"]
+
+SCRATCH_SIZE = 64 * 1024  # >= the largest key, so evicted keys come back here too
+
+_WHOLE = lib.VMC_F_WHOLE
+_QUIET = lib.VMC_F_QUIET
+_ADD = lib.VMC_F_ADD
+_NO_EVICT = lib.VMC_F_NO_EVICT
+_MISS = lib.VMC_MISS
+_NEED_ROOM = lib.VMC_E_NEED_ROOM
+_NULL = ffi.NULL
+_get = lib.vmc_get
+_put = lib.vmc_put
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        ptr = ffi.new("char[]", SCRATCH_SIZE)
+        self.pair = (ptr, ffi.buffer(ptr))
+
+
+_scratch = _Scratch()
+
+
+class NativeInfo:
+    """What the file says about itself, read once at open."""
+
+    __slots__ = (
+        "capacity",
+        "created",
+        "default_ttl_ns",
+        "dropped_entries",
+        "extent_size",
+        "file_size",
+        "max_value_size",
+        "policy",
+        "recovered",
+        "recovered_entries",
+    )
+
+    def __init__(self, info: Any) -> None:
+        self.file_size: int = info.file_size
+        self.capacity: int = info.capacity
+        self.extent_size: int = info.extent_size
+        self.policy: str = "none" if info.policy == lib.VMC_POLICY_NONE else "lru"
+        self.default_ttl_ns: int = info.default_ttl_ns
+        self.max_value_size: int = info.max_value_size
+        self.created = bool(info.created)
+        self.recovered = bool(info.recovered)
+        self.recovered_entries: int = info.recovered_entries
+        self.dropped_entries: int = info.dropped_entries
+
+
+def _as_char_pointer(value: object) -> tuple[Any, int]:
+    """A value as something cffi passes as `const char *`, and its length."""
+    if type(value) is bytes:
+        return value, len(value)
+    view = value_buffer(value)
+    return ffi.from_buffer(view), view.nbytes
+
+
+class Handle:
+    """An open cache file, mapped. Thread-safe: the core locks, not the GIL."""
+
+    __slots__ = ("__weakref__", "_base", "_h", "_mmap", "info")
+
+    _on_evict: Any  # provided by the subclass: None, or a callable
+
+    def _open(
+        self,
+        path: str,
+        *,
+        size: int,
+        extent_size: int,
+        policy: str,
+        default_ttl_ns: int,
+        mode: int,
+        create: bool,
+        reset: bool,
+        any_owner: bool,
+    ) -> None:
+        config = ffi.new(
+            "struct vmc_config *",
+            {
+                "size": size,
+                "extent_size": extent_size,
+                "policy": lib.VMC_POLICY_NONE if policy == "none" else lib.VMC_POLICY_LRU,
+                "default_ttl_ns": default_ttl_ns,
+                "mode": mode,
+            },
+        )
+        flags = (
+            (lib.VMC_F_CREATE if create else 0)
+            | (lib.VMC_F_RESET if reset else 0)
+            | (lib.VMC_F_ANY_OWNER if any_owner else 0)
+        )
+        out = ffi.new("vmc_cache **")
+        info = ffi.new("struct vmc_info *")
+        status = lib.vmc_open(os.fsencode(path), config, flags, out, info)
+        if status < 0:
+            raise_for(status)
+        try:
+            mapping = mmap.mmap(info.fd, info.file_size, mmap.MAP_SHARED)
+        except BaseException:
+            lib.vmc_abort(out[0])
+            raise
+        handle = ffi.gc(out[0], lib.vmc_free)
+        base = ffi.from_buffer(mapping)  # keeps the mapping alive, and exported
+        status = lib.vmc_attach(handle, base, info)
+        if status < 0:
+            lib.vmc_close(handle)
+            raise_for(status)
+        self._h = handle
+        self._mmap: mmap.mmap | None = mapping
+        self._base: Any = base
+        self.info = NativeInfo(info)
+
+    # ---- lookups ----
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value of `key` as bytes; on a miss the loader's result (see
+        `Cache`), else `default`."""
+        if type(key) is not bytes:
+            key = encode_key(key)
+        ptr, buf = _scratch.pair
+        n = _get(self._h, key, len(key), ptr, SCRATCH_SIZE, 0, _WHOLE)
+        if n >= 0:
+            if n <= SCRATCH_SIZE:
+                return buf[0:n]
+            return self._copy_whole(key, n)
+        if n == _MISS:
+            return self._missed(key, default)
+        raise_for(n)
+
+    def _missed(self, key: bytes, default: Any) -> Any:
+        return default
+
+    def _copy_whole(self, key: bytes, size: int) -> bytes | None:
+        """Copy a value whose size is already known (no statistics, no LRU touch)
+        straight into a new bytes object; None if it has gone meanwhile."""
+        while True:
+            # A fresh bytes object nobody else can see yet: the core fills it
+            # with the GIL released, and it is immutable from here on.
+            out = bytes(size)
+            n = _get(self._h, key, len(key), ffi.from_buffer(out), size, 0, _WHOLE | _QUIET)
+            if n == size:
+                return out
+            if n == _MISS:
+                return None
+            if n < 0:
+                raise_for(n)
+            size = n  # replaced by a value of another size meanwhile: again
+
+    def _fetch(self, key: bytes) -> bytes | None:
+        """A whole value, without statistics or LRU touch (for worker threads)."""
+        n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | _QUIET)
+        if n >= 0:
+            return self._copy_whole(key, n)
+        if n == _MISS:
+            return None
+        raise_for(n)
+
+    def _get_inline(self, key: bytes, limit: int) -> bytes | int | None:
+        """A hit of at most `limit` bytes as bytes; a larger hit as its size
+        (not copied); a miss as None. Counts the get either way."""
+        ptr, buf = _scratch.pair
+        cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
+        n = _get(self._h, key, len(key), ptr, cap, 0, _WHOLE)
+        if n >= 0:
+            if n <= cap:
+                return buf[0:n]
+            if n > limit:
+                return n
+            value = self._copy_whole(key, n)
+            return value if value is not None else None
+        if n == _MISS:
+            return None
+        raise_for(n)
+
+    def get_into(self, key: Any, buffer: Any, *, offset: int = 0) -> int | None:
+        """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
+        total size, or None on a miss. Never calls a loader."""
+        if type(key) is not bytes:
+            key = encode_key(key)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        try:
+            dst = ffi.from_buffer(buffer, require_writable=True)
+        except TypeError:
+            raise TypeError(
+                f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
+            ) from None
+        n = _get(self._h, key, len(key), dst, len(dst), offset, 0)
+        if n >= 0:
+            return int(n)
+        if n == _MISS:
+            return None
+        raise_for(n)
+
+    def __contains__(self, key: Any) -> bool:
+        if type(key) is not bytes:
+            key = encode_key(key)
+        status = lib.vmc_contains(self._h, key, len(key))
+        if status < 0:
+            raise_for(status)
+        return bool(status)
+
+    def __len__(self) -> int:
+        n = lib.vmc_count(self._h)
+        if n < 0:
+            raise_for(n)
+        return int(n)
+
+    def _shard_keys(self) -> Iterator[bytes]:
+        ptr, buf = _scratch.pair
+        for shard in range(lib.vmc_shard_count(self._h)):
+            cap, dst, view = SCRATCH_SIZE, ptr, buf
+            while True:
+                needed = lib.vmc_shard_keys(self._h, shard, dst, cap)
+                if needed < 0:
+                    raise_for(needed)
+                if needed <= cap:
+                    break
+                cap = needed * 2
+                dst = ffi.new("char[]", cap)
+                view = ffi.buffer(dst)
+            records = view[0:needed]
+            at = 0
+            while at < needed:
+                length = int.from_bytes(records[at : at + 2], "little")
+                yield records[at + 2 : at + 2 + length]
+                at += 2 + length
+
+    # ---- writes ----
+
+    def put(self, key: Any, value: Any, *, ttl: Any = None) -> int:
+        """Insert or replace; returns the publication timestamp."""
+        if type(key) is not bytes:
+            key = encode_key(key)
+        data, size = _as_char_pointer(value)
+        ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
+        if self._on_evict is None:
+            ts = _put(self._h, key, len(key), data, size, ttl_ns, 0)
+            if ts > 0:
+                return int(ts)
+            raise_for(ts)
+        return self._put_notifying(key, data, size, ttl_ns, 0)
+
+    def add(self, key: Any, value: Any, *, ttl: Any = None) -> bool:
+        """Insert only if absent: True if stored; evicts nothing when the key exists."""
+        if type(key) is not bytes:
+            key = encode_key(key)
+        data, size = _as_char_pointer(value)
+        ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
+        if self._on_evict is None:
+            ts = _put(self._h, key, len(key), data, size, ttl_ns, _ADD)
+            if ts < 0:
+                raise_for(ts)
+        else:
+            ts = self._put_notifying(key, data, size, ttl_ns, _ADD)
+        return ts > 0
+
+    def _put_notifying(self, key: bytes, data: Any, size: int, ttl_ns: int, flags: int) -> int:
+        """A put that evicts one entry at a time from here, so that the
+        evicted keys can be handed to on_evict once no lock is held."""
+        evicted: list[bytes] = []
+        try:
+            while True:
+                ts = _put(self._h, key, len(key), data, size, ttl_ns, flags | _NO_EVICT)
+                if ts >= 0:
+                    return int(ts)
+                if ts != _NEED_ROOM:
+                    raise_for(ts)
+                victim = self._evict_lru()
+                if victim is None:  # nothing left to evict: let the core conclude
+                    ts = _put(self._h, key, len(key), data, size, ttl_ns, flags)
+                    if ts >= 0:
+                        return int(ts)
+                    raise_for(ts)
+                evicted.append(victim)
+        finally:
+            if evicted:
+                self._notify_evicted(evicted)
+
+    def _notify_evicted(self, keys: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _evict_lru(self) -> bytes | None:
+        """Evict the least recently used entry; its key, or None if none."""
+        ptr, buf = _scratch.pair
+        n = lib.vmc_evict(self._h, _NULL, 0, ptr, SCRATCH_SIZE)
+        if n >= 0:
+            return buf[0:n]
+        if n == _MISS:
+            return None
+        raise_for(n)
+
+    def _evict_key(self, key: bytes) -> bool:
+        n = lib.vmc_evict(self._h, key, len(key), _NULL, 0)
+        if n >= 0:
+            return True
+        if n == _MISS:
+            return False
+        raise_for(n)
+
+    def delete(self, key: Any) -> bool:
+        """Remove `key`; True if it was there. No on_evict."""
+        if type(key) is not bytes:
+            key = encode_key(key)
+        status = lib.vmc_delete(self._h, key, len(key))
+        if status < 0:
+            raise_for(status)
+        return bool(status)
+
+    def clear(self) -> None:
+        """Remove every entry, with no callbacks."""
+        status = lib.vmc_clear(self._h)
+        if status < 0:
+            raise_for(status)
+
+    def purge_expired(self) -> int:
+        """Remove expired entries; returns how many."""
+        purged = 0
+        for shard in range(lib.vmc_shard_count(self._h)):
+            n = lib.vmc_purge_shard(self._h, shard)
+            if n < 0:
+                raise_for(n)
+            purged += n
+        return purged
+
+    def _raw_statistics(self) -> Any:
+        stats = ffi.new("struct vmc_stats *")
+        status = lib.vmc_statistics(self._h, stats)
+        if status < 0:
+            raise_for(status)
+        return stats
+
+    # ---- reservations ----
+
+    def _reserve(self, key: bytes, size: int, ttl_ns: int) -> tuple[int, memoryview]:
+        offset = ffi.new("uint64_t *")
+        rid = lib.vmc_reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
+        if rid < 0:
+            raise_for(rid)
+        mapping = self._mmap
+        if mapping is None:
+            raise CacheClosedError("the cache handle is closed")
+        return int(rid), memoryview(mapping)[offset[0] : offset[0] + size]
+
+    def _publish(self, rid: int) -> int:
+        ts = lib.vmc_publish(self._h, rid)
+        if ts < 0:
+            raise_for(ts)
+        return int(ts)
+
+    def _cancel(self, rid: int) -> None:
+        status = lib.vmc_cancel(self._h, rid)
+        if status < 0:
+            raise_for(status)
+
+    # ---- timestamps ----
+
+    @property
+    def committed_timestamp(self) -> int:
+        """Every publication up to this timestamp is visible in every process."""
+        return int(lib.vmc_committed_timestamp(self._h))
+
+    @property
+    def persisted_timestamp(self) -> int:
+        """Every publication up to this timestamp is durable in the file."""
+        return int(lib.vmc_persisted_timestamp(self._h))
+
+    def persist(self) -> int:
+        """Flush the file (msync); returns the new persisted timestamp."""
+        ts = lib.vmc_persist(self._h)
+        if ts < 0:
+            raise_for(ts)
+        return int(ts)
+
+    # ---- life cycle ----
+
+    def _close_native(self) -> None:
+        """Detach (waits for calls in flight on other threads) and let the
+        mapping go once no memoryview into it remains."""
+        lib.vmc_close(self._h)
+        self._mmap = None
+        self._base = None
+
+    def _after_fork(self) -> None:
+        status = lib.vmc_after_fork(self._h)
+        if status < 0:
+            raise_for(status)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` has been called."""
+        return self._mmap is None

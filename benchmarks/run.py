@@ -1,0 +1,157 @@
+"""Run aiovmc's benchmarks side by side with its peers; see benchmarks/README.md.
+
+    python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--json OUT] [--no-report]
+
+Each family prints its medians and the ratios aiovmc / peer (with the DESIGN.md §8
+target and PASS/MISS where there is one), and its results go to one JSON file
+(default ``benchmarks/results/full.json``, or ``quick.json`` with ``--quick``).
+``--only`` replaces just those families in an existing results file. A full run then
+renders the plots (``docs/img/bench_*.png``) and the generated tables of
+``docs/benchmarks.md`` (``python benchmarks/report.py`` does that alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from _common import (  # noqa: E402
+    Settings,
+    aiovmc_module,
+    lib_versions,
+    machine,
+    print_checks,
+    print_ratios,
+    say,
+)
+
+# Order matters a little: the multi-process family runs before anything has started
+# threads in this process; the async family (worker threads) runs late.
+FAMILIES: dict[str, str] = {
+    "sync": "bench_sync",
+    "scaling": "bench_scaling",
+    "pool": "bench_pool",
+    "async": "bench_async",
+    "persist": "bench_persist",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer and shorter rounds (whole suite in ~3 minutes)")
+    ap.add_argument("--only", metavar="NAME",
+                    help="comma-separated families to run: " + ", ".join(FAMILIES))
+    ap.add_argument("--json", metavar="OUT",
+                    help="results file (default benchmarks/results/{full,quick}.json)")
+    ap.add_argument("--no-report", action="store_true",
+                    help="do not render plots and docs/benchmarks.md tables")
+    ap.add_argument("--report", action="store_true",
+                    help="render plots and tables even after --quick")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = list(FAMILIES)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in FAMILIES]
+        if unknown:
+            say(f"unknown family {unknown}; choose from {', '.join(FAMILIES)}")
+            return 2
+    settings = Settings.make(args.quick)
+    out = args.json or os.path.join(HERE, "results", "quick.json" if args.quick else "full.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    results: dict[str, Any] = {"meta": {}, "families": {}}
+    if args.only and os.path.exists(out):
+        with open(out) as f:
+            results = json.load(f)
+    meta = results.setdefault("meta", {})
+    meta.update({
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": settings.quick,
+        "rounds": settings.rounds,
+        "warmup": settings.warmup,
+        "machine": machine(),
+        "versions": lib_versions(),
+    })
+    meta.setdefault("runs", []).append({"argv": sys.argv[1:], "families": names,
+                                        "started": meta["updated"]})
+    meta["runs"] = meta["runs"][-10:]
+
+    say(f"aiovmc benchmarks ({'quick' if settings.quick else 'full'}): "
+        f"{settings.rounds} rounds + {settings.warmup} warm-up, medians; families: "
+        + ", ".join(names))
+    m = meta["machine"]
+    say(f"machine: {m.get('Model name', '?')}, {m.get('cpus')} CPUs, Python {m['python']}")
+    aiovmc = aiovmc_module()
+
+    t_all = time.monotonic()
+    for name in names:
+        say(f"\n== {name} ==")
+        t0 = time.monotonic()
+        try:
+            mod = importlib.import_module(FAMILIES[name])
+            fam = mod.run(settings, aiovmc)
+            d = fam.as_dict()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one family failing must not stop the others
+            traceback.print_exc()
+            d = {"name": name, "error": f"{type(exc).__name__}: {exc}", "data": {},
+                 "ratios": [], "checks": [], "notes": []}
+        d["quick"] = settings.quick
+        results["families"][name] = d
+        say(f"   ({time.monotonic() - t0:.1f} s)")
+        with open(out + ".tmp", "w") as f:
+            json.dump(results, f, indent=1, sort_keys=False, default=_json_default)
+        os.replace(out + ".tmp", out)
+
+    say(f"\n== summary ({time.monotonic() - t_all:.0f} s) -> {os.path.relpath(out)} ==")
+    from _common import Check, Ratio
+
+    for name in names:
+        fam = results["families"].get(name, {})
+        if fam.get("error"):
+            say(f"[{name}] ERROR {fam['error']}")
+            continue
+        rs = [r for r in fam.get("ratios", []) if r.get("target") is not None]
+        cs = [c for c in fam.get("checks", []) if c.get("target") is not None]
+        if rs or cs:
+            say(f"[{name}]")
+            print_ratios([Ratio(**{k: r[k] for k in Ratio.__dataclass_fields__}) for r in rs])
+            print_checks([Check(**{k: c[k] for k in Check.__dataclass_fields__}) for c in cs])
+
+    if not args.no_report and (args.report or not settings.quick):
+        try:
+            import report
+
+            report.render(out)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            say("report rendering failed; results are in " + out)
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "as_dict"):
+        return o.as_dict()
+    if isinstance(o, float):
+        return None
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+/* vmc.h -- the public API of the aiovmc native core.
+ *
+ * This header is read twice: by the C compiler and by cffi's cdef (build_ffi.py
+ * drops the preprocessor lines), so it holds plain declarations only.
+ *
+ * Every entry point returns a status >= 0 on success or a negative `vmc_status`;
+ * on failure vmc_last_error() returns a message naming what was wrong (a
+ * thread-local string, valid until the next call on the same thread).
+ * A handle may be used by many threads at once: the core never relies on the
+ * GIL, which cffi releases around every call.
+ */
+#ifndef VMC_H
+#define VMC_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum vmc_status {
+    VMC_OK = 0,
+    VMC_MISS = -1,               /* the key is absent (not an error) */
+    VMC_E_FORMAT = -2,           /* the file is not a compatible cache */
+    VMC_E_CONFIG = -3,           /* invalid or conflicting parameters */
+    VMC_E_FULL = -4,             /* no room (policy "none", or a reservation cannot fit) */
+    VMC_E_KEY_TOO_LARGE = -5,
+    VMC_E_VALUE_TOO_LARGE = -6,
+    VMC_E_CLOSED = -7,           /* the handle is closed */
+    VMC_E_OS = -8,               /* a system call failed; the message names it and errno */
+    VMC_E_STATE = -9,            /* a reservation used in the wrong state */
+    VMC_E_CORRUPT = -10,         /* damage found that repair could not mend */
+    VMC_E_NEED_ROOM = -11        /* with VMC_F_NO_EVICT: the caller must evict first */
+};
+
+enum vmc_flags {
+    VMC_F_ADD = 1,               /* put: store only if the key is absent */
+    VMC_F_NO_EVICT = 2,          /* put/reserve: return VMC_E_NEED_ROOM instead of evicting */
+    VMC_F_WHOLE = 4,             /* get: copy only if the whole value fits the buffer */
+    VMC_F_QUIET = 8,             /* get: count no statistics, leave the LRU order alone */
+    VMC_F_CREATE = 16,           /* open: create the file if it does not exist */
+    VMC_F_RESET = 32,            /* open: reinitialise an existing cache file */
+    VMC_F_ANY_OWNER = 64         /* open: accept a file owned by another user */
+};
+
+enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };
+
+/* Parameters for creating (or resetting) a cache file. */
+struct vmc_config {
+    uint64_t size;               /* file size in bytes */
+    uint32_t extent_size;        /* allocation unit: power of two, >= 256 */
+    uint32_t policy;             /* enum vmc_policy */
+    uint64_t default_ttl_ns;     /* 0: no expiry */
+    uint32_t mode;               /* permission bits of a new file */
+};
+
+/* What an attached handle learns from the file (its geometry). */
+struct vmc_info {
+    int fd;                      /* the handle's descriptor; the caller maps it */
+    uint64_t file_size;
+    uint64_t capacity;           /* usable pool bytes */
+    uint32_t extent_size;
+    uint32_t policy;
+    uint64_t default_ttl_ns;
+    uint32_t max_key_size;
+    uint64_t max_value_size;     /* the largest value the pool could ever hold */
+    int created;                 /* 1 if this open created or reset the file */
+    int recovered;               /* 1 if this open ran recovery (first user) */
+    uint64_t recovered_entries;
+    uint64_t dropped_entries;    /* entries recovery found damaged or expired */
+};
+
+struct vmc_stats {
+    uint64_t puts, gets, hits, misses, evictions, expirations;
+    uint64_t entries, used_bytes, capacity;
+};
+
+typedef struct vmc_cache vmc_cache;
+
+const char *vmc_last_error(void);
+int vmc_last_errno(void);        /* errno behind the last VMC_E_OS on this thread */
+
+/* Opening is two steps so that Python's mmap object owns the mapping (and
+ * memoryviews into it keep it alive): vmc_open() opens or creates the file,
+ * validates its header and takes the opening lock; the caller maps info->fd
+ * MAP_SHARED for info->file_size bytes and hands the address to vmc_attach(),
+ * which recovers the file if this is its only user and releases the lock.
+ * vmc_abort() undoes a vmc_open() whose mapping failed. */
+int vmc_open(const char *path, const struct vmc_config *config, uint32_t flags,
+             vmc_cache **out, struct vmc_info *info);
+int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info);
+void vmc_abort(vmc_cache *c);
+/* After fork(), in the child: take a liveness lock of the child's own. */
+int vmc_after_fork(vmc_cache *c);
+/* Detach: waits for calls in flight on other threads, releases the locks and
+ * frees the handle. The caller unmaps afterwards. */
+int vmc_close(vmc_cache *c);
+/* Release the handle's memory (closing it first if needed): call once, when
+ * no thread can use the handle any more (Python: its garbage collector). */
+void vmc_free(vmc_cache *c);
+
+int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                uint64_t offset, uint32_t flags);
+int vmc_contains(vmc_cache *c, const char *key, size_t klen);
+int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, size_t vlen,
+                int64_t ttl_ns, uint32_t flags);
+int vmc_delete(vmc_cache *c, const char *key, size_t klen);
+int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap);
+int64_t vmc_count(vmc_cache *c);
+int vmc_shard_count(vmc_cache *c);
+int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap);
+int vmc_clear(vmc_cache *c);
+int64_t vmc_purge_shard(vmc_cache *c, int shard);
+int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
+
+int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
+                    uint32_t flags, uint64_t *data_offset);
+int64_t vmc_publish(vmc_cache *c, uint32_t reservation);
+int vmc_cancel(vmc_cache *c, uint32_t reservation);
+
+uint64_t vmc_committed_timestamp(vmc_cache *c);
+uint64_t vmc_persisted_timestamp(vmc_cache *c);
+int64_t vmc_persist(vmc_cache *c);
+
+#endif

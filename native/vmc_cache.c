@@ -1,0 +1,832 @@
+/* vmc_cache.c -- the cache operations: one call per operation.
+ *
+ * A put is a reservation filled and published in one call: room is taken
+ * under the pool lock (evicting least recently used entries first), the key
+ * and value are copied with no lock held, then the entry is linked under its
+ * shard lock, which is also where it gets its timestamp. A get hashes, locks
+ * the key's shard, looks up, touches the LRU order and copies, in one call.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "vmc_internal.h"
+
+/* ---- process id, cached: reservations record their owner ---- */
+
+static uint64_t self_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void refresh_pid(void)
+{
+    __atomic_store_n(&self_pid, (uint64_t)getpid(), __ATOMIC_RELAXED);
+}
+
+static void pid_init(void)
+{
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+uint64_t vmc_self_pid(void)
+{
+    pthread_once(&pid_once, pid_init);
+    return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
+}
+
+/* ---- calls in flight: vmc_close waits for them ---- */
+
+static bool enter(vmc_cache *c)
+{
+    atomic_fetch_add(&c->active, 1);
+    if (atomic_load(&c->closed)) {
+        atomic_fetch_sub(&c->active, 1);
+        return false;
+    }
+    return true;
+}
+
+static void leave(vmc_cache *c)
+{
+    atomic_fetch_sub(&c->active, 1);
+}
+
+#define ENTER(c)                                                                  \
+    do {                                                                          \
+        if (!enter(c))                                                            \
+            return vmc_fail(VMC_E_CLOSED, "the cache handle is closed");          \
+    } while (0)
+
+static int check_key(size_t klen)
+{
+    if (klen > VMC_MAX_KEY)
+        return vmc_fail(VMC_E_KEY_TOO_LARGE, "key of %zu bytes exceeds the maximum of %u bytes",
+                        klen, VMC_MAX_KEY);
+    return VMC_OK;
+}
+
+/* max_value -- the largest value with a key of klen bytes that the pool could hold. */
+static uint64_t max_value(const vmc_cache *c, size_t klen)
+{
+    uint64_t room = ((uint64_t)c->pool_units << c->shift) - sizeof(struct vmc_entry) - klen;
+    return room < UINT32_MAX ? room : UINT32_MAX;
+}
+
+static int check_value(vmc_cache *c, size_t klen, uint64_t vlen)
+{
+    uint64_t max = max_value(c, klen);
+    if (vlen > max)
+        return vmc_fail(VMC_E_VALUE_TOO_LARGE,
+                        "value of %llu bytes can never fit this cache (at most %llu bytes "
+                        "with a %zu-byte key)",
+                        (unsigned long long)vlen, (unsigned long long)max, klen);
+    return VMC_OK;
+}
+
+static uint64_t expiry(const vmc_cache *c, int64_t ttl_ns, uint64_t now)
+{
+    if (ttl_ns < 0)
+        ttl_ns = (int64_t)c->default_ttl_ns;
+    return ttl_ns == 0 ? 0 : now + (uint64_t)ttl_ns;
+}
+
+/* ---- values spread over a chain of extents ---- */
+
+/* Visit the value's pieces in order: fn(ctx, piece, offset_in_value, len). */
+typedef void (*piece_fn)(void *ctx, const char *piece, uint64_t at, uint64_t len);
+
+static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    if (e == NULL)
+        return VMC_E_CORRUPT;
+    uint64_t vlen = e->value_len;
+    uint64_t room = vmc_extent_bytes(c, e->tag) - sizeof *e - e->key_len;
+    uint64_t n = room < vlen ? room : vlen;
+    fn(ctx, vmc_entry_key(e) + e->key_len, 0, n);
+    uint64_t at = n;
+    uint32_t next = e->next;
+    for (uint32_t steps = 0; at < vlen; steps++) {
+        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
+        if (b == NULL || b->head != head || steps >= c->pool_units)
+            return VMC_E_CORRUPT;
+        room = vmc_extent_bytes(c, b->tag) - sizeof *b;
+        n = room < vlen - at ? room : vlen - at;
+        fn(ctx, (const char *)(b + 1), at, n);
+        at += n;
+        next = b->next;
+    }
+    return VMC_OK;
+}
+
+struct copy_ctx {
+    char *dst;
+    uint64_t from, to; /* value range wanted */
+};
+
+static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    struct copy_ctx *x = ctx;
+    uint64_t lo = at > x->from ? at : x->from;
+    uint64_t hi = at + len < x->to ? at + len : x->to;
+    if (lo < hi)
+        memcpy(x->dst + (lo - x->from), piece + (lo - at), hi - lo);
+}
+
+/* vmc_copy_value -- copy value[offset, offset+len) of head into dst. */
+int vmc_copy_value(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
+{
+    struct copy_ctx x = {dst, offset, offset + len};
+    return walk_value(c, head, copy_piece, &x);
+}
+
+struct fill_ctx {
+    const char *src;
+};
+
+static void fill_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    struct fill_ctx *x = ctx;
+    memcpy((char *)piece, x->src + at, len);
+}
+
+static void hash_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    uint64_t *acc = ctx;
+    (void)at;
+    *acc = vmc_fold(*acc ^ vmc_hash(piece, len, VMC_K2), VMC_K0);
+}
+
+/* data_hash -- hash of an entry's key and value, walking its chain; 0 if the
+ * chain is damaged. */
+static uint64_t data_hash(vmc_cache *c, uint32_t head)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    if (e == NULL)
+        return 0;
+    uint64_t acc = vmc_hash(vmc_entry_key(e), e->key_len, c->seed);
+    if (walk_value(c, head, hash_piece, &acc) != VMC_OK)
+        return 0;
+    return acc | 1;
+}
+
+/* seal -- the checksum from the data hash, the sizes, the expiry and the stamp. */
+static uint32_t seal(const struct vmc_entry *e, uint64_t data)
+{
+    uint64_t sizes = ((uint64_t)e->key_len << 32) | e->value_len;
+    uint32_t sum = (uint32_t)vmc_fold(data ^ e->stamp * VMC_K1, sizes ^ e->expires_ns ^ VMC_K3);
+    return sum ? sum : 1;
+}
+
+/* vmc_entry_checksum -- the checksum an entry should carry; 0 if its chain is damaged. */
+uint64_t vmc_entry_checksum(vmc_cache *c, uint32_t head)
+{
+    uint64_t data = data_hash(c, head);
+    return data ? seal(vmc_unit(c, head), data) : 0;
+}
+
+/* ---- eviction ---- */
+
+/* evict_lru -- remove the least recently used entry of the whole cache: the
+ * oldest of the shards' LRU tails. An expired victim counts as an expiration;
+ * with `want_live` the search goes on until a live entry is evicted. Returns
+ * the evicted key's length (copied to kout when it fits), or VMC_MISS. */
+static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
+{
+    uint64_t now = vmc_now_ns();
+    for (uint32_t attempt = 0; attempt < 4 * c->n_shards + 64; attempt++) {
+        uint32_t best = UINT32_MAX;
+        uint64_t best_t = UINT64_MAX;
+        for (uint32_t i = 0; i < c->n_shards; i++) {
+            uint64_t t = VMC_LOAD(c->shards[i].tail_atime);
+            if (t < best_t || (best == UINT32_MAX && VMC_LOAD(c->shards[i].count) > 0)) {
+                best_t = t;
+                best = i;
+            }
+        }
+        if (best == UINT32_MAX)
+            return VMC_MISS;
+        int rc = vmc_shard_lock(c, best);
+        if (rc < 0)
+            return rc;
+        struct vmc_shard *sh = &c->shards[best];
+        uint32_t u = sh->lru_tail;
+        struct vmc_entry *e = u ? vmc_head(c, u) : NULL;
+        uint32_t slot = e ? vmc_index_slot_of(c, best, u) : UINT32_MAX;
+        if (e == NULL || slot == UINT32_MAX) {
+            if (u || sh->count)
+                vmc_mark_damaged(c);
+            vmc_shard_unlock(c, best);
+            continue;
+        }
+        size_t klen = e->key_len;
+        if (kout && klen <= kcap)
+            memcpy(kout, vmc_entry_key(e), klen);
+        bool expired = vmc_expired(e, now);
+        rc = vmc_remove_locked(c, best, u, slot);
+        if (rc == VMC_OK) {
+            if (expired)
+                VMC_COUNT(sh->expirations);
+            else
+                VMC_COUNT(sh->evictions);
+        }
+        vmc_shard_unlock(c, best);
+        if (rc == VMC_RETRY)
+            continue;
+        if (rc < 0)
+            return rc;
+        if (expired && want_live)
+            continue;
+        return (int)klen;
+    }
+    return VMC_MISS;
+}
+
+/* make_room -- reserve room for an entry (RESERVED, on the reserved list,
+ * owned by this process), evicting as the policy allows. */
+static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguous, uint32_t flags,
+                     uint32_t *head)
+{
+    for (;;) {
+        int rc = vmc_pool_lock(c);
+        if (rc < 0)
+            return rc;
+        rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
+        if (rc == VMC_OK) {
+            struct vmc_entry *e = vmc_unit(c, *head);
+            e->state = VMC_RESERVED;
+            e->stamp = vmc_self_pid();
+            vmc_reserved_push(c, *head);
+            vmc_pool_unlock(c);
+            return VMC_OK;
+        }
+        uint64_t reclaimed = vmc_reclaim_dead(c, false);
+        vmc_pool_unlock(c);
+        if (reclaimed)
+            continue;
+        if (c->policy == VMC_POLICY_NONE)
+            return vmc_fail(VMC_E_FULL,
+                            "cache full: no room for a %llu-byte entry and the policy is \"none\"",
+                            (unsigned long long)(klen + vlen));
+        if (flags & VMC_F_NO_EVICT)
+            return VMC_E_NEED_ROOM;
+        rc = evict_lru(c, NULL, 0, false);
+        if (rc == VMC_MISS) {
+            if ((rc = vmc_pool_lock(c)) < 0)
+                return rc;
+            reclaimed = vmc_reclaim_dead(c, true);
+            vmc_pool_unlock(c);
+            if (reclaimed)
+                continue;
+            return vmc_fail(VMC_E_FULL,
+                            "no room for a %llu-byte %s: everything evictable is gone and "
+                            "open reservations hold the rest",
+                            (unsigned long long)(klen + vlen),
+                            contiguous ? "contiguous reservation" : "entry");
+        }
+        if (rc < 0)
+            return rc;
+    }
+}
+
+/* drop_reservation -- free a RESERVED head of ours. */
+static int drop_reservation(vmc_cache *c, uint32_t head)
+{
+    int rc = vmc_pool_lock(c);
+    if (rc < 0)
+        return rc;
+    vmc_reserved_unlink(c, head);
+    struct vmc_entry *e = vmc_unit(c, head);
+    e->state = VMC_REMOVED;
+    vmc_free_chain(c, head);
+    vmc_pool_unlock(c);
+    return VMC_OK;
+}
+
+/* publish -- link a filled RESERVED head into its shard, replacing an older
+ * value of its key. Returns the timestamp, or 0 when `add` finds the key present. */
+static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
+{
+    struct vmc_entry *e = vmc_unit(c, head);
+    uint64_t data = data_hash(c, head); /* before locking: values may be large */
+    uint32_t s = vmc_shard_of(c, hash);
+    struct vmc_shard *sh = &c->shards[s];
+    int rc;
+    for (;;) {
+        if ((rc = vmc_shard_lock(c, s)) < 0)
+            return rc;
+        uint64_t now = vmc_now_ns();
+        uint32_t slot = 0;
+        uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
+        struct vmc_entry *oe = old ? vmc_unit(c, old) : NULL;
+        bool old_expired = oe && vmc_expired(oe, now);
+        if (add && oe && !old_expired) {
+            vmc_shard_unlock(c, s);
+            rc = drop_reservation(c, head);
+            return rc < 0 ? rc : 0;
+        }
+        /* A shard whose index is nearly full makes room in itself (rare:
+         * the index has half again as many slots as the pool has units). */
+        uint32_t victim = (!old && sh->count >= c->max_load) ? sh->lru_tail : 0;
+        uint32_t vslot = victim ? vmc_index_slot_of(c, s, victim) : 0;
+        rc = vmc_pool_lock_nested(c);
+        if (rc == VMC_RETRY) {
+            vmc_shard_unlock(c, s);
+            continue;
+        }
+        if (rc < 0) {
+            vmc_shard_unlock(c, s);
+            return rc;
+        }
+        vmc_reserved_unlink(c, head);
+        if (oe) {
+            vmc_lru_unlink(c, s, old);
+            oe->state = VMC_REMOVED;
+            vmc_free_chain(c, old);
+            vmc_index_set(c, s, slot, hash, head);
+            if (old_expired)
+                VMC_COUNT(sh->expirations);
+        } else {
+            if (victim && vslot != UINT32_MAX) {
+                vmc_index_delete(c, s, vslot);
+                vmc_lru_unlink(c, s, victim);
+                ((struct vmc_entry *)vmc_unit(c, victim))->state = VMC_REMOVED;
+                vmc_free_chain(c, victim);
+                sh->count--;
+                VMC_COUNT(sh->evictions);
+            }
+            if (vmc_index_insert(c, s, hash, head) < 0) {
+                vmc_mark_damaged(c);
+                e->state = VMC_REMOVED;
+                vmc_free_chain(c, head);
+                vmc_pool_unlock(c);
+                vmc_shard_unlock(c, s);
+                return vmc_fail(VMC_E_CORRUPT, "the index of shard %u is full", s);
+            }
+            sh->count++;
+        }
+        vmc_pool_unlock(c);
+        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
+        e->stamp = ts;
+        e->atime_ns = now;
+        e->checksum = seal(e, data);
+        e->state = VMC_PUBLISHED;
+        vmc_lru_push_front(c, s, head);
+        VMC_COUNT(sh->puts);
+        vmc_shard_unlock(c, s);
+        return (int64_t)ts;
+    }
+}
+
+/* ---- the operations ---- */
+
+/* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
+ * (with VMC_F_WHOLE: the whole value, only if it fits) and return the value's
+ * total length; VMC_MISS if absent or expired. */
+int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                uint64_t offset, uint32_t flags)
+{
+    ENTER(c);
+    int64_t rc = check_key(klen);
+    if (rc < 0)
+        goto out;
+    uint64_t hash = vmc_hash_key(c, key, klen);
+    uint32_t s = vmc_shard_of(c, hash);
+    struct vmc_shard *sh = &c->shards[s];
+    bool quiet = flags & VMC_F_QUIET;
+    for (;;) {
+        if ((rc = vmc_shard_lock(c, s)) < 0)
+            goto out;
+        uint64_t now = vmc_now_ns();
+        uint32_t slot;
+        uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+        struct vmc_entry *e = u ? vmc_unit(c, u) : NULL;
+        if (e && vmc_expired(e, now)) {
+            rc = vmc_remove_locked(c, s, u, slot);
+            if (rc == VMC_RETRY) {
+                vmc_shard_unlock(c, s);
+                continue;
+            }
+            if (rc == VMC_OK)
+                VMC_COUNT(sh->expirations);
+            e = NULL;
+        }
+        if (e == NULL) {
+            if (!quiet) {
+                VMC_COUNT(sh->gets);
+                VMC_COUNT(sh->misses);
+            }
+            vmc_shard_unlock(c, s);
+            rc = VMC_MISS;
+            goto out;
+        }
+        uint64_t vlen = e->value_len;
+        if (!quiet) {
+            VMC_COUNT(sh->gets);
+            VMC_COUNT(sh->hits);
+            vmc_lru_touch(c, s, u, now);
+        }
+        int copied = VMC_OK;
+        if (flags & VMC_F_WHOLE) {
+            if (vlen <= cap)
+                copied = vmc_copy_value(c, u, dst, 0, vlen);
+        } else if (offset < vlen && cap > 0) {
+            copied = vmc_copy_value(c, u, dst, offset, cap < vlen - offset ? cap : vlen - offset);
+        }
+        if (copied < 0)
+            vmc_mark_damaged(c);
+        vmc_shard_unlock(c, s);
+        rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be repaired")
+                        : (int64_t)vlen;
+        goto out;
+    }
+out:
+    leave(c);
+    return rc;
+}
+
+/* vmc_contains -- 1 if key is present and unexpired; counts nothing, touches nothing. */
+int vmc_contains(vmc_cache *c, const char *key, size_t klen)
+{
+    ENTER(c);
+    int rc = check_key(klen);
+    if (rc == VMC_OK) {
+        uint64_t hash = vmc_hash_key(c, key, klen);
+        uint32_t s = vmc_shard_of(c, hash), slot;
+        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
+            uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+            rc = u && !vmc_expired(vmc_unit(c, u), vmc_now_ns());
+            vmc_shard_unlock(c, s);
+        }
+    }
+    leave(c);
+    return rc;
+}
+
+/* vmc_put -- store key -> value (VMC_F_ADD: only if absent). Returns the
+ * publication timestamp, 0 when VMC_F_ADD found the key, or a failure. */
+int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, size_t vlen,
+                int64_t ttl_ns, uint32_t flags)
+{
+    ENTER(c);
+    int64_t rc = check_key(klen);
+    if (rc == VMC_OK)
+        rc = check_value(c, klen, vlen);
+    if (rc < 0)
+        goto out;
+    uint64_t hash = vmc_hash_key(c, key, klen);
+    bool add = flags & VMC_F_ADD;
+    if (add && vmc_contains(c, key, klen) == 1) {
+        rc = 0; /* present: evict nothing */
+        goto out;
+    }
+    uint32_t head;
+    if ((rc = make_room(c, klen, vlen, false, flags, &head)) < 0)
+        goto out;
+    struct vmc_entry *e = vmc_unit(c, head);
+    e->key_len = (uint16_t)klen;
+    e->value_len = (uint32_t)vlen;
+    e->shard = (uint8_t)vmc_shard_of(c, hash);
+    e->expires_ns = expiry(c, ttl_ns, vmc_now_ns());
+    memcpy(vmc_entry_key(e), key, klen);
+    struct fill_ctx x = {value};
+    walk_value(c, head, fill_piece, &x);
+    rc = publish(c, head, hash, add);
+out:
+    leave(c);
+    return rc;
+}
+
+/* remove_key -- delete (or, with `evicted`, evict) key. 1 if it was there. */
+static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
+{
+    int rc = check_key(klen);
+    if (rc < 0)
+        return rc;
+    uint64_t hash = vmc_hash_key(c, key, klen);
+    uint32_t s = vmc_shard_of(c, hash), slot;
+    struct vmc_shard *sh = &c->shards[s];
+    for (;;) {
+        if ((rc = vmc_shard_lock(c, s)) < 0)
+            return rc;
+        uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+        if (u == 0) {
+            vmc_shard_unlock(c, s);
+            return 0;
+        }
+        bool expired = vmc_expired(vmc_unit(c, u), vmc_now_ns());
+        rc = vmc_remove_locked(c, s, u, slot);
+        if (rc == VMC_OK && expired)
+            VMC_COUNT(sh->expirations);
+        else if (rc == VMC_OK && evicted)
+            VMC_COUNT(sh->evictions);
+        vmc_shard_unlock(c, s);
+        if (rc != VMC_RETRY)
+            return rc < 0 ? rc : !expired;
+    }
+}
+
+int vmc_delete(vmc_cache *c, const char *key, size_t klen)
+{
+    ENTER(c);
+    int rc = remove_key(c, key, klen, false);
+    leave(c);
+    return rc;
+}
+
+/* vmc_evict -- evict key, or with key == NULL the least recently used entry,
+ * copying its key to kout. Returns the key's length, or VMC_MISS. */
+int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap)
+{
+    ENTER(c);
+    int rc;
+    if (key) {
+        rc = remove_key(c, key, klen, true);
+        if (rc == 1)
+            rc = (int)klen;
+        else if (rc == 0)
+            rc = VMC_MISS;
+    } else if (c->policy == VMC_POLICY_NONE) {
+        rc = VMC_MISS;
+    } else {
+        rc = evict_lru(c, kout, kcap, true);
+    }
+    leave(c);
+    return rc;
+}
+
+int64_t vmc_count(vmc_cache *c)
+{
+    ENTER(c);
+    int64_t n = 0;
+    for (uint32_t i = 0; i < c->n_shards; i++)
+        n += VMC_LOAD(c->shards[i].count);
+    leave(c);
+    return n;
+}
+
+int vmc_shard_count(vmc_cache *c)
+{
+    return (int)c->n_shards;
+}
+
+static int check_shard(vmc_cache *c, int shard)
+{
+    if (shard < 0 || (uint32_t)shard >= c->n_shards)
+        return vmc_fail(VMC_E_CONFIG, "shard %d out of range", shard);
+    return VMC_OK;
+}
+
+/* vmc_shard_keys -- serialise the unexpired keys of a shard as (u16 length,
+ * bytes) records into dst; returns the bytes needed (retry if > cap). */
+int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
+{
+    ENTER(c);
+    int64_t rc = check_shard(c, shard);
+    if (rc == VMC_OK && (rc = vmc_shard_lock(c, (uint32_t)shard)) == VMC_OK) {
+        struct vmc_shard *sh = &c->shards[shard];
+        uint64_t now = vmc_now_ns(), used = 0;
+        uint32_t u = sh->lru_head;
+        for (uint32_t steps = 0; u && steps <= sh->count; steps++) {
+            struct vmc_entry *e = vmc_head(c, u);
+            if (e == NULL) {
+                vmc_mark_damaged(c);
+                break;
+            }
+            if (!vmc_expired(e, now)) {
+                uint64_t need = 2 + (uint64_t)e->key_len;
+                if (used + need <= cap) {
+                    uint16_t klen = e->key_len;
+                    memcpy(dst + used, &klen, 2);
+                    memcpy(dst + used + 2, vmc_entry_key(e), klen);
+                }
+                used += need;
+            }
+            u = e->lru_next;
+        }
+        vmc_shard_unlock(c, (uint32_t)shard);
+        rc = (int64_t)used;
+    }
+    leave(c);
+    return rc;
+}
+
+/* vmc_purge_shard -- remove the expired entries of one shard; returns how many. */
+int64_t vmc_purge_shard(vmc_cache *c, int shard)
+{
+    ENTER(c);
+    int64_t rc = check_shard(c, shard), purged = 0;
+    if (rc < 0)
+        goto out;
+    struct vmc_shard *sh = &c->shards[shard];
+restart:
+    if ((rc = vmc_shard_lock(c, (uint32_t)shard)) < 0)
+        goto out;
+    uint64_t now = vmc_now_ns();
+    uint32_t u = sh->lru_tail;
+    for (uint32_t steps = 0; u && steps <= sh->count + 1; steps++) {
+        struct vmc_entry *e = vmc_head(c, u);
+        if (e == NULL) {
+            vmc_mark_damaged(c);
+            break;
+        }
+        uint32_t prev = e->lru_prev;
+        if (vmc_expired(e, now)) {
+            uint32_t slot = vmc_index_slot_of(c, (uint32_t)shard, u);
+            if (slot == UINT32_MAX) {
+                vmc_mark_damaged(c);
+                break;
+            }
+            rc = vmc_remove_locked(c, (uint32_t)shard, u, slot);
+            if (rc == VMC_RETRY) {
+                vmc_shard_unlock(c, (uint32_t)shard);
+                goto restart;
+            }
+            if (rc < 0)
+                break;
+            VMC_COUNT(sh->expirations);
+            purged++;
+        }
+        u = prev;
+    }
+    vmc_shard_unlock(c, (uint32_t)shard);
+    rc = rc < 0 ? rc : purged;
+out:
+    leave(c);
+    return rc;
+}
+
+/* vmc_clear -- remove every entry, shard by shard; no callbacks, no counts. */
+int vmc_clear(vmc_cache *c)
+{
+    ENTER(c);
+    int rc = VMC_OK;
+    for (uint32_t s = 0; s < c->n_shards && rc == VMC_OK; s++) {
+        struct vmc_shard *sh = &c->shards[s];
+        for (;;) {
+            if ((rc = vmc_shard_lock(c, s)) < 0)
+                break;
+            rc = vmc_pool_lock_nested(c);
+            if (rc == VMC_RETRY) {
+                vmc_shard_unlock(c, s);
+                continue;
+            }
+            if (rc == VMC_OK) {
+                uint32_t u = sh->lru_head;
+                for (uint32_t steps = 0; u && steps <= sh->count; steps++) {
+                    struct vmc_entry *e = vmc_head(c, u);
+                    if (e == NULL) {
+                        vmc_mark_damaged(c);
+                        break;
+                    }
+                    uint32_t next = e->lru_next;
+                    e->state = VMC_REMOVED;
+                    vmc_free_chain(c, u);
+                    u = next;
+                }
+                memset(c->index + (uint64_t)s * c->slots, 0, (uint64_t)c->slots * 8);
+                sh->lru_head = sh->lru_tail = 0;
+                sh->count = 0;
+                VMC_STORE(sh->tail_atime, UINT64_MAX);
+                vmc_pool_unlock(c);
+            }
+            vmc_shard_unlock(c, s);
+            break;
+        }
+    }
+    leave(c);
+    return rc;
+}
+
+int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
+{
+    ENTER(c);
+    memset(out, 0, sizeof *out);
+    for (uint32_t i = 0; i < c->n_shards; i++) {
+        struct vmc_shard *sh = &c->shards[i];
+        out->puts += VMC_LOAD(sh->puts);
+        out->gets += VMC_LOAD(sh->gets);
+        out->hits += VMC_LOAD(sh->hits);
+        out->misses += VMC_LOAD(sh->misses);
+        out->evictions += VMC_LOAD(sh->evictions);
+        out->expirations += VMC_LOAD(sh->expirations);
+        out->entries += VMC_LOAD(sh->count);
+    }
+    uint64_t free_units = VMC_LOAD(c->hdr->pool.free_units);
+    out->capacity = (uint64_t)c->pool_units << c->shift;
+    out->used_bytes = free_units >= c->pool_units ? 0 : (c->pool_units - free_units) << c->shift;
+    leave(c);
+    return VMC_OK;
+}
+
+/* ---- reservations ---- */
+
+/* vmc_reserve -- room for a value of `size` bytes in one extent, invisible
+ * until published. Returns the reservation's id (its head unit) and sets
+ * *data_offset to where the value goes, as an offset in the mapping. */
+int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
+                    uint32_t flags, uint64_t *data_offset)
+{
+    ENTER(c);
+    int64_t rc = check_key(klen);
+    if (rc == VMC_OK)
+        rc = check_value(c, klen, size);
+    uint32_t head;
+    if (rc == VMC_OK && (rc = make_room(c, klen, size, true, flags, &head)) == VMC_OK) {
+        struct vmc_entry *e = vmc_unit(c, head);
+        e->key_len = (uint16_t)klen;
+        e->value_len = (uint32_t)size;
+        e->shard = (uint8_t)vmc_shard_of(c, vmc_hash_key(c, key, klen));
+        e->expires_ns = expiry(c, ttl_ns, vmc_now_ns());
+        memcpy(vmc_entry_key(e), key, klen);
+        *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
+        rc = head;
+    }
+    leave(c);
+    return rc;
+}
+
+/* owned_reservation -- the head of a reservation this process holds. */
+static struct vmc_entry *owned_reservation(vmc_cache *c, uint32_t head)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    if (e == NULL || e->state != VMC_RESERVED || e->stamp != vmc_self_pid()) {
+        vmc_fail(VMC_E_STATE, "reservation %u is not open in this process (already published "
+                              "or cancelled, or made before a fork)", head);
+        return NULL;
+    }
+    return e;
+}
+
+/* vmc_publish -- make a reservation visible; returns its timestamp. */
+int64_t vmc_publish(vmc_cache *c, uint32_t reservation)
+{
+    ENTER(c);
+    int64_t rc = VMC_E_STATE;
+    struct vmc_entry *e = owned_reservation(c, reservation);
+    if (e) {
+        uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
+        rc = publish(c, reservation, hash, false);
+    }
+    leave(c);
+    return rc;
+}
+
+/* vmc_cancel -- free a reservation without publishing it. */
+int vmc_cancel(vmc_cache *c, uint32_t reservation)
+{
+    ENTER(c);
+    int rc = owned_reservation(c, reservation) ? drop_reservation(c, reservation) : VMC_E_STATE;
+    leave(c);
+    return rc;
+}
+
+/* ---- timestamps ---- */
+
+/* vmc_committed_timestamp -- T such that every publication up to T is
+ * visible. Publications take their timestamp under their shard lock, so once
+ * every shard lock has been passed through, all those up to the clock value
+ * read first have finished. */
+uint64_t vmc_committed_timestamp(vmc_cache *c)
+{
+    if (!enter(c))
+        return 0;
+    uint64_t t = __atomic_load_n(&c->hdr->clock, __ATOMIC_SEQ_CST);
+    for (uint32_t s = 0; s < c->n_shards; s++)
+        if (vmc_shard_lock(c, s) == VMC_OK)
+            vmc_shard_unlock(c, s);
+    leave(c);
+    return t;
+}
+
+uint64_t vmc_persisted_timestamp(vmc_cache *c)
+{
+    return __atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+}
+
+/* vmc_persist -- flush the file, then raise the persisted watermark (and
+ * flush it): data reaches the disk before the watermark that covers it. */
+int64_t vmc_persist(vmc_cache *c)
+{
+    uint64_t t = vmc_committed_timestamp(c);
+    ENTER(c);
+    int64_t rc;
+    if (msync(c->base, c->file_size, MS_SYNC) != 0) {
+        rc = vmc_fail_errno("msync", c->path);
+        goto out;
+    }
+    uint64_t cur = __atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+    while (cur < t && !__atomic_compare_exchange_n(&c->hdr->persisted, &cur, t, false,
+                                                   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
+    if (msync(c->base, VMC_PAGE, MS_SYNC) != 0) {
+        rc = vmc_fail_errno("msync", c->path);
+        goto out;
+    }
+    rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+out:
+    leave(c);
+    return rc;
+}

@@ -1,0 +1,442 @@
+/* vmc_file.c -- creating, attaching to and detaching from a cache file.
+ *
+ * Creation is atomic: the header is written into a temporary file in the same
+ * directory, which is then link()ed into place, so no opener ever sees a half
+ * written header; a concurrent creator that loses the race attaches to the
+ * winner's file. The pool of a new file is all zeros; the first attacher's
+ * recovery turns it into one free extent and initialises the locks.
+ *
+ * Liveness: every handle holds a shared open-file-description lock on byte 1
+ * of the file; openers serialise on an exclusive lock on byte 0. An opener
+ * that can lock byte 1 exclusively knows that no other process uses the file
+ * (cleanly closed or killed alike: the kernel drops OFD locks with the last
+ * descriptor) and recovers it before anyone else can attach.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "vmc_internal.h"
+
+#define OPENING_BYTE 0
+#define LIVENESS_BYTE 1
+
+static int ofd_lock(int fd, short type, off_t byte, bool wait)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1};
+    int rc;
+    do
+        rc = fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl);
+    while (rc != 0 && errno == EINTR);
+    return rc;
+}
+
+static uint64_t round_up(uint64_t n, uint64_t to)
+{
+    return (n + to - 1) / to * to;
+}
+
+/* abi_signature -- what must match for two builds to share a file: byte
+ * order and the sizes and offsets of the shared structures. */
+static uint32_t abi_signature(void)
+{
+    uint64_t parts[] = {
+        0x0102030405060708ull,         /* hashed as bytes: differs by endianness */
+        sizeof(pthread_mutex_t),       sizeof(struct vmc_shard),
+        sizeof(struct vmc_entry),      sizeof(struct vmc_body),
+        sizeof(struct vmc_header),     offsetof(struct vmc_header, pool),
+        offsetof(struct vmc_header, clock),
+    };
+    return (uint32_t)vmc_hash(parts, sizeof parts, 0x61696f766d63ull);
+}
+
+static uint64_t geometry_check(const struct vmc_header *h)
+{
+    return vmc_hash(h, offsetof(struct vmc_header, geometry_check), 0x67656f6dull);
+}
+
+static uint64_t shards_bytes(void)
+{
+    return round_up(VMC_SHARDS * sizeof(struct vmc_shard), VMC_PAGE);
+}
+
+static uint32_t slots_for(uint64_t units)
+{
+    return (uint32_t)(units / VMC_SHARDS * 3 / 2 + 64);
+}
+
+static uint64_t index_bytes(uint32_t slots)
+{
+    return round_up((uint64_t)VMC_SHARDS * slots * 8, VMC_PAGE);
+}
+
+static int validate_config(const struct vmc_config *cfg, const char *path)
+{
+    if (cfg->size < VMC_MIN_FILE)
+        return vmc_fail(VMC_E_CONFIG, "size %llu is below the minimum of 1 MiB (%s)",
+                        (unsigned long long)cfg->size, path);
+    uint32_t u = cfg->extent_size;
+    if (u < VMC_MIN_UNIT || (u & (u - 1)) != 0 || u > cfg->size)
+        return vmc_fail(VMC_E_CONFIG,
+                        "extent_size %u must be a power of two between 256 and size (%llu)", u,
+                        (unsigned long long)cfg->size);
+    if (cfg->policy != VMC_POLICY_LRU && cfg->policy != VMC_POLICY_NONE)
+        return vmc_fail(VMC_E_CONFIG, "unknown policy %u", cfg->policy);
+    if (cfg->mode > 07777)
+        return vmc_fail(VMC_E_CONFIG, "mode %o is not a permission mode", cfg->mode);
+    return VMC_OK;
+}
+
+/* layout -- the geometry of a file of cfg->size bytes (rounded up to a page). */
+static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char *path)
+{
+    uint64_t size = round_up(cfg->size, VMC_PAGE);
+    uint32_t shift = (uint32_t)__builtin_ctz(cfg->extent_size);
+    uint64_t index_off = VMC_PAGE + shards_bytes();
+    uint64_t avail = size - index_off;
+    uint64_t units = avail >> shift;
+    uint32_t slots = slots_for(units);
+    while (units > 0 && index_bytes(slots) + (units << shift) > avail) {
+        uint64_t idx = index_bytes(slots);
+        units = idx < avail ? (avail - idx) >> shift : 0;
+        slots = slots_for(units);
+    }
+    if (units > VMC_MAX_UNITS)
+        return vmc_fail(VMC_E_CONFIG, "size %llu needs more than 2^32 extents of %u bytes: "
+                                      "use a larger extent_size",
+                        (unsigned long long)size, cfg->extent_size);
+    if (units == 0 || (units << shift) * 5 < size * 4)
+        return vmc_fail(VMC_E_CONFIG,
+                        "extent_size %u is too large for a file of %llu bytes: the usable pool "
+                        "would be %llu bytes, less than 80%% of it (%s)",
+                        cfg->extent_size, (unsigned long long)size,
+                        (unsigned long long)(units << shift), path);
+    memset(h, 0, sizeof *h);
+    memcpy(h->magic, VMC_MAGIC, 8);
+    h->format_version = VMC_FORMAT_VERSION;
+    h->abi_signature = abi_signature();
+    h->file_size = size;
+    h->shards_off = VMC_PAGE;
+    h->index_off = index_off;
+    h->pool_off = index_off + index_bytes(slots);
+    h->unit_size = cfg->extent_size;
+    h->unit_shift = shift;
+    h->pool_units = (uint32_t)units;
+    h->n_shards = VMC_SHARDS;
+    h->slots_per_shard = slots;
+    h->policy = cfg->policy;
+    h->default_ttl_ns = cfg->default_ttl_ns;
+    if (getrandom(&h->hash_seed, sizeof h->hash_seed, 0) != sizeof h->hash_seed)
+        h->hash_seed = vmc_now_ns() ^ ((uint64_t)getpid() << 32);
+    h->geometry_check = geometry_check(h);
+    return VMC_OK;
+}
+
+/* validate_header -- refuse anything that is not a sound version-1 header for
+ * a file of `size` bytes. */
+static int validate_header(const struct vmc_header *h, uint64_t size, const char *path)
+{
+    if (memcmp(h->magic, VMC_MAGIC, 8) != 0)
+        return vmc_fail(VMC_E_FORMAT, "%s is not an aiovmc cache file (no aiovmc magic)", path);
+    if (h->format_version != VMC_FORMAT_VERSION)
+        return vmc_fail(VMC_E_FORMAT, "%s has format version %u; this aiovmc reads version %u",
+                        path, h->format_version, VMC_FORMAT_VERSION);
+    if (h->abi_signature != abi_signature())
+        return vmc_fail(VMC_E_FORMAT,
+                        "%s was made by an incompatible build (different byte order or lock "
+                        "layout)", path);
+    if (h->geometry_check != geometry_check(h))
+        return vmc_fail(VMC_E_FORMAT, "%s has a corrupt header (geometry checksum mismatch)",
+                        path);
+    if (h->file_size != size)
+        return vmc_fail(VMC_E_FORMAT, "%s is truncated or extended: its header says %llu bytes, "
+                                      "the file has %llu",
+                        path, (unsigned long long)h->file_size, (unsigned long long)size);
+    uint32_t u = h->unit_size;
+    bool sound = u >= VMC_MIN_UNIT && (u & (u - 1)) == 0 && h->unit_shift < 32 &&
+                 (1u << h->unit_shift) == u && h->n_shards == VMC_SHARDS &&
+                 h->shards_off == VMC_PAGE && h->index_off == VMC_PAGE + shards_bytes() &&
+                 h->slots_per_shard >= 1 && h->slots_per_shard == slots_for(h->pool_units) &&
+                 h->pool_off == h->index_off + index_bytes(h->slots_per_shard) &&
+                 h->pool_units >= 1 && h->pool_units <= VMC_MAX_UNITS &&
+                 h->pool_off + ((uint64_t)h->pool_units << h->unit_shift) <= size &&
+                 (h->policy == VMC_POLICY_LRU || h->policy == VMC_POLICY_NONE);
+    if (!sound)
+        return vmc_fail(VMC_E_FORMAT, "%s has an inconsistent header geometry", path);
+    return VMC_OK;
+}
+
+static int reserve_space(int fd, uint64_t size, const char *path)
+{
+    int rc = posix_fallocate(fd, 0, (off_t)size);
+    if (rc == EOPNOTSUPP || rc == EINVAL) {
+        if (ftruncate(fd, (off_t)size) == 0)
+            return VMC_OK;
+        return vmc_fail_errno("ftruncate", path);
+    }
+    if (rc != 0) {
+        errno = rc;
+        return vmc_fail(VMC_E_OS, "cannot reserve %llu bytes for %s: %s",
+                        (unsigned long long)size, path, strerror(rc));
+    }
+    return VMC_OK;
+}
+
+/* create_file -- create path atomically. Returns 1 if this call created it,
+ * 0 if another process did first, or a failure. */
+static int create_file(const char *path, const struct vmc_config *cfg)
+{
+    struct vmc_header h;
+    int rc = layout(&h, cfg, path);
+    if (rc < 0)
+        return rc;
+    size_t n = strlen(path) + 64;
+    char *tmp = malloc(n);
+    if (tmp == NULL)
+        return vmc_fail(VMC_E_OS, "out of memory");
+    snprintf(tmp, n, "%s.%d.%llx.tmp", path, (int)getpid(), (unsigned long long)h.hash_seed);
+    int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cfg->mode);
+    if (fd < 0) {
+        rc = vmc_fail_errno("open", tmp);
+        free(tmp);
+        return rc;
+    }
+    if (fchmod(fd, cfg->mode) != 0)
+        rc = vmc_fail_errno("fchmod", tmp);
+    else if ((rc = reserve_space(fd, h.file_size, path)) == VMC_OK &&
+             pwrite(fd, &h, sizeof h, 0) != (ssize_t)sizeof h)
+        rc = vmc_fail_errno("pwrite", tmp);
+    if (rc == VMC_OK) {
+        if (link(tmp, path) == 0)
+            rc = 1;
+        else if (errno == EEXIST)
+            rc = 0;
+        else
+            rc = vmc_fail_errno("link", path);
+    }
+    unlink(tmp);
+    close(fd);
+    free(tmp);
+    return rc;
+}
+
+/* reset_file -- empty an aiovmc file nobody else uses and give it a new geometry. */
+static int reset_file(int fd, const char *path, const struct vmc_config *cfg)
+{
+    if (ofd_lock(fd, F_WRLCK, LIVENESS_BYTE, false) != 0)
+        return vmc_fail(VMC_E_CONFIG, "cannot reset %s: other processes have it open", path);
+    char magic[8] = {0};
+    if (pread(fd, magic, 8, 0) != 8 || memcmp(magic, VMC_MAGIC, 8) != 0)
+        return vmc_fail(VMC_E_FORMAT, "refusing to reset %s: it is not an aiovmc cache file",
+                        path);
+    struct vmc_header h;
+    int rc = layout(&h, cfg, path);
+    if (rc < 0)
+        return rc;
+    if (ftruncate(fd, 0) != 0)
+        return vmc_fail_errno("ftruncate", path);
+    if ((rc = reserve_space(fd, h.file_size, path)) < 0)
+        return rc;
+    if (pwrite(fd, &h, sizeof h, 0) != (ssize_t)sizeof h)
+        return vmc_fail_errno("pwrite", path);
+    return VMC_OK;
+}
+
+static int open_failure(const char *path)
+{
+    switch (errno) {
+    case ELOOP:
+        return vmc_fail(VMC_E_FORMAT, "%s is a symbolic link; aiovmc does not follow links", path);
+    case EISDIR:
+        return vmc_fail(VMC_E_FORMAT, "%s is a directory, not a cache file", path);
+    case ENOENT:
+        return vmc_fail(VMC_E_CONFIG, "%s does not exist; give a size to create it", path);
+    default:
+        return vmc_fail_errno("open", path);
+    }
+}
+
+int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc_cache **out,
+             struct vmc_info *info)
+{
+    *out = NULL;
+    memset(info, 0, sizeof *info);
+    info->fd = -1;
+    int rc;
+    if ((flags & (VMC_F_CREATE | VMC_F_RESET)) && (rc = validate_config(cfg, path)) < 0)
+        return rc;
+    int fd = -1;
+    for (int attempt = 0; fd < 0; attempt++) {
+        fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (fd >= 0)
+            break;
+        if (errno != ENOENT || !(flags & VMC_F_CREATE) || attempt >= 8)
+            return open_failure(path);
+        if ((rc = create_file(path, cfg)) < 0)
+            return rc;
+        info->created = rc;
+    }
+    struct stat st;
+    struct vmc_header h;
+    if (fstat(fd, &st) != 0) {
+        rc = vmc_fail_errno("fstat", path);
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = vmc_fail(VMC_E_FORMAT, "%s is not a regular file", path);
+        goto fail;
+    }
+    if (st.st_uid != geteuid() && !(flags & VMC_F_ANY_OWNER)) {
+        rc = vmc_fail(VMC_E_FORMAT,
+                      "%s belongs to uid %u, not to this process (uid %u): anyone who can write "
+                      "it controls what this process reads; pass allow_other_owner=True to "
+                      "trust it",
+                      path, (unsigned)st.st_uid, (unsigned)geteuid());
+        goto fail;
+    }
+    if (ofd_lock(fd, F_WRLCK, OPENING_BYTE, true) != 0) {
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", path);
+        goto fail;
+    }
+    if ((flags & VMC_F_RESET) && !info->created) {
+        if ((rc = reset_file(fd, path, cfg)) < 0)
+            goto fail;
+        info->created = 1;
+        if (fstat(fd, &st) != 0) {
+            rc = vmc_fail_errno("fstat", path);
+            goto fail;
+        }
+    }
+    if ((uint64_t)st.st_size < sizeof h) {
+        rc = vmc_fail(VMC_E_FORMAT, "%s is too small (%lld bytes) to be an aiovmc cache file",
+                      path, (long long)st.st_size);
+        goto fail;
+    }
+    if (pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
+        rc = vmc_fail_errno("pread", path);
+        goto fail;
+    }
+    if ((rc = validate_header(&h, (uint64_t)st.st_size, path)) < 0)
+        goto fail;
+    if (cfg && cfg->size && round_up(cfg->size, VMC_PAGE) != h.file_size) {
+        rc = vmc_fail(VMC_E_CONFIG,
+                      "%s holds a cache of %llu bytes, not %llu: geometry belongs to the file "
+                      "(open it without size, or pass reset=True to recreate it)",
+                      path, (unsigned long long)h.file_size, (unsigned long long)cfg->size);
+        goto fail;
+    }
+    vmc_cache *c = calloc(1, sizeof *c);
+    char *copy = strdup(path);
+    if (c == NULL || copy == NULL) {
+        free(c);
+        free(copy);
+        rc = vmc_fail(VMC_E_OS, "out of memory");
+        goto fail;
+    }
+    c->fd = fd;
+    c->path = copy;
+    c->file_size = h.file_size;
+    c->seed = h.hash_seed;
+    c->shift = h.unit_shift;
+    c->unit_size = h.unit_size;
+    c->pool_units = h.pool_units;
+    c->n_shards = h.n_shards;
+    c->slots = h.slots_per_shard;
+    c->max_load = h.slots_per_shard - h.slots_per_shard / 8;
+    c->policy = h.policy;
+    c->default_ttl_ns = h.default_ttl_ns;
+    info->fd = fd;
+    info->file_size = h.file_size;
+    info->capacity = (uint64_t)h.pool_units << h.unit_shift;
+    info->extent_size = h.unit_size;
+    info->policy = h.policy;
+    info->default_ttl_ns = h.default_ttl_ns;
+    info->max_key_size = VMC_MAX_KEY;
+    info->max_value_size = info->capacity - sizeof(struct vmc_entry);
+    if (info->max_value_size > UINT32_MAX)
+        info->max_value_size = UINT32_MAX;
+    *out = c;
+    return VMC_OK;
+fail:
+    close(fd); /* drops the opening lock with the descriptor */
+    return rc;
+}
+
+int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
+{
+    c->base = base;
+    c->hdr = base;
+    c->shards = (struct vmc_shard *)(c->base + c->hdr->shards_off);
+    c->index = (uint64_t *)(c->base + c->hdr->index_off);
+    c->pool = c->base + c->hdr->pool_off;
+    int rc = VMC_OK;
+    if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {
+        rc = vmc_rebuild(c, VMC_REBUILD_RECOVER, &info->recovered_entries,
+                         &info->dropped_entries);
+        c->hdr->needs_repair = 0;
+        info->recovered = 1;
+    }
+    if (rc == VMC_OK && ofd_lock(c->fd, F_RDLCK, LIVENESS_BYTE, true) != 0)
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);
+    if (rc == VMC_OK && !info->recovered && (rc = vmc_pool_lock(c)) == VMC_OK) {
+        vmc_reclaim_dead(c, true);
+        vmc_pool_unlock(c);
+    }
+    ofd_lock(c->fd, F_UNLCK, OPENING_BYTE, false);
+    return rc;
+}
+
+void vmc_abort(vmc_cache *c)
+{
+    close(c->fd);
+    free(c->path);
+    free(c);
+}
+
+int vmc_after_fork(vmc_cache *c)
+{
+    atomic_store(&c->active, 0);
+    if (atomic_load(&c->closed))
+        return VMC_OK;
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", c->fd);
+    int fd = open(self, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return vmc_fail_errno("open", self);
+    if (ofd_lock(fd, F_RDLCK, LIVENESS_BYTE, true) != 0) {
+        int rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);
+        close(fd);
+        return rc;
+    }
+    /* The inherited descriptor shares the parent's lock: close it, never unlock it. */
+    close(c->fd);
+    c->fd = fd;
+    return VMC_OK;
+}
+
+int vmc_close(vmc_cache *c)
+{
+    if (atomic_exchange(&c->closed, 1))
+        return VMC_OK;
+    while (atomic_load(&c->active) > 0)
+        sched_yield();
+    ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
+    close(c->fd);
+    c->fd = -1;
+    return VMC_OK;
+}
+
+void vmc_free(vmc_cache *c)
+{
+    if (c == NULL)
+        return;
+    vmc_close(c);
+    free(c->path);
+    free(c);
+}

@@ -1,0 +1,151 @@
+/* vmc_format.h -- the layout of an aiovmc cache file (format version 1).
+ *
+ * docs/format.md mirrors this header; change both together and bump
+ * VMC_FORMAT_VERSION whenever a byte moves.
+ *
+ *   [ header page | shard table | index | pool ]
+ *
+ * Every reference stored in the file is an offset or a unit number, never a
+ * pointer, so processes may map the file at different addresses. Every number
+ * read from the file is bounds-checked before it is used to address memory.
+ *
+ * Locks (process-shared, robust pthread mutexes living in the file):
+ *   - shard[i].lock guards shard i: its index slots, its LRU list, the LRU links
+ *     and atime of its PUBLISHED entries, its counters;
+ *   - pool.lock guards the allocator: free lists, extent tags, the reserved list
+ *     and the lru links of RESERVED entries.
+ * Order: at most one shard lock, then the pool lock. Repair takes every shard
+ * lock in ascending order, then the pool lock ("stop the world").
+ *
+ * Pool: an array of `pool_units` units of `unit_size` bytes, numbered from 1
+ * (0 means "none"). The pool is tiled by extents; every extent starts with a
+ * 64-bit tag (units | kind << 32) written with a single store, so a linear walk
+ * over the tags is valid at every instant, even after a crash in the middle of
+ * a split or a merge. Free extents also end with a footer tag so that a freed
+ * neighbour can find its left neighbour's start.
+ *
+ * An entry is a HEAD extent (struct vmc_entry, then the key, then the value)
+ * followed by zero or more BODY extents (struct vmc_body, then more value bytes)
+ * chained by `next`. Reservations are always one contiguous HEAD extent so that
+ * their buffer is one memoryview; puts may scatter over several extents.
+ */
+#ifndef VMC_FORMAT_H
+#define VMC_FORMAT_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#define VMC_MAGIC "AIOVMC\x00\x01"
+#define VMC_FORMAT_VERSION 1u
+#define VMC_PAGE 4096u
+#define VMC_SHARDS 64u               /* power of two */
+#define VMC_NCLASSES 32              /* free-list size classes: [2^k, 2^(k+1)) units */
+#define VMC_MAX_KEY 65535u
+#define VMC_MIN_UNIT 256u
+#define VMC_MIN_FILE (1u << 20)
+#define VMC_MAX_UNITS 0xfffffff0u    /* unit numbers are 32-bit */
+
+/* Extent kinds: the high half of a tag; magic words so garbage rarely passes. */
+#define VMC_KIND_FREE 0x45455246u    /* "FREE" */
+#define VMC_KIND_HEAD 0x44414548u    /* "HEAD" */
+#define VMC_KIND_BODY 0x59444f42u    /* "BODY" */
+#define VMC_KIND_FOOT 0x544f4f46u    /* "FOOT": footer of a free extent */
+
+#define VMC_TAG(units, kind) ((uint64_t)(units) | ((uint64_t)(kind) << 32))
+#define VMC_TAG_UNITS(tag) ((uint32_t)(tag))
+#define VMC_TAG_KIND(tag) ((uint32_t)((tag) >> 32))
+
+/* Entry states. */
+#define VMC_RESERVED 1u              /* allocated, invisible; stamp = owner pid */
+#define VMC_PUBLISHED 2u             /* linked in its shard; stamp = timestamp */
+#define VMC_REMOVED 3u               /* unlinked; about to be freed */
+
+/* Index slot: (hash >> 32) << 32 | head unit; 0 = empty. Linear probing with
+ * backward-shift deletion, so there are no tombstones. */
+#define VMC_SLOT(tag32, unit) (((uint64_t)(tag32) << 32) | (uint32_t)(unit))
+#define VMC_SLOT_UNIT(s) ((uint32_t)(s))
+#define VMC_SLOT_TAG(s) ((uint32_t)((s) >> 32))
+
+/* At the start of every HEAD extent: 56 bytes, then key, then value. */
+struct vmc_entry {
+    uint64_t tag;           /* units | HEAD; pool lock */
+    uint32_t next;          /* first BODY extent of the value, 0 = none; pool lock, at allocation */
+    uint32_t value_len;     /* owner, before publication */
+    uint32_t lru_prev;      /* PUBLISHED: shard LRU (towards MRU); shard lock.  RESERVED: pool reserved list; pool lock */
+    uint32_t lru_next;      /* PUBLISHED: towards LRU; shard lock.              RESERVED: as above */
+    uint16_t key_len;       /* owner, before publication */
+    uint8_t state;          /* VMC_RESERVED -> VMC_PUBLISHED -> VMC_REMOVED; shard lock (and pool lock) */
+    uint8_t shard;          /* hash(key) & (n_shards - 1); owner, before publication */
+    uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; set at publication */
+    uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; owner, before publication */
+    uint64_t stamp;         /* PUBLISHED: timestamp; RESERVED: owner pid; set with state */
+    uint64_t atime_ns;      /* last access (CLOCK_REALTIME); shard lock */
+};
+
+/* At the start of every BODY extent: 16 bytes, then value bytes. */
+struct vmc_body {
+    uint64_t tag;           /* units | BODY; pool lock */
+    uint32_t next;          /* next BODY extent, 0 = none; pool lock */
+    uint32_t head;          /* unit of the HEAD this body belongs to; pool lock */
+};
+
+/* At the start of every FREE extent. The last 8 bytes hold VMC_TAG(units, FOOT). */
+struct vmc_free {
+    uint64_t tag;           /* units | FREE; pool lock */
+    uint32_t prev, next;    /* size-class free list; pool lock */
+};
+
+struct vmc_shard {
+    pthread_mutex_t lock;
+    uint32_t lru_head;      /* most recently used entry, 0 = empty; lock */
+    uint32_t lru_tail;      /* least recently used entry; lock */
+    uint32_t count;         /* entries linked; lock */
+    uint32_t reserved0;
+    uint64_t tail_atime;    /* atime of lru_tail (UINT64_MAX if empty); written under lock,
+                               read without it by victim selection (relaxed atomics) */
+    uint64_t gets, hits, misses, puts, evictions, expirations;  /* lock */
+} __attribute__((aligned(64)));
+
+struct vmc_pool {
+    pthread_mutex_t lock;
+    uint32_t free_head[VMC_NCLASSES];  /* lock */
+    uint32_t reserved_head;            /* RESERVED entries, linked by lru_prev/lru_next; lock */
+    uint32_t reserved_count;           /* lock */
+    uint64_t free_units;               /* lock; read without it by statistics */
+    uint64_t last_reclaim_ns;          /* when dead owners' reservations were last looked for; lock */
+} __attribute__((aligned(64)));
+
+/* The header page. The first block is written once by the creator, before the
+ * file is linked into place, and never changes: geometry_check covers it. */
+struct vmc_header {
+    char magic[8];
+    uint32_t format_version;
+    uint32_t abi_signature;   /* vmc_abi_signature(): endianness and sizes of shared types */
+    uint64_t file_size;
+    uint64_t shards_off;
+    uint64_t index_off;
+    uint64_t pool_off;
+    uint32_t unit_size;
+    uint32_t unit_shift;
+    uint32_t pool_units;
+    uint32_t n_shards;
+    uint32_t slots_per_shard;
+    uint32_t policy;
+    uint64_t default_ttl_ns;
+    uint64_t hash_seed;
+    uint64_t geometry_check;  /* hash of every field above */
+
+    struct vmc_pool pool;
+
+    /* Clocks: atomics, no lock. */
+    uint64_t clock __attribute__((aligned(64)));  /* last timestamp handed out (fetch_add) */
+    uint64_t persisted;       /* highest timestamp known durable; only grows (CAS) */
+    uint32_t needs_repair;    /* set by whoever finds a dead lock owner or damage */
+    uint32_t reserved0;
+};
+
+_Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");
+_Static_assert(sizeof(struct vmc_body) == 16, "body header must stay 16 bytes");
+_Static_assert(sizeof(struct vmc_header) <= VMC_PAGE, "header must fit its page");
+
+#endif

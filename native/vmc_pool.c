@@ -1,0 +1,317 @@
+/* vmc_pool.c -- the extent allocator (pool lock held throughout).
+ *
+ * Extents carry boundary tags; free extents sit in size-segregated lists
+ * (class k holds extents of [2^k, 2^(k+1)) units) and coalesce with free
+ * neighbours when freed. A put may scatter its value over several extents, so
+ * every free unit is usable without compaction; a reservation needs one
+ * contiguous extent. Tags are rewritten so that a walk over the pool is valid
+ * after every single store (see vmc_format.h).
+ */
+#include <errno.h>
+#include <signal.h>
+#include <sys/types.h>
+
+#include "vmc_internal.h"
+
+#define FIRST_FIT_PROBES 16
+
+static uint32_t size_class(uint32_t units)
+{
+    return 31u - (uint32_t)__builtin_clz(units);
+}
+
+static struct vmc_free *free_at(vmc_cache *c, uint32_t unit)
+{
+    return vmc_extent(c, unit, VMC_KIND_FREE);
+}
+
+static void set_footer(vmc_cache *c, uint32_t unit, uint32_t units)
+{
+    char *end = (char *)vmc_unit(c, unit) + ((uint64_t)units << c->shift);
+    VMC_STORE(*(uint64_t *)(end - 8), VMC_TAG(units, VMC_KIND_FOOT));
+}
+
+static void list_remove(vmc_cache *c, uint32_t unit, struct vmc_free *f)
+{
+    uint32_t k = size_class(VMC_TAG_UNITS(f->tag));
+    struct vmc_free *p = f->prev ? free_at(c, f->prev) : NULL;
+    struct vmc_free *n = f->next ? free_at(c, f->next) : NULL;
+    if (p)
+        p->next = f->next;
+    else if (c->hdr->pool.free_head[k] == unit)
+        c->hdr->pool.free_head[k] = f->next;
+    else
+        vmc_mark_damaged(c);
+    if (n)
+        n->prev = f->prev;
+    else if (f->next)
+        vmc_mark_damaged(c);
+    c->hdr->pool.free_units -= VMC_TAG_UNITS(f->tag);
+}
+
+/* list_add -- make [unit, unit+units) a free extent and list it. */
+static void list_add(vmc_cache *c, uint32_t unit, uint32_t units)
+{
+    struct vmc_free *f = vmc_unit(c, unit);
+    uint32_t k = size_class(units);
+    uint32_t head = c->hdr->pool.free_head[k];
+    struct vmc_free *h = head ? free_at(c, head) : NULL;
+    set_footer(c, unit, units);
+    f->prev = 0;
+    f->next = h ? head : 0;
+    VMC_STORE(f->tag, VMC_TAG(units, VMC_KIND_FREE));
+    if (h)
+        h->prev = unit;
+    c->hdr->pool.free_head[k] = unit;
+    c->hdr->pool.free_units += units;
+}
+
+/* take -- carve the first `units` units of free extent `unit` as `kind`; the
+ * rest stays free. */
+static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units, uint32_t kind)
+{
+    uint32_t have = VMC_TAG_UNITS(f->tag);
+    list_remove(c, unit, f);
+    if (have > units) {
+        /* The remainder's tag lands inside the free extent first, then the
+         * single store below shortens the extent: the walk never breaks. */
+        list_add(c, unit + units, have - units);
+    }
+    VMC_STORE(f->tag, VMC_TAG(units, kind));
+}
+
+/* vmc_alloc_contiguous -- one extent of exactly `units` units, or 0. */
+uint32_t vmc_alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind)
+{
+    if (units == 0 || units > c->pool_units)
+        return 0;
+    uint32_t k = size_class(units);
+    uint32_t u = c->hdr->pool.free_head[k];
+    for (int probes = 0; u && probes < FIRST_FIT_PROBES; probes++) {
+        struct vmc_free *f = free_at(c, u);
+        if (f == NULL) {
+            vmc_mark_damaged(c);
+            return 0;
+        }
+        if (VMC_TAG_UNITS(f->tag) >= units) {
+            take(c, u, f, units, kind);
+            return u;
+        }
+        u = f->next;
+    }
+    for (k++; k < VMC_NCLASSES; k++) {
+        u = c->hdr->pool.free_head[k];
+        if (u == 0)
+            continue;
+        struct vmc_free *f = free_at(c, u);
+        if (f == NULL || VMC_TAG_UNITS(f->tag) < units) {
+            vmc_mark_damaged(c);
+            return 0;
+        }
+        take(c, u, f, units, kind);
+        return u;
+    }
+    return 0;
+}
+
+/* largest_free -- the head of the highest non-empty class (a large extent). */
+static uint32_t largest_free(vmc_cache *c)
+{
+    for (int k = VMC_NCLASSES - 1; k >= 0; k--)
+        if (c->hdr->pool.free_head[k])
+            return c->hdr->pool.free_head[k];
+    return 0;
+}
+
+uint32_t vmc_units_for(const vmc_cache *c, uint64_t bytes)
+{
+    uint64_t units = (bytes + c->unit_size - 1) >> c->shift;
+    if (units == 0)
+        units = 1;
+    return units > UINT32_MAX ? UINT32_MAX : (uint32_t)units;
+}
+
+/* vmc_alloc_entry -- room for an entry of key_len + value_len bytes: one HEAD
+ * extent (then BODY extents unless `contiguous`). The HEAD is marked RESERVED
+ * by the caller. Returns VMC_OK, or VMC_E_NEED_ROOM leaving nothing taken. */
+int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool contiguous,
+                    uint32_t *head_out)
+{
+    uint64_t need = sizeof(struct vmc_entry) + key_len + value_len;
+    uint32_t units = vmc_units_for(c, need);
+    uint32_t head = vmc_alloc_contiguous(c, units, VMC_KIND_HEAD);
+    if (head) {
+        struct vmc_entry *e = vmc_unit(c, head);
+        e->next = 0;
+        *head_out = head;
+        return VMC_OK;
+    }
+    if (contiguous || c->hdr->pool.free_units < units)
+        return VMC_E_NEED_ROOM;
+
+    /* Scatter: the HEAD takes the largest free extent (it must hold the key),
+     * then BODY extents, largest first, until the value fits. */
+    uint32_t first = largest_free(c);
+    struct vmc_free *f = first ? free_at(c, first) : NULL;
+    if (f == NULL || vmc_extent_bytes(c, f->tag) < sizeof(struct vmc_entry) + key_len)
+        return VMC_E_NEED_ROOM;
+    uint32_t hunits = VMC_TAG_UNITS(f->tag);
+    if (hunits > units)
+        hunits = units; /* a fit the bounded first-fit probe missed */
+    take(c, first, f, hunits, VMC_KIND_HEAD);
+    struct vmc_entry *e = vmc_unit(c, first);
+    e->next = 0;
+    uint64_t have = ((uint64_t)hunits << c->shift) - sizeof *e - key_len;
+    uint32_t *link = &e->next;
+    while (have < value_len) {
+        uint32_t u = largest_free(c);
+        struct vmc_free *b = u ? free_at(c, u) : NULL;
+        if (b == NULL) {
+            vmc_free_chain(c, first);
+            return VMC_E_NEED_ROOM;
+        }
+        uint32_t bunits = VMC_TAG_UNITS(b->tag);
+        uint32_t fit = vmc_units_for(c, value_len - have + sizeof(struct vmc_body));
+        if (fit < bunits)
+            bunits = fit;
+        take(c, u, b, bunits, VMC_KIND_BODY);
+        struct vmc_body *body = vmc_unit(c, u);
+        body->next = 0;
+        body->head = first;
+        *link = u;
+        link = &body->next;
+        have += ((uint64_t)bunits << c->shift) - sizeof *body;
+    }
+    *head_out = first;
+    return VMC_OK;
+}
+
+/* vmc_free_run -- list [unit, unit+units) as one free extent, as is (recovery
+ * builds maximal runs itself). */
+void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units)
+{
+    list_add(c, unit, units);
+}
+
+/* vmc_free_extent -- return an extent to the pool, merging free neighbours. */
+void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
+{
+    uint32_t right = unit + units;
+    if (right <= c->pool_units) {
+        struct vmc_free *r = free_at(c, right);
+        if (r) {
+            list_remove(c, right, r);
+            units += VMC_TAG_UNITS(r->tag);
+        }
+    }
+    if (unit > 1) {
+        uint64_t foot = VMC_LOAD(*(uint64_t *)((char *)vmc_unit(c, unit) - 8));
+        uint32_t lunits = VMC_TAG_UNITS(foot);
+        if (VMC_TAG_KIND(foot) == VMC_KIND_FOOT && lunits > 0 && lunits < unit) {
+            uint32_t left = unit - lunits;
+            struct vmc_free *l = free_at(c, left);
+            if (l && VMC_TAG_UNITS(l->tag) == lunits) {
+                list_remove(c, left, l);
+                unit = left;
+                units += lunits;
+            }
+        }
+    }
+    list_add(c, unit, units);
+}
+
+/* vmc_free_chain -- free a HEAD and its BODY extents. Damage stops the walk
+ * and marks the file; repair reclaims what was not freed. */
+void vmc_free_chain(vmc_cache *c, uint32_t head)
+{
+    struct vmc_entry *e = vmc_extent(c, head, VMC_KIND_HEAD);
+    if (e == NULL) {
+        vmc_mark_damaged(c);
+        return;
+    }
+    uint32_t next = e->next;
+    vmc_free_extent(c, head, VMC_TAG_UNITS(e->tag));
+    for (uint32_t steps = 0; next; steps++) {
+        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
+        if (b == NULL || b->head != head || steps > c->pool_units) {
+            vmc_mark_damaged(c);
+            return;
+        }
+        uint32_t u = next;
+        next = b->next;
+        vmc_free_extent(c, u, VMC_TAG_UNITS(b->tag));
+    }
+}
+
+/* The reserved list links RESERVED heads through lru_prev/lru_next. */
+void vmc_reserved_push(vmc_cache *c, uint32_t head)
+{
+    struct vmc_pool *p = &c->hdr->pool;
+    struct vmc_entry *e = vmc_unit(c, head);
+    struct vmc_entry *h = p->reserved_head ? vmc_head(c, p->reserved_head) : NULL;
+    e->lru_prev = 0;
+    e->lru_next = h ? p->reserved_head : 0;
+    if (h)
+        h->lru_prev = head;
+    p->reserved_head = head;
+    p->reserved_count++;
+}
+
+void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
+{
+    struct vmc_pool *p = &c->hdr->pool;
+    struct vmc_entry *e = vmc_unit(c, head);
+    struct vmc_entry *prev = e->lru_prev ? vmc_head(c, e->lru_prev) : NULL;
+    struct vmc_entry *next = e->lru_next ? vmc_head(c, e->lru_next) : NULL;
+    if (prev)
+        prev->lru_next = e->lru_next;
+    else if (p->reserved_head == head)
+        p->reserved_head = e->lru_next;
+    else
+        vmc_mark_damaged(c);
+    if (next)
+        next->lru_prev = e->lru_prev;
+    e->lru_prev = e->lru_next = 0;
+    if (p->reserved_count)
+        p->reserved_count--;
+}
+
+bool vmc_pid_alive(uint64_t pid)
+{
+    if (pid == 0 || pid > (uint64_t)INT32_MAX)
+        return false;
+    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
+}
+
+#define RECLAIM_INTERVAL_NS 100000000u /* look for dead owners at most every 100 ms */
+
+/* vmc_reclaim_dead -- free reservations whose owner process has died. Bounded
+ * by the number of open reservations; rate-limited unless forced. Returns the
+ * number of units freed. */
+uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
+{
+    struct vmc_pool *p = &c->hdr->pool;
+    if (p->reserved_head == 0)
+        return 0;
+    uint64_t now = vmc_now_ns();
+    if (!force && now - p->last_reclaim_ns < RECLAIM_INTERVAL_NS)
+        return 0;
+    p->last_reclaim_ns = now;
+    uint64_t before = p->free_units;
+    uint32_t u = p->reserved_head;
+    for (uint32_t steps = 0; u && steps <= c->pool_units; steps++) {
+        struct vmc_entry *e = vmc_head(c, u);
+        if (e == NULL || e->state != VMC_RESERVED) {
+            vmc_mark_damaged(c);
+            break;
+        }
+        uint32_t next = e->lru_next;
+        if (!vmc_pid_alive(e->stamp)) {
+            vmc_reserved_unlink(c, u);
+            e->state = VMC_REMOVED;
+            vmc_free_chain(c, u);
+        }
+        u = next;
+    }
+    return p->free_units - before;
+}

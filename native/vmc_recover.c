@@ -1,0 +1,242 @@
+/* vmc_recover.c -- rebuild every derived structure from the pool.
+ *
+ * The pool is the truth: extents with walkable tags, entries with their key,
+ * value, state, timestamp and checksum. The shard indexes, LRU lists, free
+ * lists, reserved list and counts of entries are derived, and rebuilt here by
+ * mark and sweep:
+ *   1. walk the tags; a tag that cannot be valid ends the walk and turns the
+ *      rest of the pool into one free extent (a new file's zeroed pool takes
+ *      this path at once);
+ *   2. keep each sound PUBLISHED head (chain intact, unexpired and, in RECOVER
+ *      mode, checksum right) and each RESERVED head whose owner is alive (LIVE
+ *      mode only), marking its extents; of two heads with the same key the
+ *      newer timestamp wins;
+ *   3. sweep: every unmarked run of extents becomes one free extent;
+ *   4. relink each shard's LRU list in access-time order.
+ * RECOVER runs at open when the opener is the file's only user (it also
+ * re-initialises the locks: their previous owners may be gone, even across a
+ * reboot). LIVE runs under every lock after a lock owner died.
+ */
+#include <stdlib.h>
+
+#include "vmc_internal.h"
+
+struct marks {
+    uint64_t *start;    /* unit begins an extent */
+    uint64_t *claimed;  /* extent belongs to a kept entry */
+};
+
+static bool bit(const uint64_t *b, uint32_t u) { return (b[u >> 6] >> (u & 63)) & 1; }
+static void set_bit(uint64_t *b, uint32_t u) { b[u >> 6] |= 1ull << (u & 63); }
+static void clear_bit(uint64_t *b, uint32_t u) { b[u >> 6] &= ~(1ull << (u & 63)); }
+
+/* chain -- claim (or release) the extents of head's value. Claiming stops at
+ * the first unsound link and releases what it took; returns success. */
+static bool chain(vmc_cache *c, struct marks *m, uint32_t head, bool claim)
+{
+    struct vmc_entry *e = vmc_unit(c, head);
+    uint64_t vlen = e->value_len;
+    uint64_t room = vmc_extent_bytes(c, e->tag) - sizeof *e - e->key_len;
+    uint64_t have = room < vlen ? room : vlen;
+    uint32_t next = e->next, taken = 0;
+    if (claim && bit(m->claimed, head))
+        return false;
+    if (claim)
+        set_bit(m->claimed, head);
+    else
+        clear_bit(m->claimed, head);
+    while (have < vlen) {
+        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
+        bool sound = b && bit(m->start, next) && b->head == head && taken < c->pool_units &&
+                     bit(m->claimed, next) != claim;
+        if (!sound) {
+            if (claim)
+                for (uint32_t u = e->next, i = 0; i < taken; i++) {
+                    clear_bit(m->claimed, u);
+                    u = ((struct vmc_body *)vmc_unit(c, u))->next;
+                }
+            if (claim)
+                clear_bit(m->claimed, head);
+            return !claim;
+        }
+        if (claim)
+            set_bit(m->claimed, next);
+        else
+            clear_bit(m->claimed, next);
+        taken++;
+        have += vmc_extent_bytes(c, b->tag) - sizeof *b;
+        next = b->next;
+    }
+    return true;
+}
+
+static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
+{
+    for (uint32_t s = 0; s < c->n_shards; s++) {
+        struct vmc_shard *sh = &c->shards[s];
+        if (mode == VMC_REBUILD_RECOVER)
+            vmc_mutex_init(&sh->lock);
+        sh->lru_head = sh->lru_tail = 0;
+        sh->count = 0;
+        sh->tail_atime = UINT64_MAX;
+    }
+    memset(c->index, 0, (uint64_t)c->n_shards * c->slots * 8);
+    struct vmc_pool *p = &c->hdr->pool;
+    if (mode == VMC_REBUILD_RECOVER)
+        vmc_mutex_init(&p->lock);
+    memset(p->free_head, 0, sizeof p->free_head);
+    p->reserved_head = 0;
+    p->reserved_count = 0;
+    p->free_units = 0;
+    p->last_reclaim_ns = 0;
+}
+
+/* keep_published -- index a sound PUBLISHED head; false if it must go. */
+static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, bool verify, uint64_t now)
+{
+    struct vmc_entry *e = vmc_head(c, u);
+    if (e == NULL || vmc_expired(e, now) || !chain(c, m, u, true))
+        return false;
+    if (verify && e->checksum != vmc_entry_checksum(c, u)) {
+        chain(c, m, u, false);
+        return false;
+    }
+    uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
+    uint32_t s = vmc_shard_of(c, hash), slot;
+    struct vmc_shard *sh = &c->shards[s];
+    e->shard = (uint8_t)s;
+    uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
+    if (old) {
+        struct vmc_entry *oe = vmc_unit(c, old);
+        if (oe->stamp >= e->stamp) {
+            chain(c, m, u, false);
+            return false;
+        }
+        chain(c, m, old, false);
+        oe->state = VMC_REMOVED;
+        vmc_index_set(c, s, slot, hash, u);
+        return true;
+    }
+    if (sh->count >= c->max_load || vmc_index_insert(c, s, hash, u) < 0) {
+        chain(c, m, u, false);
+        return false;
+    }
+    sh->count++;
+    return true;
+}
+
+struct lru_item {
+    uint64_t atime;
+    uint32_t unit;
+};
+
+static int by_atime(const void *a, const void *b)
+{
+    const struct lru_item *x = a, *y = b;
+    return x->atime < y->atime ? -1 : x->atime > y->atime;
+}
+
+/* relink_lru -- each shard's list in access order, from its index. */
+static int relink_lru(vmc_cache *c)
+{
+    struct lru_item *items = malloc((uint64_t)c->slots * sizeof *items);
+    if (items == NULL)
+        return vmc_fail(VMC_E_OS, "out of memory while rebuilding the LRU lists");
+    for (uint32_t s = 0; s < c->n_shards; s++) {
+        const uint64_t *slots = c->index + (uint64_t)s * c->slots;
+        uint32_t n = 0;
+        for (uint32_t i = 0; i < c->slots; i++) {
+            if (slots[i] == 0)
+                continue;
+            uint32_t u = VMC_SLOT_UNIT(slots[i]);
+            items[n].atime = ((struct vmc_entry *)vmc_unit(c, u))->atime_ns;
+            items[n++].unit = u;
+        }
+        qsort(items, n, sizeof *items, by_atime);
+        for (uint32_t i = 0; i < n; i++)
+            vmc_lru_push_front(c, s, items[i].unit);
+    }
+    free(items);
+    return VMC_OK;
+}
+
+int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64_t *dropped)
+{
+    uint32_t units = c->pool_units;
+    size_t words = (size_t)units / 64 + 1;
+    struct marks m = {calloc(words, 8), calloc(words, 8)};
+    *kept = *dropped = 0;
+    if (m.start == NULL || m.claimed == NULL) {
+        free(m.start);
+        free(m.claimed);
+        return vmc_fail(VMC_E_OS, "out of memory while recovering %s", c->path);
+    }
+
+    /* 1. tags */
+    for (uint32_t u = 1; u <= units;) {
+        uint64_t tag = vmc_tag_at(c, u);
+        uint32_t n = VMC_TAG_UNITS(tag), kind = VMC_TAG_KIND(tag);
+        bool known = kind == VMC_KIND_FREE || kind == VMC_KIND_HEAD || kind == VMC_KIND_BODY;
+        if (n == 0 || n > units - u + 1 || !known) {
+            if (tag != 0)
+                (*dropped)++;
+            VMC_STORE(*(uint64_t *)vmc_unit(c, u), VMC_TAG(units - u + 1, VMC_KIND_FREE));
+            set_bit(m.start, u);
+            break;
+        }
+        set_bit(m.start, u);
+        u += n;
+    }
+
+    reset_derived(c, mode);
+
+    /* 2. heads */
+    uint64_t now = vmc_now_ns(), newest = 0;
+    for (uint32_t u = 1; u <= units; u += VMC_TAG_UNITS(vmc_tag_at(c, u))) {
+        if (VMC_TAG_KIND(vmc_tag_at(c, u)) != VMC_KIND_HEAD)
+            continue;
+        struct vmc_entry *e = vmc_unit(c, u);
+        bool keep = false;
+        if (e->state == VMC_PUBLISHED) {
+            keep = keep_published(c, &m, u, mode == VMC_REBUILD_RECOVER, now);
+            if (keep && e->stamp > newest)
+                newest = e->stamp;
+        } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
+                   vmc_pid_alive(e->stamp) && vmc_head(c, u) && chain(c, &m, u, true)) {
+            vmc_reserved_push(c, u);
+            keep = true;
+        }
+        if (!keep && e->state == VMC_PUBLISHED)
+            (*dropped)++;
+    }
+
+    /* 3. sweep */
+    uint32_t run = 0, run_units = 0;
+    for (uint32_t u = 1; u <= units;) {
+        uint32_t n = VMC_TAG_UNITS(vmc_tag_at(c, u));
+        if (!bit(m.claimed, u)) {
+            if (run_units == 0)
+                run = u;
+            run_units += n;
+        } else if (run_units) {
+            vmc_free_run(c, run, run_units);
+            run_units = 0;
+        }
+        u += n;
+    }
+    if (run_units)
+        vmc_free_run(c, run, run_units);
+    free(m.start);
+    free(m.claimed);
+
+    /* 4. LRU lists */
+    int rc = relink_lru(c);
+    for (uint32_t s = 0; s < c->n_shards; s++)
+        *kept += c->shards[s].count;
+    uint64_t clock = __atomic_load_n(&c->hdr->clock, __ATOMIC_ACQUIRE);
+    if (newest > clock)
+        __atomic_store_n(&c->hdr->clock, clock = newest, __ATOMIC_RELEASE);
+    if (__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE) > clock)
+        __atomic_store_n(&c->hdr->persisted, clock, __ATOMIC_RELEASE);
+    return rc;
+}

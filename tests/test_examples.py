@@ -1,0 +1,35 @@
+"""Every program in examples/ runs and prints what it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+EXPECTED = {
+    "asyncio_example.py": ["101 calls, 1 backend call", "coalesced=99"],
+    "trio_example.py": ["50 gets, 1 load: b'<html>/index</html>'", "report=b'ready'"],
+}
+
+
+def test_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES.glob("*.py")} >= set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example(name: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    for line in EXPECTED[name]:
+        assert line in done.stdout, done.stdout
