@@ -141,6 +141,11 @@ class AsyncReservation:
         return self._reservation.timestamp
 
     @property
+    def state(self) -> str:
+        """"open", "published" or "cancelled"."""
+        return self._reservation.state
+
+    @property
     def reservation(self) -> Reservation:
         """The underlying synchronous `Reservation`."""
         return self._reservation
@@ -343,29 +348,30 @@ class AsyncCache:
             return get_into(key, buffer, offset=offset)
         return await _offload(functools.partial(get_into, key, buffer, offset=offset))
 
-    async def get_many(self, keys: Iterable[Any]) -> dict[Any, bytes]:
-        """As `Cache.get_many`: ``{key: value}`` for the hits; never loads.
+    async def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
+        """As `Cache.get_many`: ``{key: value}`` for the hits, keyed by the encoded
+        keys, in the order given; never loads.
 
         Values of at least ``offload_threshold`` bytes are copied in a worker thread
         (a checkpoint); the others on the loop.
         """
-        result: dict[Any, bytes] = {}
-        large: list[tuple[Any, bytes]] = []
+        result: dict[bytes, bytes] = {}
+        large: list[bytes] = []
         get_inline, limit = self._get_inline, self._limit
         for key in keys:
             k = key if key.__class__ is bytes else encode_key(key)
-            found = get_inline(k, limit)
-            if found.__class__ is bytes:
-                result[key] = found  # type: ignore[assignment]
+            found = get_inline(k, limit)  # type: ignore[arg-type]
+            if isinstance(found, bytes):
+                result[k] = found  # type: ignore[index]
             elif found is not None:
-                large.append((key, k))
-                result[key] = b""  # keeps the caller's key order
-        for key, k in large:
+                large.append(k)  # type: ignore[arg-type]
+                result[k] = b""  # type: ignore[index]  # keeps the order
+        for k in large:
             value = await _offload(functools.partial(self._fetch, k))
             if value is None:
-                del result[key]
+                del result[k]
             else:
-                result[key] = value
+                result[k] = value
         return result
 
     # -- writes --------------------------------------------------------------------

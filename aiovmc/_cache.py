@@ -65,12 +65,11 @@ class Cache(Handle):
     """
 
     __slots__ = (
-        "_creator_pid",
         "_load_lock",
         "_loader_calls",
         "_on_evict",
         "_path",
-        "_remove_file",
+        "_remove_private_file",
         "_reservations",
         "on_miss",
     )
@@ -99,7 +98,7 @@ class Cache(Handle):
         for name, callback in (("on_evict", on_evict), ("on_miss", on_miss)):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable or None")
-        self._remove_file = path is None
+        private = path is None
         if path is None:
             if size_bytes is None:
                 raise CacheConfigError("size is required to create a private cache (path=None)")
@@ -118,7 +117,13 @@ class Cache(Handle):
             reset=reset,
             any_owner=allow_other_owner,
         )
-        self._creator_pid = os.getpid()
+        # A private cache's file goes with the handle that created it: at close,
+        # or when the handle is collected, or at interpreter exit.
+        self._remove_private_file = (
+            weakref.finalize(self, _remove_private_file, self._path, os.getpid())
+            if private
+            else None
+        )
         self._on_evict = on_evict
         self.on_miss = on_miss
         self._loader_calls = 0
@@ -167,7 +172,7 @@ class Cache(Handle):
 
     def _missed(self, key: bytes, default: Any) -> Any:
         loader = self.on_miss
-        if loader is None:
+        if loader is None or default is _ABSENT:  # _ABSENT: a lookup that never loads
             return default
         with self._load_lock:
             self._loader_calls += 1
@@ -290,11 +295,8 @@ class Cache(Handle):
             reservation._abandon()
         _open_caches.discard(self)
         self._close_native()
-        if self._remove_file and os.getpid() == self._creator_pid:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        if self._remove_private_file is not None:
+            self._remove_private_file()
 
     def __enter__(self) -> Cache:
         return self
@@ -307,13 +309,6 @@ class Cache(Handle):
     ) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        # A private cache's file goes with its creator's handle, even unclosed.
-        if getattr(self, "_remove_file", False) and os.getpid() == self._creator_pid:
-            try:
-                os.unlink(self._path)
-            except OSError:
-                pass
 
 
 class Reservation:
@@ -415,6 +410,14 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _remove_private_file(path: str, creator_pid: int) -> None:
+    if os.getpid() == creator_pid:  # not in a forked child
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _private_path() -> str:

@@ -705,10 +705,12 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
         if title == "stampede" and not async_ok:
             _stampede(res, settings, None)
             continue
+        t0 = time.monotonic()
         try:
             fn(res, settings, aiovmc)
         except (NotImplementedError, AttributeError, TypeError) as exc:
             res.note(f"{title}: not available ({type(exc).__name__}: {exc})")
+        say(f"     ({title}: {time.monotonic() - t0:.1f} s)")
     print_ratios(res.ratios)
     print_checks(res.checks)
     return res

@@ -30,6 +30,8 @@ ffibuilder.set_source(
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-fvisibility=hidden"],
     libraries=["pthread"],
+    # The full C API: the limited one turns Py_TYPE and friends into calls on the hot path.
+    py_limited_api=False,
 )
 
 if __name__ == "__main__":  # a developer's in-place build: python native/build_ffi.py

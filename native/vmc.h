@@ -41,6 +41,10 @@ enum vmc_flags {
 
 enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };
 
+/* Each thread's result buffer: big enough for any key, and for the values the
+ * hot path returns without a second call. */
+enum { VMC_SCRATCH_SIZE = 65536 };
+
 /* Parameters for creating (or resetting) a cache file. */
 struct vmc_config {
     uint64_t size;               /* file size in bytes */
@@ -97,6 +101,11 @@ void vmc_free(vmc_cache *c);
 
 int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                 uint64_t offset, uint32_t flags);
+/* The hot path: vmc_get(c, key, klen, vmc_scratch(), VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE)
+ * with three arguments, each of which costs the caller a conversion. */
+int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen);
+/* This thread's scratch buffer (VMC_SCRATCH_SIZE bytes; NULL if out of memory). */
+char *vmc_scratch(void);
 int vmc_contains(vmc_cache *c, const char *key, size_t klen);
 int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, size_t vlen,
                 int64_t ttl_ns, uint32_t flags);

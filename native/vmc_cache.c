@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -445,6 +446,36 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
 out:
     leave(c);
     return rc;
+}
+
+/* ---- the per-thread scratch buffer ---- */
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static __thread char *scratch;
+
+static void scratch_init(void)
+{
+    pthread_key_create(&scratch_key, free);
+}
+
+char *vmc_scratch(void)
+{
+    if (scratch == NULL) {
+        pthread_once(&scratch_once, scratch_init);
+        scratch = malloc(VMC_SCRATCH_SIZE);
+        if (scratch)
+            pthread_setspecific(scratch_key, scratch); /* freed when the thread ends */
+    }
+    return scratch;
+}
+
+int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen)
+{
+    char *dst = vmc_scratch();
+    if (dst == NULL)
+        return vmc_fail(VMC_E_OS, "out of memory for a result buffer");
+    return vmc_get(c, key, klen, dst, VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE);
 }
 
 /* vmc_contains -- 1 if key is present and unexpired; counts nothing, touches nothing. */

@@ -131,8 +131,8 @@ async def test_get_many(acache: AsyncCache) -> None:
     big = b"B" * 10_000
     await acache.put_many({"a": b"1", "big": big, "c": b"3"})
     got = await acache.get_many(["a", "missing", "big", "c"])
-    assert got == {"a": b"1", "big": big, "c": b"3"}
-    assert list(got) == ["a", "big", "c"]
+    assert got == {b"a": b"1", b"big": big, b"c": b"3"}
+    assert list(got) == [b"a", b"big", b"c"]
 
 
 # -- writes ----------------------------------------------------------------------

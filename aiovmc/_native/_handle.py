@@ -28,7 +28,7 @@ from ._vmc import ffi, lib
 
 __all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo"]
 
-SCRATCH_SIZE = 64 * 1024  # >= the largest key, so evicted keys come back here too
+SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come back here too
 
 _WHOLE = lib.VMC_F_WHOLE
 _QUIET = lib.VMC_F_QUIET
@@ -38,13 +38,19 @@ _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
 _get = lib.vmc_get
+_get_scratch = lib.vmc_get_scratch
 _put = lib.vmc_put
 
 
 class _Scratch(threading.local):
+    """This thread's view of the core's per-thread result buffer."""
+
     def __init__(self) -> None:
-        ptr = ffi.new("char[]", SCRATCH_SIZE)
-        self.pair = (ptr, ffi.buffer(ptr))
+        ptr = lib.vmc_scratch()
+        if ptr == _NULL:
+            raise MemoryError("no memory for aiovmc's per-thread result buffer")
+        self.pair = (ptr, ffi.buffer(ptr, SCRATCH_SIZE))
+        self.view = self.pair[1]
 
 
 _scratch = _Scratch()
@@ -150,11 +156,10 @@ class Handle:
         `Cache`), else `default`."""
         if type(key) is not bytes:
             key = encode_key(key)
-        ptr, buf = _scratch.pair
-        n = _get(self._h, key, len(key), ptr, SCRATCH_SIZE, 0, _WHOLE)
+        n = _get_scratch(self._h, key, len(key))
         if n >= 0:
             if n <= SCRATCH_SIZE:
-                return buf[0:n]
+                return _scratch.view[0:n]
             return self._copy_whole(key, n)
         if n == _MISS:
             return self._missed(key, default)
@@ -214,7 +219,7 @@ class Handle:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
         try:
             dst = ffi.from_buffer(buffer, require_writable=True)
-        except TypeError:
+        except (TypeError, BufferError):
             raise TypeError(
                 f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
             ) from None

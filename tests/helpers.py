@@ -1,0 +1,483 @@
+"""Helpers shared by the multi-process, crash and hostile-file tests.
+
+Values are self-describing: any process that reads a value can check, with no
+other knowledge, that it is intact and that it belongs to the key it was read
+under. A value is
+
+    b"AVv1" | u16 key length | u64 sequence number | u32 payload length |
+    key | payload | 16-byte BLAKE2b digest of everything before it
+
+where the payload is a deterministic function of (key, sequence). A torn value,
+a value of another key, or bytes that were never a value all fail `check_value`.
+
+Worker functions live here (not in the test modules) so that "spawn" children
+import something small; they report through plain multiprocessing primitives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+_MAGIC = b"AVv1"
+_HEAD = struct.Struct("<4sHQI")
+_DIGEST = 16
+OVERHEAD = _HEAD.size + _DIGEST  # plus the key
+
+# Every wait in these tests is bounded by this many seconds (unless told otherwise).
+WAIT = 30.0
+
+
+class CorruptValue(AssertionError):
+    """A value read from the cache failed its self-check."""
+
+
+def _payload(key: bytes, seq: int, size: int) -> bytes:
+    if size <= 0:
+        return b""
+    seed = hashlib.blake2b(key + seq.to_bytes(8, "little"), digest_size=16).digest()
+    return random.Random(seed).randbytes(size)
+
+
+def make_value(key: bytes, seq: int, size: int = 64) -> bytes:
+    """A self-verifying value of about `size` bytes (at least the key and OVERHEAD)."""
+    payload = _payload(key, seq, max(0, size - OVERHEAD - len(key)))
+    body = _HEAD.pack(_MAGIC, len(key), seq, len(payload)) + key + payload
+    return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+
+
+def check_value(key: bytes, value: Any) -> int:
+    """Verify a value read under `key`; returns its sequence number.
+
+    Raises CorruptValue if it is torn, foreign, or belongs to another key.
+    """
+    if not isinstance(value, bytes):
+        raise CorruptValue(f"value of {key!r} is a {type(value).__name__}, not bytes")
+    if len(value) < OVERHEAD:
+        raise CorruptValue(f"value of {key!r} is too short ({len(value)} bytes)")
+    body, digest = value[:-_DIGEST], value[-_DIGEST:]
+    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
+        raise CorruptValue(f"value of {key!r} ({len(value)} bytes) fails its digest")
+    magic, klen, seq, plen = _HEAD.unpack_from(body)
+    if magic != _MAGIC or _HEAD.size + klen + plen != len(body):
+        raise CorruptValue(f"value of {key!r} has an inconsistent header")
+    stored_key = body[_HEAD.size : _HEAD.size + klen]
+    if stored_key != key:
+        raise CorruptValue(f"value read under {key!r} belongs to {stored_key!r}")
+    return int(seq)
+
+
+def value_key(value: bytes) -> bytes:
+    """The key a (verified-looking) value claims to belong to."""
+    _magic, klen, _seq, _plen = _HEAD.unpack_from(value)
+    return value[_HEAD.size : _HEAD.size + klen]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
+    """Poll `predicate` until true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(0.005)
+
+
+def join_all(procs: Iterable[Any], timeout: float = WAIT) -> None:
+    """Join every process within `timeout` seconds in all; kill and fail on a hang."""
+    deadline = time.monotonic() + timeout
+    hung = []
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            hung.append(p)
+    for p in hung:
+        p.kill()
+        p.join(5)
+    assert not hung, f"processes still running after {timeout}s: {[p.pid for p in hung]}"
+
+
+# ---------------------------------------------------------------------------
+# Workers (run in child processes; they report through queues and values)
+# ---------------------------------------------------------------------------
+
+
+def _open(path: str, **kwargs: Any) -> Any:
+    import aiovmc
+
+    return aiovmc.Cache(path, **kwargs)
+
+
+def verify_get(cache: Any, key: bytes) -> int | None:
+    """get + self-check; the sequence number or None on a miss."""
+    value = cache.get(key)
+    if value is None:
+        return None
+    return check_value(key, value)
+
+
+def rw_worker(path: str, wid: int, nkeys: int, ops: int, seed: int, out: Any) -> None:
+    """Random puts/gets/deletes/adds over keys shared by every worker; every
+    value read is verified. Reports (wid, counters, timestamps, error)."""
+    rng = random.Random(seed)
+    counts = {"puts": 0, "gets": 0, "hits": 0, "deletes": 0, "adds": 0}
+    stamps: list[int] = []
+    error = None
+    try:
+        with _open(path) as cache:
+            for i in range(ops):
+                key = b"k%d" % rng.randrange(nkeys)
+                r = rng.random()
+                if r < 0.45:
+                    size = rng.choice((40, 200, 1000, 5000, 20000))
+                    stamps.append(cache.put(key, make_value(key, wid << 32 | i, size)))
+                    counts["puts"] += 1
+                elif r < 0.9:
+                    counts["gets"] += 1
+                    if verify_get(cache, key) is not None:
+                        counts["hits"] += 1
+                elif r < 0.95:
+                    cache.delete(key)
+                    counts["deletes"] += 1
+                else:
+                    if cache.add(key, make_value(key, wid << 32 | i, 300)):
+                        counts["puts"] += 1
+                    counts["adds"] += 1
+    except BaseException as exc:  # reported to the parent, which fails the test
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, counts, stamps, error))
+
+
+def chaos_worker(
+    path: str, wid: int, nkeys: int, seed: int, progress: Any, errors: Any, stop: Any
+) -> None:
+    """Run puts, gets, deletes, evictions and reservations until `stop` is set.
+    Designed to be SIGKILLed at any moment, so it touches no lock outside the
+    cache: `stop` is a RawValue flag and `progress` a RawArray (a process killed
+    holding a multiprocessing lock would hang the others, and the test).
+    Every value read is verified; `progress[wid]` counts finished operations
+    so the parent can see the survivors keep moving. A failure is written to
+    `errors` and the worker exits with status 3."""
+    import aiovmc
+
+    rng = random.Random(seed)
+    try:
+        cache = aiovmc.Cache(path)
+        seq = 0
+        while not stop.value:
+            seq += 1
+            key = b"c%d" % rng.randrange(nkeys)
+            r = rng.random()
+            if r < 0.35:
+                size = rng.choice((100, 2000, 9000, 30000, 70000))
+                cache.put(key, make_value(key, seq, size))
+            elif r < 0.65:
+                verify_get(cache, key)
+            elif r < 0.72:
+                cache.delete(key)
+            elif r < 0.8:
+                cache.evict(None if rng.random() < 0.7 else key)
+            elif r < 0.95:
+                value = make_value(key, seq, rng.choice((500, 8000, 40000)))
+                try:
+                    res = cache.reserve(key, len(value))
+                except aiovmc.CacheFullError:
+                    pass  # other workers' open reservations hold the room
+                else:
+                    # Fill in two halves so a kill can land between them.
+                    half = len(value) // 2
+                    res.buffer[:half] = value[:half]
+                    res.buffer[half:] = value[half:]
+                    if rng.random() < 0.8:
+                        res.publish()
+                    else:
+                        res.cancel()
+            else:
+                for k in cache.keys()[:20]:
+                    verify_get(cache, k)
+            progress[wid] += 1
+        cache.close()
+    except BaseException as exc:
+        errors.put(f"worker {wid} (pid {os.getpid()}): {type(exc).__name__}: {exc}")
+        os._exit(3)
+
+
+# ---------------------------------------------------------------------------
+# The file layout (native/vmc_format.h), for tests that damage files on purpose
+# ---------------------------------------------------------------------------
+
+HEADER = struct.Struct("<8sIIQQQQIIIIIIQQQ")
+HEADER_FIELDS = (
+    "magic format_version abi_signature file_size shards_off index_off pool_off unit_size "
+    "unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns hash_seed "
+    "geometry_check"
+).split()
+PAGE = 4096
+KIND_FREE, KIND_HEAD, KIND_BODY = 0x45455246, 0x44414548, 0x59444F42
+ENTRY = struct.Struct("<QIIIIHBBIQQQ")  # struct vmc_entry, 56 bytes
+ENTRY_FIELDS = (
+    "tag next value_len lru_prev lru_next key_len state shard checksum expires_ns stamp atime_ns"
+).split()
+
+
+def read_header(data: bytes) -> dict[str, Any]:
+    """The first block of a cache file's header as a dict."""
+    return dict(zip(HEADER_FIELDS, HEADER.unpack_from(data), strict=True))
+
+
+def extents(data: bytes, hdr: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """Walk the pool's tags: [(file offset, units, kind)], stopping at a bad tag."""
+    out = []
+    shift, units = hdr["unit_shift"], hdr["pool_units"]
+    u = 1
+    while u <= units:
+        off = hdr["pool_off"] + ((u - 1) << shift)
+        tag = int.from_bytes(data[off : off + 8], "little")
+        n, kind = tag & 0xFFFFFFFF, tag >> 32
+        if n == 0 or n > units - u + 1 or kind not in (KIND_FREE, KIND_HEAD, KIND_BODY):
+            break
+        out.append((off, n, kind))
+        u += n
+    return out
+
+
+# The core's hash (native/vmc_hash.h), to forge headers whose checksum is right.
+_M64 = (1 << 64) - 1
+_K0, _K1, _K2, _K3 = (
+    0x9E3779B97F4A7C15,
+    0xD6E8FEB86659FD93,
+    0xA0761D6478BD642F,
+    0xE7037ED1A0B428DB,
+)
+
+
+def _fold(a: int, b: int) -> int:
+    r = (a & _M64) * (b & _M64)
+    return (r & _M64) ^ (r >> 64)
+
+
+def _rd(p: bytes, at: int, n: int) -> int:
+    return int.from_bytes(p[at : at + n], "little")
+
+
+def vmc_hash(p: bytes, seed: int) -> int:
+    """native/vmc_hash.h's vmc_hash, in Python."""
+    n = len(p)
+    s = _fold(seed ^ _K0, n ^ _K1)
+    if n <= 16:
+        if n >= 8:
+            a, b = _rd(p, 0, 8), _rd(p, n - 8, 8)
+        elif n >= 4:
+            a, b = _rd(p, 0, 4), _rd(p, n - 4, 4)
+        elif n > 0:
+            a, b = (p[0] << 16) | (p[n >> 1] << 8) | p[n - 1], 0
+        else:
+            a = b = 0
+    else:
+        at, left = 0, n
+        if left > 48:
+            s1, s2 = s ^ _K2, s ^ _K3
+            while True:
+                s = _fold(_rd(p, at, 8) ^ _K1, _rd(p, at + 8, 8) ^ s)
+                s1 = _fold(_rd(p, at + 16, 8) ^ _K2, _rd(p, at + 24, 8) ^ s1)
+                s2 = _fold(_rd(p, at + 32, 8) ^ _K3, _rd(p, at + 40, 8) ^ s2)
+                at += 48
+                left -= 48
+                if left <= 48:
+                    break
+            s ^= s1 ^ s2
+        while left > 16:
+            s = _fold(_rd(p, at, 8) ^ _K1, _rd(p, at + 8, 8) ^ s)
+            at += 16
+            left -= 16
+        a, b = _rd(p, at + left - 16, 8), _rd(p, at + left - 8, 8)
+    return _fold(_K1 ^ n, _fold(a ^ _K1, b ^ s))
+
+
+def forge_header(data: bytearray, **fields: int) -> None:
+    """Rewrite header fields in place and recompute geometry_check, so that
+    only the header's consistency checks stand between the file and the core."""
+    hdr = read_header(data)
+    hdr.update(fields)
+    packed = bytearray(HEADER.pack(*(hdr[f] for f in HEADER_FIELDS)))
+    check = vmc_hash(bytes(packed[: HEADER.size - 8]), 0x67656F6D)
+    packed[HEADER.size - 8 :] = check.to_bytes(8, "little")
+    data[: HEADER.size] = packed
+
+
+# ---------------------------------------------------------------------------
+# Isolated attempts: every attempt runs in a forked child of a fresh
+# interpreter, so a crash (a signal) or a hang is caught and reported
+# ---------------------------------------------------------------------------
+
+
+def _attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[str, Any]:
+    """Open spec["path"] and, if that works, check that every value it returns
+    is the one in `expect` (or, for other keys, self-verifying). In a child."""
+    import aiovmc
+
+    kwargs = spec.get("kwargs", {})
+    try:
+        cache = aiovmc.Cache(spec["path"], **kwargs)
+    except aiovmc.AiovmcError as exc:
+        return {"outcome": "error", "type": type(exc).__name__, "message": str(exc)}
+    except OSError as exc:
+        return {"outcome": "error", "type": "OSError", "message": str(exc)}
+    result: dict[str, Any] = {
+        "outcome": "ok",
+        "recovered": cache.info.recovered,
+        "kept": cache.info.recovered_entries,
+        "dropped": cache.info.dropped_entries,
+        "wrong": [],
+        "op_errors": [],
+        "hits": 0,
+    }
+    wrong, op_errors = result["wrong"], result["op_errors"]
+    if not spec.get("check", True):
+        expect = {}
+
+    def judge(key: bytes, value: Any) -> None:
+        if value is None:
+            return
+        result["hits"] += 1
+        if key in expect:
+            if value != expect[key]:
+                wrong.append(key.hex())
+        else:
+            try:
+                check_value(key, value)
+            except CorruptValue:
+                wrong.append(key.hex())
+
+    def guarded(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except aiovmc.AiovmcError as exc:
+            op_errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            return None
+
+    for flip in spec.get("attached_flips", []):  # damage the file under the live mapping
+        with open(spec["path"], "r+b") as f:
+            f.seek(flip[0])
+            byte = f.read(1)
+            f.seek(flip[0])
+            f.write(bytes([byte[0] ^ flip[1]]))
+    for key in expect:
+        judge(key, guarded("get", lambda key=key: cache.get(key)))
+    for key in guarded("keys", cache.keys) or []:
+        judge(key, guarded("get", lambda key=key: cache.get(key)))
+    if spec.get("work"):  # the cache must keep working: writes, reads, evictions
+        rng = random.Random(1)
+        for i in range(200):
+            key = b"work-%d" % rng.randrange(40)
+            if rng.random() < 0.6:
+                guarded("put", lambda key=key, i=i: cache.put(key, make_value(key, i, 3000)))
+            elif rng.random() < 0.8:
+                judge(key, guarded("get", lambda key=key: cache.get(key)))
+            else:
+                guarded("delete", lambda key=key: cache.delete(key))
+        guarded("evict", cache.evict)
+        guarded("purge", cache.purge_expired)
+        stats = guarded("statistics", cache.statistics)
+        if stats is not None:
+            result["entries"] = stats.entries
+            result["used_bytes"] = stats.used_bytes
+            result["capacity"] = stats.capacity
+        result["len"] = guarded("len", lambda: len(cache))
+    cache.close()
+    return result
+
+
+def attempts_main() -> None:
+    """Read {"expect": {key hex: value hex}, "specs": [...]} on stdin; run each
+    spec in a forked child with a time limit; print a JSON list of results
+    (crashes and hangs included)."""
+    import json
+    import select
+    import signal
+    import sys
+
+    import aiovmc  # noqa: F401  (imported once, before the forks)
+
+    request = json.load(sys.stdin)
+    specs = request["specs"]
+    expect = {bytes.fromhex(k): bytes.fromhex(v) for k, v in request["expect"].items()}
+    results = []
+    for spec in specs:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                out = json.dumps(_attempt(spec, expect)).encode()
+            except BaseException as exc:  # noqa: BLE001 - reported as a failure
+                out = json.dumps(
+                    {"outcome": "exception", "type": type(exc).__name__, "message": str(exc)}
+                ).encode()
+            with os.fdopen(w, "wb") as f:
+                f.write(out)
+            os._exit(0)
+        os.close(w)
+        chunks = []
+        deadline = time.monotonic() + spec.get("timeout", 20.0)
+        hung = False
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                hung = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(r)
+        _, status = os.waitpid(pid, 0)
+        if hung:
+            res = {"outcome": "hang"}
+        elif os.WIFSIGNALED(status):
+            res = {"outcome": "crash", "signal": os.WTERMSIG(status)}
+        elif os.WEXITSTATUS(status) != 0 or not chunks:
+            res = {"outcome": "crash", "status": os.WEXITSTATUS(status)}
+        else:
+            res = json.loads(b"".join(chunks))
+        results.append(res)
+    json.dump(results, sys.stdout)
+
+
+def run_attempts(
+    specs: list[dict[str, Any]],
+    expect: dict[bytes, bytes] | None = None,
+    timeout: float = 110.0,
+) -> list[dict[str, Any]]:
+    """Run attempt specs in a fresh interpreter (see attempts_main). Each spec:
+    path, kwargs (for Cache), check (compare with `expect`, default True),
+    work (then use the cache), attached_flips ([offset, xor mask] applied
+    to the file after opening it), timeout."""
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import helpers; helpers.attempts_main()"],
+        input=json.dumps(
+            {"expect": {k.hex(): v.hex() for k, v in (expect or {}).items()}, "specs": specs}
+        ).encode(),
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        cwd=here,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"the attempt driver failed with status {proc.returncode}: {proc.stderr.decode()[-3000:]}"
+    )
+    results: list[dict[str, Any]] = json.loads(proc.stdout)
+    assert len(results) == len(specs)
+    return results

@@ -1,0 +1,746 @@
+"""The synchronous Cache, operation by operation (DESIGN.md §2, §3, §6)."""
+
+from __future__ import annotations
+
+import array
+import os
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import aiovmc
+from aiovmc import (
+    AiovmcError,
+    Cache,
+    CacheClosedError,
+    CacheConfigError,
+    CacheFullError,
+    KeyTooLargeError,
+    ValueTooLargeError,
+)
+from aiovmc._convert import parse_size
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cache(cache_path: str) -> Cache:
+    with Cache(cache_path, size=4 * MiB) as c:
+        yield c  # type: ignore[misc]
+
+
+def fill_until_eviction(cache: Cache, prefix: str = "fill", size: int = 1000) -> int:
+    """Put fresh keys until the first eviction; returns how many were put."""
+    n = 0
+    while cache.statistics().evictions == 0:
+        cache.put(f"{prefix}{n}", bytes(size))
+        n += 1
+    return n
+
+
+# ---- opening, creating, attaching ----
+
+
+def test_create_attach_and_geometry(cache_path: str) -> None:
+    with Cache(cache_path, size="2MiB") as a:
+        assert a.path == cache_path
+        assert a.capacity >= 0.8 * 2 * MiB
+        a.put(b"k", b"v")
+        with Cache(cache_path) as b:  # attach: geometry comes from the file
+            assert b.capacity == a.capacity
+            assert b.get(b"k") == b"v"
+            b.put(b"k2", b"v2")
+        assert a.get(b"k2") == b"v2"
+
+
+def test_reopen_keeps_entries(cache_path: str) -> None:
+    with Cache(cache_path, size=2 * MiB) as c:
+        c.put_many({f"k{i}": f"v{i}".encode() for i in range(100)})
+    with Cache(cache_path) as c:
+        assert c.info.recovered
+        assert c.info.recovered_entries == 100
+        assert all(c.get(f"k{i}") == f"v{i}".encode() for i in range(100))
+
+
+def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
+    with Cache(cache_path, size=2 * MiB):
+        with pytest.raises(CacheConfigError, match="not 3145728"):
+            Cache(cache_path, size=3 * MiB)
+
+
+@pytest.mark.parametrize(
+    "options, text",
+    [({"extent_size": 512}, "extent_size=256"), ({"policy": "none"}, "policy='lru'"),
+     ({"ttl": 5}, "ttl=")],
+)
+def test_attach_with_other_geometry_is_config_error(
+    cache_path: str, options: dict[str, object], text: str
+) -> None:
+    Cache(cache_path, size=2 * MiB).close()
+    with pytest.raises(CacheConfigError, match=text):
+        Cache(cache_path, **options)  # type: ignore[arg-type]
+
+
+def test_missing_file_without_size(cache_path: str) -> None:
+    with pytest.raises(CacheConfigError, match="does not exist"):
+        Cache(cache_path)
+    assert not os.path.exists(cache_path)
+
+
+@pytest.mark.parametrize(
+    "options, text",
+    [
+        ({"size": 1000}, "minimum of 1 MiB"),
+        ({"size": "512k"}, "minimum of 1 MiB"),
+        ({"size": MiB, "extent_size": 300}, "power of two"),
+        ({"size": MiB, "extent_size": 128}, "power of two"),
+        ({"size": MiB, "extent_size": 2 * MiB}, "power of two"),
+        ({"size": MiB, "extent_size": 512 * 1024}, "less than 80%"),
+        ({"size": MiB, "policy": "fifo"}, "policy"),
+        ({"size": MiB, "ttl": -1}, "positive"),
+        ({"size": "lots"}, "is not a size"),
+        ({"size": -5}, "negative"),
+    ],
+)
+def test_invalid_parameters(cache_path: str, options: dict[str, object], text: str) -> None:
+    with pytest.raises(CacheConfigError, match=text):
+        Cache(cache_path, **options)  # type: ignore[arg-type]
+    assert not os.path.exists(cache_path)
+
+
+def test_parameter_types(cache_path: str) -> None:
+    with pytest.raises(TypeError):
+        Cache(cache_path, size=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Cache(cache_path, size=MiB, ttl="5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Cache(cache_path, size=MiB, on_miss=42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("512k", 512 << 10), ("64MiB", 64 << 20), ("1GiB", 1 << 30), ("1.5G", 3 << 29),
+     ("4kb", 4096), ("100", 100), ("2T", 2 << 40), (" 8 M ", 8 << 20), (4096, 4096)],
+)
+def test_parse_size(text: object, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+def test_private_cache_is_removed_on_close() -> None:
+    c = Cache(size=MiB)
+    path = c.path
+    assert os.path.exists(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    c.put(b"a", b"b")
+    c.close()
+    assert not os.path.exists(path)
+    with pytest.raises(CacheConfigError, match="size is required"):
+        Cache()
+
+
+def test_reset_empties_and_changes_geometry(cache_path: str) -> None:
+    with Cache(cache_path, size=2 * MiB) as c:
+        c.put(b"a", b"b")
+    with Cache(cache_path, size=3 * MiB, extent_size=1024, reset=True) as c:
+        assert len(c) == 0 and c.get(b"a") is None
+        assert c.info.extent_size == 1024
+        with pytest.raises(CacheConfigError, match="other processes"):
+            Cache(cache_path, size=3 * MiB, reset=True)
+
+
+def test_reset_refuses_foreign_file(cache_path: str) -> None:
+    with open(cache_path, "wb") as f:
+        f.write(b"not a cache" * 1000)
+    with pytest.raises(aiovmc.CacheFormatError):
+        Cache(cache_path, size=MiB, reset=True)
+    with open(cache_path, "rb") as f:
+        assert f.read() == b"not a cache" * 1000
+
+
+# ---- keys and values ----
+
+
+@pytest.mark.parametrize("key", [b"key", bytearray(b"key"), memoryview(b"key"), "key"])
+def test_key_types_are_equivalent(cache: Cache, key: object) -> None:
+    cache.put(b"key", b"v")
+    assert cache.get(key) == b"v"
+    assert key in cache
+
+
+def test_str_key_is_utf8(cache: Cache) -> None:
+    cache.put("clé", b"v")
+    assert cache.keys() == ["clé".encode()]
+
+
+@pytest.mark.parametrize("key", [1, 1.5, None, ["k"], object()])
+def test_bad_key_types(cache: Cache, key: object) -> None:
+    for operation in (cache.get, cache.delete, cache.__contains__):
+        with pytest.raises(TypeError, match="a key is bytes"):
+            operation(key)
+    with pytest.raises(TypeError):
+        cache.put(key, b"v")
+
+
+def test_key_size_limits(cache: Cache) -> None:
+    cache.put(b"k" * 65535, b"v")
+    assert cache.get(b"k" * 65535) == b"v"
+    cache.put(b"", b"empty key")
+    assert cache.get(b"") == b"empty key"
+    for key in (b"k" * 65536, "k" * 65536):
+        with pytest.raises(KeyTooLargeError, match="65536 bytes"):
+            cache.put(key, b"v")
+        with pytest.raises(ValueError):
+            cache.get(key)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"abc", bytearray(b"abc"), memoryview(b"xabcx")[1:4], array.array("b", b"abc"),
+     np.frombuffer(b"abc", dtype=np.uint8)],
+)
+def test_value_types(cache: Cache, value: object) -> None:
+    cache.put(b"k", value)
+    assert cache.get(b"k") == b"abc"
+
+
+def test_multibyte_buffer_values(cache: Cache) -> None:
+    values = np.arange(1000, dtype=np.float64)
+    cache.put(b"k", values)
+    assert np.array_equal(np.frombuffer(cache.get(b"k"), dtype=np.float64), values)
+
+
+@pytest.mark.parametrize("value", ["text", 42, None, memoryview(b"abcdef")[::2]])
+def test_bad_values(cache: Cache, value: object) -> None:
+    with pytest.raises(TypeError):
+        cache.put(b"k", value)
+    assert b"k" not in cache
+
+
+def test_value_too_large_evicts_nothing(cache: Cache) -> None:
+    fill_until_eviction(cache)
+    before = cache.statistics()
+    with pytest.raises(ValueTooLargeError, match="can never fit"):
+        cache.put(b"huge", bytes(cache.capacity))
+    with pytest.raises(ValueError):
+        cache.reserve(b"huge", cache.capacity)
+    assert cache.statistics() == before
+
+
+def test_empty_and_large_values(cache: Cache) -> None:
+    cache.put(b"empty", b"")
+    assert cache.get(b"empty") == b""
+    big = os.urandom(3 * MiB)
+    cache.put(b"big", big)
+    assert cache.get(b"big") == big
+
+
+# ---- get, get_into ----
+
+
+def test_get_default_and_on_miss(cache_path: str) -> None:
+    calls: list[bytes] = []
+
+    def load(key: bytes) -> bytes | None:
+        calls.append(key)
+        return None if key == b"none" else key.upper()
+
+    with Cache(cache_path, size=MiB, on_miss=load) as c:
+        assert c.get("abc") == b"ABC"
+        assert c.get(b"abc") == b"ABC"  # stored: no second load
+        assert c.get(b"none", b"dflt") == b"dflt"
+        assert calls == [b"abc", b"none"]
+        stats = c.statistics()
+        assert (stats.gets, stats.hits, stats.misses, stats.puts) == (3, 1, 2, 1)
+        assert stats.loader_calls == 2
+        with pytest.raises(KeyError):
+            c[b"other"]  # the mapping protocol does not load
+        assert calls == [b"abc", b"none"]
+
+
+def test_get_into_edges(cache: Cache) -> None:
+    value = bytes(range(256)) * 4
+    cache.put(b"k", value)
+    buf = bytearray(100)
+    assert cache.get_into(b"k", buf) == 1024 and buf == value[:100]
+    assert cache.get_into(b"k", buf, offset=1000) == 1024 and buf[:24] == value[1000:]
+    buf2 = bytearray(b"x" * 10)
+    assert cache.get_into(b"k", buf2, offset=1024) == 1024 and buf2 == b"x" * 10
+    assert cache.get_into(b"k", buf2, offset=10**9) == 1024 and buf2 == b"x" * 10
+    assert cache.get_into(b"k", bytearray(0)) == 1024
+    whole = bytearray(2000)
+    assert cache.get_into(b"k", whole) == 1024 and whole[:1024] == value
+    arr = np.zeros(16, dtype=np.uint8)
+    assert cache.get_into(b"k", arr, offset=16) == 1024 and bytes(arr) == value[16:32]
+    assert cache.get_into(b"missing", buf) is None
+    with pytest.raises(ValueError, match="offset"):
+        cache.get_into(b"k", buf, offset=-1)
+    with pytest.raises(TypeError, match="writable"):
+        cache.get_into(b"k", b"readonly")
+
+
+def test_get_into_never_loads(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB, on_miss=lambda k: b"loaded") as c:
+        assert c.get_into(b"k", bytearray(4)) is None
+        assert c.get_many([b"k"]) == {}
+        assert c.statistics().loader_calls == 0
+
+
+def test_get_into_spanning_extents(cache_path: str) -> None:
+    """A value scattered over several extents reads back whole and by pieces."""
+    with Cache(cache_path, size=MiB, extent_size=256) as c:
+        for i in range(3000):  # fragment the pool: small entries, every other one deleted
+            c.put(f"s{i}", bytes(200))
+        for i in range(0, 3000, 2):
+            c.delete(f"s{i}")
+        value = os.urandom(100_000)
+        c.put(b"big", value)
+        assert c.get(b"big") == value
+        for offset in (0, 1, 199, 4095, 55_555, 99_999):
+            buf = bytearray(1234)
+            assert c.get_into(b"big", buf, offset=offset) == len(value)
+            piece = value[offset : offset + 1234]
+            assert buf[: len(piece)] == piece
+
+
+# ---- put, add, delete, evict ----
+
+
+def test_put_returns_increasing_timestamps(cache: Cache) -> None:
+    stamps = [cache.put(f"k{i % 7}", b"v") for i in range(50)]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 50
+    assert cache.committed_timestamp >= stamps[-1]
+
+
+def test_put_replaces(cache: Cache) -> None:
+    cache.put(b"k", b"one")
+    cache.put(b"k", b"two" * 1000)
+    assert cache.get(b"k") == b"two" * 1000
+    assert len(cache) == 1
+
+
+def test_add(cache: Cache) -> None:
+    assert cache.add(b"k", b"first") is True
+    assert cache.add(b"k", b"second") is False
+    assert cache.get(b"k") == b"first"
+    stats = cache.statistics()
+    assert stats.puts == 1
+
+
+def test_add_existing_key_evicts_nothing(cache: Cache) -> None:
+    fill_until_eviction(cache)
+    cache.put(b"k", b"v")
+    before = cache.statistics().evictions
+    assert cache.add(b"k", bytes(100_000)) is False
+    assert cache.statistics().evictions == before
+
+
+def test_delete(cache_path: str) -> None:
+    evicted: list[bytes] = []
+    with Cache(cache_path, size=MiB, on_evict=evicted.append) as c:
+        c.put(b"k", b"v")
+        assert c.delete(b"k") is True
+        assert c.delete(b"k") is False
+        assert evicted == []
+        c[b"x"] = b"y"
+        del c[b"x"]
+        with pytest.raises(KeyError):
+            del c[b"x"]
+
+
+def test_evict_key_and_lru(cache_path: str) -> None:
+    evicted: list[bytes] = []
+    with Cache(cache_path, size=MiB, on_evict=evicted.append) as c:
+        for key in (b"a", b"b", b"c"):
+            c.put(key, b"v")
+        assert c.evict(b"b") is True
+        assert c.evict(b"b") is False
+        assert c.evict() is True  # least recently used: a
+        assert evicted == [b"b", b"a"]
+        assert c.keys() == [b"c"]
+        assert c.evict() is True and c.evict() is False
+        assert c.statistics().evictions == 3
+
+
+def test_policy_none(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB, policy="none") as c:
+        n = 0
+        with pytest.raises(CacheFullError, match="policy is \"none\""):
+            while True:
+                c.put(f"k{n}", bytes(1000))
+                n += 1
+        assert len(c) == n > 500
+        assert c.evict() is False
+        assert c.evict(b"k0") is True  # an explicit key may still be evicted
+        c.put(b"k0", bytes(1000))
+        assert c.statistics().evictions == 1
+
+
+# ---- LRU order ----
+
+
+def test_exact_lru_order(cache_path: str) -> None:
+    evicted: list[bytes] = []
+    with Cache(cache_path, size=MiB, on_evict=evicted.append) as c:
+        keys = [f"k{i:04d}".encode() for i in range(400)]
+        for key in keys:
+            c.put(key, bytes(1000))
+        # Touch a random half: order becomes untouched (put order), then touched (get order).
+        rng = random.Random(7)
+        touched = rng.sample(keys, 200)
+        for key in touched:
+            assert c.get(key) is not None
+        untouched = [k for k in keys if k not in set(touched)]
+        expected = untouched + touched
+        fresh = 0
+        while len(evicted) < len(keys):
+            c.put(f"new{fresh}", bytes(1000))
+            fresh += 1
+        assert evicted[: len(keys)] == expected
+
+
+def test_contains_does_not_touch_lru_or_count(cache_path: str) -> None:
+    evicted: list[bytes] = []
+    with Cache(cache_path, size=MiB, on_evict=evicted.append) as c:
+        c.put(b"a", b"1")
+        c.put(b"b", b"2")
+        assert b"a" in c and b"zz" not in c
+        assert c.statistics().gets == 0
+        c.evict()
+        assert evicted == [b"a"]
+
+
+def test_put_then_get_hits_even_when_evicting(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB) as c:
+        for i in range(5000):
+            c.put(f"k{i}", bytes(700))
+            assert c.get(f"k{i}") == bytes(700)
+
+
+# ---- statistics ----
+
+
+def test_exact_statistics(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB) as c:
+        assert c.statistics() == aiovmc.CacheStatistics(
+            puts=0, gets=0, hits=0, misses=0, evictions=0, expirations=0, entries=0,
+            used_bytes=0, capacity=c.capacity,
+        )
+        c.put(b"a", b"1")
+        c.put(b"b", b"2")
+        c.add(b"a", b"x")
+        c.get(b"a")
+        c.get(b"zz")
+        c.get_into(b"b", bytearray(1))
+        c.get_many([b"a", b"q", b"b"])
+        c.delete(b"b")
+        stats = c.statistics()
+        assert (stats.puts, stats.gets, stats.hits, stats.misses) == (2, 6, 4, 2)
+        assert (stats.entries, stats.evictions, stats.expirations) == (1, 0, 0)
+        assert stats.used_bytes == 256  # one entry of one 256-byte extent
+        with pytest.raises(AttributeError):
+            stats.puts = 5  # type: ignore[misc]
+
+
+def test_statistics_empty_after_evicting_everything(cache: Cache) -> None:
+    for i in range(300):
+        cache.put(f"k{i}", os.urandom(random.randrange(0, 20000)))
+    while cache.evict():
+        pass
+    stats = cache.statistics()
+    assert stats.entries == 0 and stats.used_bytes == 0 and len(cache) == 0
+
+
+def test_utilisation_random_sizes(cache_path: str) -> None:
+    """After the first eviction the pool stays >= 90% full of entries."""
+    rng = random.Random(1)
+    with Cache(cache_path, size=8 * MiB) as c:
+        live: dict[bytes, int] = {}
+        c._on_evict = lambda key: live.pop(key)
+        i = 0
+        while c.statistics().evictions == 0 or i < 3000:
+            key = f"k{i}".encode()
+            size = rng.randrange(256, 17_920)
+            c.put(key, bytes(size))
+            live[key] = size
+            i += 1
+            if c.statistics().evictions:
+                stats = c.statistics()
+                assert stats.used_bytes / stats.capacity >= 0.90
+                assert sum(live.values()) / stats.capacity >= 0.90
+        assert sorted(live) == sorted(c.keys())
+
+
+# ---- TTL ----
+
+
+def test_ttl(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB, ttl=0.2) as c:
+        c.put(b"default", b"v")
+        c.put(b"short", b"v", ttl=0.05)
+        c.put(b"long", b"v", ttl=60)
+        time.sleep(0.08)
+        assert c.get(b"short") is None and b"short" not in c
+        assert c.get(b"default") == b"v"
+        time.sleep(0.15)
+        assert c.get(b"default") is None
+        assert c.keys() == [b"long"]
+        assert c.statistics().expirations == 2
+
+
+def test_purge_expired(cache: Cache) -> None:
+    for i in range(50):
+        cache.put(f"t{i}", b"v", ttl=0.01)
+    cache.put(b"keep", b"v")
+    time.sleep(0.03)
+    assert len(cache) == 51  # expired entries still hold room until purged or looked up
+    assert cache.purge_expired() == 50
+    assert len(cache) == 1 and cache.statistics().expirations == 50
+    assert cache.purge_expired() == 0
+
+
+def test_add_over_expired_entry(cache: Cache) -> None:
+    cache.put(b"k", b"old", ttl=0.01)
+    time.sleep(0.03)
+    assert cache.add(b"k", b"new") is True
+    assert cache.get(b"k") == b"new"
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf")])
+def test_invalid_ttl(cache: Cache, ttl: float) -> None:
+    with pytest.raises(CacheConfigError, match="positive"):
+        cache.put(b"k", b"v", ttl=ttl)
+
+
+# ---- callbacks ----
+
+
+def test_on_evict_can_reenter(cache_path: str) -> None:
+    seen: list[bytes] = []
+    holder: dict[str, Cache] = {}
+
+    def on_evict(key: bytes) -> None:
+        cache = holder["c"]
+        seen.append(key)
+        assert cache.get(key) is None  # already gone, and no lock is held
+        cache.put(b"log:" + key, b"evicted")
+
+    with Cache(cache_path, size=MiB, on_evict=on_evict) as c:
+        holder["c"] = c
+        for i in range(3000):
+            c.put(f"k{i}", bytes(1000))
+        assert seen and all(c.get(b"log:" + k) in (b"evicted", None) for k in seen)
+
+
+def test_on_miss_can_reenter(cache_path: str) -> None:
+    holder: dict[str, Cache] = {}
+
+    def on_miss(key: bytes) -> bytes:
+        holder["c"].put(b"side:" + key, b"x")
+        return b"loaded"
+
+    with Cache(cache_path, size=MiB, on_miss=on_miss) as c:
+        holder["c"] = c
+        assert c.get(b"k") == b"loaded"
+        assert c.get(b"side:k") == b"x"
+
+
+def test_on_evict_error_propagates_after_the_put(cache_path: str) -> None:
+    def on_evict(key: bytes) -> None:
+        raise RuntimeError(f"boom {key!r}")
+
+    with Cache(cache_path, size=MiB, on_evict=on_evict) as c:
+        with pytest.raises(RuntimeError, match="boom"):
+            for i in range(3000):
+                c.put(f"k{i}", bytes(1000))
+        assert c.get(f"k{i}") == bytes(1000)  # the put that evicted did store its value
+
+
+def test_loader_errors_propagate(cache_path: str) -> None:
+    def on_miss(key: bytes) -> bytes:
+        raise LookupError("no such thing")
+
+    with Cache(cache_path, size=MiB, on_miss=on_miss) as c:
+        with pytest.raises(LookupError):
+            c.get(b"k")
+        assert b"k" not in c
+
+
+# ---- mapping protocol, bulk operations ----
+
+
+def test_mapping_protocol_and_bulk(cache: Cache) -> None:
+    cache[b"a"] = b"1"
+    cache["b"] = bytearray(b"2")
+    assert cache[b"a"] == b"1" and cache["b"] == b"2"
+    with pytest.raises(KeyError):
+        cache[b"c"]
+    ts = cache.put_many([(b"c", b"3"), (b"d", b"4")])
+    assert ts == cache.put_many({b"e": b"5"}) - 1
+    assert cache.put_many([]) == 0
+    assert cache.get_many([b"a", "b", b"zz", b"e"]) == {b"a": b"1", b"b": b"2", b"e": b"5"}
+    assert sorted(cache.keys()) == [b"a", b"b", b"c", b"d", b"e"]
+    assert len(cache) == 5
+    cache.clear()
+    assert len(cache) == 0 and cache.keys() == [] and cache.statistics().used_bytes == 0
+
+
+def test_keys_snapshot_with_many_keys(cache_path: str) -> None:
+    with Cache(cache_path, size=16 * MiB) as c:
+        keys = {os.urandom(30) for _ in range(20000)}
+        for key in keys:
+            c.put(key, b"")
+        assert set(c.keys()) == keys
+
+
+# ---- life cycle ----
+
+
+def test_closed_handle(cache_path: str) -> None:
+    c = Cache(cache_path, size=MiB)
+    c.put(b"k", b"v")
+    c.close()
+    c.close()
+    assert c.closed
+    for call in (
+        lambda: c.get(b"k"), lambda: c.put(b"k", b"v"), lambda: b"k" in c, lambda: len(c),
+        lambda: c.statistics(), lambda: c.delete(b"k"), lambda: c.keys(), lambda: c.clear(),
+        lambda: c.reserve(b"k", 10), lambda: c.persist(), lambda: c.evict(),
+        lambda: c.get_into(b"k", bytearray(1)), lambda: c.purge_expired(),
+    ):
+        with pytest.raises(CacheClosedError):
+            call()
+    assert "closed" in repr(c)
+
+
+def test_threads_hammering_one_handle(cache_path: str) -> None:
+    """Many threads, one handle: every value read is intact and is its key's."""
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 1.5
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                key = f"k{rng.randrange(300)}".encode()
+                op = rng.random()
+                if op < 0.5:
+                    value = c.get(key)
+                    if value is not None:
+                        assert value == key * (len(value) // len(key)), key
+                elif op < 0.9:
+                    c.put(key, key * rng.randrange(0, 3000))
+                elif op < 0.95:
+                    c.delete(key)
+                else:
+                    c.evict()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with Cache(cache_path, size=2 * MiB) as c:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        stats = c.statistics()
+        assert stats.entries == len(c.keys()) and stats.gets > 0
+
+
+# ---- reservations, timestamps, persistence ----
+
+
+def test_reservation_life_cycle(cache: Cache) -> None:
+    r = cache.reserve(b"k", 1000, ttl=60)
+    assert r.size == 1000 and len(r.buffer) == 1000 and r.timestamp is None
+    assert cache.get(b"k") is None  # invisible until published
+    r.buffer[:] = b"x" * 1000
+    ts = r.publish()
+    assert ts == r.timestamp and r.state == "published"
+    assert cache.get(b"k") == b"x" * 1000
+    with pytest.raises(AiovmcError, match="already published"):
+        r.publish()
+    with pytest.raises(ValueError):
+        r.buffer[0] = 1  # released at publication
+
+
+def test_reservation_cancel_and_context(cache: Cache) -> None:
+    used = cache.statistics().used_bytes
+    r = cache.reserve(b"k", 5000)
+    assert cache.statistics().used_bytes > used
+    r.cancel()
+    r.cancel()
+    assert cache.statistics().used_bytes == used and b"k" not in cache
+    with pytest.raises(AiovmcError, match="cancelled"):
+        r.publish()
+    with cache.reserve(b"k", 3) as r:
+        r.buffer[:] = b"abc"
+    assert cache.get(b"k") == b"abc" and r.state == "published"
+    with pytest.raises(ZeroDivisionError), cache.reserve(b"k", 3) as r2:
+        r2.buffer[:] = b"xyz"
+        1 / 0  # noqa: B018
+    assert cache.get(b"k") == b"abc" and r2.state == "cancelled"
+    assert cache.statistics().used_bytes == used + 256
+
+
+def test_reservation_replaces_and_close_cancels(cache_path: str) -> None:
+    c = Cache(cache_path, size=MiB)
+    c.put(b"k", b"old")
+    with c.reserve(b"k", 3) as r:
+        r.buffer[:] = b"new"
+    assert c.get(b"k") == b"new"
+    c.reserve(b"open", 10_000)
+    c.close()
+    with Cache(cache_path) as c2:
+        assert c2.keys() == [b"k"]
+        assert c2.statistics().used_bytes == 256
+
+
+def test_reservation_that_cannot_fit(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB, policy="none") as c:
+        held = []
+        with pytest.raises(CacheFullError, match="policy"):
+            for i in range(20):
+                held.append(c.reserve(f"r{i}", 100_000))
+        assert 5 <= len(held) < 10
+        for r in held:
+            r.cancel()
+        assert c.statistics().used_bytes == 0
+    with Cache(cache_path, size=MiB, reset=True) as c:
+        r = c.reserve(b"a", c.capacity // 2)
+        with pytest.raises(CacheFullError, match="reservation"):
+            c.reserve(b"b", c.capacity // 2 + 4096)
+        r.cancel()
+
+
+def test_reservation_evicts_to_make_contiguous_room(cache: Cache) -> None:
+    for i in range(3000):
+        cache.put(f"k{i}", bytes(1000))
+    with cache.reserve(b"big", 2 * MiB) as r:
+        r.buffer[:] = b"z" * (2 * MiB)
+    assert cache.get(b"big") == b"z" * (2 * MiB)
+
+
+def test_persist_and_timestamps(cache: Cache) -> None:
+    assert cache.persisted_timestamp == 0
+    ts = cache.put(b"k", b"v")
+    assert cache.committed_timestamp >= ts
+    assert cache.persist() >= ts
+    assert cache.persisted_timestamp >= ts
+    before = cache.persisted_timestamp
+    cache.persist()
+    assert cache.persisted_timestamp >= before
+
+
+def test_persisted_entries_survive_reopen_on_disk(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "disk.cache")
+    with Cache(path, size=MiB) as c:
+        stamps = [c.put(f"k{i}", f"v{i}".encode()) for i in range(100)]
+        assert c.persist() >= stamps[-1]
+    with Cache(path) as c:
+        assert c.persisted_timestamp >= stamps[-1]
+        assert all(c.get(f"k{i}") == f"v{i}".encode() for i in range(100))
+        assert c.put(b"next", b"v") > stamps[-1]
