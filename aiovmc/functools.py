@@ -61,13 +61,23 @@ import pathlib
 import pickle
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, Generic, ParamSpec, Protocol, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from ._async_cache import AsyncCache
 from ._cache import Cache
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
+    from typing_extensions import Buffer, Self
 
 P = ParamSpec("P")
 
@@ -210,8 +220,21 @@ class CachedFunction(Protocol, Generic[P, T_co]):
 
     #: The `AsyncCache` results are stored in (for its `statistics()`, say).
     cache: AsyncCache
+    __name__: str
+    __qualname__: str
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
+
+    # A decorated method binds like a function (argument types are not tracked).
+    @overload
+    def __get__(self, instance: None, owner: type | None = None, /) -> Self: ...
+
+    @overload
+    def __get__(
+        self, instance: object, owner: type | None = None, /
+    ) -> Callable[..., Coroutine[Any, Any, T_co]]: ...
+
+    def __get__(self, instance: object, owner: type | None = None, /) -> Any: ...
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str | bytes:
         """The cache key of a call with these arguments. Never waits."""

@@ -5,7 +5,8 @@ Method (the same for every family, see benchmarks/README.md):
 * every figure is the median of several rounds (``Settings.rounds``, at least 5),
   after ``Settings.warmup`` untimed rounds;
 * a timed round is one tight loop, timed with ``time.perf_counter_ns`` around the
-  whole loop, with the garbage collector disabled; per-op time = loop time / ops;
+  whole loop, with the garbage collector disabled (and the objects alive before the
+  series frozen, see ``gc_frozen``); per-op time = loop time / ops;
 * key orders are drawn once from ``random.Random(SEED)`` before anything is timed;
 * peers are measured in the same process and the same run, their rounds
   interleaved with aiovmc's, so drift of the machine hits every library alike.
@@ -100,14 +101,30 @@ def percentile(xs: Sequence[float], p: float) -> float:
 
 @contextlib.contextmanager
 def gc_off() -> Iterator[None]:
+    """The garbage collector disabled for a timed loop (no collection inside it)."""
     was = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         yield
     finally:
         if was:
             gc.enable()
+
+
+@contextlib.contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Collect once, then freeze every live object for a series of rounds.
+
+    Frozen objects are never scanned again, so the collections that run between
+    rounds stay cheap even with millions of live objects (a peer holding 100k
+    entries); a ``gc.collect()`` before every round took a second here.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def timed(fn: Callable[[], Any]) -> int:
@@ -162,11 +179,12 @@ def interleaved(
             fns.append(case.make(keys))
         plan.append((case, ops, fns))
     out: dict[str, list[float]] = {case.name: [] for case in cases}
-    for r in range(settings.warmup + settings.rounds):
-        for case, ops, fns in plan:
-            ns = timed(fns[r])
-            if r >= settings.warmup:
-                out[case.name].append(ns / ops)
+    with gc_frozen():
+        for r in range(settings.warmup + settings.rounds):
+            for case, ops, fns in plan:
+                ns = timed(fns[r])
+                if r >= settings.warmup:
+                    out[case.name].append(ns / ops)
     return out
 
 

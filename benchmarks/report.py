@@ -122,7 +122,7 @@ def _plot_sync(fam: dict[str, Any]) -> str | None:
         return None
     plt = _plt()
     panels = [k for k in ("get 100 B", "get 4 KiB", "put 100 B", "put 4 KiB") if k in data]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4))
     if len(panels) == 1:
         axes = [axes]
     for ax, key in zip(axes, panels):
@@ -209,7 +209,7 @@ def _plot_lag(fam: dict[str, Any]) -> str | None:
     if not lag:
         return None
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4.0))
     styles = {("asyncio", "inline"): ("#d62728", "-"), ("asyncio", "offloaded"): ("#1f77b4", "-"),
               ("trio", "inline"): ("#d62728", ":"), ("trio", "offloaded"): ("#1f77b4", ":")}
     for (backend, mode), (color, ls) in styles.items():
@@ -230,13 +230,18 @@ def _plot_lag(fam: dict[str, Any]) -> str | None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("value size (MiB)")
     a1.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    a1.yaxis.set_major_formatter(ScalarFormatter())
+    a1.yaxis.set_minor_formatter(NullFormatter())
     a1.set_ylabel("ticker gap, ms (0.5 ms tick)")
     a1.set_title("Loop stall, 4 tasks put+get")
     a2.set_ylabel("MiB/s moved (put + get)")
     a2.set_title("Throughput")
-    a1.legend(fontsize=6)
-    a2.legend(fontsize=6)
-    fig.tight_layout()
+    a2.set_yscale("log")
+    handles, labels = a1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, "bench_loop_lag.png")
 
 
@@ -285,6 +290,10 @@ def _family_md(name: str, fam: dict[str, Any], figs: dict[str, str]) -> list[str
         out += [f"Failed: `{fam['error']}`", ""]
         return out
     data = fam.get("data", {})
+    la = fam.get("loadavg")
+    if la:
+        busy = " — the machine was busy: treat these figures with care" if max(la) > 0.6 else ""
+        out += [f"Load average (1 min) before / after this family: {la[0]} / {la[1]}{busy}.", ""]
     if name == "sync" and data:
         libs: list[str] = []
         for block in data.values():
@@ -312,6 +321,12 @@ def _family_md(name: str, fam: dict[str, Any], figs: dict[str, str]) -> list[str
                 f"({m['capacity_over_size']:.3f}); first eviction after "
                 f"{r0['first_eviction_at_put']:,} puts; {r0['puts']:,} puts in all "
                 f"(seed {r0['seed']}); medians of {len(data['utilisation']['runs'])} seeds.", ""]
+    if name == "pool" and data.get("layout"):
+        lay = data["layout"]
+        out += [f"The smallest allocation is {lay['min_allocation']} B; with a 16 B key it holds "
+                f"values up to {lay['largest_value_in_min_allocation']} B, so an entry's fixed "
+                f"part (header, checksum, ...) is {lay['entry_fixed_bytes']} B; the rest of the "
+                "overhead below is rounding up to whole extents.", ""]
     if name == "pool" and data.get("overhead"):
         rows = [[f"{o['value_size']} B", f"{o['entries']:,}", f"{o['used_per_entry']:.1f} B",
                  f"{o['overhead_per_entry']:.1f} B"] for o in data["overhead"]]

@@ -98,10 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     say(f"machine: {m.get('Model name', '?')}, {m.get('cpus')} CPUs, Python {m['python']}")
     aiovmc = aiovmc_module()
 
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        say(f"WARNING: load average {load:.2f} before the run: other processes compete for "
+            f"the {os.cpu_count()} CPUs and every figure (the 2-process one most) suffers")
     t_all = time.monotonic()
     for name in names:
         say(f"\n== {name} ==")
         t0 = time.monotonic()
+        load_before = os.getloadavg()
         try:
             mod = importlib.import_module(FAMILIES[name])
             fam = mod.run(settings, aiovmc)
@@ -113,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             d = {"name": name, "error": f"{type(exc).__name__}: {exc}", "data": {},
                  "ratios": [], "checks": [], "notes": []}
         d["quick"] = settings.quick
+        # the 1-minute load average before and after: > ~0.3 means someone else was busy
+        d["loadavg"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         results["families"][name] = d
         say(f"   ({time.monotonic() - t0:.1f} s)")
         with open(out + ".tmp", "w") as f:

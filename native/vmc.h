@@ -114,7 +114,7 @@ int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kca
 int64_t vmc_count(vmc_cache *c);
 int vmc_shard_count(vmc_cache *c);
 int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap);
-int vmc_clear(vmc_cache *c);
+int vmc_clear_shard(vmc_cache *c, int shard);
 int64_t vmc_purge_shard(vmc_cache *c, int shard);
 int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
 
@@ -123,8 +123,8 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
 int64_t vmc_publish(vmc_cache *c, uint32_t reservation);
 int vmc_cancel(vmc_cache *c, uint32_t reservation);
 
-uint64_t vmc_committed_timestamp(vmc_cache *c);
-uint64_t vmc_persisted_timestamp(vmc_cache *c);
+int64_t vmc_committed_timestamp(vmc_cache *c);
+int64_t vmc_persisted_timestamp(vmc_cache *c);
 int64_t vmc_persist(vmc_cache *c);
 
 #endif

@@ -246,9 +246,10 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
 }
 
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
- * owned by this process), evicting as the policy allows. */
-static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguous, uint32_t flags,
-                     uint32_t *head)
+ * owned by this process), evicting as the policy allows. Everything recovery
+ * reads of a reservation is written here, under the pool lock. */
+static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
+                     uint32_t flags, uint32_t *head)
 {
     for (;;) {
         int rc = vmc_pool_lock(c);
@@ -257,8 +258,11 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguous, 
         rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
         if (rc == VMC_OK) {
             struct vmc_entry *e = vmc_unit(c, *head);
+            e->key_len = (uint16_t)klen;
+            e->value_len = (uint32_t)vlen;
+            e->expires_ns = expires;
+            e->atime_ns = vmc_self_pid();
             e->state = VMC_RESERVED;
-            e->stamp = vmc_self_pid();
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
             return VMC_OK;
@@ -328,9 +332,16 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
             rc = drop_reservation(c, head);
             return rc < 0 ? rc : 0;
         }
-        /* A shard whose index is nearly full makes room in itself (rare:
-         * the index has half again as many slots as the pool has units). */
+        /* A shard whose index is nearly full makes room in itself: a
+         * many-sigma event, as the index has half again as many slots as the
+         * pool has units and keys hash with a secret seed. */
         uint32_t victim = (!old && sh->count >= c->max_load) ? sh->lru_tail : 0;
+        if (victim && c->policy == VMC_POLICY_NONE) {
+            vmc_shard_unlock(c, s);
+            drop_reservation(c, head);
+            return vmc_fail(VMC_E_FULL, "cache full: the index of shard %u is full and the "
+                                        "policy is \"none\"", s);
+        }
         uint32_t vslot = victim ? vmc_index_slot_of(c, s, victim) : 0;
         rc = vmc_pool_lock_nested(c);
         if (rc == VMC_RETRY) {
@@ -371,9 +382,9 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         vmc_pool_unlock(c);
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
-        e->atime_ns = now;
         e->checksum = seal(e, data);
-        e->state = VMC_PUBLISHED;
+        e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
+        __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         vmc_lru_push_front(c, s, head);
         VMC_COUNT(sh->puts);
         vmc_shard_unlock(c, s);
@@ -514,13 +525,10 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
         goto out;
     }
     uint32_t head;
-    if ((rc = make_room(c, klen, vlen, false, flags, &head)) < 0)
+    uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
+    if ((rc = make_room(c, klen, vlen, expires, false, flags, &head)) < 0)
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
-    e->key_len = (uint16_t)klen;
-    e->value_len = (uint32_t)vlen;
-    e->shard = (uint8_t)vmc_shard_of(c, hash);
-    e->expires_ns = expiry(c, ttl_ns, vmc_now_ns());
     memcpy(vmc_entry_key(e), key, klen);
     struct fill_ctx x = {value};
     walk_value(c, head, fill_piece, &x);
@@ -689,43 +697,43 @@ out:
     return rc;
 }
 
-/* vmc_clear -- remove every entry, shard by shard; no callbacks, no counts. */
-int vmc_clear(vmc_cache *c)
+/* vmc_clear_shard -- remove every entry of one shard; no callbacks, no counts. */
+int vmc_clear_shard(vmc_cache *c, int shard)
 {
     ENTER(c);
-    int rc = VMC_OK;
-    for (uint32_t s = 0; s < c->n_shards && rc == VMC_OK; s++) {
-        struct vmc_shard *sh = &c->shards[s];
-        for (;;) {
-            if ((rc = vmc_shard_lock(c, s)) < 0)
-                break;
-            rc = vmc_pool_lock_nested(c);
-            if (rc == VMC_RETRY) {
-                vmc_shard_unlock(c, s);
-                continue;
-            }
-            if (rc == VMC_OK) {
-                uint32_t u = sh->lru_head;
-                for (uint32_t steps = 0; u && steps <= sh->count; steps++) {
-                    struct vmc_entry *e = vmc_head(c, u);
-                    if (e == NULL) {
-                        vmc_mark_damaged(c);
-                        break;
-                    }
-                    uint32_t next = e->lru_next;
-                    e->state = VMC_REMOVED;
-                    vmc_free_chain(c, u);
-                    u = next;
-                }
-                memset(c->index + (uint64_t)s * c->slots, 0, (uint64_t)c->slots * 8);
-                sh->lru_head = sh->lru_tail = 0;
-                sh->count = 0;
-                VMC_STORE(sh->tail_atime, UINT64_MAX);
-                vmc_pool_unlock(c);
-            }
-            vmc_shard_unlock(c, s);
+    int rc = check_shard(c, shard);
+    uint32_t s = (uint32_t)shard;
+    struct vmc_shard *sh = &c->shards[s];
+    while (rc == VMC_OK) {
+        if ((rc = vmc_shard_lock(c, s)) < 0)
             break;
+        rc = vmc_pool_lock_nested(c);
+        if (rc == VMC_RETRY) {
+            vmc_shard_unlock(c, s);
+            rc = VMC_OK;
+            continue;
         }
+        if (rc == VMC_OK) {
+            uint32_t u = sh->lru_head;
+            for (uint32_t steps = 0; u && steps <= sh->count; steps++) {
+                struct vmc_entry *e = vmc_head(c, u);
+                if (e == NULL) {
+                    vmc_mark_damaged(c);
+                    break;
+                }
+                uint32_t next = e->lru_next;
+                e->state = VMC_REMOVED;
+                vmc_free_chain(c, u);
+                u = next;
+            }
+            memset(c->index + (uint64_t)s * c->slots, 0, (uint64_t)c->slots * 8);
+            sh->lru_head = sh->lru_tail = 0;
+            VMC_STORE(sh->count, 0);
+            VMC_STORE(sh->tail_atime, UINT64_MAX);
+            vmc_pool_unlock(c);
+        }
+        vmc_shard_unlock(c, s);
+        break;
     }
     leave(c);
     return rc;
@@ -765,12 +773,9 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     if (rc == VMC_OK)
         rc = check_value(c, klen, size);
     uint32_t head;
-    if (rc == VMC_OK && (rc = make_room(c, klen, size, true, flags, &head)) == VMC_OK) {
+    uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
+    if (rc == VMC_OK && (rc = make_room(c, klen, size, expires, true, flags, &head)) == VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
-        e->key_len = (uint16_t)klen;
-        e->value_len = (uint32_t)size;
-        e->shard = (uint8_t)vmc_shard_of(c, vmc_hash_key(c, key, klen));
-        e->expires_ns = expiry(c, ttl_ns, vmc_now_ns());
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
         rc = head;
@@ -783,7 +788,7 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
 static struct vmc_entry *owned_reservation(vmc_cache *c, uint32_t head)
 {
     struct vmc_entry *e = vmc_head(c, head);
-    if (e == NULL || e->state != VMC_RESERVED || e->stamp != vmc_self_pid()) {
+    if (e == NULL || e->state != VMC_RESERVED || e->atime_ns != vmc_self_pid()) {
         vmc_fail(VMC_E_STATE, "reservation %u is not open in this process (already published "
                               "or cancelled, or made before a fork)", head);
         return NULL;
@@ -816,34 +821,47 @@ int vmc_cancel(vmc_cache *c, uint32_t reservation)
 
 /* ---- timestamps ---- */
 
-/* vmc_committed_timestamp -- T such that every publication up to T is
- * visible. Publications take their timestamp under their shard lock, so once
- * every shard lock has been passed through, all those up to the clock value
- * read first have finished. */
-uint64_t vmc_committed_timestamp(vmc_cache *c)
+/* committed -- T such that every publication up to T is visible.
+ * Publications take their timestamp under their shard lock, so once every
+ * shard lock has been passed through, all those up to the clock value read
+ * first have finished. */
+static int64_t committed(vmc_cache *c)
 {
-    if (!enter(c))
-        return 0;
     uint64_t t = __atomic_load_n(&c->hdr->clock, __ATOMIC_SEQ_CST);
-    for (uint32_t s = 0; s < c->n_shards; s++)
-        if (vmc_shard_lock(c, s) == VMC_OK)
-            vmc_shard_unlock(c, s);
-    leave(c);
-    return t;
+    for (uint32_t s = 0; s < c->n_shards; s++) {
+        int rc = vmc_shard_lock(c, s);
+        if (rc < 0)
+            return rc;
+        vmc_shard_unlock(c, s);
+    }
+    return (int64_t)t;
 }
 
-uint64_t vmc_persisted_timestamp(vmc_cache *c)
+int64_t vmc_committed_timestamp(vmc_cache *c)
 {
-    return __atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+    ENTER(c);
+    int64_t rc = committed(c);
+    leave(c);
+    return rc;
+}
+
+int64_t vmc_persisted_timestamp(vmc_cache *c)
+{
+    ENTER(c);
+    int64_t rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+    leave(c);
+    return rc;
 }
 
 /* vmc_persist -- flush the file, then raise the persisted watermark (and
  * flush it): data reaches the disk before the watermark that covers it. */
 int64_t vmc_persist(vmc_cache *c)
 {
-    uint64_t t = vmc_committed_timestamp(c);
     ENTER(c);
-    int64_t rc;
+    int64_t rc = committed(c);
+    if (rc < 0)
+        goto out;
+    uint64_t t = (uint64_t)rc;
     if (msync(c->base, c->file_size, MS_SYNC) != 0) {
         rc = vmc_fail_errno("msync", c->path);
         goto out;

@@ -46,8 +46,14 @@ static uint64_t round_up(uint64_t n, uint64_t to)
  * order and the sizes and offsets of the shared structures. */
 static uint32_t abi_signature(void)
 {
+#ifdef __GLIBC__
+    const uint64_t libc = 1; /* the mutex layout is the C library's */
+#else
+    const uint64_t libc = 2;
+#endif
     uint64_t parts[] = {
         0x0102030405060708ull,         /* hashed as bytes: differs by endianness */
+        libc,
         sizeof(pthread_mutex_t),       sizeof(struct vmc_shard),
         sizeof(struct vmc_entry),      sizeof(struct vmc_body),
         sizeof(struct vmc_header),     offsetof(struct vmc_header, pool),
@@ -241,6 +247,8 @@ static int reset_file(int fd, const char *path, const struct vmc_config *cfg)
         return rc;
     if (ftruncate(fd, 0) != 0)
         return vmc_fail_errno("ftruncate", path);
+    if (fchmod(fd, cfg->mode) != 0)
+        return vmc_fail_errno("fchmod", path);
     if ((rc = reserve_space(fd, h.file_size, path)) < 0)
         return rc;
     if (pwrite(fd, &h, sizeof h, 0) != (ssize_t)sizeof h)
@@ -379,8 +387,10 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {
         rc = vmc_rebuild(c, VMC_REBUILD_RECOVER, &info->recovered_entries,
                          &info->dropped_entries);
-        c->hdr->needs_repair = 0;
-        info->recovered = 1;
+        if (rc == VMC_OK) {
+            c->hdr->needs_repair = 0;
+            info->recovered = 1;
+        }
     }
     if (rc == VMC_OK && ofd_lock(c->fd, F_RDLCK, LIVENESS_BYTE, true) != 0)
         rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);

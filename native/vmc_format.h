@@ -19,10 +19,13 @@
  *
  * Pool: an array of `pool_units` units of `unit_size` bytes, numbered from 1
  * (0 means "none"). The pool is tiled by extents; every extent starts with a
- * 64-bit tag (units | kind << 32) written with a single store, so a linear walk
- * over the tags is valid at every instant, even after a crash in the middle of
- * a split or a merge. Free extents also end with a footer tag so that a freed
- * neighbour can find its left neighbour's start.
+ * 64-bit tag (units | kind << 32 | PREV_FREE) written with a single store, so
+ * a linear walk over the tags is valid at every instant, even after a crash in
+ * the middle of a split or a merge. Free extents also end with a footer tag so
+ * that a freed neighbour can find its left neighbour's start; the footer is
+ * believed only when the neighbour's own tag carries PREV_FREE, which the
+ * allocator alone writes (value bytes ending an allocated extent may look like
+ * a footer: they are never consulted).
  *
  * An entry is a HEAD extent (struct vmc_entry, then the key, then the value)
  * followed by zero or more BODY extents (struct vmc_body, then more value bytes)
@@ -45,18 +48,20 @@
 #define VMC_MIN_FILE (1u << 20)
 #define VMC_MAX_UNITS 0xfffffff0u    /* unit numbers are 32-bit */
 
-/* Extent kinds: the high half of a tag; magic words so garbage rarely passes. */
+/* Extent kinds: the high half of a tag (its low bit is PREV_FREE); magic words
+ * so garbage rarely passes. */
 #define VMC_KIND_FREE 0x45455246u    /* "FREE" */
 #define VMC_KIND_HEAD 0x44414548u    /* "HEAD" */
 #define VMC_KIND_BODY 0x59444f42u    /* "BODY" */
 #define VMC_KIND_FOOT 0x544f4f46u    /* "FOOT": footer of a free extent */
 
+#define VMC_PREV_FREE (1ull << 32)     /* the extent before this one is free */
 #define VMC_TAG(units, kind) ((uint64_t)(units) | ((uint64_t)(kind) << 32))
 #define VMC_TAG_UNITS(tag) ((uint32_t)(tag))
-#define VMC_TAG_KIND(tag) ((uint32_t)((tag) >> 32))
+#define VMC_TAG_KIND(tag) ((uint32_t)((tag) >> 32) & ~1u)
 
 /* Entry states. */
-#define VMC_RESERVED 1u              /* allocated, invisible; stamp = owner pid */
+#define VMC_RESERVED 1u              /* allocated, invisible; atime_ns = owner pid */
 #define VMC_PUBLISHED 2u             /* linked in its shard; stamp = timestamp */
 #define VMC_REMOVED 3u               /* unlinked; about to be freed */
 
@@ -70,16 +75,20 @@
 struct vmc_entry {
     uint64_t tag;           /* units | HEAD; pool lock */
     uint32_t next;          /* first BODY extent of the value, 0 = none; pool lock, at allocation */
-    uint32_t value_len;     /* owner, before publication */
+    uint32_t value_len;     /* pool lock, at allocation */
     uint32_t lru_prev;      /* PUBLISHED: shard LRU (towards MRU); shard lock.  RESERVED: pool reserved list; pool lock */
     uint32_t lru_next;      /* PUBLISHED: towards LRU; shard lock.              RESERVED: as above */
-    uint16_t key_len;       /* owner, before publication */
-    uint8_t state;          /* VMC_RESERVED -> VMC_PUBLISHED -> VMC_REMOVED; shard lock (and pool lock) */
-    uint8_t shard;          /* hash(key) & (n_shards - 1); owner, before publication */
-    uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; set at publication */
-    uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; owner, before publication */
-    uint64_t stamp;         /* PUBLISHED: timestamp; RESERVED: owner pid; set with state */
-    uint64_t atime_ns;      /* last access (CLOCK_REALTIME); shard lock */
+    uint16_t key_len;       /* pool lock, at allocation */
+    uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
+                               -> REMOVED (pool lock, and the shard lock if it was published) */
+    uint8_t reserved0;
+    uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; shard lock, at publication */
+    uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */
+    uint64_t stamp;         /* publication timestamp; shard lock, at publication */
+    uint64_t atime_ns;      /* PUBLISHED: last access (CLOCK_REALTIME), shard lock.
+                               RESERVED: the owner's pid, pool lock. Publication overwrites the
+                               pid before changing the state, so a crash in between leaves a
+                               RESERVED entry whose "owner" is no process. */
 };
 
 /* At the start of every BODY extent: 16 bytes, then value bytes. */
@@ -99,18 +108,20 @@ struct vmc_shard {
     pthread_mutex_t lock;
     uint32_t lru_head;      /* most recently used entry, 0 = empty; lock */
     uint32_t lru_tail;      /* least recently used entry; lock */
-    uint32_t count;         /* entries linked; lock */
+    uint32_t count;         /* entries linked (expired ones too, until removed); lock */
     uint32_t reserved0;
-    uint64_t tail_atime;    /* atime of lru_tail (UINT64_MAX if empty); written under lock,
-                               read without it by victim selection (relaxed atomics) */
-    uint64_t gets, hits, misses, puts, evictions, expirations;  /* lock */
+    uint64_t tail_atime;    /* atime of lru_tail (UINT64_MAX if empty) */
+    uint64_t gets, hits, misses, puts, evictions, expirations;
+    /* Every field is written under `lock`; count, tail_atime and the counters
+     * are also read without it (statistics, len, victim selection) through
+     * relaxed atomic loads, so such a reader sees a slightly stale value. */
 } __attribute__((aligned(64)));
 
 struct vmc_pool {
     pthread_mutex_t lock;
     uint32_t free_head[VMC_NCLASSES];  /* lock */
     uint32_t reserved_head;            /* RESERVED entries, linked by lru_prev/lru_next; lock */
-    uint32_t reserved_count;           /* lock */
+    uint32_t reserved0;
     uint64_t free_units;               /* lock; read without it by statistics */
     uint64_t last_reclaim_ns;          /* when dead owners' reservations were last looked for; lock */
 } __attribute__((aligned(64)));

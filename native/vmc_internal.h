@@ -59,6 +59,7 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
 void vmc_free_chain(vmc_cache *c, uint32_t head);
 void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units);
 void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units);
+void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free);
 void vmc_reserved_push(vmc_cache *c, uint32_t head);
 void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
@@ -101,6 +102,9 @@ static inline uint64_t vmc_now_ns(void)
 }
 
 #define VMC_LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+/* Tags are stored with release order: the walk's invariant depends on the
+ * order of the stores surviving a crash between any two of them. */
+#define VMC_STORE_TAG(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
 #define VMC_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
 #define VMC_COUNT(x) VMC_STORE((x), (x) + 1)
 

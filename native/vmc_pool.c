@@ -28,7 +28,20 @@ static struct vmc_free *free_at(vmc_cache *c, uint32_t unit)
 static void set_footer(vmc_cache *c, uint32_t unit, uint32_t units)
 {
     char *end = (char *)vmc_unit(c, unit) + ((uint64_t)units << c->shift);
-    VMC_STORE(*(uint64_t *)(end - 8), VMC_TAG(units, VMC_KIND_FOOT));
+    VMC_STORE_TAG(*(uint64_t *)(end - 8), VMC_TAG(units, VMC_KIND_FOOT));
+}
+
+/* vmc_set_prev_free -- record in the tag of the extent at `unit` (if any)
+ * whether the extent before it is free. */
+void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free)
+{
+    if (unit > c->pool_units)
+        return;
+    uint64_t *tag = vmc_unit(c, unit);
+    uint64_t old = VMC_LOAD(*tag);
+    uint64_t new = prev_free ? old | VMC_PREV_FREE : old & ~VMC_PREV_FREE;
+    if (new != old)
+        VMC_STORE_TAG(*tag, new);
 }
 
 static void list_remove(vmc_cache *c, uint32_t unit, struct vmc_free *f)
@@ -49,7 +62,8 @@ static void list_remove(vmc_cache *c, uint32_t unit, struct vmc_free *f)
     c->hdr->pool.free_units -= VMC_TAG_UNITS(f->tag);
 }
 
-/* list_add -- make [unit, unit+units) a free extent and list it. */
+/* list_add -- make [unit, unit+units) a free extent (whose left neighbour is
+ * not free) and list it. */
 static void list_add(vmc_cache *c, uint32_t unit, uint32_t units)
 {
     struct vmc_free *f = vmc_unit(c, unit);
@@ -59,7 +73,8 @@ static void list_add(vmc_cache *c, uint32_t unit, uint32_t units)
     set_footer(c, unit, units);
     f->prev = 0;
     f->next = h ? head : 0;
-    VMC_STORE(f->tag, VMC_TAG(units, VMC_KIND_FREE));
+    VMC_STORE_TAG(f->tag, VMC_TAG(units, VMC_KIND_FREE));
+    vmc_set_prev_free(c, unit + units, true);
     if (h)
         h->prev = unit;
     c->hdr->pool.free_head[k] = unit;
@@ -77,7 +92,9 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
          * single store below shortens the extent: the walk never breaks. */
         list_add(c, unit + units, have - units);
     }
-    VMC_STORE(f->tag, VMC_TAG(units, kind));
+    VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
+    if (have == units)
+        vmc_set_prev_free(c, unit + units, false);
 }
 
 /* vmc_alloc_contiguous -- one extent of exactly `units` units, or 0. */
@@ -204,7 +221,7 @@ void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
             units += VMC_TAG_UNITS(r->tag);
         }
     }
-    if (unit > 1) {
+    if (unit > 1 && (vmc_tag_at(c, unit) & VMC_PREV_FREE)) {
         uint64_t foot = VMC_LOAD(*(uint64_t *)((char *)vmc_unit(c, unit) - 8));
         uint32_t lunits = VMC_TAG_UNITS(foot);
         if (VMC_TAG_KIND(foot) == VMC_KIND_FOOT && lunits > 0 && lunits < unit) {
@@ -254,7 +271,6 @@ void vmc_reserved_push(vmc_cache *c, uint32_t head)
     if (h)
         h->lru_prev = head;
     p->reserved_head = head;
-    p->reserved_count++;
 }
 
 void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
@@ -272,8 +288,6 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
     if (next)
         next->lru_prev = e->lru_prev;
     e->lru_prev = e->lru_next = 0;
-    if (p->reserved_count)
-        p->reserved_count--;
 }
 
 bool vmc_pid_alive(uint64_t pid)
@@ -306,7 +320,7 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
             break;
         }
         uint32_t next = e->lru_next;
-        if (!vmc_pid_alive(e->stamp)) {
+        if (!vmc_pid_alive(e->atime_ns)) {
             vmc_reserved_unlink(c, u);
             e->state = VMC_REMOVED;
             vmc_free_chain(c, u);

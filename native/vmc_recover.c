@@ -4,9 +4,10 @@
  * value, state, timestamp and checksum. The shard indexes, LRU lists, free
  * lists, reserved list and counts of entries are derived, and rebuilt here by
  * mark and sweep:
- *   1. walk the tags; a tag that cannot be valid ends the walk and turns the
- *      rest of the pool into one free extent (a new file's zeroed pool takes
- *      this path at once);
+ *   1. walk the tags; where a tag cannot be valid (a new file's zeroed pool,
+ *      pages torn by an OS crash, hostile bytes), skip unit by unit to the next
+ *      plausible tag and make the gap one free extent; after such damage every
+ *      kept entry's checksum is verified, whatever the mode;
  *   2. keep each sound PUBLISHED head (chain intact, unexpired and, in RECOVER
  *      mode, checksum right) and each RESERVED head whose owner is alive (LIVE
  *      mode only), marking its extents; of two heads with the same key the
@@ -70,6 +71,13 @@ static bool chain(vmc_cache *c, struct marks *m, uint32_t head, bool claim)
     return true;
 }
 
+static bool plausible(const vmc_cache *c, uint32_t unit, uint64_t tag)
+{
+    uint32_t n = VMC_TAG_UNITS(tag), kind = VMC_TAG_KIND(tag);
+    bool known = kind == VMC_KIND_FREE || kind == VMC_KIND_HEAD || kind == VMC_KIND_BODY;
+    return known && n >= 1 && n <= c->pool_units - unit + 1;
+}
+
 static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
 {
     for (uint32_t s = 0; s < c->n_shards; s++) {
@@ -86,7 +94,6 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
         vmc_mutex_init(&p->lock);
     memset(p->free_head, 0, sizeof p->free_head);
     p->reserved_head = 0;
-    p->reserved_count = 0;
     p->free_units = 0;
     p->last_reclaim_ns = 0;
 }
@@ -104,7 +111,6 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, bool verif
     uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
     uint32_t s = vmc_shard_of(c, hash), slot;
     struct vmc_shard *sh = &c->shards[s];
-    e->shard = (uint8_t)s;
     uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
     if (old) {
         struct vmc_entry *oe = vmc_unit(c, old);
@@ -173,19 +179,23 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
     }
 
     /* 1. tags */
+    bool verify = mode == VMC_REBUILD_RECOVER;
     for (uint32_t u = 1; u <= units;) {
         uint64_t tag = vmc_tag_at(c, u);
-        uint32_t n = VMC_TAG_UNITS(tag), kind = VMC_TAG_KIND(tag);
-        bool known = kind == VMC_KIND_FREE || kind == VMC_KIND_HEAD || kind == VMC_KIND_BODY;
-        if (n == 0 || n > units - u + 1 || !known) {
-            if (tag != 0)
-                (*dropped)++;
-            VMC_STORE(*(uint64_t *)vmc_unit(c, u), VMC_TAG(units - u + 1, VMC_KIND_FREE));
-            set_bit(m.start, u);
-            break;
-        }
         set_bit(m.start, u);
-        u += n;
+        if (plausible(c, u, tag)) {
+            u += VMC_TAG_UNITS(tag);
+            continue;
+        }
+        if (tag != 0) {
+            (*dropped)++;
+            verify = true;
+        }
+        uint32_t next = u + 1;
+        while (next <= units && !plausible(c, next, vmc_tag_at(c, next)))
+            next++;
+        VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, u), VMC_TAG(next - u, VMC_KIND_FREE));
+        u = next;
     }
 
     reset_derived(c, mode);
@@ -198,11 +208,11 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
         struct vmc_entry *e = vmc_unit(c, u);
         bool keep = false;
         if (e->state == VMC_PUBLISHED) {
-            keep = keep_published(c, &m, u, mode == VMC_REBUILD_RECOVER, now);
+            keep = keep_published(c, &m, u, verify, now);
             if (keep && e->stamp > newest)
                 newest = e->stamp;
         } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
-                   vmc_pid_alive(e->stamp) && vmc_head(c, u) && chain(c, &m, u, true)) {
+                   vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, &m, u, true)) {
             vmc_reserved_push(c, u);
             keep = true;
         }
@@ -218,9 +228,12 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
             if (run_units == 0)
                 run = u;
             run_units += n;
-        } else if (run_units) {
-            vmc_free_run(c, run, run_units);
-            run_units = 0;
+        } else {
+            vmc_set_prev_free(c, u, false);
+            if (run_units) {
+                vmc_free_run(c, run, run_units); /* sets u's PREV_FREE again */
+                run_units = 0;
+            }
         }
         u += n;
     }

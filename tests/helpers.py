@@ -120,7 +120,16 @@ def verify_get(cache: Any, key: bytes) -> int | None:
     return check_value(key, value)
 
 
-def rw_worker(path: str, wid: int, nkeys: int, ops: int, seed: int, out: Any) -> None:
+def rw_worker(
+    path: str,
+    wid: int,
+    nkeys: int,
+    ops: int,
+    seed: int,
+    out: Any,
+    prefix: bytes = b"k",
+    sizes: tuple[int, ...] = (40, 200, 1000, 5000, 20000),
+) -> None:
     """Random puts/gets/deletes/adds over keys shared by every worker; every
     value read is verified. Reports (wid, counters, timestamps, error)."""
     rng = random.Random(seed)
@@ -130,10 +139,10 @@ def rw_worker(path: str, wid: int, nkeys: int, ops: int, seed: int, out: Any) ->
     try:
         with _open(path) as cache:
             for i in range(ops):
-                key = b"k%d" % rng.randrange(nkeys)
+                key = prefix + b"%d" % rng.randrange(nkeys)
                 r = rng.random()
                 if r < 0.45:
-                    size = rng.choice((40, 200, 1000, 5000, 20000))
+                    size = rng.choice(sizes)
                     stamps.append(cache.put(key, make_value(key, wid << 32 | i, size)))
                     counts["puts"] += 1
                 elif r < 0.9:

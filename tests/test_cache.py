@@ -744,3 +744,30 @@ def test_persisted_entries_survive_reopen_on_disk(tmp_path: object) -> None:
         assert c.persisted_timestamp >= stamps[-1]
         assert all(c.get(f"k{i}") == f"v{i}".encode() for i in range(100))
         assert c.put(b"next", b"v") > stamps[-1]
+
+
+def test_value_bytes_cannot_pass_for_allocator_metadata(cache_path: str) -> None:
+    """A value forging a free-extent footer and tag inside its own extent must
+    not make the allocator merge over it when its neighbour is freed."""
+    free_tag = (2 | (0x45455246 << 32)).to_bytes(8, "little")  # FREE, 2 units
+    foot_tag = (2 | (0x544F4F46 << 32)).to_bytes(8, "little")  # FOOT, 2 units
+    value = bytearray(os.urandom(1024 - 56 - 1))  # exactly 4 extents of 256 with key b"a"
+    value[512 - 57 : 512 - 57 + 8] = free_tag  # at the start of the extent's third unit
+    value[-8:] = foot_tag  # where a free extent's footer would be
+    with Cache(cache_path, size=MiB) as c:
+        c.put(b"a", value)
+        c.put(b"b", bytes(100))  # the right neighbour
+        c.delete(b"b")  # freeing it must not believe the forged footer
+        for i in range(50):
+            c.put(f"filler{i}", os.urandom(300))
+        assert c.get(b"a") == value
+    with Cache(cache_path) as c:
+        assert c.get(b"a") == value
+
+
+def test_timestamps_after_close_raise(cache_path: str) -> None:
+    c = Cache(cache_path, size=MiB)
+    c.close()
+    for name in ("committed_timestamp", "persisted_timestamp"):
+        with pytest.raises(CacheClosedError):
+            getattr(c, name)

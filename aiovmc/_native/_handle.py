@@ -18,7 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._convert import encode_key, ttl_to_ns, value_buffer
@@ -160,7 +160,10 @@ class Handle:
         if n >= 0:
             if n <= SCRATCH_SIZE:
                 return _scratch.view[0:n]
-            return self._copy_whole(key, n)
+            value = self._copy_whole(key, n)
+            if value is not None:
+                return value
+            n = _MISS  # removed between the two calls
         if n == _MISS:
             return self._missed(key, default)
         raise_for(n)
@@ -204,8 +207,7 @@ class Handle:
                 return buf[0:n]
             if n > limit:
                 return n
-            value = self._copy_whole(key, n)
-            return value if value is not None else None
+            return self._copy_whole(key, n)
         if n == _MISS:
             return None
         raise_for(n)
@@ -274,10 +276,13 @@ class Handle:
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         if self._on_evict is None:
             ts = _put(self._h, key, len(key), data, size, ttl_ns, 0)
-            if ts > 0:
-                return int(ts)
-            raise_for(ts)
-        return self._put_notifying(key, data, size, ttl_ns, 0)
+        else:
+            ts = self._evicting_for(
+                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), 0
+            )
+        if ts > 0:
+            return int(ts)
+        raise_for(ts)
 
     def add(self, key: Any, value: Any, *, ttl: Any = None) -> bool:
         """Insert only if absent: True if stored; evicts nothing when the key exists."""
@@ -287,29 +292,27 @@ class Handle:
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         if self._on_evict is None:
             ts = _put(self._h, key, len(key), data, size, ttl_ns, _ADD)
-            if ts < 0:
-                raise_for(ts)
         else:
-            ts = self._put_notifying(key, data, size, ttl_ns, _ADD)
+            ts = self._evicting_for(
+                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), _ADD
+            )
+        if ts < 0:
+            raise_for(ts)
         return ts > 0
 
-    def _put_notifying(self, key: bytes, data: Any, size: int, ttl_ns: int, flags: int) -> int:
-        """A put that evicts one entry at a time from here, so that the
-        evicted keys can be handed to on_evict once no lock is held."""
+    def _evicting_for(self, call: Callable[[int], int], flags: int) -> int:
+        """Run a core call that may need room, evicting one entry at a time from
+        here so that the evicted keys reach on_evict once no lock is held.
+        Returns the call's final status."""
         evicted: list[bytes] = []
         try:
             while True:
-                ts = _put(self._h, key, len(key), data, size, ttl_ns, flags | _NO_EVICT)
-                if ts >= 0:
-                    return int(ts)
-                if ts != _NEED_ROOM:
-                    raise_for(ts)
+                status = call(flags | _NO_EVICT)
+                if status != _NEED_ROOM:
+                    return status
                 victim = self._evict_lru()
                 if victim is None:  # nothing left to evict: let the core conclude
-                    ts = _put(self._h, key, len(key), data, size, ttl_ns, flags)
-                    if ts >= 0:
-                        return int(ts)
-                    raise_for(ts)
+                    return call(flags)
                 evicted.append(victim)
         finally:
             if evicted:
@@ -346,10 +349,11 @@ class Handle:
         return bool(status)
 
     def clear(self) -> None:
-        """Remove every entry, with no callbacks."""
-        status = lib.vmc_clear(self._h)
-        if status < 0:
-            raise_for(status)
+        """Remove every entry, with no callbacks (one shard per core call)."""
+        for shard in range(lib.vmc_shard_count(self._h)):
+            status = lib.vmc_clear_shard(self._h, shard)
+            if status < 0:
+                raise_for(status)
 
     def purge_expired(self) -> int:
         """Remove expired entries; returns how many."""
@@ -372,7 +376,13 @@ class Handle:
 
     def _reserve(self, key: bytes, size: int, ttl_ns: int) -> tuple[int, memoryview]:
         offset = ffi.new("uint64_t *")
-        rid = lib.vmc_reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
+        reserve = lib.vmc_reserve
+        if self._on_evict is None:
+            rid = reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
+        else:
+            rid = self._evicting_for(
+                lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset), 0
+            )
         if rid < 0:
             raise_for(rid)
         mapping = self._mmap
@@ -396,12 +406,18 @@ class Handle:
     @property
     def committed_timestamp(self) -> int:
         """Every publication up to this timestamp is visible in every process."""
-        return int(lib.vmc_committed_timestamp(self._h))
+        ts = lib.vmc_committed_timestamp(self._h)
+        if ts < 0:
+            raise_for(ts)
+        return int(ts)
 
     @property
     def persisted_timestamp(self) -> int:
         """Every publication up to this timestamp is durable in the file."""
-        return int(lib.vmc_persisted_timestamp(self._h))
+        ts = lib.vmc_persisted_timestamp(self._h)
+        if ts < 0:
+            raise_for(ts)
+        return int(ts)
 
     def persist(self) -> int:
         """Flush the file (msync); returns the new persisted timestamp."""

@@ -1,0 +1,462 @@
+"""Several real processes sharing one cache file.
+
+Every test runs its children with both multiprocessing start methods: "spawn"
+(a fresh interpreter that opens the file by path) and "fork" (a copy of this
+process). Values are self-verifying (tests/helpers.py), so any process can tell
+that a value it reads is intact and belongs to the key it asked for. Every wait
+is bounded.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import random
+import time
+from typing import Any
+
+import pytest
+
+import aiovmc
+from .helpers import WAIT, check_value, join_all, make_value, rw_worker, verify_get
+
+# Python 3.12+ warns when fork() is called while threads run (other test files
+# may leave worker threads alive); the children here use no inherited thread.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+
+START_METHODS = ["spawn", "fork"]
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request: pytest.FixtureRequest) -> Any:
+    return multiprocessing.get_context(request.param)
+
+
+def _results(q: Any, n: int) -> list[Any]:
+    out = []
+    for _ in range(n):
+        out.append(q.get(timeout=WAIT))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Workers (module level so that "spawn" children can import them)
+# ---------------------------------------------------------------------------
+
+
+def _stamp_worker(path: str, wid: int, n: int, start: Any, out: Any) -> None:
+    """Publish n values (puts and reserve/publish) and report their timestamps."""
+    stamps: list[int] = []
+    error = None
+    try:
+        with aiovmc.Cache(path) as cache:
+            start.wait(WAIT)
+            for i in range(n):
+                key = b"ts-%d-%d" % (wid, i)
+                value = make_value(key, i, 100)
+                if i % 2:
+                    stamps.append(cache.put(key, value))
+                else:
+                    with cache.reserve(key, len(value)) as res:
+                        res.buffer[:] = value
+                    assert res.timestamp is not None
+                    stamps.append(res.timestamp)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, stamps, error))
+
+
+def _add_worker(path: str, wid: int, keys: list[bytes], start: Any, out: Any) -> None:
+    """Race `add` on the same keys as every other worker; report which it won."""
+    won: list[bytes] = []
+    error = None
+    try:
+        with aiovmc.Cache(path) as cache:
+            start.wait(WAIT)
+            for key in keys:
+                if cache.add(key, make_value(key, wid, 200)):
+                    won.append(key)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, won, error))
+
+
+def _stats_worker(path: str, wid: int, n: int, out: Any) -> None:
+    """n puts of own keys, n hits, n misses: exact counts for the parent."""
+    error = None
+    try:
+        with aiovmc.Cache(path) as cache:
+            for i in range(n):
+                key = b"st-%d-%d" % (wid, i)
+                cache.put(key, make_value(key, i, 80))
+            for i in range(n):
+                key = b"st-%d-%d" % (wid, i)
+                check_value(key, cache.get(key))
+                assert cache.get(b"absent-%d-%d" % (wid, i)) is None
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, error))
+
+
+def _create_worker(path: str, wid: int, start: Any, out: Any) -> None:
+    """Race to create the same file; write a key; report what the handle saw."""
+    error = None
+    created = False
+    try:
+        start.wait(WAIT)
+        with aiovmc.Cache(path, size="2MiB") as cache:
+            created = cache.info.created
+            key = b"cr-%d" % wid
+            cache.put(key, make_value(key, wid, 500))
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, created, error))
+
+
+def _inherited_worker(cache: aiovmc.Cache, wid: int, parent_keys: list[bytes], out: Any) -> None:
+    """Use a handle inherited through fork (gunicorn --preload)."""
+    error = None
+    try:
+        for key in parent_keys:
+            check_value(key, cache.get(key))
+        for i in range(200):
+            key = b"child-%d-%d" % (wid, i)
+            cache.put(key, make_value(key, i, 300))
+            check_value(key, cache.get(key))
+        res = cache.reserve(b"child-res-%d" % wid, 100)
+        res.buffer[:] = make_value(b"child-res-%d" % wid, 0, 100)
+        res.publish()
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, error))
+
+
+def _hold_open(path: str, ready: Any, release: Any) -> None:
+    """Keep the cache open until told to go (or killed)."""
+    with aiovmc.Cache(path) as cache:
+        cache.put(b"holder", make_value(b"holder", 0, 100))
+        ready.set()
+        release.wait(WAIT)
+
+
+def _attach_report(path: str, out: Any) -> None:
+    with aiovmc.Cache(path) as cache:
+        out.put((cache.info.recovered, sorted(cache.keys())))
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+
+def test_concurrent_readers_and_writers_verify_every_value(ctx: Any, cache_path: str) -> None:
+    """Processes put, get, delete and add over shared keys at once (with
+    evictions: the cache is smaller than what they write). Every value any of
+    them reads is intact and belongs to its key; the file ends consistent."""
+    with aiovmc.Cache(cache_path, size="1MiB") as cache:
+        nproc, ops = 4, 1500
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=rw_worker, args=(cache_path, w, 300, ops, 1000 + w, out))
+            for w in range(nproc)
+        ]
+        for p in procs:
+            p.start()
+        results = _results(out, nproc)
+        join_all(procs)
+        assert [p.exitcode for p in procs] == [0] * nproc
+        errors = [r[3] for r in results if r[3]]
+        assert not errors, errors
+        # The parent sees a consistent cache: every key's value verifies.
+        keys = cache.keys()
+        assert len(keys) == len(cache) == cache.statistics().entries
+        for key in keys:
+            verify_get(cache, key)
+        stats = cache.statistics()
+        assert stats.puts == sum(r[1]["puts"] for r in results)
+        assert stats.evictions > 0  # the test did exercise eviction
+
+
+def test_statistics_are_shared_and_exact(ctx: Any, cache_path: str) -> None:
+    """Counters live in the file: the sum of every process's work, exactly."""
+    n, nproc = 150, 3
+    with aiovmc.Cache(cache_path, size="4MiB") as cache:
+        before = cache.statistics()
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_stats_worker, args=(cache_path, w, n, out)) for w in range(nproc)]
+        for p in procs:
+            p.start()
+        results = _results(out, nproc)
+        join_all(procs)
+        assert not [r for r in results if r[1]], results
+        after = cache.statistics()
+        assert after.puts - before.puts == n * nproc
+        assert after.gets - before.gets == 2 * n * nproc
+        assert after.hits - before.hits == n * nproc
+        assert after.misses - before.misses == n * nproc
+        assert after.entries == n * nproc
+        assert after.evictions == before.evictions == 0
+        # Another process's handle reports the same file-wide numbers.
+        with aiovmc.Cache(cache_path) as other:
+            same = other.statistics()
+        assert (same.puts, same.gets, same.hits, same.misses, same.entries) == (
+            after.puts,
+            after.gets,
+            after.hits,
+            after.misses,
+            after.entries,
+        )
+
+
+def test_timestamps_strictly_increase_across_processes(ctx: Any, cache_path: str) -> None:
+    """One clock for the whole file: every publication (put, reserve/publish)
+    from every process gets a distinct timestamp, each process's own are
+    increasing, and committed_timestamp covers them all afterwards."""
+    nproc, n = 4, 300
+    with aiovmc.Cache(cache_path, size="4MiB") as cache:
+        base = cache.committed_timestamp
+        out, start = ctx.Queue(), ctx.Event()
+        procs = [
+            ctx.Process(target=_stamp_worker, args=(cache_path, w, n, start, out))
+            for w in range(nproc)
+        ]
+        for p in procs:
+            p.start()
+        start.set()
+        results = _results(out, nproc)
+        join_all(procs)
+        assert not [r[2] for r in results if r[2]], results
+        merged: list[int] = []
+        for _, stamps, _ in results:
+            assert len(stamps) == n
+            assert all(a < b for a, b in zip(stamps, stamps[1:])), "a process's own went backwards"
+            assert min(stamps) > base
+            merged.extend(stamps)
+        assert len(set(merged)) == len(merged), "two publications shared a timestamp"
+        committed = cache.committed_timestamp
+        assert committed >= max(merged)
+        # A later publication from this process is later than all of them.
+        assert cache.put(b"after", b"x") > max(merged)
+
+
+def test_add_race_has_exactly_one_winner(ctx: Any, cache_path: str) -> None:
+    """N processes `add` the same keys at the same moment: exactly one wins
+    each key, and the stored value is the winner's."""
+    nproc = 4
+    keys = [b"race-%d" % i for i in range(120)]
+    with aiovmc.Cache(cache_path, size="4MiB") as cache:
+        out, start = ctx.Queue(), ctx.Event()
+        procs = [
+            ctx.Process(target=_add_worker, args=(cache_path, w, keys, start, out))
+            for w in range(nproc)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(0.2)  # let the spawned interpreters reach the starting line
+        start.set()
+        results = _results(out, nproc)
+        join_all(procs)
+        assert not [r[2] for r in results if r[2]], results
+        winners: dict[bytes, list[int]] = {}
+        for wid, won, _ in results:
+            for key in won:
+                winners.setdefault(key, []).append(wid)
+        assert sorted(winners) == sorted(keys), "some key was won by nobody"
+        doubles = {k: w for k, w in winners.items() if len(w) != 1}
+        assert not doubles, f"keys added by more than one process: {doubles}"
+        for key, (wid,) in winners.items():
+            assert cache.get(key) == make_value(key, wid, 200)
+        assert cache.statistics().puts == len(keys)
+
+
+def test_concurrent_creation_makes_one_file(ctx: Any, cache_path: str) -> None:
+    """Processes racing to create the same path all end up on one file: one
+    creator, everyone's writes visible, no temporary file left behind."""
+    nproc = 4
+    out, start = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_create_worker, args=(cache_path, w, start, out)) for w in range(nproc)]
+    for p in procs:
+        p.start()
+    time.sleep(0.2)
+    start.set()
+    results = _results(out, nproc)
+    join_all(procs)
+    assert not [r[2] for r in results if r[2]], results
+    assert sum(1 for r in results if r[1]) == 1, results
+    with aiovmc.Cache(cache_path) as cache:
+        for w in range(nproc):
+            key = b"cr-%d" % w
+            assert cache.get(key) == make_value(key, w, 500)
+    directory, name = os.path.split(cache_path)
+    leftovers = [f for f in os.listdir(directory) if f.startswith(name) and f != name]
+    assert not leftovers
+
+
+@pytest.mark.parametrize("method", ["fork", "os.fork"])
+def test_handle_opened_before_fork_works_in_children(method: str, cache_path: str) -> None:
+    """gunicorn --preload: the parent opens the cache, forks workers that use
+    the inherited handle (reads, puts, reservations); the parent sees their
+    writes, and closing the parent's handle does not disturb the children."""
+    cache = aiovmc.Cache(cache_path, size="4MiB")
+    parent_keys = [b"parent-%d" % i for i in range(50)]
+    for i, key in enumerate(parent_keys):
+        cache.put(key, make_value(key, i, 500))
+    nproc = 3
+    if method == "fork":
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=_inherited_worker, args=(cache, w, parent_keys, out))
+            for w in range(nproc)
+        ]
+        for p in procs:
+            p.start()
+        results = _results(out, nproc)
+        join_all(procs)
+        assert [p.exitcode for p in procs] == [0] * nproc
+        assert not [r for r in results if r[1]], results
+    else:
+        pids = []
+        for w in range(nproc):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                status = 1
+                try:
+                    q: Any = queue.SimpleQueue()
+                    _inherited_worker(cache, w, parent_keys, q)
+                    status = 0 if q.get()[1] is None else 2
+                finally:
+                    os._exit(status)
+            pids.append(pid)
+        deadline = time.monotonic() + WAIT
+        for pid in pids:
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                assert time.monotonic() < deadline, "a forked child hung"
+                time.sleep(0.01)
+            assert os.waitstatus_to_exitcode(status) == 0
+    for w in range(nproc):
+        for i in range(0, 200, 37):
+            key = b"child-%d-%d" % (w, i)
+            assert check_value(key, cache.get(key)) == i
+        key = b"child-res-%d" % w
+        assert cache.get(key) == make_value(key, 0, 100)
+    cache.close()
+
+
+def test_closing_the_parent_handle_keeps_forked_children_alive(cache_path: str) -> None:
+    """After fork, each child holds a liveness lock of its own: when the parent
+    closes its handle (or a child exits), the file is still known to be in use,
+    so a new opener attaches without running recovery under a live user."""
+    ctx = multiprocessing.get_context("fork")
+    cache = aiovmc.Cache(cache_path, size="2MiB")
+    cache.put(b"k", make_value(b"k", 1, 100))
+    ready, release = ctx.Event(), ctx.Event()
+
+    def child() -> None:  # uses the inherited handle, then idles
+        cache.put(b"from-child", make_value(b"from-child", 2, 100))
+        ready.set()
+        release.wait(WAIT)
+        check_value(b"k", cache.get(b"k"))
+
+    p = ctx.Process(target=child)
+    p.start()
+    try:
+        assert ready.wait(WAIT)
+        cache.close()  # the parent lets go; the child still uses the file
+        spawn = multiprocessing.get_context("spawn")
+        out = spawn.Queue()
+        probe = spawn.Process(target=_attach_report, args=(cache_path, out))
+        probe.start()
+        recovered, keys = out.get(timeout=WAIT)
+        join_all([probe])
+        assert recovered is False, "recovery ran while a forked child still used the file"
+        assert b"from-child" in keys and b"k" in keys
+    finally:
+        release.set()
+        join_all([p])
+    assert p.exitcode == 0
+
+
+def test_inherited_handle_child_killed_does_not_release_parent(cache_path: str) -> None:
+    """A forked child that inherited the handle is SIGKILLed; the parent still
+    uses the file, so a new opener must not recover it (recovery re-initialises
+    the locks under the parent's feet)."""
+    ctx = multiprocessing.get_context("fork")
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        cache.put(b"k", make_value(b"k", 1, 100))
+        ready, release = ctx.Event(), ctx.Event()
+
+        def child() -> None:
+            cache.put(b"c", make_value(b"c", 1, 100))
+            ready.set()
+            release.wait(WAIT)
+
+        p = ctx.Process(target=child)
+        p.start()
+        assert ready.wait(WAIT)
+        p.kill()
+        join_all([p])
+        spawn = multiprocessing.get_context("spawn")
+        out = spawn.Queue()
+        probe = spawn.Process(target=_attach_report, args=(cache_path, out))
+        probe.start()
+        recovered, keys = out.get(timeout=WAIT)
+        join_all([probe])
+        assert recovered is False
+        assert keys == [b"c", b"k"]
+        check_value(b"c", cache.get(b"c"))
+
+
+def test_last_user_leaving_lets_the_next_opener_recover(ctx: Any, cache_path: str) -> None:
+    """Liveness the other way round: once every user is gone (one SIGKILLed),
+    the next opener is the file's only user and recovers it; while a user
+    lives, nobody does."""
+    aiovmc.Cache(cache_path, size="2MiB").close()
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_open, args=(cache_path, ready, release))
+    holder.start()
+    assert ready.wait(WAIT)
+    out = ctx.Queue()
+    probe = ctx.Process(target=_attach_report, args=(cache_path, out))
+    probe.start()
+    recovered, keys = out.get(timeout=WAIT)
+    join_all([probe])
+    assert recovered is False and keys == [b"holder"]
+    holder.kill()
+    join_all([holder])
+    with aiovmc.Cache(cache_path) as cache:
+        assert cache.info.recovered is True
+        check_value(b"holder", cache.get(b"holder"))
+
+
+def test_many_processes_large_values(ctx: Any, cache_path: str) -> None:
+    """Values of hundreds of KiB scattered over extents, read by other
+    processes while being replaced: never torn."""
+    rng = random.Random(7)
+    with aiovmc.Cache(cache_path, size="8MiB") as cache:
+        keys = [b"big-%d" % i for i in range(6)]
+        for i, key in enumerate(keys):
+            cache.put(key, make_value(key, i, rng.randrange(100_000, 600_000)))
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=rw_worker,
+                args=(cache_path, w, 6, 120, 50 + w, out, b"big-", (100_000, 300_000, 600_000)),
+            )
+            for w in range(3)
+        ]
+        for p in procs:
+            p.start()
+        for i in range(60):  # the parent replaces big values meanwhile
+            key = rng.choice(keys)
+            cache.put(key, make_value(key, 1000 + i, rng.randrange(100_000, 600_000)))
+            verify_get(cache, rng.choice(keys))
+        results = _results(out, 3)
+        join_all(procs)
+        assert not [r[3] for r in results if r[3]], results
