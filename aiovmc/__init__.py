@@ -4,6 +4,9 @@ One memory-mapped file, a C core, and an anyio facade that works the same on
 asyncio and trio.
 """
 
+from . import functools as functools
+from ._async_cache import AsyncCache as AsyncCache
+from ._async_cache import AsyncReservation as AsyncReservation
 from ._cache import Cache as Cache
 from ._cache import CacheStatistics as CacheStatistics
 from ._cache import Reservation as Reservation
@@ -17,6 +20,8 @@ from ._errors import ValueTooLargeError as ValueTooLargeError
 
 __all__ = [
     "AiovmcError",
+    "AsyncCache",
+    "AsyncReservation",
     "Cache",
     "CacheClosedError",
     "CacheConfigError",
