@@ -196,7 +196,7 @@ class Cache(Handle):
         for key in keys:
             try:
                 callback(key)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
+            except BaseException as exc:
                 if error is None:
                     error = exc
         if error is not None:

@@ -17,8 +17,8 @@ __all__ = ["MAX_KEY_SIZE", "Key", "encode_key", "parse_size", "ttl_to_ns", "valu
 
 MAX_KEY_SIZE = 65535
 
-Key = Union[bytes, bytearray, memoryview, str]
-TTL = Union[int, float, datetime.timedelta, None]
+Key = Union[bytes, bytearray, memoryview, str]  # noqa: UP007 - evaluated at runtime
+TTL = Union[int, float, datetime.timedelta, None]  # noqa: UP007
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)

@@ -26,7 +26,12 @@ def _expensive(key: bytes) -> bytes:
     return _value_of(key)
 
 
-def _worker(path: str, seconds: float, keys: int, seed: int, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+Row = tuple[int, int, int]  # pid, gets, loader calls
+
+
+def _worker(
+    path: str, seconds: float, keys: int, seed: int, results: multiprocessing.Queue[Row]
+) -> None:
     rng = random.Random(seed)
     loads = 0
     with Cache(path) as cache:  # attach to the file the parent created
@@ -51,7 +56,7 @@ def demo(workers: int, seconds: float, keys: int) -> int:
     with Cache(size="64MiB") as cache:  # a private file under /dev/shm
         print(f"cache file {cache.path} ({cache.capacity >> 20} MiB usable), "
               f"{workers} worker processes for {seconds:g} s over {keys} keys\n")
-        results: multiprocessing.Queue = context.Queue()  # type: ignore[type-arg]
+        results: multiprocessing.Queue[Row] = context.Queue()
         procs = [
             context.Process(target=_worker, args=(cache.path, seconds, keys, i, results))
             for i in range(workers)

@@ -229,7 +229,7 @@ PAGE = 4096
 KIND_FREE, KIND_HEAD, KIND_BODY = 0x45455246, 0x44414548, 0x59444F42
 ENTRY = struct.Struct("<QIIIIHBBIQQQ")  # struct vmc_entry, 56 bytes
 ENTRY_FIELDS = (
-    "tag next value_len lru_prev lru_next key_len state shard checksum expires_ns stamp atime_ns"
+    "tag next value_len lru_prev lru_next key_len state reserved0 checksum expires_ns stamp atime_ns"
 ).split()
 
 
@@ -246,7 +246,7 @@ def extents(data: bytes, hdr: dict[str, Any]) -> list[tuple[int, int, int]]:
     while u <= units:
         off = hdr["pool_off"] + ((u - 1) << shift)
         tag = int.from_bytes(data[off : off + 8], "little")
-        n, kind = tag & 0xFFFFFFFF, tag >> 32
+        n, kind = tag & 0xFFFFFFFF, (tag >> 32) & ~1  # the low bit of the kind is PREV_FREE
         if n == 0 or n > units - u + 1 or kind not in (KIND_FREE, KIND_HEAD, KIND_BODY):
             break
         out.append((off, n, kind))

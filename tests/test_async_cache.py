@@ -168,7 +168,7 @@ async def test_large_writes_are_offloaded(acache: AsyncCache) -> None:
 
 async def test_errors_are_the_sync_caches(acache: AsyncCache) -> None:
     with pytest.raises(TypeError):
-        await acache.get(12)
+        await acache.get(12)  # type: ignore[call-overload]
     with pytest.raises(aiovmc.KeyTooLargeError):
         await acache.get(b"k" * 70_000)
     with pytest.raises(aiovmc.KeyTooLargeError):

@@ -66,9 +66,8 @@ def test_reopen_keeps_entries(cache_path: str) -> None:
 
 
 def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
-    with Cache(cache_path, size=2 * MiB):
-        with pytest.raises(CacheConfigError, match="not 3145728"):
-            Cache(cache_path, size=3 * MiB)
+    with Cache(cache_path, size=2 * MiB), pytest.raises(CacheConfigError, match="not 3145728"):
+        Cache(cache_path, size=3 * MiB)
 
 
 @pytest.mark.parametrize(
@@ -636,7 +635,7 @@ def test_threads_hammering_one_handle(cache_path: str) -> None:
                     c.delete(key)
                 else:
                     c.evict()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     with Cache(cache_path, size=2 * MiB) as c:

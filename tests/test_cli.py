@@ -16,7 +16,8 @@ def test_demo_runs_workers_sharing_one_file() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "3 worker processes" in out and "shared statistics" in out
-    worker_rows = [line for line in out.splitlines() if len(line.split()) == 3 and line.split()[0].isdigit()]
+    rows = [line.split() for line in out.splitlines()]
+    worker_rows = [row for row in rows if len(row) == 3 and row[0].isdigit()]
     assert len(worker_rows) == 3
     assert "hit ratio" in out
 

@@ -364,7 +364,7 @@ def _persist_kill_reopen(ctx: Any, path: str, rounds: int, seed: int) -> None:
                 assert check_value(key, cache.get(key)) == seq
             for key in cache.keys():  # the churned keys, whatever state they were in
                 verify_get(cache, key)
-            ts = cache.put(b"after-%d" % rnd, b"x")
+            ts = cache.put(b"after-%d" % rnd, make_value(b"after-%d" % rnd, rnd, 100))
             assert ts > newest, "the clock went backwards across the crash"
             newest = ts
 
@@ -385,10 +385,11 @@ def test_persisted_entries_survive_sigkill_soak(crash_dir: str) -> None:
     )
 
 
-def _open_report(path: str, start: Any, out: Any) -> None:
+def _open_report(path: str, start: Any, out: Any, done: Any) -> None:
     start.wait(WAIT)
     with aiovmc.Cache(path) as cache:
         out.put((cache.info.recovered, sorted(cache.keys())))
+        done.wait(WAIT)  # stay attached until every opener has opened
 
 
 def test_openers_racing_after_a_crash_recover_once(ctx: Any, cache_path: str) -> None:
@@ -402,14 +403,19 @@ def test_openers_racing_after_a_crash_recover_once(ctx: Any, cache_path: str) ->
     p.start()
     assert ready.wait(WAIT)
     _kill(p)
-    start, out = ctx.Event(), ctx.Queue()
-    openers = [ctx.Process(target=_open_report, args=(cache_path, start, out)) for _ in range(4)]
+    start, out, done = ctx.Event(), ctx.Queue(), ctx.Event()
+    openers = [
+        ctx.Process(target=_open_report, args=(cache_path, start, out, done)) for _ in range(4)
+    ]
     for o in openers:
         o.start()
     time.sleep(0.2)
     start.set()
-    reports = [out.get(timeout=WAIT) for _ in openers]
-    join_all(openers)
+    try:
+        reports = [out.get(timeout=WAIT) for _ in openers]
+    finally:
+        done.set()
+        join_all(openers)
     assert sum(1 for r in reports if r[0]) == 1, reports
     assert all(r[1] == reports[0][1] for r in reports)
     assert len(reports[0][1]) == 50
@@ -499,7 +505,7 @@ def _unit_key(path: str, hdr: dict[str, Any], unit: int, klen: int) -> tuple[int
     with open(path, "rb") as f:
         f.seek(hdr["pool_off"] + ((unit - 1) << hdr["unit_shift"]))
         head = f.read(56 + klen)
-    return int.from_bytes(head[4:8], "little"), head[56:]
+    return int.from_bytes(head[4:8], "little") & ~1, head[56:]  # kind without PREV_FREE
 
 
 def _race_a_repair(cache: aiovmc.Cache, cache_path: str, hdr: dict[str, Any], a: Any) -> None:

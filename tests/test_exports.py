@@ -5,9 +5,10 @@ from __future__ import annotations
 import ast
 import pathlib
 
+from aiovmc._native._vmc import lib
+
 import aiovmc
 from aiovmc._native import ERRORS
-from aiovmc._native._vmc import lib
 
 PACKAGE = pathlib.Path(aiovmc.__file__).parent
 
@@ -37,9 +38,10 @@ def test_only_the_native_package_touches_the_compiled_core() -> None:
                 names = {alias.name for alias in node.names}
                 if "_vmc" in (node.module or "") or names & {"ffi", "lib", "_vmc"}:
                     offenders.append(f"{path.name}:{node.lineno}")
-            elif isinstance(node, ast.Import):
-                if any("_vmc" in alias.name or alias.name == "cffi" for alias in node.names):
-                    offenders.append(f"{path.name}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any(
+                "_vmc" in alias.name or alias.name == "cffi" for alias in node.names
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
 
 
