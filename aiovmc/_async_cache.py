@@ -95,7 +95,11 @@ def _limiter() -> anyio.CapacityLimiter:
 
 
 async def _offload(func: Callable[[], T]) -> T:
-    """Run ``func`` in a worker thread; a cancel takes effect once it has returned."""
+    """Run ``func`` in a worker thread, bounded by the loop's copy limiter.
+
+    A cancel before the thread starts skips ``func``; once started, it runs to the
+    end and the cancel takes effect afterwards.
+    """
     return await anyio.to_thread.run_sync(func, limiter=_limiter())
 
 
@@ -206,23 +210,23 @@ class AsyncCache:
         "_get_inline",
         "_limit",
         "_loads",
-        "offload_threshold",
+        "_threshold",
         "on_miss",
     )
 
+    #: The handle's loader, used by `get` when the call gives none.
     on_miss: Loader | None
-    offload_threshold: int
+    _get_inline: Callable[[bytes, int], bytes | int | None]
+    _fetch: Callable[[bytes], bytes | None]
 
     def __init__(
         self,
-        path: str | Any | None = None,
+        path: str | os.PathLike[str] | None = None,
         *,
         on_miss: Loader | None = None,
         offload_threshold: int | str | None = None,
         **cache_options: Any,
     ) -> None:
-        if "on_miss" in cache_options:  # pragma: no cover - caught by the signature
-            raise TypeError("on_miss is an AsyncCache argument")
         threshold = _parse_threshold(offload_threshold)
         self._setup(Cache(path, **cache_options), on_miss, threshold)
 
@@ -246,13 +250,18 @@ class AsyncCache:
     def _setup(self, cache: Cache, on_miss: Loader | None, threshold: int) -> None:
         self._cache = cache
         self.on_miss = on_miss
-        self.offload_threshold = threshold
+        self._threshold = threshold
         # _get_inline returns values of at most `_limit` bytes, sizes beyond.
         self._limit = max(threshold - 1, 0)
         self._get_inline = cache._get_inline
         self._fetch = cache._fetch
         self._loads: SingleFlight[bytes | None] = SingleFlight()
         self._flushes: SingleFlight[int] = SingleFlight()
+
+    @property
+    def offload_threshold(self) -> int:
+        """Values of at least this many bytes are copied in a worker thread."""
+        return self._threshold
 
     @property
     def cache(self) -> Cache:
@@ -328,7 +337,7 @@ class AsyncCache:
         if result is None:
             return None
         store = self._cache._store_loaded
-        if _nbytes(result) < self.offload_threshold:
+        if _nbytes(result) < self._threshold:
             store(key, result, ttl)
             return result if result.__class__ is bytes else bytes(result)
 
@@ -357,7 +366,7 @@ class AsyncCache:
         ``offload_threshold`` bytes; a cancel then takes effect after the copy.
         """
         get_into = self._cache.get_into
-        if _nbytes(buffer) < self.offload_threshold:
+        if _nbytes(buffer) < self._threshold:
             return get_into(key, buffer, offset=offset)
         return await _offload(functools.partial(get_into, key, buffer, offset=offset))
 
@@ -396,14 +405,14 @@ class AsyncCache:
         worker thread (a checkpoint; a cancel takes effect after the copy, so the
         value may have been stored). A smaller one is stored without waiting.
         """
-        if _nbytes(value) < self.offload_threshold:
+        if _nbytes(value) < self._threshold:
             return self._cache.put(key, value, ttl=ttl)
         return await _offload(functools.partial(self._cache.put, key, value, ttl=ttl))
 
     async def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
         """As `Cache.add`: store only if ``key`` is absent; True if stored.
         Waits as `put` does."""
-        if _nbytes(value) < self.offload_threshold:
+        if _nbytes(value) < self._threshold:
             return self._cache.add(key, value, ttl=ttl)
         return await _offload(functools.partial(self._cache.add, key, value, ttl=ttl))
 
@@ -421,7 +430,7 @@ class AsyncCache:
         """
         pairs = list(items.items() if isinstance(items, Mapping) else items)
         put_many = self._cache.put_many
-        if sum(_nbytes(v) for _, v in pairs) < self.offload_threshold:
+        if sum(_nbytes(v) for _, v in pairs) < self._threshold:
             return put_many(pairs, ttl=ttl)
         return await _offload(functools.partial(put_many, pairs, ttl=ttl))
 

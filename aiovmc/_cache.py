@@ -265,9 +265,15 @@ class Cache(Handle):
         nbytes = parse_size(size)
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         assert ttl_ns is not None
-        rid, buffer = self._reserve(encoded, nbytes, ttl_ns)
+        rid, buffer, evicted = self._reserve(encoded, nbytes, ttl_ns)
         reservation = Reservation(self, rid, encoded, buffer)
         self._reservations.add(reservation)
+        if evicted:  # if a callback raises, the unreturned reservation is cancelled
+            try:
+                self._notify_evicted(evicted)
+            except BaseException:
+                reservation.cancel()
+                raise
         return reservation
 
     # ---- mapping protocol (no loader: a miss is a KeyError) ----
@@ -343,7 +349,11 @@ class Reservation:
         """Make the value visible atomically, replacing any older value of the
         key; returns its timestamp (also kept as `timestamp`)."""
         self._require_open("publish")
-        self.timestamp = self._cache._publish(self._id)
+        try:
+            self.timestamp = self._cache._publish(self._id)
+        except BaseException:
+            self._finish("cancelled")  # the core freed it: a failed publication cancels
+            raise
         self._finish("published")
         return self.timestamp
 

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
 """Shared machinery of the benchmark families: timing, key orders, peers, results.
 
 Method (the same for every family, see benchmarks/README.md):
@@ -92,7 +93,7 @@ def percentile(xs: Sequence[float], p: float) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    k = min(len(s) - 1, max(0, int(round(p / 100.0 * (len(s) - 1)))))
+    k = min(len(s) - 1, max(0, round(p / 100.0 * (len(s) - 1))))
     return s[k]
 
 
@@ -333,7 +334,7 @@ def aiovmc_module() -> Any | None:
     try:
         mod = importlib.import_module("aiovmc")
         mod.Cache  # noqa: B018 - probing
-    except Exception as exc:  # noqa: BLE001 - any failure means "not built yet"
+    except Exception as exc:
         say(f"  aiovmc not available ({type(exc).__name__}: {exc})")
         return None
     return mod
@@ -417,13 +418,20 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 shutil.which("redis-server") or "redis-server",
-                "--port", "0",
-                "--unixsocket", self.sock,
-                "--unixsocketperm", "700",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
-                "--maxmemory", "0",
+                "--port",
+                "0",
+                "--unixsocket",
+                self.sock,
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--maxmemory",
+                "0",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -460,8 +468,21 @@ class RedisServer:
 
 def lib_versions() -> dict[str, str]:
     names = [
-        "aiovmc", "cffi", "anyio", "trio", "uvloop", "lmdb", "diskcache", "cachetools",
-        "async-lru", "cachebox", "theine", "aiocache", "cashews", "redis", "matplotlib",
+        "aiovmc",
+        "cffi",
+        "anyio",
+        "trio",
+        "uvloop",
+        "lmdb",
+        "diskcache",
+        "cachetools",
+        "async-lru",
+        "cachebox",
+        "theine",
+        "aiocache",
+        "cashews",
+        "redis",
+        "matplotlib",
     ]
     out: dict[str, str] = {}
     for n in names:
@@ -494,8 +515,15 @@ def machine() -> dict[str, Any]:
         for line in out.splitlines():
             k, _, v = line.partition(":")
             k, v = k.strip(), v.strip()
-            if k in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
-                     "Hypervisor vendor", "L2 cache", "L3 cache"):
+            if k in (
+                "Model name",
+                "CPU(s)",
+                "Thread(s) per core",
+                "Core(s) per socket",
+                "Hypervisor vendor",
+                "L2 cache",
+                "L3 cache",
+            ):
                 info[k] = v
     except (OSError, subprocess.SubprocessError):
         pass

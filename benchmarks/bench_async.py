@@ -1,3 +1,4 @@
+# ruff: noqa: RUF002, RUF003  (µ, ×, −, – are meant: they are printed)
 """Family ``async``: the anyio facade: hit path, stampede, loop stalls, big copies.
 
 1. Hit path. 100k keys, 100 B values, random order; one task awaits
@@ -24,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import mmap
 import os
@@ -32,12 +34,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _common import (
-    GiB,
-    KiB,
-    MiB,
     Case,
     Check,
     FamilyResult,
+    GiB,
+    KiB,
+    MiB,
     Ratio,
     Settings,
     fmt_bytes,
@@ -106,8 +108,11 @@ def _anyio_run(fn: Callable[[], Awaitable[Any]], backend: tuple[str, str, dict[s
 # ----------------------------------------------------------------------- timing (async)
 
 
-async def _async_interleaved(cases: list[tuple[str, Callable[[list[bytes]], Any], bool]],
-                             order: list[bytes], settings: Settings) -> dict[str, list[float]]:
+async def _async_interleaved(
+    cases: list[tuple[str, Callable[[list[bytes]], Any], bool]],
+    order: list[bytes],
+    settings: Settings,
+) -> dict[str, list[float]]:
     """Like _common.interleaved, for loops that are coroutines (flag True) or plain."""
     n = len(order)
     plan = []
@@ -157,6 +162,10 @@ def _await_loop(fn: Callable[[bytes], Awaitable[Any]]) -> Callable[[list[bytes]]
         return loop
 
     return make
+
+
+def _put_loop(cache: Any, value: bytes) -> Callable[[list[bytes]], Any]:
+    return _sync_loop(lambda k: cache.put(k, value))
 
 
 def _sync_loop(fn: Callable[[bytes], Any]) -> Callable[[list[bytes]], Any]:
@@ -219,24 +228,52 @@ def _hit_path(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         a = out.get(f"aiovmc await get ({bname})")
         s = out.get(f"aiovmc Cache.get (sync) [{bname}]")
         if a and s:
-            res.ratios.append(Ratio(f"await get hit ({bname})", a["median_ns"],
-                                    "sync Cache.get", s["median_ns"], "ns", "lower", 1.5))
+            res.ratios.append(
+                Ratio(
+                    f"await get hit ({bname})",
+                    a["median_ns"],
+                    "sync Cache.get",
+                    s["median_ns"],
+                    "ns",
+                    "lower",
+                    1.5,
+                )
+            )
     a = out.get("aiovmc await get (asyncio)")
     for peer_name, target in (("async-lru", 1.0), ("cachebox", None), ("theine", None)):
         p = out.get(f"{peer_name} hit")
         if a and p:
-            res.ratios.append(Ratio("await get hit (asyncio)", a["median_ns"], peer_name,
-                                    p["median_ns"], "ns", "lower", target))
+            res.ratios.append(
+                Ratio(
+                    "await get hit (asyncio)",
+                    a["median_ns"],
+                    peer_name,
+                    p["median_ns"],
+                    "ns",
+                    "lower",
+                    target,
+                )
+            )
     t = out.get("aiovmc await get (trio)")
     p = out.get("async-lru hit")
     if t and p:
-        res.ratios.append(Ratio("await get hit (trio)", t["median_ns"], "async-lru (asyncio)",
-                                p["median_ns"], "ns", "lower", 1.0,
-                                note="async-lru runs on asyncio only"))
+        res.ratios.append(
+            Ratio(
+                "await get hit (trio)",
+                t["median_ns"],
+                "async-lru (asyncio)",
+                p["median_ns"],
+                "ns",
+                "lower",
+                1.0,
+                note="async-lru runs on asyncio only",
+            )
+        )
 
 
-async def _memoizer_cases(keys: list[bytes], value: bytes,
-                          cleanup: list[Callable[[], Any]]) -> list[tuple[str, Any, bool]]:
+async def _memoizer_cases(
+    keys: list[bytes], value: bytes, cleanup: list[Callable[[], Any]]
+) -> list[tuple[str, Any, bool]]:
     cases: list[tuple[str, Any, bool]] = []
 
     async def load(key: bytes) -> bytes:
@@ -266,8 +303,9 @@ async def _memoizer_cases(keys: list[bytes], value: bytes,
 # ----------------------------------------------------------------------- 2. stampede
 
 
-async def _stampede_once(call: Callable[[bytes], Awaitable[Any]], key: bytes,
-                         expect: bytes) -> float:
+async def _stampede_once(
+    call: Callable[[bytes], Awaitable[Any]], key: bytes, expect: bytes
+) -> float:
     import anyio
 
     results: list[Any] = []
@@ -294,9 +332,12 @@ def _stampede(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
     out: dict[str, dict[str, Any]] = {}
 
     def record(name: str, walls: list[float], calls: list[int]) -> None:
-        out[name] = {"median_wall_ms": median(walls[settings.warmup:]),
-                     "walls_ms": walls[settings.warmup:], "loader_calls": calls[settings.warmup:],
-                     "max_loader_calls": max(calls[settings.warmup:])}
+        out[name] = {
+            "median_wall_ms": median(walls[settings.warmup :]),
+            "walls_ms": walls[settings.warmup :],
+            "loader_calls": calls[settings.warmup :],
+            "max_loader_calls": max(calls[settings.warmup :]),
+        }
 
     d = scratch("async-stampede")
     try:
@@ -306,8 +347,9 @@ def _stampede(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
                 calls: list[int] = []
                 walls: list[float] = []
 
-                async def main(calls: list[int] = calls, walls: list[float] = walls,
-                               bname: str = bname) -> None:
+                async def main(
+                    calls: list[int] = calls, walls: list[float] = walls, bname: str = bname
+                ) -> None:
                     for r in range(rounds):
                         n = [0]
 
@@ -340,14 +382,14 @@ def _stampede(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
     aiocache = peer("aiocache")
     if aiocache is not None:
         peers.append(("aiocache @cached", lambda f: aiocache.cached(ttl=60)(f)))
-        peers.append(("aiocache @cached_stampede",
-                      lambda f: aiocache.cached_stampede(lease=2, ttl=60)(f)))
+        peers.append(
+            ("aiocache @cached_stampede", lambda f: aiocache.cached_stampede(lease=2, ttl=60)(f))
+        )
     cashews = peer("cashews")
     if cashews is not None:
         cashews.cache.setup("mem://")
         peers.append(("cashews @cache", lambda f: cashews.cache(ttl="1m")(f)))
-        peers.append(("cashews @cache(lock=True)",
-                      lambda f: cashews.cache(ttl="1m", lock=True)(f)))
+        peers.append(("cashews @cache(lock=True)", lambda f: cashews.cache(ttl="1m", lock=True)(f)))
     cachebox = peer("cachebox")
     if cachebox is not None:
         peers.append(("cachebox", lambda f: cachebox.cached(cachebox.LRUCache(1000))(f)))
@@ -359,8 +401,12 @@ def _stampede(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         calls = []
         walls = []
 
-        async def pmain(deco: Any = deco, calls: list[int] = calls, walls: list[float] = walls,
-                        pname: str = pname) -> None:
+        async def pmain(
+            deco: Any = deco,
+            calls: list[int] = calls,
+            walls: list[float] = walls,
+            pname: str = pname,
+        ) -> None:
             for r in range(rounds):
                 n = [0]
 
@@ -379,18 +425,35 @@ def _stampede(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
 
     res.data["stampede"] = out
     for name, b in out.items():
-        say(f"  stampede: {name:<28} loader calls {b['loader_calls']}  "
-            f"wall {b['median_wall_ms']:.1f} ms")
+        say(
+            f"  stampede: {name:<28} loader calls {b['loader_calls']}  "
+            f"wall {b['median_wall_ms']:.1f} ms"
+        )
     for bname in ("asyncio", "trio"):
         b = out.get(f"aiovmc ({bname})")
         if b:
-            res.checks.append(Check(f"stampede loader calls, max over rounds ({bname})",
-                                    b["max_loader_calls"], "", 1, "equal"))
+            res.checks.append(
+                Check(
+                    f"stampede loader calls, max over rounds ({bname})",
+                    b["max_loader_calls"],
+                    "",
+                    1,
+                    "equal",
+                )
+            )
             for pname, pb in out.items():
                 if not pname.startswith("aiovmc") and bname == "asyncio":
-                    res.ratios.append(Ratio("stampede wall time (asyncio)", b["median_wall_ms"],
-                                            pname, pb["median_wall_ms"], "ms", "lower",
-                                            note=f"peer loader calls {pb['max_loader_calls']}"))
+                    res.ratios.append(
+                        Ratio(
+                            "stampede wall time (asyncio)",
+                            b["median_wall_ms"],
+                            pname,
+                            pb["median_wall_ms"],
+                            "ms",
+                            "lower",
+                            note=f"peer loader calls {pb['max_loader_calls']}",
+                        )
+                    )
 
 
 # ----------------------------------------------------------------------- 3. loop stalls
@@ -416,7 +479,7 @@ async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float) 
         size = len(value)
         while not stop[0]:
             await ac.put(k, value)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             v = await ac.get(k)
             if v is None or len(v) != size:
                 raise AssertionError("lag worker: lost its value")
@@ -425,7 +488,7 @@ async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float) 
             t0 = time.perf_counter_ns()
             v = None
             drops.append(time.perf_counter_ns() - t0)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             moved[0] += 2 * size
 
     t0 = time.perf_counter_ns()
@@ -437,12 +500,14 @@ async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float) 
         stop[0] = True
     elapsed = (time.perf_counter_ns() - t0) / 1e9
     gaps = gaps[2:] or gaps  # the first wake-ups include task start-up
-    return {"max_gap_ms": max(gaps) / 1e6 if gaps else float("nan"),
-            "p99_gap_ms": percentile(gaps, 99) / 1e6,
-            "p50_gap_ms": percentile(gaps, 50) / 1e6,
-            "ticks": len(gaps),
-            "max_drop_ms": max(drops) / 1e6,
-            "mib_s": moved[0] / MiB / elapsed}
+    return {
+        "max_gap_ms": max(gaps) / 1e6 if gaps else float("nan"),
+        "p99_gap_ms": percentile(gaps, 99) / 1e6,
+        "p50_gap_ms": percentile(gaps, 50) / 1e6,
+        "ticks": len(gaps),
+        "max_drop_ms": max(drops) / 1e6,
+        "mib_s": moved[0] / MiB / elapsed,
+    }
 
 
 def _loop_lag(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
@@ -457,8 +522,10 @@ def _loop_lag(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         if from_cache is None:
             res.note("AsyncCache.from_cache not available: loop-lag skipped")
             return
-        modes = {"inline": from_cache(cache, offload_threshold=INLINE),
-                 "offloaded": from_cache(cache, offload_threshold=OFFLOAD_SMALL)}
+        modes = {
+            "inline": from_cache(cache, offload_threshold=INLINE),
+            "offloaded": from_cache(cache, offload_threshold=OFFLOAD_SMALL),
+        }
         keys = [b"lag-%d" % i for i in range(WORKERS)]
 
         for backend in backends:
@@ -477,22 +544,26 @@ def _loop_lag(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
             out[f"{bname} idle"] = {
                 "max_gap_ms": median([r["max_gap_ms"] for r in base_rounds]),
                 "p99_gap_ms": median([r["p99_gap_ms"] for r in base_rounds]),
-                "rounds": base_rounds}
+                "rounds": base_rounds,
+            }
             sizes = LAG_SIZES if (bname == "asyncio" or not settings.quick) else (64 * MiB,)
             for size in sizes:
                 value = make_value(size)
                 for k in keys:
                     cache.put(k, value)
                 for mode, ac in modes.items():
+
                     async def main(ac: Any = ac, value: bytes = value) -> list[dict[str, Any]]:
                         rs = []
                         for _ in range(settings.warmup + settings.rounds):
                             rs.append(await _lag_round(ac, keys, value, duration))
-                        return rs[settings.warmup:]
+                        return rs[settings.warmup :]
 
                     rs = _anyio_run(main, backend)
                     entry = {
-                        "size": size, "backend": bname, "mode": mode,
+                        "size": size,
+                        "backend": bname,
+                        "mode": mode,
                         "max_gap_ms": median([r["max_gap_ms"] for r in rs]),
                         "worst_gap_ms": max(r["max_gap_ms"] for r in rs),
                         "p99_gap_ms": median([r["p99_gap_ms"] for r in rs]),
@@ -501,10 +572,12 @@ def _loop_lag(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
                         "rounds": rs,
                     }
                     out[f"{bname} {mode} {size // MiB} MiB"] = entry
-                    say(f"  lag {bname:<7} {mode:<9} {fmt_bytes(size):>7}: max gap "
+                    say(
+                        f"  lag {bname:<7} {mode:<9} {fmt_bytes(size):>7}: max gap "
                         f"{entry['max_gap_ms']:7.2f} ms (worst {entry['worst_gap_ms']:.2f}), p99 "
                         f"{entry['p99_gap_ms']:6.2f} ms, {entry['mib_s']:8.0f} MiB/s; freeing a "
-                        f"result {entry['max_drop_ms']:.2f} ms")
+                        f"result {entry['max_drop_ms']:.2f} ms"
+                    )
                 del value
         cache.close()
     finally:
@@ -513,13 +586,27 @@ def _loop_lag(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
     for bname in ("asyncio", "trio"):
         e = out.get(f"{bname} offloaded 64 MiB")
         if e:
-            res.checks.append(Check(f"loop stall, 64 MiB offloaded ({bname}): max gap - tick",
-                                    e["max_gap_ms"] - TICK * 1e3, "ms", 1.0, "lower",
-                                    note=f"worst round {e['worst_gap_ms'] - TICK * 1e3:.2f} ms"))
+            res.checks.append(
+                Check(
+                    f"loop stall, 64 MiB offloaded ({bname}): max gap - tick",
+                    e["max_gap_ms"] - TICK * 1e3,
+                    "ms",
+                    1.0,
+                    "lower",
+                    note=f"worst round {e['worst_gap_ms'] - TICK * 1e3:.2f} ms",
+                )
+            )
         i = out.get(f"{bname} inline 64 MiB")
         if i:
-            res.checks.append(Check(f"loop stall, 64 MiB inline ({bname}): max gap - tick",
-                                    i["max_gap_ms"] - TICK * 1e3, "ms", None, "lower"))
+            res.checks.append(
+                Check(
+                    f"loop stall, 64 MiB inline ({bname}): max gap - tick",
+                    i["max_gap_ms"] - TICK * 1e3,
+                    "ms",
+                    None,
+                    "lower",
+                )
+            )
 
 
 # ----------------------------------------------------------------------- 4. threshold
@@ -539,14 +626,16 @@ def _offload_curve(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
             cache.put(k, value)
             ops = max(3, min(2000, (256 * MiB if not settings.quick else 64 * MiB) // size))
             cases.append(Case(f"get {size}", _sync_loop(cache.get), ops))
-            cases.append(Case(f"put {size}", (lambda v: _sync_loop(lambda k: cache.put(k, v)))(value),
-                              ops))
+            cases.append(Case(f"put {size}", _put_loop(cache, value), ops))
         for case in cases:
             size = int(case.name.split()[1])
             rounds = interleaved([case], [b"curve-%d" % size] * case.ops, settings)
-            curve[case.name] = {"size": size, "op": case.name.split()[0],
-                                "median_ns": median(rounds[case.name]),
-                                "rounds_ns": rounds[case.name]}
+            curve[case.name] = {
+                "size": size,
+                "op": case.name.split()[0],
+                "median_ns": median(rounds[case.name]),
+                "rounds_ns": rounds[case.name],
+            }
         cache.close()
     finally:
         rm(d)
@@ -554,6 +643,7 @@ def _offload_curve(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
     # the cost of one offload round trip, as the loop sees it
     trips: dict[str, float] = {}
     for backend in (BACKENDS[0], BACKENDS[2]):
+
         async def trip() -> float:
             def noop() -> None:
                 return None
@@ -578,23 +668,31 @@ def _offload_curve(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
     at100 = _size_at(gets, 100_000)
     at200 = _size_at(gets, 200_000)
     rec = _recommend(at100, at200)
-    res.data["offload_curve"] = {"points": curve, "to_thread_ns": trips,
-                                 "get_size_at_100us": at100, "get_size_at_200us": at200,
-                                 "put_size_at_100us": _size_at(puts, 100_000),
-                                 "put_size_at_200us": _size_at(puts, 200_000),
-                                 "recommended_offload_threshold": rec}
-    for (size, g), (_s, p) in zip(gets, puts):
-        say(f"  inline copy {fmt_bytes(size):>8}: get {fmt_ns(g):>10} ({size / g:.2f} GB/s)  "
-            f"put {fmt_ns(p):>10} ({size / p:.2f} GB/s)")
+    res.data["offload_curve"] = {
+        "points": curve,
+        "to_thread_ns": trips,
+        "get_size_at_100us": at100,
+        "get_size_at_200us": at200,
+        "put_size_at_100us": _size_at(puts, 100_000),
+        "put_size_at_200us": _size_at(puts, 200_000),
+        "recommended_offload_threshold": rec,
+    }
+    for (size, g), (_s, p) in zip(gets, puts, strict=True):
+        say(
+            f"  inline copy {fmt_bytes(size):>8}: get {fmt_ns(g):>10} ({size / g:.2f} GB/s)  "
+            f"put {fmt_ns(p):>10} ({size / p:.2f} GB/s)"
+        )
     for b, ns in trips.items():
         say(f"  to_thread.run_sync round trip ({b}): {fmt_ns(ns)}")
-    say(f"  inline get takes 100 µs at {fmt_bytes(at100)}, 200 µs at {fmt_bytes(at200)} "
-        f"-> recommended default offload_threshold = {fmt_bytes(rec)}")
+    say(
+        f"  inline get takes 100 µs at {fmt_bytes(at100)}, 200 µs at {fmt_bytes(at200)} "
+        f"-> recommended default offload_threshold = {fmt_bytes(rec)}"
+    )
 
 
 def _size_at(points: list[tuple[int, float]], ns: float) -> float:
     """Interpolate (log-log) the size at which an op takes ``ns``."""
-    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+    for (s0, t0), (s1, t1) in itertools.pairwise(points):
         if t0 <= ns <= t1:
             if t1 == t0:
                 return float(s0)
@@ -612,7 +710,7 @@ def _recommend(at100: float, at200: float) -> int:
     p = 1 << max(12, math.ceil(math.log2(max(at100, 1))))
     if p > at200:  # no power of two inside the band: take the nearest to its middle
         mid = math.sqrt(at100 * at200)
-        lo = 1 << int(math.floor(math.log2(mid)))
+        lo = 1 << math.floor(math.log2(mid))
         p = lo if mid / lo < (2 * lo) / mid else 2 * lo
     return p
 
@@ -662,8 +760,13 @@ def _bandwidth(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         buf = bytearray(BIG)
         bufview = memoryview(buf)
         if aiovmc is not None and hasattr(cache, "get_into"):
-            cases.append(Case("aiovmc get_into (reused buffer)",
-                              _sync_loop(lambda k: cache.get_into(k, buf)), 5))
+            cases.append(
+                Case(
+                    "aiovmc get_into (reused buffer)",
+                    _sync_loop(lambda k: cache.get_into(k, buf)),
+                    5,
+                )
+            )
 
         def plain_into(_k: bytes) -> None:
             bufview[:] = view[a:b]
@@ -671,8 +774,12 @@ def _bandwidth(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         cases.append(Case("mmap slice into reused buffer", _sync_loop(plain_into), 5))
         rounds = interleaved(cases, [b"big"] * 5, settings)
         for name, xs in rounds.items():
-            out[name] = {"median_ns": median(xs), "rounds_ns": xs,
-                         "gb_s": BIG / median(xs), "gib_s": BIG / median(xs) * 1e9 / GiB}
+            out[name] = {
+                "median_ns": median(xs),
+                "rounds_ns": xs,
+                "gb_s": BIG / median(xs),
+                "gib_s": BIG / median(xs) * 1e9 / GiB,
+            }
             say(f"  64 MiB {name:<30} {fmt_ns(median(xs)):>10}  {out[name]['gib_s']:.2f} GiB/s")
         bufview.release()
         view.release()
@@ -683,18 +790,39 @@ def _bandwidth(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         rm(d)
     res.data["bandwidth_64MiB"] = out
     if "aiovmc Cache.get" in out:
-        res.ratios.append(Ratio("64 MiB get bandwidth", out["aiovmc Cache.get"]["gib_s"],
-                                "mmap slice to bytes", out["bytes(memoryview(mmap)[a:b])"]["gib_s"],
-                                "GiB/s", "higher", 0.8))
+        res.ratios.append(
+            Ratio(
+                "64 MiB get bandwidth",
+                out["aiovmc Cache.get"]["gib_s"],
+                "mmap slice to bytes",
+                out["bytes(memoryview(mmap)[a:b])"]["gib_s"],
+                "GiB/s",
+                "higher",
+                0.8,
+            )
+        )
         if "aiovmc get_into (reused buffer)" in out:
-            res.ratios.append(Ratio("64 MiB get_into bandwidth (reused buffer)",
-                                    out["aiovmc get_into (reused buffer)"]["gib_s"],
-                                    "mmap slice into reused buffer",
-                                    out["mmap slice into reused buffer"]["gib_s"], "GiB/s",
-                                    "higher"))
+            res.ratios.append(
+                Ratio(
+                    "64 MiB get_into bandwidth (reused buffer)",
+                    out["aiovmc get_into (reused buffer)"]["gib_s"],
+                    "mmap slice into reused buffer",
+                    out["mmap slice into reused buffer"]["gib_s"],
+                    "GiB/s",
+                    "higher",
+                )
+            )
         if "lmdb get" in out:
-            res.ratios.append(Ratio("64 MiB get bandwidth", out["aiovmc Cache.get"]["gib_s"],
-                                    "lmdb get", out["lmdb get"]["gib_s"], "GiB/s", "higher"))
+            res.ratios.append(
+                Ratio(
+                    "64 MiB get bandwidth",
+                    out["aiovmc Cache.get"]["gib_s"],
+                    "lmdb get",
+                    out["lmdb get"]["gib_s"],
+                    "GiB/s",
+                    "higher",
+                )
+            )
 
 
 # ----------------------------------------------------------------------- entry

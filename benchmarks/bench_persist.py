@@ -1,3 +1,4 @@
+# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
 """Family ``persist``: reserve/publish, persistence waits, crash recovery.
 
 1. ``reserve(key, n)`` + fill ``r.buffer`` + ``publish()`` against ``put(key, value)``
@@ -24,13 +25,13 @@ import time
 from typing import Any
 
 from _common import (
-    GiB,
-    KiB,
-    MiB,
     SEED,
     Case,
     Check,
     FamilyResult,
+    GiB,
+    KiB,
+    MiB,
     Ratio,
     Settings,
     disk_dir,
@@ -95,8 +96,7 @@ def _reserve(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
 
                     return loop
 
-                def make_reserve_cm(ks: list[bytes], value: bytes = value,
-                                    size: int = size) -> Any:
+                def make_reserve_cm(ks: list[bytes], value: bytes = value, size: int = size) -> Any:
                     reserve = cache.reserve
 
                     def loop() -> None:
@@ -107,17 +107,32 @@ def _reserve(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
                     return loop
 
                 label = f"{size // KiB} KiB" if size < MiB else f"{size // MiB} MiB"
-                rounds = interleaved([Case("put", make_put),
-                                      Case("reserve+fill+publish", make_reserve),
-                                      Case("with reserve() (fill)", make_reserve_cm)],
-                                     order, settings)
-                out[label] = {n: {"median_ns": median(x), "rounds_ns": x}
-                              for n, x in rounds.items()}
-                say(f"  {label}: " + ", ".join(f"{n} {fmt_ns(median(x))}"
-                                               for n, x in rounds.items()))
-                res.ratios.append(Ratio(f"reserve+publish {label}",
-                                        out[label]["reserve+fill+publish"]["median_ns"], "put",
-                                        out[label]["put"]["median_ns"], "ns", "lower"))
+                rounds = interleaved(
+                    [
+                        Case("put", make_put),
+                        Case("reserve+fill+publish", make_reserve),
+                        Case("with reserve() (fill)", make_reserve_cm),
+                    ],
+                    order,
+                    settings,
+                )
+                out[label] = {
+                    n: {"median_ns": median(x), "rounds_ns": x} for n, x in rounds.items()
+                }
+                say(
+                    f"  {label}: "
+                    + ", ".join(f"{n} {fmt_ns(median(x))}" for n, x in rounds.items())
+                )
+                res.ratios.append(
+                    Ratio(
+                        f"reserve+publish {label}",
+                        out[label]["reserve+fill+publish"]["median_ns"],
+                        "put",
+                        out[label]["put"]["median_ns"],
+                        "ns",
+                        "lower",
+                    )
+                )
         finally:
             cache.close()
     finally:
@@ -155,17 +170,26 @@ def _persist(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
                 say(f"  {label}: persist() after one put {fmt_ns(median(xs))}")
                 if has_async(aiovmc) and hasattr(aiovmc.AsyncCache, "wait_persisted"):
                     from_cache = getattr(aiovmc.AsyncCache, "from_cache", None)
-                    ac = (from_cache(cache) if from_cache else
-                          aiovmc.AsyncCache(os.path.join(d, "cache.vmc")))
+                    ac = (
+                        from_cache(cache)
+                        if from_cache
+                        else aiovmc.AsyncCache(os.path.join(d, "cache.vmc"))
+                    )
 
                     for n in WAITERS:
-                        async def main(n: int = n) -> list[dict[str, Any]]:
+
+                        async def main(n: int = n, ac: Any = ac) -> list[dict[str, Any]]:
                             rounds = []
                             for _r in range(settings.warmup + settings.rounds):
                                 lat: list[int] = []
                                 seen: list[int] = []
 
-                                async def writer(i: int) -> None:
+                                async def writer(
+                                    i: int,
+                                    ac: Any = ac,
+                                    lat: list[int] = lat,
+                                    seen: list[int] = seen,
+                                ) -> None:
                                     ts = await ac.put(b"w-%d" % i, value)
                                     t0 = time.perf_counter_ns()
                                     await ac.wait_persisted(ts)
@@ -178,11 +202,16 @@ def _persist(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
                                         tg.start_soon(writer, i)
                                 wall = time.perf_counter_ns() - t0
                                 flushes = len(set(seen))
-                                rounds.append({"p50_ns": percentile(lat, 50),
-                                               "max_ns": max(lat), "wall_ns": wall,
-                                               "flushes": flushes,
-                                               "waiters_per_flush": n / max(1, flushes)})
-                            return rounds[settings.warmup:]
+                                rounds.append(
+                                    {
+                                        "p50_ns": percentile(lat, 50),
+                                        "max_ns": max(lat),
+                                        "wall_ns": wall,
+                                        "flushes": flushes,
+                                        "waiters_per_flush": n / max(1, flushes),
+                                    }
+                                )
+                            return rounds[settings.warmup :]
 
                         for bname in ("asyncio", "trio"):
                             try:
@@ -197,9 +226,11 @@ def _persist(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
                                 "waiters_per_flush": median([r["waiters_per_flush"] for r in rs]),
                                 "rounds": rs,
                             }
-                            say(f"  {label} {k:<20}: wait_persisted p50 "
+                            say(
+                                f"  {label} {k:<20}: wait_persisted p50 "
                                 f"{fmt_ns(entry[k]['p50_ns'])}, max {fmt_ns(entry[k]['max_ns'])}, "
-                                f"{entry[k]['waiters_per_flush']:.1f} waiters per flush")
+                                f"{entry[k]['waiters_per_flush']:.1f} waiters per flush"
+                            )
                 else:
                     res.note("AsyncCache.wait_persisted not available: group commit skipped")
                 out[label] = entry
@@ -211,10 +242,24 @@ def _persist(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
     for label, e in out.items():
         k = "asyncio 100 waiters"
         if k in e:
-            res.checks.append(Check(f"waiters served per flush, 100 writers, {label}",
-                                    e[k]["waiters_per_flush"], "", None, "higher"))
-            res.checks.append(Check(f"wait_persisted p50, 1 writer, {label}",
-                                    e["asyncio 1 waiters"]["p50_ns"] / 1e3, "µs", None, "lower"))
+            res.checks.append(
+                Check(
+                    f"waiters served per flush, 100 writers, {label}",
+                    e[k]["waiters_per_flush"],
+                    "",
+                    None,
+                    "higher",
+                )
+            )
+            res.checks.append(
+                Check(
+                    f"wait_persisted p50, 1 writer, {label}",
+                    e["asyncio 1 waiters"]["p50_ns"] / 1e3,
+                    "µs",
+                    None,
+                    "lower",
+                )
+            )
 
 
 # ----------------------------------------------------------------------- 3. recovery
@@ -254,8 +299,10 @@ def _recovery(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
         for r in range(settings.warmup + settings.rounds):
             ready = ctx.Event()
             t_fill = time.perf_counter()
-            p = ctx.Process(target=_child_writer,
-                            args=(path, RECOVERY_ENTRIES if r == 0 else 0, RECOVERY_SIZE, ready))
+            p = ctx.Process(
+                target=_child_writer,
+                args=(path, RECOVERY_ENTRIES if r == 0 else 0, RECOVERY_SIZE, ready),
+            )
             p.start()
             if not ready.wait(300):
                 p.kill()
@@ -272,8 +319,10 @@ def _recovery(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
             n = len(c)
             hits = sum(1 for k in probe if c.get(k) is not None)
             c.close()
-            say(f"  round {r}: reopen after SIGKILL {fmt_ns(t1 - t0)}, {n:,} entries, "
-                f"{hits}/1000 probes hit")
+            say(
+                f"  round {r}: reopen after SIGKILL {fmt_ns(t1 - t0)}, {n:,} entries, "
+                f"{hits}/1000 probes hit"
+            )
             if r >= settings.warmup or settings.rounds == 0:
                 opens.append(t1 - t0)
                 kept.append(n)
@@ -286,15 +335,25 @@ def _recovery(res: FamilyResult, settings: Settings, aiovmc: Any) -> None:
             c.close()
     finally:
         rm(d)
-    out.update({"reopen_after_kill_ns": median(opens), "reopen_rounds_ns": opens,
-                "entries_after": kept, "clean_reopen_ns": median(clean)})
+    out.update(
+        {
+            "reopen_after_kill_ns": median(opens),
+            "reopen_rounds_ns": opens,
+            "entries_after": kept,
+            "clean_reopen_ns": median(clean),
+        }
+    )
     res.data["recovery"] = out
-    say(f"  reopen after SIGKILL (1 GiB, 1M entries): {fmt_ns(median(opens))}; clean reopen "
-        f"{fmt_ns(median(clean))}")
-    res.checks.append(Check("reopen after SIGKILL, 1 GiB / 1M entries", median(opens) / 1e6, "ms",
-                            None, "lower"))
-    res.checks.append(Check("entries kept after SIGKILL (min over rounds)", min(kept), "", None,
-                            "higher"))
+    say(
+        f"  reopen after SIGKILL (1 GiB, 1M entries): {fmt_ns(median(opens))}; clean reopen "
+        f"{fmt_ns(median(clean))}"
+    )
+    res.checks.append(
+        Check("reopen after SIGKILL, 1 GiB / 1M entries", median(opens) / 1e6, "ms", None, "lower")
+    )
+    res.checks.append(
+        Check("entries kept after SIGKILL (min over rounds)", min(kept), "", None, "higher")
+    )
 
 
 def run(settings: Settings, aiovmc: Any) -> FamilyResult:
@@ -302,9 +361,11 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
     if aiovmc is None:
         res.note("aiovmc not available: nothing to measure")
         return res
-    steps = [("reserve/publish", _reserve, has_reserve(aiovmc)),
-             ("persist", _persist, hasattr(aiovmc.Cache, "persist")),
-             ("recovery", _recovery, True)]
+    steps = [
+        ("reserve/publish", _reserve, has_reserve(aiovmc)),
+        ("persist", _persist, hasattr(aiovmc.Cache, "persist")),
+        ("recovery", _recovery, True),
+    ]
     for title, fn, ok in steps:
         say(f"  -- {title}")
         if not ok:

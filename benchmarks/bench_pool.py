@@ -1,3 +1,4 @@
+# ruff: noqa: RUF002, RUF003  (µ, ×, −, – are meant: they are printed)
 """Family ``pool``: how much of the pool holds values, and what one entry costs.
 
 Utilisation: a 64 MiB cache (policy "lru", default extent size) receives puts of
@@ -26,11 +27,11 @@ import random
 from typing import Any
 
 from _common import (
-    KiB,
-    MiB,
     SEED,
     Check,
     FamilyResult,
+    KiB,
+    MiB,
     Settings,
     median,
     print_checks,
@@ -91,7 +92,7 @@ def _utilisation(aiovmc: Any, seed: int, with_callback: bool) -> dict[str, Any]:
                         step = max(1, first // 25)
                 elif i % step == 0:
                     st = c.statistics()
-                    now = sum(sizes.get(bytes(k), 0) for k in c.keys())
+                    now = sum(sizes.get(bytes(k), 0) for k in c.keys())  # noqa: SIM118 (a Cache)
                     samples.append((i, st.used_bytes / cap, now / cap))
                 if first is not None and i >= 4 * first:
                     break
@@ -114,8 +115,7 @@ def _utilisation(aiovmc: Any, seed: int, with_callback: bool) -> dict[str, Any]:
                 "keys_walk": len(ks),
                 "used_over_capacity": st.used_bytes / cap,
                 "live_values_over_capacity_walk": walk / cap,
-                "live_values_over_capacity_bookkeeping": live[0] / cap if with_callback
-                else None,
+                "live_values_over_capacity_bookkeeping": live[0] / cap if with_callback else None,
                 "on_evict": with_callback,
                 "live_values_over_capacity_get_into": None if check is None else check / cap,
                 "live_keys_values_over_capacity": (walk + KEY_LEN * len(ks)) / cap,
@@ -152,9 +152,13 @@ def _overhead(aiovmc: Any, value_size: int) -> dict[str, Any]:
             assert st.evictions == 0, "overhead run evicted"
             n = st.entries
             over = (st.used_bytes - n * (value_size + KEY_LEN)) / max(1, n)
-            return {"value_size": value_size, "entries": n, "used_bytes": st.used_bytes,
-                    "overhead_per_entry": over,
-                    "used_per_entry": st.used_bytes / max(1, n)}
+            return {
+                "value_size": value_size,
+                "entries": n,
+                "used_bytes": st.used_bytes,
+                "overhead_per_entry": over,
+                "used_per_entry": st.used_bytes / max(1, n),
+            }
         finally:
             c.close()
     finally:
@@ -179,9 +183,12 @@ def _entry_layout(aiovmc: Any) -> dict[str, Any]:
                 deltas.append(c.statistics().used_bytes - before)
             extent = deltas[0]
             fits = max(v for v, dl in enumerate(deltas) if dl == extent)
-            return {"min_allocation": extent, "largest_value_in_min_allocation": fits,
-                    "entry_fixed_bytes": extent - KEY_LEN - fits,
-                    "allocation_steps": sorted({dl for dl in deltas})}
+            return {
+                "min_allocation": extent,
+                "largest_value_in_min_allocation": fits,
+                "entry_fixed_bytes": extent - KEY_LEN - fits,
+                "allocation_steps": sorted({dl for dl in deltas}),
+            }
         finally:
             c.close()
     finally:
@@ -204,56 +211,109 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
             res.note(f"utilisation run not available: {exc}")
             break
     if runs:
-        keys = ("used_over_capacity", "live_values_over_capacity_walk",
-                "live_values_over_capacity_bookkeeping", "live_keys_values_over_capacity",
-                "avg_overhead_per_entry", "min_used_after_first_eviction",
-                "min_live_after_first_eviction", "capacity_over_size")
+        keys = (
+            "used_over_capacity",
+            "live_values_over_capacity_walk",
+            "live_values_over_capacity_bookkeeping",
+            "live_keys_values_over_capacity",
+            "avg_overhead_per_entry",
+            "min_used_after_first_eviction",
+            "min_live_after_first_eviction",
+            "capacity_over_size",
+        )
         med = {k: median([r[k] for r in runs if r[k] is not None]) for k in keys}
         res.data["utilisation"] = {"median": med, "runs": runs}
         r0 = runs[0]
-        say(f"  capacity {r0['capacity'] / MiB:.2f} MiB of a {SIZE / MiB:.0f} MiB file "
+        say(
+            f"  capacity {r0['capacity'] / MiB:.2f} MiB of a {SIZE / MiB:.0f} MiB file "
             f"({r0['capacity_over_size']:.3f}); first eviction after {r0['first_eviction_at_put']}"
-            f" puts; {r0['puts']} puts, {r0['entries']} entries at the end")
+            f" puts; {r0['puts']} puts, {r0['entries']} entries at the end"
+        )
         for r in runs:
             if r["keys_walk"] != r["entries"]:
-                res.note(f"seed {r['seed']}: keys() has {r['keys_walk']} keys but statistics() "
-                         f"says {r['entries']} entries")
+                res.note(
+                    f"seed {r['seed']}: keys() has {r['keys_walk']} keys but statistics() "
+                    f"says {r['entries']} entries"
+                )
             if r["keys_not_put_by_us"]:
-                res.note(f"seed {r['seed']}: keys() returned {r['keys_not_put_by_us']} unknown keys")
+                res.note(
+                    f"seed {r['seed']}: keys() returned {r['keys_not_put_by_us']} unknown keys"
+                )
             gi = r["live_values_over_capacity_get_into"]
             if gi is not None and abs(gi - r["live_values_over_capacity_walk"]) > 1e-9:
                 res.note(f"seed {r['seed']}: get_into sizes disagree with stored sizes")
             bk = r["live_values_over_capacity_bookkeeping"]
             if bk is not None and abs(bk - r["live_values_over_capacity_walk"]) > 1e-9:
-                res.note(f"seed {r['seed']}: on_evict bookkeeping ({bk:.4f}) disagrees with "
-                         f"the keys() walk ({r['live_values_over_capacity_walk']:.4f}): "
-                         "some entries vanished without on_evict, or on_evict was called for "
-                         "live keys")
-        res.checks.append(Check("used_bytes / capacity (end)", med["used_over_capacity"],
-                                "", 0.90, "higher"))
-        res.checks.append(Check("live value bytes / capacity (end, keys() walk)",
-                                med["live_values_over_capacity_walk"], "", 0.90, "higher"))
-        res.checks.append(Check("min live value bytes / capacity after 1st eviction",
-                                med["min_live_after_first_eviction"], "", None, "higher"))
-        res.checks.append(Check("avg overhead per entry, mixed sizes (excl. key)",
-                                med["avg_overhead_per_entry"], "B", None, "lower"))
+                res.note(
+                    f"seed {r['seed']}: on_evict bookkeeping ({bk:.4f}) disagrees with "
+                    f"the keys() walk ({r['live_values_over_capacity_walk']:.4f}): "
+                    "some entries vanished without on_evict, or on_evict was called for "
+                    "live keys"
+                )
+        res.checks.append(
+            Check("used_bytes / capacity (end)", med["used_over_capacity"], "", 0.90, "higher")
+        )
+        res.checks.append(
+            Check(
+                "live value bytes / capacity (end, keys() walk)",
+                med["live_values_over_capacity_walk"],
+                "",
+                0.90,
+                "higher",
+            )
+        )
+        res.checks.append(
+            Check(
+                "min live value bytes / capacity after 1st eviction",
+                med["min_live_after_first_eviction"],
+                "",
+                None,
+                "higher",
+            )
+        )
+        res.checks.append(
+            Check(
+                "avg overhead per entry, mixed sizes (excl. key)",
+                med["avg_overhead_per_entry"],
+                "B",
+                None,
+                "lower",
+            )
+        )
     over = []
     for vs in SMALL_SIZES:
         o = _overhead(aiovmc, vs)
         over.append(o)
-        say(f"  value {vs:>5} B + key {KEY_LEN} B: {o['used_per_entry']:.1f} B used per entry, "
-            f"overhead {o['overhead_per_entry']:.1f} B")
+        say(
+            f"  value {vs:>5} B + key {KEY_LEN} B: {o['used_per_entry']:.1f} B used per entry, "
+            f"overhead {o['overhead_per_entry']:.1f} B"
+        )
     res.data["overhead"] = over
     lay = _entry_layout(aiovmc)
     res.data["layout"] = lay
-    say(f"  smallest allocation {lay['min_allocation']} B; it holds a 16 B key and up to "
+    say(
+        f"  smallest allocation {lay['min_allocation']} B; it holds a 16 B key and up to "
         f"{lay['largest_value_in_min_allocation']} B of value: {lay['entry_fixed_bytes']} B of "
-        "fixed per-entry bytes (header, checksum, ...)")
-    res.checks.append(Check("fixed bytes per entry (header etc.; excl. key and rounding)",
-                            lay["entry_fixed_bytes"], "B", None, "lower"))
+        "fixed per-entry bytes (header, checksum, ...)"
+    )
+    res.checks.append(
+        Check(
+            "fixed bytes per entry (header etc.; excl. key and rounding)",
+            lay["entry_fixed_bytes"],
+            "B",
+            None,
+            "lower",
+        )
+    )
     for o in over:
-        res.checks.append(Check(f"per-entry overhead, {o['value_size']} B values (excl. key)",
-                                o["overhead_per_entry"], "B",
-                                64 if o["value_size"] == TARGET_SMALL else None, "lower"))
+        res.checks.append(
+            Check(
+                f"per-entry overhead, {o['value_size']} B values (excl. key)",
+                o["overhead_per_entry"],
+                "B",
+                64 if o["value_size"] == TARGET_SMALL else None,
+                "lower",
+            )
+        )
     print_checks(res.checks)
     return res

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
 """Family ``scaling``: read throughput of 1 and 2 processes sharing one file.
 
 A store is filled with 100k keys of 100 B values. Then groups of worker processes
@@ -19,10 +20,10 @@ import time
 from typing import Any
 
 from _common import (
-    GiB,
-    MiB,
     Check,
     FamilyResult,
+    GiB,
+    MiB,
     Ratio,
     Settings,
     key_order,
@@ -44,13 +45,14 @@ VALUE = 100
 CHUNK = 1_000
 
 
-def _worker(lib: str, path: str, worker: int, rounds: int, duration: float,
-            barrier: Any, queue: Any) -> None:
+def _worker(
+    lib: str, path: str, worker: int, rounds: int, duration: float, barrier: Any, queue: Any
+) -> None:
     """Child process: open the store, then per round read for ``duration`` seconds."""
     import gc
 
     keys = [make_key(i) for i in key_order(N_KEYS, seed=1000 + worker)]
-    chunks = [keys[i:i + CHUNK] for i in range(0, len(keys), CHUNK)]
+    chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
     if lib == "aiovmc":
         import aiovmc
 
@@ -134,8 +136,11 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
                 barrier = ctx.Barrier(nproc + 1)
                 queue = ctx.Queue()
                 procs = [
-                    ctx.Process(target=_worker, daemon=True,
-                                args=(lib, stores[lib][0], w, rounds, duration, barrier, queue))
+                    ctx.Process(
+                        target=_worker,
+                        daemon=True,
+                        args=(lib, stores[lib][0], w, rounds, duration, barrier, queue),
+                    )
                     for w in range(nproc)
                 ]
                 for p in procs:
@@ -171,13 +176,27 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
         one = res.data[f"{lib} x1"]["median_ops_s"]
         two = res.data[f"{lib} x2"]["median_ops_s"]
         res.data[f"{lib} scaling"] = two / one
-        res.checks.append(Check(f"{lib}: 2 processes / 1 process", two / one, "x",
-                                1.8 if lib == "aiovmc" else None, "higher"))
+        res.checks.append(
+            Check(
+                f"{lib}: 2 processes / 1 process",
+                two / one,
+                "x",
+                1.8 if lib == "aiovmc" else None,
+                "higher",
+            )
+        )
     if "aiovmc" in libs and "lmdb" in libs:
         for n in (1, 2):
-            res.ratios.append(Ratio(f"read throughput, {n} process{'es' if n > 1 else ''}",
-                                    res.data[f"aiovmc x{n}"]["median_ops_s"], "lmdb",
-                                    res.data[f"lmdb x{n}"]["median_ops_s"], "ops/s", "higher"))
+            res.ratios.append(
+                Ratio(
+                    f"read throughput, {n} process{'es' if n > 1 else ''}",
+                    res.data[f"aiovmc x{n}"]["median_ops_s"],
+                    "lmdb",
+                    res.data[f"lmdb x{n}"]["median_ops_s"],
+                    "ops/s",
+                    "higher",
+                )
+            )
     print_ratios(res.ratios)
     print_checks(res.checks)
     return res

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
 """Family ``sync``: one-key get hits and puts, 100 B and 4 KiB values, 100k keys.
 
 Every library holds the same 100k 16-byte keys; a timed round walks a pre-generated
@@ -24,13 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import (
+    Case,
+    FamilyResult,
     GiB,
     KiB,
     MiB,
-    Case,
-    FamilyResult,
-    RedisServer,
     Ratio,
+    RedisServer,
     Settings,
     fmt_ns,
     interleaved,
@@ -176,7 +177,7 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
         redis_server = RedisServer()
         try:
             redis_client = redis_server.start()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             res.note(f"redis-server did not start ({exc}); redis skipped")
             redis_server = None
     else:
@@ -229,30 +230,36 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
                         puts.append(Case("redis", _put_loop(obj.set, value)))
 
                 plan: list[tuple[str, list[Case], list[bytes]]] = [
-                    ("get", gets, order), ("put", puts, order)]
+                    ("get", gets, order),
+                    ("put", puts, order),
+                ]
                 if size == SIZES[0]:
                     # info: a hot working set of 1,000 keys (fits the CPU caches), which
                     # separates the per-call cost from the cache misses of random access
                     hot_keys = [keys[i] for i in key_order(N_KEYS)[:HOT]]
                     hot = [hot_keys[i % HOT] for i in key_order(N_KEYS, seed=7)]
-                    plan.append((f"get hot {HOT}", [c for c in gets
-                                                    if c.name in ("aiovmc", "lmdb",
-                                                                  "cachetools")], hot))
+                    plan.append(
+                        (
+                            f"get hot {HOT}",
+                            [c for c in gets if c.name in ("aiovmc", "lmdb", "cachetools")],
+                            hot,
+                        )
+                    )
                 for op, cases, keyseq in plan:
                     rounds = interleaved(cases, keyseq, settings)
                     block = {
-                        name: {"median_ns": median(v), "rounds_ns": v}
-                        for name, v in rounds.items()
+                        name: {"median_ns": median(v), "rounds_ns": v} for name, v in rounds.items()
                     }
                     res.data[f"{op} {label}"] = block
-                    say(f"  {op} {label}: " + ", ".join(
-                        f"{n} {fmt_ns(b['median_ns'])}" for n, b in block.items()
-                    ))
+                    say(
+                        f"  {op} {label}: "
+                        + ", ".join(f"{n} {fmt_ns(b['median_ns'])}" for n, b in block.items())
+                    )
             finally:
                 for _obj, close in stores.values():
                     try:
                         close()
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         say(f"  (close failed: {exc})")
 
         # ratios
@@ -262,26 +269,64 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
             a_get = g.get("aiovmc", {}).get("median_ns", float("nan"))
             a_put = p.get("aiovmc", {}).get("median_ns", float("nan"))
             if "lmdb" in g:
-                res.ratios.append(Ratio(f"get hit {label}", a_get, "lmdb (read txn)",
-                                        g["lmdb"]["median_ns"], "ns", "lower", 0.5))
+                res.ratios.append(
+                    Ratio(
+                        f"get hit {label}",
+                        a_get,
+                        "lmdb (read txn)",
+                        g["lmdb"]["median_ns"],
+                        "ns",
+                        "lower",
+                        0.5,
+                    )
+                )
             if "lmdb put/txn" in p:
-                res.ratios.append(Ratio(f"put {label}", a_put, "lmdb put/txn",
-                                        p["lmdb put/txn"]["median_ns"], "ns", "lower", 0.7))
-                res.ratios.append(Ratio(f"put {label}", a_put, "lmdb put, 1 txn",
-                                        p["lmdb put, 1 txn"]["median_ns"], "ns", "lower",
-                                        note="batched best case; no target"))
+                res.ratios.append(
+                    Ratio(
+                        f"put {label}",
+                        a_put,
+                        "lmdb put/txn",
+                        p["lmdb put/txn"]["median_ns"],
+                        "ns",
+                        "lower",
+                        0.7,
+                    )
+                )
+                res.ratios.append(
+                    Ratio(
+                        f"put {label}",
+                        a_put,
+                        "lmdb put, 1 txn",
+                        p["lmdb put, 1 txn"]["median_ns"],
+                        "ns",
+                        "lower",
+                        note="batched best case; no target",
+                    )
+                )
             for other in ("diskcache", "cachetools", "redis"):
                 if other in g:
-                    res.ratios.append(Ratio(f"get hit {label}", a_get, other,
-                                            g[other]["median_ns"], "ns", "lower"))
+                    res.ratios.append(
+                        Ratio(
+                            f"get hit {label}", a_get, other, g[other]["median_ns"], "ns", "lower"
+                        )
+                    )
                 if other in p:
-                    res.ratios.append(Ratio(f"put {label}", a_put, other,
-                                            p[other]["median_ns"], "ns", "lower"))
+                    res.ratios.append(
+                        Ratio(f"put {label}", a_put, other, p[other]["median_ns"], "ns", "lower")
+                    )
         h = res.data.get(f"get hot {HOT} 100 B", {})
         if "aiovmc" in h and "lmdb" in h:
-            res.ratios.append(Ratio(f"get hit 100 B, {HOT} hot keys", h["aiovmc"]["median_ns"],
-                                    "lmdb (read txn)", h["lmdb"]["median_ns"], "ns", "lower",
-                                    note="info: working set in CPU caches"))
+            res.ratios.append(
+                Ratio(
+                    f"get hit 100 B, {HOT} hot keys",
+                    h["aiovmc"]["median_ns"],
+                    "lmdb (read txn)",
+                    h["lmdb"]["median_ns"],
+                    "ns",
+                    "lower",
+                    note="info: working set in CPU caches",
+                )
+            )
         print_ratios(res.ratios)
     finally:
         if redis_server is not None:

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001, RUF003  (µ, ×, −, – are meant: they are printed)
 """Turn a results JSON into plots (docs/img/bench_*.png) and docs/benchmarks.md tables.
 
     python benchmarks/report.py [benchmarks/results/full.json]
@@ -77,9 +78,17 @@ def _ratio_rows(ratios: list[dict[str, Any]], only_targets: bool = False) -> lis
         verdict = r["verdict"] if r["verdict"] != "info" else ""
         if verdict in ("PASS", "MISS"):
             verdict = f"**{verdict}**"
-        rows.append([r["what"], _num(r["aiovmc"], r["unit"]), r["peer_name"],
-                     _num(r["peer"], r["unit"]), _num(r["ratio"]) if r["ratio"] == r["ratio"]
-                     else "n/a", tgt, verdict])
+        rows.append(
+            [
+                r["what"],
+                _num(r["aiovmc"], r["unit"]),
+                r["peer_name"],
+                _num(r["peer"], r["unit"]),
+                _num(r["ratio"]) if r["ratio"] == r["ratio"] else "n/a",
+                tgt,
+                verdict,
+            ]
+        )
     return rows
 
 
@@ -88,8 +97,11 @@ def _check_rows(checks: list[dict[str, Any]], only_targets: bool = False) -> lis
     for c in checks:
         if only_targets and c.get("target") is None:
             continue
-        tgt = f"{REL[c['better']]} {c['target']:g} {c['unit']}".strip() \
-            if c.get("target") is not None else "—"
+        tgt = (
+            f"{REL[c['better']]} {c['target']:g} {c['unit']}".strip()
+            if c.get("target") is not None
+            else "—"
+        )
         verdict = c["verdict"] if c["verdict"] != "info" else ""
         if verdict in ("PASS", "MISS"):
             verdict = f"**{verdict}**"
@@ -106,14 +118,19 @@ def _plt() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
-                         "grid.alpha": 0.3})
+    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
     return plt
 
 
-COLORS = {"aiovmc": "#d62728", "lmdb": "#1f77b4", "lmdb put/txn": "#1f77b4",
-          "lmdb put, 1 txn": "#aec7e8", "diskcache": "#2ca02c", "cachetools": "#7f7f7f",
-          "redis": "#9467bd"}
+COLORS = {
+    "aiovmc": "#d62728",
+    "lmdb": "#1f77b4",
+    "lmdb put/txn": "#1f77b4",
+    "lmdb put, 1 txn": "#aec7e8",
+    "diskcache": "#2ca02c",
+    "cachetools": "#7f7f7f",
+    "redis": "#9467bd",
+}
 
 
 def _plot_sync(fam: dict[str, Any]) -> str | None:
@@ -125,7 +142,7 @@ def _plot_sync(fam: dict[str, Any]) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4))
     if len(panels) == 1:
         axes = [axes]
-    for ax, key in zip(axes, panels):
+    for ax, key in zip(axes, panels, strict=True):
         block = data[key]
         names = list(block)
         vals = [block[n]["median_ns"] / 1e3 for n in names]
@@ -152,8 +169,7 @@ def _plot_scaling(fam: dict[str, Any]) -> str | None:
     for i, lib in enumerate(libs):
         ys = [data[f"{lib} x{n}"]["median_ops_s"] / 1e6 for n in (1, 2)]
         xs = [j + (i - (len(libs) - 1) / 2) * width for j in range(2)]
-        ax.bar(xs, ys, width, label=f"{lib} (×{data[f'{lib} scaling']:.2f})",
-               color=COLORS.get(lib))
+        ax.bar(xs, ys, width, label=f"{lib} (×{data[f'{lib} scaling']:.2f})", color=COLORS.get(lib))
     ax.set_xticks([0, 1], ["1 process", "2 processes"])
     ax.set_ylabel("M gets/s (sum)")
     ax.set_title("Read throughput on one shared file (100 B values)")
@@ -168,7 +184,7 @@ def _plot_pool(fam: dict[str, Any]) -> str | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for j, run in enumerate(util["runs"][:1]):
+    for run in util["runs"][:1]:
         s = run["samples"]
         if not s:
             continue
@@ -193,8 +209,7 @@ def _plot_async_hit(fam: dict[str, Any]) -> str | None:
     names = list(hit)
     vals = [hit[n]["median_ns"] for n in names]
     fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(names) + 1.2))
-    ax.barh(names, vals, color=["#d62728" if n.startswith("aiovmc") else "#1f77b4"
-                                for n in names])
+    ax.barh(names, vals, color=["#d62728" if n.startswith("aiovmc") else "#1f77b4" for n in names])
     for y, v in enumerate(vals):
         ax.text(v, y, f" {v:.0f} ns", va="center", fontsize=7)
     ax.invert_yaxis()
@@ -210,21 +225,46 @@ def _plot_lag(fam: dict[str, Any]) -> str | None:
         return None
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4.0))
-    styles = {("asyncio", "inline"): ("#d62728", "-"), ("asyncio", "offloaded"): ("#1f77b4", "-"),
-              ("trio", "inline"): ("#d62728", ":"), ("trio", "offloaded"): ("#1f77b4", ":")}
+    styles = {
+        ("asyncio", "inline"): ("#d62728", "-"),
+        ("asyncio", "offloaded"): ("#1f77b4", "-"),
+        ("trio", "inline"): ("#d62728", ":"),
+        ("trio", "offloaded"): ("#1f77b4", ":"),
+    }
     for (backend, mode), (color, ls) in styles.items():
-        pts = sorted((e["size"], e) for k, e in lag.items()
-                     if isinstance(e, dict) and e.get("backend") == backend
-                     and e.get("mode") == mode)
+        pts = sorted(
+            (e["size"], e)
+            for k, e in lag.items()
+            if isinstance(e, dict) and e.get("backend") == backend and e.get("mode") == mode
+        )
         if not pts:
             continue
         xs = [p[0] / (1 << 20) for p in pts]
-        a1.plot(xs, [p[1]["max_gap_ms"] for p in pts], color=color, ls=ls, marker="o",
-                label=f"{backend} {mode} (max)")
-        a1.plot(xs, [p[1]["p99_gap_ms"] for p in pts], color=color, ls=ls, marker="x", lw=0.6,
-                label=f"{backend} {mode} (p99)")
-        a2.plot(xs, [p[1]["mib_s"] for p in pts], color=color, ls=ls, marker="o",
-                label=f"{backend} {mode}")
+        a1.plot(
+            xs,
+            [p[1]["max_gap_ms"] for p in pts],
+            color=color,
+            ls=ls,
+            marker="o",
+            label=f"{backend} {mode} (max)",
+        )
+        a1.plot(
+            xs,
+            [p[1]["p99_gap_ms"] for p in pts],
+            color=color,
+            ls=ls,
+            marker="x",
+            lw=0.6,
+            label=f"{backend} {mode} (p99)",
+        )
+        a2.plot(
+            xs,
+            [p[1]["mib_s"] for p in pts],
+            color=color,
+            ls=ls,
+            marker="o",
+            label=f"{backend} {mode}",
+        )
     a1.axhline(1.5, color="k", ls="--", lw=0.8, label="tick + 1 ms stall target")
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
@@ -253,8 +293,13 @@ def _plot_offload(fam: dict[str, Any]) -> str | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for op, color in (("get", "#d62728"), ("put", "#1f77b4")):
         pts = sorted((p["size"], p["median_ns"]) for p in cur["points"].values() if p["op"] == op)
-        ax.plot([p[0] for p in pts], [p[1] / 1e3 for p in pts], marker="o", color=color,
-                label=f"inline Cache.{op}")
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] / 1e3 for p in pts],
+            marker="o",
+            color=color,
+            label=f"inline Cache.{op}",
+        )
     ax.axhspan(100, 200, color="#ffdd88", alpha=0.5, label="100–200 µs band")
     for b, ns in cur.get("to_thread_ns", {}).items():
         ax.axhline(ns / 1e3, ls=":", lw=0.8, color="k")
@@ -302,89 +347,192 @@ def _family_md(name: str, fam: dict[str, Any], figs: dict[str, str]) -> list[str
                     libs.append(n)
         rows = []
         for lib in libs:
-            rows.append([lib] + [_ns(data[k][lib]["median_ns"]) if lib in data.get(k, {})
-                                 else "—" for k in ("get 100 B", "get 4 KiB", "put 100 B",
-                                                    "put 4 KiB", "get hot 1000 100 B")])
-        out += [_table(["library", "get 100 B", "get 4 KiB", "put 100 B", "put 4 KiB",
-                        "get 100 B, 1,000 hot keys (info)"], rows), ""]
+            rows.append(
+                [lib]
+                + [
+                    _ns(data[k][lib]["median_ns"]) if lib in data.get(k, {}) else "—"
+                    for k in (
+                        "get 100 B",
+                        "get 4 KiB",
+                        "put 100 B",
+                        "put 4 KiB",
+                        "get hot 1000 100 B",
+                    )
+                ]
+            )
+        out += [
+            _table(
+                [
+                    "library",
+                    "get 100 B",
+                    "get 4 KiB",
+                    "put 100 B",
+                    "put 4 KiB",
+                    "get 100 B, 1,000 hot keys (info)",
+                ],
+                rows,
+            ),
+            "",
+        ]
     if name == "scaling" and data:
         rows = []
         for lib in ("aiovmc", "lmdb"):
             if f"{lib} x1" in data:
-                rows.append([lib, _num(data[f"{lib} x1"]["median_ops_s"], "ops/s"),
-                             _num(data[f"{lib} x2"]["median_ops_s"], "ops/s"),
-                             f"{data[f'{lib} scaling']:.2f}×"])
+                rows.append(
+                    [
+                        lib,
+                        _num(data[f"{lib} x1"]["median_ops_s"], "ops/s"),
+                        _num(data[f"{lib} x2"]["median_ops_s"], "ops/s"),
+                        f"{data[f'{lib} scaling']:.2f}×",
+                    ]
+                )
         out += [_table(["library", "1 process", "2 processes", "scaling"], rows), ""]
     if name == "pool" and data.get("utilisation"):
         m = data["utilisation"]["median"]
         r0 = data["utilisation"]["runs"][0]
-        out += [f"Capacity {_size(r0['capacity'])} of a {_size(r0['file_size'])} file "
-                f"({m['capacity_over_size']:.3f}); first eviction after "
-                f"{r0['first_eviction_at_put']:,} puts; {r0['puts']:,} puts in all "
-                f"(seed {r0['seed']}); medians of {len(data['utilisation']['runs'])} seeds.", ""]
+        out += [
+            f"Capacity {_size(r0['capacity'])} of a {_size(r0['file_size'])} file "
+            f"({m['capacity_over_size']:.3f}); first eviction after "
+            f"{r0['first_eviction_at_put']:,} puts; {r0['puts']:,} puts in all "
+            f"(seed {r0['seed']}); medians of {len(data['utilisation']['runs'])} seeds.",
+            "",
+        ]
     if name == "pool" and data.get("layout"):
         lay = data["layout"]
-        out += [f"The smallest allocation is {lay['min_allocation']} B; with a 16 B key it holds "
-                f"values up to {lay['largest_value_in_min_allocation']} B, so an entry's fixed "
-                f"part (header, checksum, ...) is {lay['entry_fixed_bytes']} B; the rest of the "
-                "overhead below is rounding up to whole extents.", ""]
+        out += [
+            f"The smallest allocation is {lay['min_allocation']} B; with a 16 B key it holds "
+            f"values up to {lay['largest_value_in_min_allocation']} B, so an entry's fixed "
+            f"part (header, checksum, ...) is {lay['entry_fixed_bytes']} B; the rest of the "
+            "overhead below is rounding up to whole extents.",
+            "",
+        ]
     if name == "pool" and data.get("overhead"):
-        rows = [[f"{o['value_size']} B", f"{o['entries']:,}", f"{o['used_per_entry']:.1f} B",
-                 f"{o['overhead_per_entry']:.1f} B"] for o in data["overhead"]]
-        out += [_table(["value size (key 16 B)", "entries", "used bytes per entry",
-                        "overhead per entry (excl. key)"], rows), ""]
+        rows = [
+            [
+                f"{o['value_size']} B",
+                f"{o['entries']:,}",
+                f"{o['used_per_entry']:.1f} B",
+                f"{o['overhead_per_entry']:.1f} B",
+            ]
+            for o in data["overhead"]
+        ]
+        out += [
+            _table(
+                [
+                    "value size (key 16 B)",
+                    "entries",
+                    "used bytes per entry",
+                    "overhead per entry (excl. key)",
+                ],
+                rows,
+            ),
+            "",
+        ]
     if name == "async":
+        hit = data.get("hit")
+        if hit:
+            rows = [[n, _ns(b["median_ns"])] for n, b in hit.items()]
+            out += [
+                "Hit path (100 B values, 100k keys, random order):",
+                "",
+                _table(["what", "per hit"], rows),
+                "",
+            ]
         st = data.get("stampede")
         if st:
-            rows = [[n, ", ".join(str(c) for c in b["loader_calls"]),
-                     f"{b['median_wall_ms']:.1f} ms"] for n, b in st.items()]
-            out += ["Cold-key stampede, 500 tasks, loader sleeps 10 ms:", "",
-                    _table(["library", "loader calls per round", "wall time (median)"], rows), ""]
+            rows = [
+                [n, ", ".join(str(c) for c in b["loader_calls"]), f"{b['median_wall_ms']:.1f} ms"]
+                for n, b in st.items()
+            ]
+            out += [
+                "Cold-key stampede, 500 tasks, loader sleeps 10 ms:",
+                "",
+                _table(["library", "loader calls per round", "wall time (median)"], rows),
+                "",
+            ]
         lag = data.get("loop_lag")
         if lag:
             rows = []
             for k, e in lag.items():
                 if "size" in e:
-                    rows.append([e["backend"], e["mode"], _size(e["size"]),
-                                 f"{e['max_gap_ms']:.2f} ms", f"{e['worst_gap_ms']:.2f} ms",
-                                 f"{e['p99_gap_ms']:.2f} ms", f"{e['mib_s']:,.0f}",
-                                 f"{e.get('max_drop_ms', float('nan')):.2f} ms"])
+                    rows.append(
+                        [
+                            e["backend"],
+                            e["mode"],
+                            _size(e["size"]),
+                            f"{e['max_gap_ms']:.2f} ms",
+                            f"{e['worst_gap_ms']:.2f} ms",
+                            f"{e['p99_gap_ms']:.2f} ms",
+                            f"{e['mib_s']:,.0f}",
+                            f"{e.get('max_drop_ms', float('nan')):.2f} ms",
+                        ]
+                    )
                 else:
-                    rows.append([k.split()[0], "idle (ticker alone)", "—",
-                                 f"{e['max_gap_ms']:.2f} ms", "", f"{e['p99_gap_ms']:.2f} ms", "",
-                                 ""])
-            out += ["Loop stalls (0.5 ms ticker; 4 tasks looping put + get):", "",
-                    _table(["backend", "copies", "value", "max gap (median of rounds)",
-                            "max gap (worst round)", "p99 gap", "MiB/s",
-                            "freeing one result (app side)"], rows), ""]
+                    rows.append(
+                        [
+                            k.split()[0],
+                            "idle (ticker alone)",
+                            "—",
+                            f"{e['max_gap_ms']:.2f} ms",
+                            "",
+                            f"{e['p99_gap_ms']:.2f} ms",
+                            "",
+                            "",
+                        ]
+                    )
+            out += [
+                "Loop stalls (0.5 ms ticker; 4 tasks looping put + get):",
+                "",
+                _table(
+                    [
+                        "backend",
+                        "copies",
+                        "value",
+                        "max gap (median of rounds)",
+                        "max gap (worst round)",
+                        "p99 gap",
+                        "MiB/s",
+                        "freeing one result (app side)",
+                    ],
+                    rows,
+                ),
+                "",
+            ]
         cur = data.get("offload_curve")
         if cur:
             gets = {p["size"]: p for p in cur["points"].values() if p["op"] == "get"}
             puts = {p["size"]: p for p in cur["points"].values() if p["op"] == "put"}
-            rows = [[_size(s), _ns(gets[s]["median_ns"]), f"{s / gets[s]['median_ns']:.2f}",
-                     _ns(puts[s]["median_ns"]) if s in puts else "—"] for s in sorted(gets)]
+            rows = [
+                [
+                    _size(s),
+                    _ns(gets[s]["median_ns"]),
+                    f"{s / gets[s]['median_ns']:.2f}",
+                    _ns(puts[s]["median_ns"]) if s in puts else "—",
+                ]
+                for s in sorted(gets)
+            ]
             trips = ", ".join(f"{b} {_ns(ns)}" for b, ns in cur.get("to_thread_ns", {}).items())
-            out += ["Inline copy cost (sync `Cache.get`/`put`, one key, median):", "",
-                    _table(["value", "get", "get GB/s", "put"], rows), "",
-                    f"An inline get takes 100 µs at {_size(cur['get_size_at_100us'])} and 200 µs "
-                    f"at {_size(cur['get_size_at_200us'])}; one `anyio.to_thread.run_sync` round "
-                    f"trip costs {trips}. Recommended default `offload_threshold`: "
-                    f"**{_size(cur['recommended_offload_threshold'])}**.", ""]
+            out += [
+                "Inline copy cost (sync `Cache.get`/`put`, one key, median):",
+                "",
+                _table(["value", "get", "get GB/s", "put"], rows),
+                "",
+                f"An inline get takes 100 µs at {_size(cur['get_size_at_100us'])} and 200 µs "
+                f"at {_size(cur['get_size_at_200us'])}; one `anyio.to_thread.run_sync` round "
+                f"trip costs {trips}. Recommended default `offload_threshold`: "
+                f"**{_size(cur['recommended_offload_threshold'])}**.",
+                "",
+            ]
         bw = data.get("bandwidth_64MiB")
         if bw:
             rows = [[n, _ns(b["median_ns"]), f"{b['gib_s']:.2f}"] for n, b in bw.items()]
             out += ["64 MiB copies:", "", _table(["how", "time", "GiB/s"], rows), ""]
-        hit = data.get("hit")
-        if hit:
-            rows = [[n, _ns(b["median_ns"])] for n, b in hit.items()]
-            out += ["Hit path (100 B values, 100k keys, random order):", "",
-                    _table(["what", "per hit"], rows), ""]
     if name == "persist":
         rv = data.get("reserve")
         if rv:
             rows = [[label] + [_ns(b[n]["median_ns"]) for n in b] for label, b in rv.items()]
             names = list(next(iter(rv.values())))
-            out += [_table(["value"] + names, rows), ""]
+            out += [_table(["value", *names], rows), ""]
         ps = data.get("persist")
         if ps:
             rows = []
@@ -392,16 +540,26 @@ def _family_md(name: str, fam: dict[str, Any], figs: dict[str, str]) -> list[str
                 rows.append([label, "persist() after 1 put", _ns(e["persist_ns"]), "", ""])
                 for k, v in e.items():
                     if isinstance(v, dict) and "p50_ns" in v:
-                        rows.append([label, f"{k}: await put + wait_persisted", _ns(v["p50_ns"]),
-                                     _ns(v["max_ns"]), f"{v['waiters_per_flush']:.1f}"])
+                        rows.append(
+                            [
+                                label,
+                                f"{k}: await put + wait_persisted",
+                                _ns(v["p50_ns"]),
+                                _ns(v["max_ns"]),
+                                f"{v['waiters_per_flush']:.1f}",
+                            ]
+                        )
             out += [_table(["file", "what", "p50", "max", "waiters per flush"], rows), ""]
         rec = data.get("recovery")
         if rec and rec.get("reopen_rounds_ns"):
-            out += [f"Reopen after SIGKILL of the writer ({_size(rec['file_size'])} file, "
-                    f"{rec['entries_written']:,} entries): **{_ns(rec['reopen_after_kill_ns'])}** "
-                    f"(rounds: {', '.join(_ns(x) for x in rec['reopen_rounds_ns'])}); entries "
-                    f"after: {', '.join(f'{n:,}' for n in rec['entries_after'])}; a clean reopen "
-                    f"takes {_ns(rec['clean_reopen_ns'])}.", ""]
+            out += [
+                f"Reopen after SIGKILL of the writer ({_size(rec['file_size'])} file, "
+                f"{rec['entries_written']:,} entries): **{_ns(rec['reopen_after_kill_ns'])}** "
+                f"(rounds: {', '.join(_ns(x) for x in rec['reopen_rounds_ns'])}); entries "
+                f"after: {', '.join(f'{n:,}' for n in rec['entries_after'])}; a clean reopen "
+                f"takes {_ns(rec['clean_reopen_ns'])}.",
+                "",
+            ]
     rs = _ratio_rows(fam.get("ratios", []))
     if rs:
         out += [_table(["what", "aiovmc", "peer", "peer figure", "ratio", "target", ""], rs), ""]
@@ -422,35 +580,51 @@ def generated_markdown(results: dict[str, Any], figs: dict[str, list[str]]) -> s
     m = meta.get("machine", {})
     v = meta.get("versions", {})
     fams = results.get("families", {})
-    out = [BEGIN, "",
-           f"Results of `python benchmarks/run.py{' --quick' if meta.get('quick') else ''}` "
-           f"({meta.get('updated', '?')}; {meta.get('rounds')} timed rounds + "
-           f"{meta.get('warmup')} warm-up per figure, medians).", "",
-           "**Machine**: " + ", ".join(x for x in [
-               m.get("Model name", "?"),
-               f"{m.get('CPU(s)', m.get('cpus'))} CPUs "
-               f"({m.get('Core(s) per socket', '?')} cores/socket, "
-               f"{m.get('Thread(s) per core', '?')} thread/core)",
-               f"hypervisor {m['Hypervisor vendor']}" if m.get("Hypervisor vendor") else "",
-               f"{m.get('MemTotal', '?')} RAM",
-               f"/dev/shm is {m.get('shm_fs', '?')}",
-               f"disk dir {m.get('disk_dir', '?')} is {m.get('disk_fs', '?')}",
-               m.get("platform", ""),
-           ] if x) + ".", "",
-           f"**Python** {m.get('python', '?')}; **libraries**: "
-           + ", ".join(f"{k} {val}" for k, val in v.items() if val != "-") + ".", ""]
+    out = [
+        BEGIN,
+        "",
+        f"Results of `python benchmarks/run.py{' --quick' if meta.get('quick') else ''}` "
+        f"({meta.get('updated', '?')}; {meta.get('rounds')} timed rounds + "
+        f"{meta.get('warmup')} warm-up per figure, medians).",
+        "",
+        "**Machine**: "
+        + ", ".join(
+            x
+            for x in [
+                m.get("Model name", "?"),
+                f"{m.get('CPU(s)', m.get('cpus'))} CPUs "
+                f"({m.get('Core(s) per socket', '?')} cores/socket, "
+                f"{m.get('Thread(s) per core', '?')} thread/core)",
+                f"hypervisor {m['Hypervisor vendor']}" if m.get("Hypervisor vendor") else "",
+                f"{m.get('MemTotal', '?')} RAM",
+                f"/dev/shm is {m.get('shm_fs', '?')}",
+                f"disk dir {m.get('disk_dir', '?')} is {m.get('disk_fs', '?')}",
+                m.get("platform", ""),
+            ]
+            if x
+        )
+        + ".",
+        "",
+        f"**Python** {m.get('python', '?')}; **libraries**: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val != "-")
+        + ".",
+        "",
+    ]
     # summary of targets
     rows: list[list[str]] = []
     crow: list[list[str]] = []
     for name, fam in fams.items():
-        rows += [[f"{name}: {r[0]}"] + r[1:] for r in _ratio_rows(fam.get("ratios", []), True)]
-        crow += [[f"{name}: {c[0]}"] + c[1:] for c in _check_rows(fam.get("checks", []), True)]
+        rows += [[f"{name}: {r[0]}", *r[1:]] for r in _ratio_rows(fam.get("ratios", []), True)]
+        crow += [[f"{name}: {c[0]}", *c[1:]] for c in _check_rows(fam.get("checks", []), True)]
     out += ["### Targets (DESIGN.md §8)", ""]
     if rows:
-        out += ["Ratios are aiovmc / peer (for times lower is better, for throughput higher "
-                "is better).", "",
-                _table(["what", "aiovmc", "peer", "peer figure", "ratio", "target", "verdict"],
-                       rows), ""]
+        out += [
+            "Ratios are aiovmc / peer (for times lower is better, for throughput higher "
+            "is better).",
+            "",
+            _table(["what", "aiovmc", "peer", "peer figure", "ratio", "target", "verdict"], rows),
+            "",
+        ]
     if crow:
         out += [_table(["what", "aiovmc", "target", "verdict"], crow), ""]
     for name, fam in fams.items():
@@ -473,14 +647,18 @@ def render(path: str) -> None:
         results = json.load(f)
     fams = results.get("families", {})
     figs: dict[str, list[str]] = {}
-    plots = {"sync": [_plot_sync], "scaling": [_plot_scaling], "pool": [_plot_pool],
-             "async": [_plot_async_hit, _plot_lag, _plot_offload]}
+    plots = {
+        "sync": [_plot_sync],
+        "scaling": [_plot_scaling],
+        "pool": [_plot_pool],
+        "async": [_plot_async_hit, _plot_lag, _plot_offload],
+    }
     for name, fns in plots.items():
         if name in fams and not fams[name].get("error"):
             for fn in fns:
                 try:
                     f = fn(fams[name])
-                except Exception as exc:  # noqa: BLE001 - a broken plot must not hide tables
+                except Exception as exc:
                     print(f"plot {fn.__name__} failed: {exc}")
                     f = None
                 if f:
@@ -491,7 +669,7 @@ def render(path: str) -> None:
             doc = f.read()
         if BEGIN in doc and END in doc:
             pre = doc[: doc.index(BEGIN)]
-            post = doc[doc.index(END) + len(END):]
+            post = doc[doc.index(END) + len(END) :]
             doc = pre + gen + post
         else:
             doc = doc.rstrip() + "\n\n" + gen + "\n"
@@ -500,8 +678,10 @@ def render(path: str) -> None:
     os.makedirs(os.path.dirname(DOC), exist_ok=True)
     with open(DOC, "w") as f:
         f.write(doc)
-    print(f"wrote {os.path.relpath(DOC)} and {len(sum(figs.values(), []))} figures in "
-          f"{os.path.relpath(IMG)}")
+    print(
+        f"wrote {os.path.relpath(DOC)} and {sum(len(f) for f in figs.values())} figures in "
+        f"{os.path.relpath(IMG)}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
 """Run aiovmc's benchmarks side by side with its peers; see benchmarks/README.md.
 
     python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--json OUT] [--no-report]
@@ -48,16 +49,21 @@ FAMILIES: dict[str, str] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="fewer and shorter rounds (whole suite in ~3 minutes)")
-    ap.add_argument("--only", metavar="NAME",
-                    help="comma-separated families to run: " + ", ".join(FAMILIES))
-    ap.add_argument("--json", metavar="OUT",
-                    help="results file (default benchmarks/results/{full,quick}.json)")
-    ap.add_argument("--no-report", action="store_true",
-                    help="do not render plots and docs/benchmarks.md tables")
-    ap.add_argument("--report", action="store_true",
-                    help="render plots and tables even after --quick")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer and shorter rounds (whole suite in ~3 minutes)"
+    )
+    ap.add_argument(
+        "--only", metavar="NAME", help="comma-separated families to run: " + ", ".join(FAMILIES)
+    )
+    ap.add_argument(
+        "--json", metavar="OUT", help="results file (default benchmarks/results/{full,quick}.json)"
+    )
+    ap.add_argument(
+        "--no-report", action="store_true", help="do not render plots and docs/benchmarks.md tables"
+    )
+    ap.add_argument(
+        "--report", action="store_true", help="render plots and tables even after --quick"
+    )
     return ap.parse_args(argv)
 
 
@@ -79,29 +85,36 @@ def main(argv: list[str] | None = None) -> int:
         with open(out) as f:
             results = json.load(f)
     meta = results.setdefault("meta", {})
-    meta.update({
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "quick": settings.quick,
-        "rounds": settings.rounds,
-        "warmup": settings.warmup,
-        "machine": machine(),
-        "versions": lib_versions(),
-    })
-    meta.setdefault("runs", []).append({"argv": sys.argv[1:], "families": names,
-                                        "started": meta["updated"]})
+    meta.update(
+        {
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "quick": settings.quick,
+            "rounds": settings.rounds,
+            "warmup": settings.warmup,
+            "machine": machine(),
+            "versions": lib_versions(),
+        }
+    )
+    meta.setdefault("runs", []).append(
+        {"argv": sys.argv[1:], "families": names, "started": meta["updated"]}
+    )
     meta["runs"] = meta["runs"][-10:]
 
-    say(f"aiovmc benchmarks ({'quick' if settings.quick else 'full'}): "
+    say(
+        f"aiovmc benchmarks ({'quick' if settings.quick else 'full'}): "
         f"{settings.rounds} rounds + {settings.warmup} warm-up, medians; families: "
-        + ", ".join(names))
+        + ", ".join(names)
+    )
     m = meta["machine"]
     say(f"machine: {m.get('Model name', '?')}, {m.get('cpus')} CPUs, Python {m['python']}")
     aiovmc = aiovmc_module()
 
     load = os.getloadavg()[0]
     if load > 0.5:
-        say(f"WARNING: load average {load:.2f} before the run: other processes compete for "
-            f"the {os.cpu_count()} CPUs and every figure (the 2-process one most) suffers")
+        say(
+            f"WARNING: load average {load:.2f} before the run: other processes compete for "
+            f"the {os.cpu_count()} CPUs and every figure (the 2-process one most) suffers"
+        )
     t_all = time.monotonic()
     for name in names:
         say(f"\n== {name} ==")
@@ -113,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             d = fam.as_dict()
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # noqa: BLE001 - one family failing must not stop the others
+        except Exception as exc:
             traceback.print_exc()
-            d = {"name": name, "error": f"{type(exc).__name__}: {exc}", "data": {},
-                 "ratios": [], "checks": [], "notes": []}
+            d = {
+                "name": name,
+                "error": f"{type(exc).__name__}: {exc}",
+                "data": {},
+                "ratios": [],
+                "checks": [],
+                "notes": [],
+            }
         d["quick"] = settings.quick
         # the 1-minute load average before and after: > ~0.3 means someone else was busy
         d["loadavg"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             import report
 
             report.render(out)
-        except Exception:  # noqa: BLE001
+        except Exception:
             traceback.print_exc()
             say("report rendering failed; results are in " + out)
     return 0

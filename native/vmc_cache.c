@@ -15,6 +15,9 @@
 
 #include "vmc_internal.h"
 
+/* Copies of at least this many bytes run without the shard lock (pinned). */
+#define VMC_UNLOCKED_COPY (256u * 1024)
+
 /* ---- process id, cached: reservations record their owner ---- */
 
 static uint64_t self_pid;
@@ -262,6 +265,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             e->value_len = (uint32_t)vlen;
             e->expires_ns = expires;
             e->atime_ns = vmc_self_pid();
+            e->pins = 0;
             e->state = VMC_RESERVED;
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
@@ -303,15 +307,15 @@ static int drop_reservation(vmc_cache *c, uint32_t head)
     if (rc < 0)
         return rc;
     vmc_reserved_unlink(c, head);
-    struct vmc_entry *e = vmc_unit(c, head);
-    e->state = VMC_REMOVED;
-    vmc_free_chain(c, head);
+    vmc_release_entry(c, head);
     vmc_pool_unlock(c);
     return VMC_OK;
 }
 
 /* publish -- link a filled RESERVED head into its shard, replacing an older
- * value of its key. Returns the timestamp, or 0 when `add` finds the key present. */
+ * value of its key. Returns the timestamp, or 0 when `add` finds the key
+ * present. On any failure the reservation is freed: it never outlives a
+ * publication that did not happen. */
 static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
 {
     struct vmc_entry *e = vmc_unit(c, head);
@@ -320,8 +324,10 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
     struct vmc_shard *sh = &c->shards[s];
     int rc;
     for (;;) {
-        if ((rc = vmc_shard_lock(c, s)) < 0)
+        if ((rc = vmc_shard_lock(c, s)) < 0) {
+            drop_reservation(c, head);
             return rc;
+        }
         uint64_t now = vmc_now_ns();
         uint32_t slot = 0;
         uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
@@ -350,13 +356,13 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         }
         if (rc < 0) {
             vmc_shard_unlock(c, s);
+            drop_reservation(c, head);
             return rc;
         }
         vmc_reserved_unlink(c, head);
         if (oe) {
             vmc_lru_unlink(c, s, old);
-            oe->state = VMC_REMOVED;
-            vmc_free_chain(c, old);
+            vmc_release_entry(c, old);
             vmc_index_set(c, s, slot, hash, head);
             if (old_expired)
                 VMC_COUNT(sh->expirations);
@@ -364,20 +370,22 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
             if (victim && vslot != UINT32_MAX) {
                 vmc_index_delete(c, s, vslot);
                 vmc_lru_unlink(c, s, victim);
-                ((struct vmc_entry *)vmc_unit(c, victim))->state = VMC_REMOVED;
-                vmc_free_chain(c, victim);
-                sh->count--;
+                vmc_release_entry(c, victim);
+                VMC_UNCOUNT(sh->count);
                 VMC_COUNT(sh->evictions);
             }
-            if (vmc_index_insert(c, s, hash, head) < 0) {
+            if (victim) /* the delete above moved slots: probe again */
+                slot = vmc_index_insert(c, s, hash, head) < 0 ? UINT32_MAX : 0;
+            else if (slot != UINT32_MAX)
+                vmc_index_set(c, s, slot, hash, head);
+            if (slot == UINT32_MAX) {
                 vmc_mark_damaged(c);
-                e->state = VMC_REMOVED;
-                vmc_free_chain(c, head);
+                vmc_release_entry(c, head);
                 vmc_pool_unlock(c);
                 vmc_shard_unlock(c, s);
                 return vmc_fail(VMC_E_CORRUPT, "the index of shard %u is full", s);
             }
-            sh->count++;
+            VMC_COUNT(sh->count);
         }
         vmc_pool_unlock(c);
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
@@ -439,20 +447,51 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
             VMC_COUNT(sh->gets);
             VMC_COUNT(sh->hits);
             vmc_lru_touch(c, s, u, now);
+            quiet = true; /* counted once, whatever happens next */
         }
-        int copied = VMC_OK;
+        uint64_t from = 0, len = 0;
         if (flags & VMC_F_WHOLE) {
-            if (vlen <= cap)
-                copied = vmc_copy_value(c, u, dst, 0, vlen);
-        } else if (offset < vlen && cap > 0) {
-            copied = vmc_copy_value(c, u, dst, offset, cap < vlen - offset ? cap : vlen - offset);
+            len = vlen <= cap ? vlen : 0;
+        } else if (offset < vlen) {
+            from = offset;
+            len = cap < vlen - offset ? cap : vlen - offset;
         }
-        if (copied < 0)
-            vmc_mark_damaged(c);
+        if (len < VMC_UNLOCKED_COPY || e->pins == UINT8_MAX) {
+            int copied = len ? vmc_copy_value(c, u, dst, from, len) : VMC_OK;
+            if (copied < 0)
+                vmc_mark_damaged(c);
+            vmc_shard_unlock(c, s);
+            rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be "
+                                                      "repaired")
+                            : (int64_t)vlen;
+            goto out;
+        }
+        /* A large copy runs without the shard lock: the pin keeps the
+         * entry's extents from being freed meanwhile. Only a repair could
+         * free them; the timestamp check after the copy catches that. */
+        uint64_t stamp = e->stamp;
+        e->pins++;
         vmc_shard_unlock(c, s);
-        rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be repaired")
-                        : (int64_t)vlen;
-        goto out;
+        int copied = vmc_copy_value(c, u, dst, from, len);
+        if ((rc = vmc_shard_lock(c, s)) < 0)
+            goto out;
+        struct vmc_entry *again = vmc_head(c, u);
+        bool same = again && again->stamp == stamp && again->pins > 0 &&
+                    (again->state == VMC_PUBLISHED || again->state == VMC_REMOVED);
+        if (same) {
+            again->pins--;
+            if (again->state == VMC_REMOVED && again->pins == 0 &&
+                vmc_pool_lock_nested(c) == VMC_OK) { /* else the repair frees it */
+                vmc_free_chain(c, u);
+                vmc_pool_unlock(c);
+            }
+        }
+        vmc_shard_unlock(c, s);
+        if (same && copied == VMC_OK) {
+            rc = (int64_t)vlen;
+            goto out;
+        }
+        /* repaired away under us: look the key up again */
     }
 out:
     leave(c);
@@ -664,8 +703,8 @@ restart:
     if ((rc = vmc_shard_lock(c, (uint32_t)shard)) < 0)
         goto out;
     uint64_t now = vmc_now_ns();
-    uint32_t u = sh->lru_tail;
-    for (uint32_t steps = 0; u && steps <= sh->count + 1; steps++) {
+    uint32_t u = sh->lru_tail, linked = sh->count; /* count shrinks as we remove */
+    for (uint32_t steps = 0; u && steps <= linked; steps++) {
         struct vmc_entry *e = vmc_head(c, u);
         if (e == NULL) {
             vmc_mark_damaged(c);
@@ -722,8 +761,7 @@ int vmc_clear_shard(vmc_cache *c, int shard)
                     break;
                 }
                 uint32_t next = e->lru_next;
-                e->state = VMC_REMOVED;
-                vmc_free_chain(c, u);
+                vmc_release_entry(c, u);
                 u = next;
             }
             memset(c->index + (uint64_t)s * c->slots, 0, (uint64_t)c->slots * 8);

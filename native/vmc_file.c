@@ -141,6 +141,7 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char
     if (getrandom(&h->hash_seed, sizeof h->hash_seed, 0) != sizeof h->hash_seed)
         h->hash_seed = vmc_now_ns() ^ ((uint64_t)getpid() << 32);
     h->geometry_check = geometry_check(h);
+    h->fresh = 1;
     return VMC_OK;
 }
 
@@ -206,7 +207,10 @@ static int create_file(const char *path, const struct vmc_config *cfg)
     char *tmp = malloc(n);
     if (tmp == NULL)
         return vmc_fail(VMC_E_OS, "out of memory");
-    snprintf(tmp, n, "%s.%d.%llx.tmp", path, (int)getpid(), (unsigned long long)h.hash_seed);
+    uint64_t token; /* not the hash seed: a directory listing must not reveal it */
+    if (getrandom(&token, sizeof token, 0) != sizeof token)
+        token = vmc_now_ns();
+    snprintf(tmp, n, "%s.%d.%llx.tmp", path, (int)getpid(), (unsigned long long)token);
     int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cfg->mode);
     if (fd < 0) {
         rc = vmc_fail_errno("open", tmp);
@@ -263,6 +267,9 @@ static int open_failure(const char *path)
         return vmc_fail(VMC_E_FORMAT, "%s is a symbolic link; aiovmc does not follow links", path);
     case EISDIR:
         return vmc_fail(VMC_E_FORMAT, "%s is a directory, not a cache file", path);
+    case ENXIO:
+    case ENODEV:
+        return vmc_fail(VMC_E_FORMAT, "%s is not a regular file (a socket or a device)", path);
     case ENOENT:
         return vmc_fail(VMC_E_CONFIG, "%s does not exist; give a size to create it", path);
     default:

@@ -47,6 +47,7 @@
 #define VMC_MIN_UNIT 256u
 #define VMC_MIN_FILE (1u << 20)
 #define VMC_MAX_UNITS 0xfffffff0u    /* unit numbers are 32-bit */
+#define VMC_MAX_CLOCK (1ull << 62)   /* timestamps stay far from int64 overflow */
 
 /* Extent kinds: the high half of a tag (its low bit is PREV_FREE); magic words
  * so garbage rarely passes. */
@@ -81,7 +82,8 @@ struct vmc_entry {
     uint16_t key_len;       /* pool lock, at allocation */
     uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
                                -> REMOVED (pool lock, and the shard lock if it was published) */
-    uint8_t reserved0;
+    uint8_t pins;           /* readers copying the value without the shard lock; shard lock.
+                               A REMOVED entry is freed by whoever drops the last pin. */
     uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; shard lock, at publication */
     uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */
     uint64_t stamp;         /* publication timestamp; shard lock, at publication */
@@ -152,7 +154,8 @@ struct vmc_header {
     uint64_t clock __attribute__((aligned(64)));  /* last timestamp handed out (fetch_add) */
     uint64_t persisted;       /* highest timestamp known durable; only grows (CAS) */
     uint32_t needs_repair;    /* set by whoever finds a dead lock owner or damage */
-    uint32_t reserved0;
+    uint32_t fresh;           /* set by the creator: the pool is all zeros, so the first
+                                 recovery need not read it; cleared by that recovery */
 };
 
 _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");

@@ -57,6 +57,7 @@ uint32_t vmc_alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind);
 int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool contiguous,
                     uint32_t *head);
 void vmc_free_chain(vmc_cache *c, uint32_t head);
+void vmc_release_entry(vmc_cache *c, uint32_t head);
 void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units);
 void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units);
 void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free);
@@ -107,6 +108,7 @@ static inline uint64_t vmc_now_ns(void)
 #define VMC_STORE_TAG(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
 #define VMC_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
 #define VMC_COUNT(x) VMC_STORE((x), (x) + 1)
+#define VMC_UNCOUNT(x) VMC_STORE((x), (x) - 1)
 
 /* Address of a unit that the caller has checked to be in 1..pool_units. */
 static inline void *vmc_unit(const vmc_cache *c, uint32_t unit)

@@ -92,6 +92,8 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
          * single store below shortens the extent: the walk never breaks. */
         list_add(c, unit + units, have - units);
     }
+    if (kind == VMC_KIND_HEAD) /* no stale state byte may outlive the tag store */
+        ((struct vmc_entry *)f)->state = 0;
     VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
     if (have == units)
         vmc_set_prev_free(c, unit + units, false);
@@ -260,6 +262,16 @@ void vmc_free_chain(vmc_cache *c, uint32_t head)
     }
 }
 
+/* vmc_release_entry -- an entry leaves the cache: free it now, or, if readers
+ * still copy it without the shard lock, let the last of them free it. */
+void vmc_release_entry(vmc_cache *c, uint32_t head)
+{
+    struct vmc_entry *e = vmc_unit(c, head);
+    e->state = VMC_REMOVED;
+    if (e->pins == 0)
+        vmc_free_chain(c, head);
+}
+
 /* The reserved list links RESERVED heads through lru_prev/lru_next. */
 void vmc_reserved_push(vmc_cache *c, uint32_t head)
 {
@@ -322,8 +334,7 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
         uint32_t next = e->lru_next;
         if (!vmc_pid_alive(e->atime_ns)) {
             vmc_reserved_unlink(c, u);
-            e->state = VMC_REMOVED;
-            vmc_free_chain(c, u);
+            vmc_release_entry(c, u);
         }
         u = next;
     }

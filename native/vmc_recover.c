@@ -6,12 +6,11 @@
  * mark and sweep:
  *   1. walk the tags; where a tag cannot be valid (a new file's zeroed pool,
  *      pages torn by an OS crash, hostile bytes), skip unit by unit to the next
- *      plausible tag and make the gap one free extent; after such damage every
- *      kept entry's checksum is verified, whatever the mode;
- *   2. keep each sound PUBLISHED head (chain intact, unexpired and, in RECOVER
- *      mode, checksum right) and each RESERVED head whose owner is alive (LIVE
- *      mode only), marking its extents; of two heads with the same key the
- *      newer timestamp wins;
+ *      plausible tag and make the gap one free extent;
+ *   2. keep each sound PUBLISHED head (chain intact, unexpired, checksum
+ *      right) and each RESERVED head whose owner is alive (LIVE mode only),
+ *      marking its extents; of two heads with the same key the newer
+ *      timestamp wins;
  *   3. sweep: every unmarked run of extents becomes one free extent;
  *   4. relink each shard's LRU list in access-time order.
  * RECOVER runs at open when the opener is the file's only user (it also
@@ -98,19 +97,22 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
     p->last_reclaim_ns = 0;
 }
 
-/* keep_published -- index a sound PUBLISHED head; false if it must go. */
-static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, bool verify, uint64_t now)
+/* keep_published -- index a sound PUBLISHED head; false if it must go. Sets
+ * *shard to the key's shard. */
+static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t now,
+                           uint32_t *shard)
 {
     struct vmc_entry *e = vmc_head(c, u);
     if (e == NULL || vmc_expired(e, now) || !chain(c, m, u, true))
         return false;
-    if (verify && e->checksum != vmc_entry_checksum(c, u)) {
+    if (e->checksum != vmc_entry_checksum(c, u)) {
         chain(c, m, u, false);
         return false;
     }
     uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
     uint32_t s = vmc_shard_of(c, hash), slot;
     struct vmc_shard *sh = &c->shards[s];
+    *shard = s;
     uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
     if (old) {
         struct vmc_entry *oe = vmc_unit(c, old);
@@ -120,13 +122,12 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, bool verif
         }
         chain(c, m, old, false);
         oe->state = VMC_REMOVED;
-        vmc_index_set(c, s, slot, hash, u);
-        return true;
-    }
-    if (sh->count >= c->max_load || vmc_index_insert(c, s, hash, u) < 0) {
+        sh->count--;
+    } else if (sh->count >= c->max_load || slot == UINT32_MAX) {
         chain(c, m, u, false);
         return false;
     }
+    vmc_index_set(c, s, slot, hash, u);
     sh->count++;
     return true;
 }
@@ -134,36 +135,131 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, bool verif
 struct lru_item {
     uint64_t atime;
     uint32_t unit;
+    uint32_t shard;
 };
 
-static int by_atime(const void *a, const void *b)
+struct lru_items {
+    struct lru_item *v;
+    size_t n, cap;
+};
+
+static bool items_push(struct lru_items *a, uint64_t atime, uint32_t unit, uint32_t shard)
 {
-    const struct lru_item *x = a, *y = b;
-    return x->atime < y->atime ? -1 : x->atime > y->atime;
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 4096;
+        struct lru_item *v = realloc(a->v, cap * sizeof *v);
+        if (v == NULL)
+            return false;
+        a->v = v;
+        a->cap = cap;
+    }
+    a->v[a->n++] = (struct lru_item){atime, unit, shard};
+    return true;
 }
 
-/* relink_lru -- each shard's list in access order, from its index. */
-static int relink_lru(vmc_cache *c)
+/* sort_items -- by shard, then by access time: a radix sort (four 16-bit
+ * passes over atime, then one stable pass over the shard), linear in the
+ * number of entries; qsort's comparisons cost more than the rest of recovery. */
+static bool sort_items(struct lru_items *a, uint32_t n_shards)
 {
-    struct lru_item *items = malloc((uint64_t)c->slots * sizeof *items);
-    if (items == NULL)
-        return vmc_fail(VMC_E_OS, "out of memory while rebuilding the LRU lists");
-    for (uint32_t s = 0; s < c->n_shards; s++) {
-        const uint64_t *slots = c->index + (uint64_t)s * c->slots;
-        uint32_t n = 0;
-        for (uint32_t i = 0; i < c->slots; i++) {
-            if (slots[i] == 0)
-                continue;
-            uint32_t u = VMC_SLOT_UNIT(slots[i]);
-            items[n].atime = ((struct vmc_entry *)vmc_unit(c, u))->atime_ns;
-            items[n++].unit = u;
-        }
-        qsort(items, n, sizeof *items, by_atime);
-        for (uint32_t i = 0; i < n; i++)
-            vmc_lru_push_front(c, s, items[i].unit);
+    struct lru_item *tmp = malloc(a->n * sizeof *tmp);
+    size_t *count = malloc(65537 * sizeof *count);
+    if (tmp == NULL || count == NULL) {
+        free(tmp);
+        free(count);
+        return false;
     }
-    free(items);
-    return VMC_OK;
+    struct lru_item *src = a->v, *dst = tmp;
+    for (int pass = 0; pass < 5; pass++) {
+        uint32_t buckets = pass < 4 ? 65536 : n_shards;
+        memset(count, 0, (buckets + 1) * sizeof *count);
+        for (size_t i = 0; i < a->n; i++) {
+            uint32_t d = pass < 4 ? (uint32_t)(src[i].atime >> (16 * pass)) & 0xffff : src[i].shard;
+            count[d + 1]++;
+        }
+        for (uint32_t b = 0; b < buckets; b++)
+            count[b + 1] += count[b];
+        for (size_t i = 0; i < a->n; i++) {
+            uint32_t d = pass < 4 ? (uint32_t)(src[i].atime >> (16 * pass)) & 0xffff : src[i].shard;
+            dst[count[d]++] = src[i];
+        }
+        struct lru_item *t = src;
+        src = dst;
+        dst = t;
+    }
+    /* Five passes: the result is in tmp. */
+    free(a->v);
+    a->v = src;
+    free(count);
+    return true;
+}
+
+/* relink_lru -- each shard's list in access order: every entry is written
+ * once, its links taken from its neighbours in the sorted array. Entries
+ * replaced by a newer duplicate meanwhile (REMOVED) are skipped. */
+static void relink_lru(vmc_cache *c, struct lru_items *a)
+{
+    size_t i = 0;
+    while (i < a->n) {
+        uint32_t s = a->v[i].shard;
+        size_t end = i;
+        uint32_t newer_than = 0; /* the previous (less recent) linked unit */
+        struct vmc_shard *sh = &c->shards[s];
+        for (; end < a->n && a->v[end].shard == s; end++) {
+            uint32_t u = a->v[end].unit;
+            struct vmc_entry *e = vmc_unit(c, u);
+            if (e->state != VMC_PUBLISHED)
+                continue;
+            e->lru_next = newer_than;
+            e->lru_prev = 0;
+            if (newer_than)
+                ((struct vmc_entry *)vmc_unit(c, newer_than))->lru_prev = u;
+            else {
+                sh->lru_tail = u;
+                sh->tail_atime = e->atime_ns;
+            }
+            sh->lru_head = u;
+            newer_than = u;
+        }
+        i = end;
+    }
+}
+
+/* next_start -- the first extent start after u (units + 1 if none), from the
+ * bitmap: the sweep needs no second walk over the pool. */
+static uint32_t next_start(const struct marks *m, uint32_t u, uint32_t units)
+{
+    for (uint32_t v = u + 1; v <= units; v = (v | 63) + 1) {
+        uint64_t w = m->start[v >> 6] >> (v & 63);
+        if (w) {
+            uint32_t found = v + (uint32_t)__builtin_ctzll(w);
+            return found <= units ? found : units + 1;
+        }
+    }
+    return units + 1;
+}
+
+/* keep_head -- decide a HEAD's fate (index it, keep it reserved, or let the
+ * sweep free it), recording what the LRU relink needs. */
+static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuild_mode mode,
+                      uint64_t now, struct lru_items *items, uint64_t *newest,
+                      uint64_t *dropped, bool *oom)
+{
+    struct vmc_entry *e = vmc_unit(c, u);
+    if (e->state == VMC_PUBLISHED) {
+        uint32_t shard;
+        if (!keep_published(c, m, u, now, &shard)) {
+            (*dropped)++;
+            return;
+        }
+        if (e->stamp > *newest)
+            *newest = e->stamp;
+        if (!items_push(items, e->atime_ns, u, shard))
+            *oom = true;
+    } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
+               vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
+        vmc_reserved_push(c, u);
+    }
 }
 
 int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64_t *dropped)
@@ -171,71 +267,83 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
     uint32_t units = c->pool_units;
     size_t words = (size_t)units / 64 + 1;
     struct marks m = {calloc(words, 8), calloc(words, 8)};
+    struct lru_items items = {NULL, 0, 0};
+    uint32_t *deferred = NULL;
+    size_t n_deferred = 0, deferred_cap = 0;
+    bool oom = false;
     *kept = *dropped = 0;
     if (m.start == NULL || m.claimed == NULL) {
         free(m.start);
         free(m.claimed);
         return vmc_fail(VMC_E_OS, "out of memory while recovering %s", c->path);
     }
+    reset_derived(c, mode);
 
-    /* 1. tags */
-    bool verify = mode == VMC_REBUILD_RECOVER;
+    /* 1. One walk over the tags: mark extent starts, clear PREV_FREE (the
+     * sweep sets it again where true), resynchronise over damage. A
+     * single-extent head is judged at once, while its line is in cache;
+     * heads with a chain wait until every extent start is known. Checksums
+     * are verified in both modes: a repair follows a crash, and a crash may
+     * leave any half-written entry behind. */
+    uint64_t now = vmc_now_ns(), newest = 0;
+    if (c->hdr->fresh) {
+        VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, 1), VMC_TAG(units, VMC_KIND_FREE));
+        c->hdr->fresh = 0;
+    }
     for (uint32_t u = 1; u <= units;) {
         uint64_t tag = vmc_tag_at(c, u);
         set_bit(m.start, u);
-        if (plausible(c, u, tag)) {
-            u += VMC_TAG_UNITS(tag);
+        if (!plausible(c, u, tag)) {
+            if (tag != 0)
+                (*dropped)++;
+            uint32_t next = u + 1;
+            while (next <= units && !plausible(c, next, vmc_tag_at(c, next)))
+                next++;
+            VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, u), VMC_TAG(next - u, VMC_KIND_FREE));
+            u = next;
             continue;
         }
-        if (tag != 0) {
-            (*dropped)++;
-            verify = true;
+        if (tag & VMC_PREV_FREE)
+            VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, u), tag & ~VMC_PREV_FREE);
+        if (VMC_TAG_KIND(tag) == VMC_KIND_HEAD) {
+            struct vmc_entry *e = vmc_unit(c, u);
+            if (e->next == 0) {
+                keep_head(c, &m, u, mode, now, &items, &newest, dropped, &oom);
+            } else {
+                if (n_deferred == deferred_cap) {
+                    size_t cap = deferred_cap ? deferred_cap * 2 : 1024;
+                    uint32_t *more = realloc(deferred, cap * sizeof *more);
+                    if (more == NULL) {
+                        oom = true;
+                        break;
+                    }
+                    deferred = more;
+                    deferred_cap = cap;
+                }
+                deferred[n_deferred++] = u;
+            }
         }
-        uint32_t next = u + 1;
-        while (next <= units && !plausible(c, next, vmc_tag_at(c, next)))
-            next++;
-        VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, u), VMC_TAG(next - u, VMC_KIND_FREE));
-        u = next;
+        u += VMC_TAG_UNITS(tag);
     }
 
-    reset_derived(c, mode);
+    /* 2. the heads that waited */
+    for (size_t i = 0; i < n_deferred && !oom; i++)
+        keep_head(c, &m, deferred[i], mode, now, &items, &newest, dropped, &oom);
+    free(deferred);
 
-    /* 2. heads */
-    uint64_t now = vmc_now_ns(), newest = 0;
-    for (uint32_t u = 1; u <= units; u += VMC_TAG_UNITS(vmc_tag_at(c, u))) {
-        if (VMC_TAG_KIND(vmc_tag_at(c, u)) != VMC_KIND_HEAD)
-            continue;
-        struct vmc_entry *e = vmc_unit(c, u);
-        bool keep = false;
-        if (e->state == VMC_PUBLISHED) {
-            keep = keep_published(c, &m, u, verify, now);
-            if (keep && e->stamp > newest)
-                newest = e->stamp;
-        } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
-                   vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, &m, u, true)) {
-            vmc_reserved_push(c, u);
-            keep = true;
-        }
-        if (!keep && e->state == VMC_PUBLISHED)
-            (*dropped)++;
-    }
-
-    /* 3. sweep */
+    /* 3. sweep: every run of unclaimed extents becomes one free extent */
     uint32_t run = 0, run_units = 0;
-    for (uint32_t u = 1; u <= units;) {
-        uint32_t n = VMC_TAG_UNITS(vmc_tag_at(c, u));
+    for (uint32_t u = 1; u <= units && !oom;) {
+        uint32_t next = next_start(&m, u, units);
         if (!bit(m.claimed, u)) {
             if (run_units == 0)
                 run = u;
-            run_units += n;
-        } else {
-            vmc_set_prev_free(c, u, false);
-            if (run_units) {
-                vmc_free_run(c, run, run_units); /* sets u's PREV_FREE again */
-                run_units = 0;
-            }
+            run_units += next - u;
+        } else if (run_units) {
+            vmc_free_run(c, run, run_units); /* and sets PREV_FREE on u */
+            run_units = 0;
         }
-        u += n;
+        u = next;
     }
     if (run_units)
         vmc_free_run(c, run, run_units);
@@ -243,10 +351,17 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
     free(m.claimed);
 
     /* 4. LRU lists */
-    int rc = relink_lru(c);
+    int rc = VMC_OK;
+    if (oom || !sort_items(&items, c->n_shards))
+        rc = vmc_fail(VMC_E_OS, "out of memory while recovering %s", c->path);
+    else
+        relink_lru(c, &items);
+    free(items.v);
     for (uint32_t s = 0; s < c->n_shards; s++)
         *kept += c->shards[s].count;
     uint64_t clock = __atomic_load_n(&c->hdr->clock, __ATOMIC_ACQUIRE);
+    if (clock > VMC_MAX_CLOCK) /* damaged: no publication could have got there */
+        __atomic_store_n(&c->hdr->clock, clock = newest, __ATOMIC_RELEASE);
     if (newest > clock)
         __atomic_store_n(&c->hdr->clock, clock = newest, __ATOMIC_RELEASE);
     if (__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE) > clock)

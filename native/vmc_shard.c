@@ -21,7 +21,9 @@ static uint32_t home_of(const vmc_cache *c, uint32_t tag)
     return (uint32_t)(((uint64_t)tag * c->slots) >> 32);
 }
 
-/* vmc_index_find -- the head unit of `key` in `shard` (and its slot), or 0. */
+/* vmc_index_find -- the head unit of `key` in `shard` (and its slot), or 0;
+ * on a miss *slot is the empty slot where the key belongs (UINT32_MAX if the
+ * shard's index is full), valid until the index changes. */
 uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
                         size_t klen, uint32_t *slot)
 {
@@ -30,8 +32,10 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
     uint32_t i = home_of(c, tag);
     for (uint32_t probes = 0; probes < c->slots; probes++) {
         uint64_t v = s[i];
-        if (v == 0)
+        if (v == 0) {
+            *slot = i;
             return 0;
+        }
         if (VMC_SLOT_TAG(v) == tag) {
             uint32_t u = VMC_SLOT_UNIT(v);
             struct vmc_entry *e = vmc_head(c, u);
@@ -45,10 +49,12 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
         if (++i == c->slots)
             i = 0;
     }
+    *slot = UINT32_MAX;
     return 0;
 }
 
-/* vmc_index_set -- point an occupied slot at a new head of the same key. */
+/* vmc_index_set -- point a slot at a head: an occupied slot at a new head of
+ * the same key, or the empty slot a miss of vmc_index_find returned. */
 void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, uint32_t unit)
 {
     slots_of(c, shard)[slot] = VMC_SLOT((uint32_t)(hash >> 32), unit);
@@ -163,12 +169,10 @@ int vmc_remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot
     int rc = vmc_pool_lock_nested(c);
     if (rc < 0)
         return rc;
-    struct vmc_entry *e = vmc_unit(c, unit);
     vmc_index_delete(c, shard, slot);
     vmc_lru_unlink(c, shard, unit);
-    e->state = VMC_REMOVED;
-    c->shards[shard].count--;
-    vmc_free_chain(c, unit);
+    VMC_UNCOUNT(c->shards[shard].count);
+    vmc_release_entry(c, unit);
     vmc_pool_unlock(c);
     return VMC_OK;
 }

@@ -28,3 +28,13 @@ def cache_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `slow` (soak, long fuzz) run only with AIOVMC_SLOW=1."""
+    if os.environ.get("AIOVMC_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set AIOVMC_SLOW=1 to run the soak and fuzz variants")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -220,17 +220,42 @@ def chaos_worker(
 # ---------------------------------------------------------------------------
 
 HEADER = struct.Struct("<8sIIQQQQIIIIIIQQQ")
-HEADER_FIELDS = (
-    "magic format_version abi_signature file_size shards_off index_off pool_off unit_size "
-    "unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns hash_seed "
-    "geometry_check"
-).split()
+HEADER_FIELDS = [
+    "magic",
+    "format_version",
+    "abi_signature",
+    "file_size",
+    "shards_off",
+    "index_off",
+    "pool_off",
+    "unit_size",
+    "unit_shift",
+    "pool_units",
+    "n_shards",
+    "slots_per_shard",
+    "policy",
+    "default_ttl_ns",
+    "hash_seed",
+    "geometry_check",
+]
+HEADER_CODES = "IIQQQQIIIIIIQQQ"  # HEADER's fields after the magic
 PAGE = 4096
 KIND_FREE, KIND_HEAD, KIND_BODY = 0x45455246, 0x44414548, 0x59444F42
 ENTRY = struct.Struct("<QIIIIHBBIQQQ")  # struct vmc_entry, 56 bytes
-ENTRY_FIELDS = (
-    "tag next value_len lru_prev lru_next key_len state reserved0 checksum expires_ns stamp atime_ns"
-).split()
+ENTRY_FIELDS = [
+    "tag",
+    "next",
+    "value_len",
+    "lru_prev",
+    "lru_next",
+    "key_len",
+    "state",
+    "reserved0",
+    "checksum",
+    "expires_ns",
+    "stamp",
+    "atime_ns",
+]
 
 
 def read_header(data: bytes) -> dict[str, Any]:
@@ -312,6 +337,8 @@ def forge_header(data: bytearray, **fields: int) -> None:
     only the header's consistency checks stand between the file and the core."""
     hdr = read_header(data)
     hdr.update(fields)
+    for name, code in zip(HEADER_FIELDS[1:], HEADER_CODES, strict=True):
+        hdr[name] &= 0xFFFFFFFF if code == "I" else 0xFFFFFFFFFFFFFFFF  # wrap like C
     packed = bytearray(HEADER.pack(*(hdr[f] for f in HEADER_FIELDS)))
     check = vmc_hash(bytes(packed[: HEADER.size - 8]), 0x67656F6D)
     packed[HEADER.size - 8 :] = check.to_bytes(8, "little")
@@ -423,7 +450,7 @@ def attempts_main() -> None:
             os.close(r)
             try:
                 out = json.dumps(_attempt(spec, expect)).encode()
-            except BaseException as exc:  # noqa: BLE001 - reported as a failure
+            except BaseException as exc:  # reported as a failure
                 out = json.dumps(
                     {"outcome": "exception", "type": type(exc).__name__, "message": str(exc)}
                 ).encode()
@@ -461,7 +488,7 @@ def attempts_main() -> None:
 def run_attempts(
     specs: list[dict[str, Any]],
     expect: dict[bytes, bytes] | None = None,
-    timeout: float = 110.0,
+    timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run attempt specs in a fresh interpreter (see attempts_main). Each spec:
     path, kwargs (for Cache), check (compare with `expect`, default True),
@@ -473,6 +500,8 @@ def run_attempts(
 
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    if timeout is None:
+        timeout = 60.0 + 2.0 * len(specs)
     proc = subprocess.run(
         [sys.executable, "-c", "import helpers; helpers.attempts_main()"],
         input=json.dumps(

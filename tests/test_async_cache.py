@@ -499,6 +499,7 @@ async def test_wait_persisted_group_commit_rounds() -> None:
             assert len(results) == 5 and min(results) >= ts1
             cache.flush_done.release()
         assert len(results) == 10 and min(results[5:]) >= ts2
+        assert results == sorted(results)  # persisted_timestamp never goes back
         assert cache.flushes == 2
         assert cache.persisted_timestamp >= ts2
     finally:

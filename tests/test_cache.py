@@ -770,3 +770,66 @@ def test_timestamps_after_close_raise(cache_path: str) -> None:
     for name in ("committed_timestamp", "persisted_timestamp"):
         with pytest.raises(CacheClosedError):
             getattr(c, name)
+
+
+def test_large_copies_race_replacements_and_deletes(cache_path: str) -> None:
+    """Large values are copied without the shard lock (pinned): every read is
+    one whole value, and no pinned entry outlives its last reader."""
+    size = 1 << 20
+    values = [bytes([i]) * size for i in range(4)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                value = c.get(b"big")
+                assert value is None or value in values
+                buf = bytearray(300_000)
+                if c.get_into(b"big", buf, offset=500_000) is not None:
+                    assert buf[:1] * len(buf) == buf
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with Cache(cache_path, size=16 * MiB) as c:
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(300):
+            if i % 7 == 6:
+                c.delete(b"big")
+            else:
+                c.put(b"big", values[i % 4])
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        c.delete(b"big")
+        assert c.statistics().used_bytes == 0
+
+
+def test_on_evict_error_during_reserve_leaks_nothing(cache_path: str) -> None:
+    def on_evict(key: bytes) -> None:
+        raise RuntimeError("callback failed")
+
+    with Cache(cache_path, size=MiB, on_evict=on_evict) as c:
+        for i in range(10):
+            c._on_evict = None
+            c.put(f"k{i}", bytes(90_000))
+        c._on_evict = on_evict
+        with pytest.raises(RuntimeError, match="callback failed"):
+            c.reserve(b"r", 500_000)
+        assert b"r" not in c
+        stats = c.statistics()
+        assert stats.used_bytes == stats.entries * 90_112  # 352 extents each, nothing else
+
+
+def test_failed_publish_cancels(cache_path: str) -> None:
+    c = Cache(cache_path, size=MiB)
+    r = c.reserve(b"k", 10)
+    other = Cache(cache_path)
+    c._close_native()  # the core refuses the publication
+    with pytest.raises(CacheClosedError):
+        r.publish()
+    assert r.state == "cancelled"
+    other.close()

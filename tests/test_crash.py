@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiovmc._native._vmc import ffi
 
 import aiovmc
-from aiovmc._native._vmc import ffi
 
 from .helpers import (
     KIND_FREE,
@@ -109,8 +108,10 @@ def _kill_loop(ctx: Any, path: str, kills: int, nworkers: int, seed: int) -> Non
             # kill one at a random point of whatever it is doing.
             marks = {s: progress[s] for s in procs}
             wait_for(
-                lambda marks=marks: all(progress[s] > marks[s] for s in procs) or
-                any(not p.is_alive() for p in procs.values()),
+                lambda marks=marks: (
+                    all(progress[s] > marks[s] for s in procs)
+                    or any(not p.is_alive() for p in procs.values())
+                ),
                 WAIT,
                 "every worker to make progress",
             )
@@ -121,8 +122,10 @@ def _kill_loop(ctx: Any, path: str, kills: int, nworkers: int, seed: int) -> Non
             # The survivors must not be blocked by whatever the victim held.
             marks = {s: progress[s] for s in procs}
             wait_for(
-                lambda marks=marks: all(progress[s] > marks[s] + 5 for s in procs) or
-                any(not p.is_alive() for p in procs.values()),
+                lambda marks=marks: (
+                    all(progress[s] > marks[s] + 5 for s in procs)
+                    or any(not p.is_alive() for p in procs.values())
+                ),
                 WAIT,
                 "the survivors to keep working after a SIGKILL",
             )
@@ -165,7 +168,7 @@ def test_sigkill_loop_survivors_keep_working(method: str, kills: int, cache_path
     ctx = multiprocessing.get_context(method)
     with aiovmc.Cache(cache_path, size="1MiB") as cache:
         _kill_loop(ctx, cache_path, kills=kills, nworkers=3, seed=kills)
-        for key in cache.keys():
+        for key in list(cache.keys()):
             verify_get(cache, key)
         _fill_until_reclaimed(cache)
         _assert_consistent(cache)
@@ -177,6 +180,7 @@ def test_sigkill_loop_survivors_keep_working(method: str, kills: int, cache_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_sigkill_soak(method: str, cache_path: str) -> None:
     """The kill loop, long: hundreds of kills."""
@@ -340,7 +344,9 @@ def _persist_kill_reopen(ctx: Any, path: str, rounds: int, seed: int) -> None:
     for rnd in range(rounds):
         out, ready = ctx.Queue(), ctx.Event()
         n = 40
-        writer = ctx.Process(target=_persisting_writer, args=(path, rnd, n, rng.getrandbits(32), out))
+        writer = ctx.Process(
+            target=_persisting_writer, args=(path, rnd, n, rng.getrandbits(32), out)
+        )
         reader = ctx.Process(target=_reader, args=(path, ready))
         reader.start()
         writer.start()
@@ -362,16 +368,14 @@ def _persist_kill_reopen(ctx: Any, path: str, rounds: int, seed: int) -> None:
             assert not missing, f"persisted entries lost after SIGKILL: {missing[:10]}"
             for key, seq in expected.items():
                 assert check_value(key, cache.get(key)) == seq
-            for key in cache.keys():  # the churned keys, whatever state they were in
+            for key in list(cache.keys()):  # the churned keys, whatever state they were in
                 verify_get(cache, key)
             ts = cache.put(b"after-%d" % rnd, make_value(b"after-%d" % rnd, rnd, 100))
             assert ts > newest, "the clock went backwards across the crash"
             newest = ts
 
 
-def test_persisted_entries_survive_sigkill_of_every_user(
-    ctx: Any, crash_dir: str
-) -> None:
+def test_persisted_entries_survive_sigkill_of_every_user(ctx: Any, crash_dir: str) -> None:
     """persist(), then SIGKILL every process using the file at a random moment,
     then reopen: every persisted entry is there with its value, on /dev/shm and
     on a disk-backed directory, round after round on the same file."""
@@ -379,6 +383,7 @@ def test_persisted_entries_survive_sigkill_of_every_user(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_persisted_entries_survive_sigkill_soak(crash_dir: str) -> None:
     _persist_kill_reopen(
         multiprocessing.get_context("fork"), os.path.join(crash_dir, "c.cache"), rounds=40, seed=2
@@ -419,6 +424,101 @@ def test_openers_racing_after_a_crash_recover_once(ctx: Any, cache_path: str) ->
     assert sum(1 for r in reports if r[0]) == 1, reports
     assert all(r[1] == reports[0][1] for r in reports)
     assert len(reports[0][1]) == 50
+
+
+def _open_and_wait(path: str) -> None:
+    aiovmc.Cache(path)
+    time.sleep(WAIT)
+
+
+def test_sigkill_during_recovery_at_open(cache_path: str) -> None:
+    """The first opener after a crash recovers the file; kill it in the middle
+    of that, again and again: the next opener recovers from whatever the dead
+    one left, and every entry is still there."""
+    ctx = multiprocessing.get_context("fork")
+    n = 40_000
+    with aiovmc.Cache(cache_path, size="32MiB") as cache:
+        for i in range(n):
+            key = b"e%d" % i
+            cache.put(key, make_value(key, i, 300))
+    started = time.monotonic()
+    with aiovmc.Cache(cache_path) as cache:
+        assert cache.info.recovered
+    recovery = time.monotonic() - started
+    rng = random.Random(8)
+    for _ in range(15):
+        p = ctx.Process(target=_open_and_wait, args=(cache_path,))
+        p.start()
+        time.sleep(rng.uniform(0.0, 2 * recovery))
+        _kill(p)
+    with aiovmc.Cache(cache_path) as cache:
+        assert cache.info.recovered
+        assert len(cache) == n
+        for i in range(n):
+            key = b"e%d" % i
+            assert check_value(key, cache.get(key)) == i
+
+
+def _lock_and_die(base: int, offset: int) -> None:
+    """Take a lock of the file through its mutex and die holding it: what a
+    process SIGKILLed in the middle of an operation leaves behind."""
+    libc = ctypes.CDLL(None)
+    libc.pthread_mutex_lock(ctypes.c_void_p(base + offset))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _use_everything(path: str, n: int, out: Any) -> None:
+    error = None
+    try:
+        with aiovmc.Cache(path) as cache:
+            for i in range(n):
+                key = b"e%d" % i
+                assert check_value(key, cache.get(key)) == i
+                cache.put(key, make_value(key, i, 500))
+            with cache.reserve(b"r", 1000) as res:
+                res.buffer[:] = make_value(b"r", 0, 1000)
+            cache.evict()
+            _ = cache.committed_timestamp
+            cache.persist()
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put(error)
+
+
+@pytest.mark.parametrize("lock", ["shard-0", "shard-37", "shard-63", "pool", "every-lock"])
+def test_dead_lock_owner_never_blocks_and_loses_nothing(lock: str, cache_path: str) -> None:
+    """A process dies holding a shard lock or the pool lock (both robust
+    mutexes). The next process to take it repairs the cache instead of
+    waiting forever, and nothing published is lost."""
+    ctx = multiprocessing.get_context("fork")
+    n = 300
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        for i in range(n):
+            key = b"e%d" % i
+            cache.put(key, make_value(key, i, 500))
+        hdr = read_header(Path(cache_path).read_bytes()[:4096])
+        base = int(ffi.cast("uintptr_t", cache._base))
+        shard = lambda i: hdr["shards_off"] + i * 128  # noqa: E731 - sizeof(struct vmc_shard)
+        offsets = {
+            "shard-0": [shard(0)],
+            "shard-37": [shard(37)],
+            "shard-63": [shard(63)],
+            "pool": [128],  # &header->pool.lock
+            "every-lock": [shard(i) for i in range(64)] + [128],
+        }[lock]
+        for offset in offsets:
+            p = ctx.Process(target=_lock_and_die, args=(base, offset))
+            p.start()
+            p.join(WAIT)
+            assert p.exitcode == -signal.SIGKILL
+        out = ctx.Queue()
+        users = [ctx.Process(target=_use_everything, args=(cache_path, n, out)) for _ in range(2)]
+        for u in users:
+            u.start()
+        errors = [out.get(timeout=WAIT) for _ in users]  # a deadlock fails here
+        join_all(users)
+        assert errors == [None, None]
+        assert len(cache) == n + 1 - 2  # every entry, plus b"r", minus one evict() per user
 
 
 # ---------------------------------------------------------------------------
@@ -586,7 +686,7 @@ def test_repair_keeps_a_reservation_that_is_being_set_up(tmp_path: Path, cache_p
                 if a.poll() is None:
                     a.kill()
                 a.wait(WAIT)
-        for key in cache.keys():
+        for key in list(cache.keys()):
             verify_get(cache, key)
     finally:
         cache.close()

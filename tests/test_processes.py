@@ -9,6 +9,7 @@ is bounded.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import queue
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 import aiovmc
+
 from .helpers import WAIT, check_value, join_all, make_value, rw_worker, verify_get
 
 # Python 3.12+ warns when fork() is called while threads run (other test files
@@ -186,7 +188,9 @@ def test_statistics_are_shared_and_exact(ctx: Any, cache_path: str) -> None:
     with aiovmc.Cache(cache_path, size="4MiB") as cache:
         before = cache.statistics()
         out = ctx.Queue()
-        procs = [ctx.Process(target=_stats_worker, args=(cache_path, w, n, out)) for w in range(nproc)]
+        procs = [
+            ctx.Process(target=_stats_worker, args=(cache_path, w, n, out)) for w in range(nproc)
+        ]
         for p in procs:
             p.start()
         results = _results(out, nproc)
@@ -232,7 +236,7 @@ def test_timestamps_strictly_increase_across_processes(ctx: Any, cache_path: str
         merged: list[int] = []
         for _, stamps, _ in results:
             assert len(stamps) == n
-            assert all(a < b for a, b in zip(stamps, stamps[1:])), "a process's own went backwards"
+            assert all(a < b for a, b in itertools.pairwise(stamps)), "own stamps went backwards"
             assert min(stamps) > base
             merged.extend(stamps)
         assert len(set(merged)) == len(merged), "two publications shared a timestamp"
@@ -277,7 +281,9 @@ def test_concurrent_creation_makes_one_file(ctx: Any, cache_path: str) -> None:
     creator, everyone's writes visible, no temporary file left behind."""
     nproc = 4
     out, start = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_create_worker, args=(cache_path, w, start, out)) for w in range(nproc)]
+    procs = [
+        ctx.Process(target=_create_worker, args=(cache_path, w, start, out)) for w in range(nproc)
+    ]
     for p in procs:
         p.start()
     time.sleep(0.2)

@@ -199,12 +199,15 @@ class Handle:
     def _get_inline(self, key: bytes, limit: int) -> bytes | int | None:
         """A hit of at most `limit` bytes as bytes; a larger hit as its size
         (not copied); a miss as None. Counts the get either way."""
-        ptr, buf = _scratch.pair
-        cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
-        n = _get(self._h, key, len(key), ptr, cap, 0, _WHOLE)
+        if limit >= SCRATCH_SIZE:
+            n = _get_scratch(self._h, key, len(key))
+            cap = SCRATCH_SIZE
+        else:
+            n = _get(self._h, key, len(key), _scratch.pair[0], limit, 0, _WHOLE)
+            cap = limit
         if n >= 0:
             if n <= cap:
-                return buf[0:n]
+                return _scratch.view[0:n]
             if n > limit:
                 return n
             return self._copy_whole(key, n)
@@ -276,13 +279,14 @@ class Handle:
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         if self._on_evict is None:
             ts = _put(self._h, key, len(key), data, size, ttl_ns, 0)
-        else:
-            ts = self._evicting_for(
+            if ts > 0:
+                return int(ts)
+            raise_for(ts)
+        return self._stored(
+            *self._evicting_for(
                 lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), 0
             )
-        if ts > 0:
-            return int(ts)
-        raise_for(ts)
+        )
 
     def add(self, key: Any, value: Any, *, ttl: Any = None) -> bool:
         """Insert only if absent: True if stored; evicts nothing when the key exists."""
@@ -292,31 +296,37 @@ class Handle:
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         if self._on_evict is None:
             ts = _put(self._h, key, len(key), data, size, ttl_ns, _ADD)
-        else:
-            ts = self._evicting_for(
-                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), _ADD
-            )
-        if ts < 0:
-            raise_for(ts)
-        return ts > 0
+            if ts < 0:
+                raise_for(ts)
+            return ts > 0
+        status, evicted = self._evicting_for(
+            lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), _ADD
+        )
+        return self._stored(status, evicted) > 0
 
-    def _evicting_for(self, call: Callable[[int], int], flags: int) -> int:
+    def _evicting_for(self, call: Callable[[int], int], flags: int) -> tuple[int, list[bytes]]:
         """Run a core call that may need room, evicting one entry at a time from
-        here so that the evicted keys reach on_evict once no lock is held.
-        Returns the call's final status."""
+        here so that the caller can hand the evicted keys to on_evict once no
+        lock is held. Returns the call's final status and the evicted keys."""
         evicted: list[bytes] = []
+        while True:
+            status = call(flags | _NO_EVICT)
+            if status != _NEED_ROOM:
+                return status, evicted
+            victim = self._evict_lru()
+            if victim is None:  # nothing left to evict: let the core conclude
+                return call(flags), evicted
+            evicted.append(victim)
+
+    def _stored(self, status: int, evicted: list[bytes]) -> int:
+        """Notify evictions, then raise for a failed status (which wins)."""
         try:
-            while True:
-                status = call(flags | _NO_EVICT)
-                if status != _NEED_ROOM:
-                    return status
-                victim = self._evict_lru()
-                if victim is None:  # nothing left to evict: let the core conclude
-                    return call(flags)
-                evicted.append(victim)
-        finally:
             if evicted:
                 self._notify_evicted(evicted)
+        finally:
+            if status < 0:
+                raise_for(status)
+        return status
 
     def _notify_evicted(self, keys: list[bytes]) -> None:
         raise NotImplementedError
@@ -374,21 +384,26 @@ class Handle:
 
     # ---- reservations ----
 
-    def _reserve(self, key: bytes, size: int, ttl_ns: int) -> tuple[int, memoryview]:
+    def _reserve(
+        self, key: bytes, size: int, ttl_ns: int
+    ) -> tuple[int, memoryview, list[bytes]]:
+        """Reserve room: (id, writable view of the value, keys evicted for it).
+        The caller owns the reservation before it notifies the evictions."""
         offset = ffi.new("uint64_t *")
         reserve = lib.vmc_reserve
+        evicted: list[bytes] = []
         if self._on_evict is None:
             rid = reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
         else:
-            rid = self._evicting_for(
+            rid, evicted = self._evicting_for(
                 lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset), 0
             )
         if rid < 0:
-            raise_for(rid)
+            self._stored(rid, evicted)
         mapping = self._mmap
         if mapping is None:
             raise CacheClosedError("the cache handle is closed")
-        return int(rid), memoryview(mapping)[offset[0] : offset[0] + size]
+        return int(rid), memoryview(mapping)[offset[0] : offset[0] + size], evicted
 
     def _publish(self, rid: int) -> int:
         ts = lib.vmc_publish(self._h, rid)
