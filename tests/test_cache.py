@@ -7,6 +7,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,9 +28,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def cache(cache_path: str) -> Cache:
+def cache(cache_path: str) -> Iterator[Cache]:
     with Cache(cache_path, size=4 * MiB) as c:
-        yield c  # type: ignore[misc]
+        yield c
 
 
 def fill_until_eviction(cache: Cache, prefix: str = "fill", size: int = 1000) -> int:
@@ -788,7 +789,7 @@ def test_large_copies_race_replacements_and_deletes(cache_path: str) -> None:
                 buf = bytearray(300_000)
                 if c.get_into(b"big", buf, offset=500_000) is not None:
                     assert buf[:1] * len(buf) == buf
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     with Cache(cache_path, size=16 * MiB) as c:
