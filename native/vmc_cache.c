@@ -434,17 +434,14 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
             e = NULL;
         }
         if (e == NULL) {
-            if (!quiet) {
-                VMC_COUNT(sh->gets);
+            if (!quiet)
                 VMC_COUNT(sh->misses);
-            }
             vmc_shard_unlock(c, s);
             rc = VMC_MISS;
             goto out;
         }
         uint64_t vlen = e->value_len;
         if (!quiet) {
-            VMC_COUNT(sh->gets);
             VMC_COUNT(sh->hits);
             vmc_lru_touch(c, s, u, now);
             quiet = true; /* counted once, whatever happens next */
@@ -784,13 +781,13 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
     for (uint32_t i = 0; i < c->n_shards; i++) {
         struct vmc_shard *sh = &c->shards[i];
         out->puts += VMC_LOAD(sh->puts);
-        out->gets += VMC_LOAD(sh->gets);
         out->hits += VMC_LOAD(sh->hits);
         out->misses += VMC_LOAD(sh->misses);
         out->evictions += VMC_LOAD(sh->evictions);
         out->expirations += VMC_LOAD(sh->expirations);
         out->entries += VMC_LOAD(sh->count);
     }
+    out->gets = out->hits + out->misses;
     uint64_t free_units = VMC_LOAD(c->hdr->pool.free_units);
     out->capacity = (uint64_t)c->pool_units << c->shift;
     out->used_bytes = free_units >= c->pool_units ? 0 : (c->pool_units - free_units) << c->shift;

@@ -36,6 +36,7 @@
 #define VMC_FORMAT_H
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define VMC_MAGIC "AIOVMC\x00\x01"
@@ -107,13 +108,17 @@ struct vmc_free {
 };
 
 struct vmc_shard {
+    /* First cache line: all that a get hit writes (lock, LRU head, hit or
+     * miss count), so that a hit moves one line between cores, not two. */
     pthread_mutex_t lock;
-    uint32_t lru_head;      /* most recently used entry, 0 = empty; lock */
-    uint32_t lru_tail;      /* least recently used entry; lock */
-    uint32_t count;         /* entries linked (expired ones too, until removed); lock */
-    uint32_t reserved0;
+    uint32_t lru_head;      /* most recently used entry, 0 = empty */
+    uint32_t lru_tail;      /* least recently used entry */
+    uint64_t hits, misses;  /* gets = hits + misses */
+    /* Second line: written by puts, removals and evictions. */
     uint64_t tail_atime;    /* atime of lru_tail (UINT64_MAX if empty) */
-    uint64_t gets, hits, misses, puts, evictions, expirations;
+    uint32_t count;         /* entries linked (expired ones too, until removed) */
+    uint32_t reserved0;
+    uint64_t puts, evictions, expirations;
     /* Every field is written under `lock`; count, tail_atime and the counters
      * are also read without it (statistics, len, victim selection) through
      * relaxed atomic loads, so such a reader sees a slightly stale value. */
@@ -159,6 +164,8 @@ struct vmc_header {
 };
 
 _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");
+_Static_assert(offsetof(struct vmc_shard, tail_atime) == 64 || sizeof(pthread_mutex_t) != 40,
+               "a get hit must write the shard's first cache line only");
 _Static_assert(sizeof(struct vmc_body) == 16, "body header must stay 16 bytes");
 _Static_assert(sizeof(struct vmc_header) <= VMC_PAGE, "header must fit its page");
 

@@ -337,7 +337,8 @@ def crash_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 def _persist_kill_reopen(ctx: Any, path: str, rounds: int, seed: int) -> None:
     rng = random.Random(seed)
-    aiovmc.Cache(path, size="8MiB").close()
+    # Room for every round's values and the churn: nothing persisted is evicted.
+    aiovmc.Cache(path, size=(8 + 2 * rounds) << 20).close()
     expected: dict[bytes, int] = {}
     newest = 0
     persisted_seen = 0
@@ -364,6 +365,7 @@ def _persist_kill_reopen(ctx: Any, path: str, rounds: int, seed: int) -> None:
             assert cache.info.recovered, "the first opener after the crash did not recover"
             assert cache.persisted_timestamp >= persisted_seen
             assert cache.committed_timestamp >= newest
+            assert cache.statistics().evictions == 0, "the test overfilled the cache"
             missing = [k for k in expected if cache.get(k) is None]
             assert not missing, f"persisted entries lost after SIGKILL: {missing[:10]}"
             for key, seq in expected.items():
