@@ -466,6 +466,26 @@ class RedisServer:
 # --------------------------------------------------------------------------- machine
 
 
+def idle_fraction(seconds: float = 1.0) -> float:
+    """The fraction of CPU time idle machine-wide over ``seconds`` (from /proc/stat).
+
+    Below ~0.9 on an otherwise idle run something else competes for the CPUs.
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+        return sum(vals), vals[3] + vals[4]
+
+    try:
+        t1, i1 = sample()
+        time.sleep(seconds)
+        t2, i2 = sample()
+    except OSError:
+        return float("nan")
+    return (i2 - i1) / max(1, t2 - t1)
+
+
 def lib_versions() -> dict[str, str]:
     names = [
         "aiovmc",

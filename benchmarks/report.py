@@ -336,9 +336,13 @@ def _family_md(name: str, fam: dict[str, Any], figs: dict[str, str]) -> list[str
         return out
     data = fam.get("data", {})
     la = fam.get("loadavg")
+    idle = fam.get("idle_before")
     if la:
-        busy = " — the machine was busy: treat these figures with care" if max(la) > 0.6 else ""
-        out += [f"Load average (1 min) before / after this family: {la[0]} / {la[1]}{busy}.", ""]
+        busy = ""
+        if (idle is not None and idle < 0.9) or max(la) > 1.0:
+            busy = " — other processes were running: treat these figures with care"
+        idle_s = f"CPUs {idle:.0%} idle just before; " if idle is not None else ""
+        out += [f"{idle_s}load average (1 min) before / after: {la[0]} / {la[1]}{busy}.", ""]
     if name == "sync" and data:
         libs: list[str] = []
         for block in data.values():

@@ -14,10 +14,16 @@ renders the plots (``docs/img/bench_*.png``) and the generated tables of
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import importlib.util
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -29,6 +35,7 @@ if HERE not in sys.path:
 from _common import (  # noqa: E402
     Settings,
     aiovmc_module,
+    idle_fraction,
     lib_versions,
     machine,
     print_checks,
@@ -67,8 +74,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def snapshot_aiovmc() -> dict[str, Any]:
+    """Copy the aiovmc package (with its compiled core) to a private directory and
+    import it from there, for this process and the processes it spawns.
+
+    An editable install follows the work tree: a rebuild during a run would give
+    the worker processes another build than the parent (and another file format).
+    """
+    info: dict[str, Any] = {}
+    spec = importlib.util.find_spec("aiovmc")
+    if spec is None or not spec.submodule_search_locations:
+        return info
+    src = next(iter(spec.submodule_search_locations))
+    root = os.path.dirname(src)
+    try:
+        rev = subprocess.run(
+            ["git", "-C", root, "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    dst_root = tempfile.mkdtemp(prefix="aiovmc-bench-snapshot-")
+    shutil.copytree(
+        src, os.path.join(dst_root, "aiovmc"), ignore=shutil.ignore_patterns("__pycache__")
+    )
+    sys.path.insert(0, dst_root)
+    atexit.register(shutil.rmtree, dst_root, True)
+    info.update({"source": src, "git": rev, "snapshot": dst_root})
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM runs the same clean-up as Ctrl-C (temporary files, redis-server).
+    signal.signal(signal.SIGTERM, _terminate)
+    snap = snapshot_aiovmc()
     names = list(FAMILIES)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -108,18 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     m = meta["machine"]
     say(f"machine: {m.get('Model name', '?')}, {m.get('cpus')} CPUs, Python {m['python']}")
     aiovmc = aiovmc_module()
+    if snap and aiovmc is not None:
+        meta["aiovmc"] = {"source": snap["source"], "git": snap["git"]}
+        say(f"aiovmc {snap['git'] or ''} from {snap['source']} (snapshot for this run)")
 
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        say(
-            f"WARNING: load average {load:.2f} before the run: other processes compete for "
-            f"the {os.cpu_count()} CPUs and every figure (the 2-process one most) suffers"
-        )
     t_all = time.monotonic()
     for name in names:
         say(f"\n== {name} ==")
-        t0 = time.monotonic()
+        # Is anything else running? Every figure, the 2-process one most, suffers if so.
+        idle = idle_fraction(1.0)
         load_before = os.getloadavg()
+        if idle < 0.9:
+            say(
+                f"  WARNING: the CPUs were only {idle:.0%} idle just before this family "
+                f"(load average {load_before[0]:.2f}): other processes compete for them"
+            )
+        t0 = time.monotonic()
         try:
             mod = importlib.import_module(FAMILIES[name])
             fam = mod.run(settings, aiovmc)
@@ -139,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         d["quick"] = settings.quick
         # the 1-minute load average before and after: > ~0.3 means someone else was busy
         d["loadavg"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+        d["idle_before"] = round(idle, 3)
         results["families"][name] = d
         say(f"   ({time.monotonic() - t0:.1f} s)")
         with open(out + ".tmp", "w") as f:
@@ -169,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             say("report rendering failed; results are in " + out)
     return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _json_default(o: Any) -> Any:

@@ -194,20 +194,28 @@ uint64_t vmc_entry_checksum(vmc_cache *c, uint32_t head)
 /* ---- eviction ---- */
 
 /* evict_lru -- remove the least recently used entry of the whole cache: the
- * oldest of the shards' LRU tails. An expired victim counts as an expiration;
- * with `want_live` the search goes on until a live entry is evicted. Returns
- * the evicted key's length (copied to kout when it fits), or VMC_MISS. */
+ * settled heap top with the smallest access time over all shards. Shards'
+ * top_atime are lower bounds read without locks; the chosen shard is settled
+ * under its lock and, if its exact least recent access is now later than
+ * another shard's bound, the choice is made again (after a bounded number of
+ * rounds the settled top is taken: under concurrent use "exact" is best
+ * effort anyway). An expired victim counts as an expiration; with
+ * `want_live` the search goes on until a live entry is evicted. Returns the
+ * evicted key's length (copied to kout when it fits), or VMC_MISS. */
 static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
 {
     uint64_t now = vmc_now_ns();
     for (uint32_t attempt = 0; attempt < 4 * c->n_shards + 64; attempt++) {
         uint32_t best = UINT32_MAX;
-        uint64_t best_t = UINT64_MAX;
+        uint64_t best_t = UINT64_MAX, second_t = UINT64_MAX;
         for (uint32_t i = 0; i < c->n_shards; i++) {
-            uint64_t t = VMC_LOAD(c->shards[i].tail_atime);
+            uint64_t t = VMC_LOAD(c->shards[i].top_atime);
             if (t < best_t || (best == UINT32_MAX && VMC_LOAD(c->shards[i].count) > 0)) {
+                second_t = best_t;
                 best_t = t;
                 best = i;
+            } else if (t < second_t) {
+                second_t = t;
             }
         }
         if (best == UINT32_MAX)
@@ -216,12 +224,16 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
         if (rc < 0)
             return rc;
         struct vmc_shard *sh = &c->shards[best];
-        uint32_t u = sh->lru_tail;
-        struct vmc_entry *e = u ? vmc_head(c, u) : NULL;
-        uint32_t slot = e ? vmc_index_slot_of(c, best, u) : UINT32_MAX;
-        if (e == NULL || slot == UINT32_MAX) {
-            if (u || sh->count)
-                vmc_mark_damaged(c);
+        uint32_t u = vmc_lru_settle(c, best);
+        bool strict = attempt < 2 * c->n_shards;
+        if (u == 0 || (strict && sh->top_atime > second_t)) {
+            vmc_shard_unlock(c, best); /* emptied, or no longer the oldest: choose again */
+            continue;
+        }
+        struct vmc_entry *e = vmc_unit(c, u);
+        uint32_t slot = vmc_index_slot_of(c, best, u);
+        if (slot == UINT32_MAX) {
+            vmc_mark_damaged(c);
             vmc_shard_unlock(c, best);
             continue;
         }
@@ -231,6 +243,7 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
         bool expired = vmc_expired(e, now);
         rc = vmc_remove_locked(c, best, u, slot);
         if (rc == VMC_OK) {
+            vmc_lru_pop(c, best);
             if (expired)
                 VMC_COUNT(sh->expirations);
             else
@@ -341,7 +354,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         /* A shard whose index is nearly full makes room in itself: a
          * many-sigma event, as the index has half again as many slots as the
          * pool has units and keys hash with a secret seed. */
-        uint32_t victim = (!old && sh->count >= c->max_load) ? sh->lru_tail : 0;
+        uint32_t victim = (!old && sh->count >= c->max_load) ? vmc_lru_settle(c, s) : 0;
         if (victim && c->policy == VMC_POLICY_NONE) {
             vmc_shard_unlock(c, s);
             drop_reservation(c, head);
@@ -361,15 +374,14 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         }
         vmc_reserved_unlink(c, head);
         if (oe) {
-            vmc_lru_unlink(c, s, old);
-            vmc_release_entry(c, old);
+            vmc_release_entry(c, old); /* its heap item dies with it */
             vmc_index_set(c, s, slot, hash, head);
             if (old_expired)
                 VMC_COUNT(sh->expirations);
         } else {
             if (victim && vslot != UINT32_MAX) {
                 vmc_index_delete(c, s, vslot);
-                vmc_lru_unlink(c, s, victim);
+                vmc_lru_pop(c, s);
                 vmc_release_entry(c, victim);
                 VMC_UNCOUNT(sh->count);
                 VMC_COUNT(sh->evictions);
@@ -393,7 +405,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         e->checksum = seal(e, data);
         e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
-        vmc_lru_push_front(c, s, head);
+        vmc_lru_insert(c, s, head);
         VMC_COUNT(sh->puts);
         vmc_shard_unlock(c, s);
         return (int64_t)ts;
@@ -416,7 +428,12 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & VMC_F_QUIET;
-    for (;;) {
+    for (int round = 0;; round++) {
+        if (round == 8) { /* entries keep changing under a pinned copy: damage */
+            vmc_mark_damaged(c);
+            rc = vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be repaired");
+            goto out;
+        }
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
         uint64_t now = vmc_now_ns();
@@ -443,7 +460,7 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
         uint64_t vlen = e->value_len;
         if (!quiet) {
             VMC_COUNT(sh->hits);
-            vmc_lru_touch(c, s, u, now);
+            e->atime_ns = now; /* the LRU heap re-keys lazily */
             quiet = true; /* counted once, whatever happens next */
         }
         uint64_t from = 0, len = 0;
@@ -483,9 +500,13 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
                 vmc_pool_unlock(c);
             }
         }
+        if (same && copied < 0)
+            vmc_mark_damaged(c);
         vmc_shard_unlock(c, s);
-        if (same && copied == VMC_OK) {
-            rc = (int64_t)vlen;
+        if (same) {
+            rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be "
+                                                      "repaired")
+                            : (int64_t)vlen;
             goto out;
         }
         /* repaired away under us: look the key up again */
@@ -654,6 +675,18 @@ static int check_shard(vmc_cache *c, int shard)
     return VMC_OK;
 }
 
+/* slot_entry -- the entry an occupied index slot points to; NULL (and the
+ * file marked damaged) if it is not a sound published head. */
+static struct vmc_entry *slot_entry(vmc_cache *c, uint64_t slot)
+{
+    struct vmc_entry *e = vmc_head(c, VMC_SLOT_UNIT(slot));
+    if (e == NULL || e->state != VMC_PUBLISHED) {
+        vmc_mark_damaged(c);
+        return NULL;
+    }
+    return e;
+}
+
 /* vmc_shard_keys -- serialise the unexpired keys of a shard as (u16 length,
  * bytes) records into dst; returns the bytes needed (retry if > cap). */
 int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
@@ -661,25 +694,19 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
     ENTER(c);
     int64_t rc = check_shard(c, shard);
     if (rc == VMC_OK && (rc = vmc_shard_lock(c, (uint32_t)shard)) == VMC_OK) {
-        struct vmc_shard *sh = &c->shards[shard];
+        const uint64_t *slots = c->index + (uint64_t)shard * c->slots;
         uint64_t now = vmc_now_ns(), used = 0;
-        uint32_t u = sh->lru_head;
-        for (uint32_t steps = 0; u && steps <= sh->count; steps++) {
-            struct vmc_entry *e = vmc_head(c, u);
-            if (e == NULL) {
-                vmc_mark_damaged(c);
-                break;
+        for (uint32_t i = 0; i < c->slots; i++) {
+            struct vmc_entry *e = slots[i] ? slot_entry(c, slots[i]) : NULL;
+            if (e == NULL || vmc_expired(e, now))
+                continue;
+            uint64_t need = 2 + (uint64_t)e->key_len;
+            if (used + need <= cap) {
+                uint16_t klen = e->key_len;
+                memcpy(dst + used, &klen, 2);
+                memcpy(dst + used + 2, vmc_entry_key(e), klen);
             }
-            if (!vmc_expired(e, now)) {
-                uint64_t need = 2 + (uint64_t)e->key_len;
-                if (used + need <= cap) {
-                    uint16_t klen = e->key_len;
-                    memcpy(dst + used, &klen, 2);
-                    memcpy(dst + used + 2, vmc_entry_key(e), klen);
-                }
-                used += need;
-            }
-            u = e->lru_next;
+            used += need;
         }
         vmc_shard_unlock(c, (uint32_t)shard);
         rc = (int64_t)used;
@@ -696,35 +723,28 @@ int64_t vmc_purge_shard(vmc_cache *c, int shard)
     if (rc < 0)
         goto out;
     struct vmc_shard *sh = &c->shards[shard];
+    const uint64_t *slots = c->index + (uint64_t)shard * c->slots;
 restart:
     if ((rc = vmc_shard_lock(c, (uint32_t)shard)) < 0)
         goto out;
     uint64_t now = vmc_now_ns();
-    uint32_t u = sh->lru_tail, linked = sh->count; /* count shrinks as we remove */
-    for (uint32_t steps = 0; u && steps <= linked; steps++) {
-        struct vmc_entry *e = vmc_head(c, u);
-        if (e == NULL) {
-            vmc_mark_damaged(c);
+    /* A deletion shifts later slots back into the hole: look at slot i again.
+     * (A slot wrapped around from the front may be seen twice: harmless.) */
+    for (uint32_t i = 0; i < c->slots;) {
+        struct vmc_entry *e = slots[i] ? slot_entry(c, slots[i]) : NULL;
+        if (e == NULL || !vmc_expired(e, now)) {
+            i++;
+            continue;
+        }
+        rc = vmc_remove_locked(c, (uint32_t)shard, VMC_SLOT_UNIT(slots[i]), i);
+        if (rc == VMC_RETRY) {
+            vmc_shard_unlock(c, (uint32_t)shard);
+            goto restart;
+        }
+        if (rc < 0)
             break;
-        }
-        uint32_t prev = e->lru_prev;
-        if (vmc_expired(e, now)) {
-            uint32_t slot = vmc_index_slot_of(c, (uint32_t)shard, u);
-            if (slot == UINT32_MAX) {
-                vmc_mark_damaged(c);
-                break;
-            }
-            rc = vmc_remove_locked(c, (uint32_t)shard, u, slot);
-            if (rc == VMC_RETRY) {
-                vmc_shard_unlock(c, (uint32_t)shard);
-                goto restart;
-            }
-            if (rc < 0)
-                break;
-            VMC_COUNT(sh->expirations);
-            purged++;
-        }
-        u = prev;
+        VMC_COUNT(sh->expirations);
+        purged++;
     }
     vmc_shard_unlock(c, (uint32_t)shard);
     rc = rc < 0 ? rc : purged;
@@ -740,6 +760,7 @@ int vmc_clear_shard(vmc_cache *c, int shard)
     int rc = check_shard(c, shard);
     uint32_t s = (uint32_t)shard;
     struct vmc_shard *sh = &c->shards[s];
+    uint64_t *slots = c->index + (uint64_t)s * c->slots;
     while (rc == VMC_OK) {
         if ((rc = vmc_shard_lock(c, s)) < 0)
             break;
@@ -750,21 +771,13 @@ int vmc_clear_shard(vmc_cache *c, int shard)
             continue;
         }
         if (rc == VMC_OK) {
-            uint32_t u = sh->lru_head;
-            for (uint32_t steps = 0; u && steps <= sh->count; steps++) {
-                struct vmc_entry *e = vmc_head(c, u);
-                if (e == NULL) {
-                    vmc_mark_damaged(c);
-                    break;
-                }
-                uint32_t next = e->lru_next;
-                vmc_release_entry(c, u);
-                u = next;
-            }
-            memset(c->index + (uint64_t)s * c->slots, 0, (uint64_t)c->slots * 8);
-            sh->lru_head = sh->lru_tail = 0;
+            for (uint32_t i = 0; i < c->slots; i++)
+                if (slots[i] && slot_entry(c, slots[i]))
+                    vmc_release_entry(c, VMC_SLOT_UNIT(slots[i]));
+            memset(slots, 0, (uint64_t)c->slots * sizeof *slots);
+            sh->heap_len = 0;
             VMC_STORE(sh->count, 0);
-            VMC_STORE(sh->tail_atime, UINT64_MAX);
+            VMC_STORE(sh->top_atime, UINT64_MAX);
             vmc_pool_unlock(c);
         }
         vmc_shard_unlock(c, s);

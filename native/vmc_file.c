@@ -72,14 +72,27 @@ static uint64_t shards_bytes(void)
     return round_up(VMC_SHARDS * sizeof(struct vmc_shard), VMC_PAGE);
 }
 
+/* slots_for -- index slots (and heap items) per shard: a quarter more than
+ * a shard's share of the pool's units, which bounds its entries, plus slack
+ * for small files where shares vary most. */
 static uint32_t slots_for(uint64_t units)
 {
-    return (uint32_t)(units / VMC_SHARDS * 3 / 2 + 64);
+    return (uint32_t)(units / VMC_SHARDS * 5 / 4 + 32);
 }
 
 static uint64_t index_bytes(uint32_t slots)
 {
-    return round_up((uint64_t)VMC_SHARDS * slots * 8, VMC_PAGE);
+    return round_up((uint64_t)VMC_SHARDS * slots * sizeof(uint64_t), VMC_PAGE);
+}
+
+static uint64_t heap_bytes(uint32_t slots)
+{
+    return round_up((uint64_t)VMC_SHARDS * slots * sizeof(struct vmc_heap_item), VMC_PAGE);
+}
+
+static uint64_t tables_bytes(uint32_t slots)
+{
+    return index_bytes(slots) + heap_bytes(slots);
 }
 
 static int validate_config(const struct vmc_config *cfg, const char *path)
@@ -108,8 +121,8 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char
     uint64_t avail = size - index_off;
     uint64_t units = avail >> shift;
     uint32_t slots = slots_for(units);
-    while (units > 0 && index_bytes(slots) + (units << shift) > avail) {
-        uint64_t idx = index_bytes(slots);
+    while (units > 0 && tables_bytes(slots) + (units << shift) > avail) {
+        uint64_t idx = tables_bytes(slots);
         units = idx < avail ? (avail - idx) >> shift : 0;
         slots = slots_for(units);
     }
@@ -130,7 +143,8 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char
     h->file_size = size;
     h->shards_off = VMC_PAGE;
     h->index_off = index_off;
-    h->pool_off = index_off + index_bytes(slots);
+    h->heap_off = index_off + index_bytes(slots);
+    h->pool_off = h->heap_off + heap_bytes(slots);
     h->unit_size = cfg->extent_size;
     h->unit_shift = shift;
     h->pool_units = (uint32_t)units;
@@ -170,7 +184,8 @@ static int validate_header(const struct vmc_header *h, uint64_t size, const char
                  (1u << h->unit_shift) == u && h->n_shards == VMC_SHARDS &&
                  h->shards_off == VMC_PAGE && h->index_off == VMC_PAGE + shards_bytes() &&
                  h->slots_per_shard >= 1 && h->slots_per_shard == slots_for(h->pool_units) &&
-                 h->pool_off == h->index_off + index_bytes(h->slots_per_shard) &&
+                 h->heap_off == h->index_off + index_bytes(h->slots_per_shard) &&
+                 h->pool_off == h->heap_off + heap_bytes(h->slots_per_shard) &&
                  h->pool_units >= 1 && h->pool_units <= VMC_MAX_UNITS &&
                  h->pool_off + ((uint64_t)h->pool_units << h->unit_shift) <= size &&
                  (h->policy == VMC_POLICY_LRU || h->policy == VMC_POLICY_NONE);
@@ -389,6 +404,7 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     c->hdr = base;
     c->shards = (struct vmc_shard *)(c->base + c->hdr->shards_off);
     c->index = (uint64_t *)(c->base + c->hdr->index_off);
+    c->heaps = (struct vmc_heap_item *)(c->base + c->hdr->heap_off);
     c->pool = c->base + c->hdr->pool_off;
     int rc = VMC_OK;
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {

@@ -3,17 +3,25 @@
  * docs/format.md mirrors this header; change both together and bump
  * VMC_FORMAT_VERSION whenever a byte moves.
  *
- *   [ header page | shard table | index | pool ]
+ *   [ header page | shard table | index | LRU heaps | pool ]
  *
  * Every reference stored in the file is an offset or a unit number, never a
  * pointer, so processes may map the file at different addresses. Every number
  * read from the file is bounds-checked before it is used to address memory.
  *
  * Locks (process-shared, robust pthread mutexes living in the file):
- *   - shard[i].lock guards shard i: its index slots, its LRU list, the LRU links
- *     and atime of its PUBLISHED entries, its counters;
+ *   - shard[i].lock guards shard i: its index slots, its LRU heap, the atime
+ *     of its PUBLISHED entries, its counters;
  *   - pool.lock guards the allocator: free lists, extent tags, the reserved list
- *     and the lru links of RESERVED entries.
+ *     and the links of RESERVED entries.
+ *
+ * LRU: each shard keeps a min-heap of (access time, entry) items whose keys
+ * are lower bounds of the entries' atime: a get hit only stores the entry's
+ * new atime, and an item is re-keyed when it reaches the top (or dropped, if
+ * its entry is gone). The least recently used entry of the shard is then the
+ * top once settled, and that of the whole cache the settled top with the
+ * smallest key over all shards: exact LRU, with a hit writing nothing shared
+ * but the shard's lock line and its own entry.
  * Order: at most one shard lock, then the pool lock. Repair takes every shard
  * lock in ascending order, then the pool lock ("stop the world").
  *
@@ -69,6 +77,15 @@
 
 /* Index slot: (hash >> 32) << 32 | head unit; 0 = empty. Linear probing with
  * backward-shift deletion, so there are no tombstones. */
+
+/* LRU heap item: `gen` is the entry's timestamp's low half at insertion, so an
+ * item whose entry was removed, or whose unit now holds another entry, is
+ * recognised as dead. */
+struct vmc_heap_item {
+    uint64_t key;           /* a lower bound of the entry's atime_ns */
+    uint32_t unit;
+    uint32_t gen;
+};
 #define VMC_SLOT(tag32, unit) (((uint64_t)(tag32) << 32) | (uint32_t)(unit))
 #define VMC_SLOT_UNIT(s) ((uint32_t)(s))
 #define VMC_SLOT_TAG(s) ((uint32_t)((s) >> 32))
@@ -78,8 +95,8 @@ struct vmc_entry {
     uint64_t tag;           /* units | HEAD; pool lock */
     uint32_t next;          /* first BODY extent of the value, 0 = none; pool lock, at allocation */
     uint32_t value_len;     /* pool lock, at allocation */
-    uint32_t lru_prev;      /* PUBLISHED: shard LRU (towards MRU); shard lock.  RESERVED: pool reserved list; pool lock */
-    uint32_t lru_next;      /* PUBLISHED: towards LRU; shard lock.              RESERVED: as above */
+    uint32_t link_prev;     /* RESERVED: the pool's reserved list; pool lock. Else unused */
+    uint32_t link_next;
     uint16_t key_len;       /* pool lock, at allocation */
     uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
                                -> REMOVED (pool lock, and the shard lock if it was published) */
@@ -108,18 +125,20 @@ struct vmc_free {
 };
 
 struct vmc_shard {
-    /* First cache line: all that a get hit writes (lock, LRU head, hit or
-     * miss count), so that a hit moves one line between cores, not two. */
+    /* First cache line: all that a get hit writes (the lock and the hit or
+     * miss count), so that a hit moves one shared line between cores. */
     pthread_mutex_t lock;
-    uint32_t lru_head;      /* most recently used entry, 0 = empty */
-    uint32_t lru_tail;      /* least recently used entry */
+    uint32_t heap_len;      /* items in this shard's LRU heap */
+    uint32_t reserved0;
     uint64_t hits, misses;  /* gets = hits + misses */
     /* Second line: written by puts, removals and evictions. */
-    uint64_t tail_atime;    /* atime of lru_tail (UINT64_MAX if empty) */
-    uint32_t count;         /* entries linked (expired ones too, until removed) */
-    uint32_t reserved0;
+    uint64_t top_atime;     /* key of the heap's top item (UINT64_MAX if empty): a lower
+                               bound of the shard's least recent access, read without the
+                               lock by victim selection */
+    uint32_t count;         /* entries indexed (expired ones too, until removed) */
+    uint32_t reserved1;
     uint64_t puts, evictions, expirations;
-    /* Every field is written under `lock`; count, tail_atime and the counters
+    /* Every field is written under `lock`; count, top_atime and the counters
      * are also read without it (statistics, len, victim selection) through
      * relaxed atomic loads, so such a reader sees a slightly stale value. */
 } __attribute__((aligned(64)));
@@ -127,7 +146,7 @@ struct vmc_shard {
 struct vmc_pool {
     pthread_mutex_t lock;
     uint32_t free_head[VMC_NCLASSES];  /* lock */
-    uint32_t reserved_head;            /* RESERVED entries, linked by lru_prev/lru_next; lock */
+    uint32_t reserved_head;            /* RESERVED entries, linked by link_prev/link_next; lock */
     uint32_t reserved0;
     uint64_t free_units;               /* lock; read without it by statistics */
     uint64_t last_reclaim_ns;          /* when dead owners' reservations were last looked for; lock */
@@ -142,6 +161,7 @@ struct vmc_header {
     uint64_t file_size;
     uint64_t shards_off;
     uint64_t index_off;
+    uint64_t heap_off;        /* n_shards heaps of slots_per_shard items */
     uint64_t pool_off;
     uint32_t unit_size;
     uint32_t unit_shift;
@@ -164,7 +184,7 @@ struct vmc_header {
 };
 
 _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");
-_Static_assert(offsetof(struct vmc_shard, tail_atime) == 64 || sizeof(pthread_mutex_t) != 40,
+_Static_assert(offsetof(struct vmc_shard, top_atime) == 64 || sizeof(pthread_mutex_t) != 40,
                "a get hit must write the shard's first cache line only");
 _Static_assert(sizeof(struct vmc_body) == 16, "body header must stay 16 bytes");
 _Static_assert(sizeof(struct vmc_header) <= VMC_PAGE, "header must fit its page");

@@ -21,6 +21,7 @@ struct vmc_cache {
     struct vmc_header *hdr;
     struct vmc_shard *shards;
     uint64_t *index;              /* n_shards * slots_per_shard slots */
+    struct vmc_heap_item *heaps;  /* n_shards * slots_per_shard items */
     char *pool;                   /* address of unit 1 */
     uint64_t file_size;
     uint64_t seed;
@@ -74,9 +75,10 @@ void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, u
 int vmc_index_insert(vmc_cache *c, uint32_t shard, uint64_t hash, uint32_t unit);
 void vmc_index_delete(vmc_cache *c, uint32_t shard, uint32_t slot);
 uint32_t vmc_index_slot_of(vmc_cache *c, uint32_t shard, uint32_t unit);
-void vmc_lru_push_front(vmc_cache *c, uint32_t shard, uint32_t unit);
-void vmc_lru_unlink(vmc_cache *c, uint32_t shard, uint32_t unit);
-void vmc_lru_touch(vmc_cache *c, uint32_t shard, uint32_t unit, uint64_t now);
+void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit);
+uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard);
+void vmc_lru_pop(vmc_cache *c, uint32_t shard);
+void vmc_lru_heapify(vmc_cache *c, uint32_t shard);
 int vmc_remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot);
 
 /* ---- recovery (vmc_recover.c) ---- */

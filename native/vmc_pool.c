@@ -272,16 +272,16 @@ void vmc_release_entry(vmc_cache *c, uint32_t head)
         vmc_free_chain(c, head);
 }
 
-/* The reserved list links RESERVED heads through lru_prev/lru_next. */
+/* The reserved list links RESERVED heads through link_prev/link_next. */
 void vmc_reserved_push(vmc_cache *c, uint32_t head)
 {
     struct vmc_pool *p = &c->hdr->pool;
     struct vmc_entry *e = vmc_unit(c, head);
     struct vmc_entry *h = p->reserved_head ? vmc_head(c, p->reserved_head) : NULL;
-    e->lru_prev = 0;
-    e->lru_next = h ? p->reserved_head : 0;
+    e->link_prev = 0;
+    e->link_next = h ? p->reserved_head : 0;
     if (h)
-        h->lru_prev = head;
+        h->link_prev = head;
     p->reserved_head = head;
 }
 
@@ -289,17 +289,17 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
 {
     struct vmc_pool *p = &c->hdr->pool;
     struct vmc_entry *e = vmc_unit(c, head);
-    struct vmc_entry *prev = e->lru_prev ? vmc_head(c, e->lru_prev) : NULL;
-    struct vmc_entry *next = e->lru_next ? vmc_head(c, e->lru_next) : NULL;
+    struct vmc_entry *prev = e->link_prev ? vmc_head(c, e->link_prev) : NULL;
+    struct vmc_entry *next = e->link_next ? vmc_head(c, e->link_next) : NULL;
     if (prev)
-        prev->lru_next = e->lru_next;
+        prev->link_next = e->link_next;
     else if (p->reserved_head == head)
-        p->reserved_head = e->lru_next;
+        p->reserved_head = e->link_next;
     else
         vmc_mark_damaged(c);
     if (next)
-        next->lru_prev = e->lru_prev;
-    e->lru_prev = e->lru_next = 0;
+        next->link_prev = e->link_prev;
+    e->link_prev = e->link_next = 0;
 }
 
 bool vmc_pid_alive(uint64_t pid)
@@ -331,7 +331,7 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
             vmc_mark_damaged(c);
             break;
         }
-        uint32_t next = e->lru_next;
+        uint32_t next = e->link_next;
         if (!vmc_pid_alive(e->atime_ns)) {
             vmc_reserved_unlink(c, u);
             vmc_release_entry(c, u);

@@ -12,7 +12,8 @@
  *      marking its extents; of two heads with the same key the newer
  *      timestamp wins;
  *   3. sweep: every unmarked run of extents becomes one free extent;
- *   4. relink each shard's LRU list in access-time order.
+ *   4. heapify each shard's LRU heap (its items were appended as entries were
+ *      kept: linear time, no sort).
  * RECOVER runs at open when the opener is the file's only user (it also
  * re-initialises the locks: their previous owners may be gone, even across a
  * reboot). LIVE runs under every lock after a lock owner died.
@@ -83,9 +84,9 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
         struct vmc_shard *sh = &c->shards[s];
         if (mode == VMC_REBUILD_RECOVER)
             vmc_mutex_init(&sh->lock);
-        sh->lru_head = sh->lru_tail = 0;
+        sh->heap_len = 0;
         sh->count = 0;
-        sh->tail_atime = UINT64_MAX;
+        sh->top_atime = UINT64_MAX;
     }
     memset(c->index, 0, (uint64_t)c->n_shards * c->slots * 8);
     struct vmc_pool *p = &c->hdr->pool;
@@ -97,10 +98,9 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
     p->last_reclaim_ns = 0;
 }
 
-/* keep_published -- index a sound PUBLISHED head; false if it must go. Sets
- * *shard to the key's shard. */
-static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t now,
-                           uint32_t *shard)
+/* keep_published -- index a sound PUBLISHED head and give it a heap item;
+ * false if it must go. */
+static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t now)
 {
     struct vmc_entry *e = vmc_head(c, u);
     if (e == NULL || vmc_expired(e, now) || !chain(c, m, u, true))
@@ -112,7 +112,6 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
     uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
     uint32_t s = vmc_shard_of(c, hash), slot;
     struct vmc_shard *sh = &c->shards[s];
-    *shard = s;
     uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
     if (old) {
         struct vmc_entry *oe = vmc_unit(c, old);
@@ -129,100 +128,11 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
     }
     vmc_index_set(c, s, slot, hash, u);
     sh->count++;
+    struct vmc_heap_item *heap = c->heaps + (uint64_t)s * c->slots;
+    if (sh->heap_len >= c->slots)
+        vmc_lru_heapify(c, s); /* drops the items of replaced duplicates */
+    heap[sh->heap_len++] = (struct vmc_heap_item){e->atime_ns, u, (uint32_t)e->stamp};
     return true;
-}
-
-struct lru_item {
-    uint64_t atime;
-    uint32_t unit;
-    uint32_t shard;
-};
-
-struct lru_items {
-    struct lru_item *v;
-    size_t n, cap;
-};
-
-static bool items_push(struct lru_items *a, uint64_t atime, uint32_t unit, uint32_t shard)
-{
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 4096;
-        struct lru_item *v = realloc(a->v, cap * sizeof *v);
-        if (v == NULL)
-            return false;
-        a->v = v;
-        a->cap = cap;
-    }
-    a->v[a->n++] = (struct lru_item){atime, unit, shard};
-    return true;
-}
-
-/* sort_items -- by shard, then by access time: a radix sort (four 16-bit
- * passes over atime, then one stable pass over the shard), linear in the
- * number of entries; qsort's comparisons cost more than the rest of recovery. */
-static bool sort_items(struct lru_items *a, uint32_t n_shards)
-{
-    struct lru_item *tmp = malloc(a->n * sizeof *tmp);
-    size_t *count = malloc(65537 * sizeof *count);
-    if (tmp == NULL || count == NULL) {
-        free(tmp);
-        free(count);
-        return false;
-    }
-    struct lru_item *src = a->v, *dst = tmp;
-    for (int pass = 0; pass < 5; pass++) {
-        uint32_t buckets = pass < 4 ? 65536 : n_shards;
-        memset(count, 0, (buckets + 1) * sizeof *count);
-        for (size_t i = 0; i < a->n; i++) {
-            uint32_t d = pass < 4 ? (uint32_t)(src[i].atime >> (16 * pass)) & 0xffff : src[i].shard;
-            count[d + 1]++;
-        }
-        for (uint32_t b = 0; b < buckets; b++)
-            count[b + 1] += count[b];
-        for (size_t i = 0; i < a->n; i++) {
-            uint32_t d = pass < 4 ? (uint32_t)(src[i].atime >> (16 * pass)) & 0xffff : src[i].shard;
-            dst[count[d]++] = src[i];
-        }
-        struct lru_item *t = src;
-        src = dst;
-        dst = t;
-    }
-    /* Five passes: the result is in tmp. */
-    free(a->v);
-    a->v = src;
-    free(count);
-    return true;
-}
-
-/* relink_lru -- each shard's list in access order: every entry is written
- * once, its links taken from its neighbours in the sorted array. Entries
- * replaced by a newer duplicate meanwhile (REMOVED) are skipped. */
-static void relink_lru(vmc_cache *c, struct lru_items *a)
-{
-    size_t i = 0;
-    while (i < a->n) {
-        uint32_t s = a->v[i].shard;
-        size_t end = i;
-        uint32_t newer_than = 0; /* the previous (less recent) linked unit */
-        struct vmc_shard *sh = &c->shards[s];
-        for (; end < a->n && a->v[end].shard == s; end++) {
-            uint32_t u = a->v[end].unit;
-            struct vmc_entry *e = vmc_unit(c, u);
-            if (e->state != VMC_PUBLISHED)
-                continue;
-            e->lru_next = newer_than;
-            e->lru_prev = 0;
-            if (newer_than)
-                ((struct vmc_entry *)vmc_unit(c, newer_than))->lru_prev = u;
-            else {
-                sh->lru_tail = u;
-                sh->tail_atime = e->atime_ns;
-            }
-            sh->lru_head = u;
-            newer_than = u;
-        }
-        i = end;
-    }
 }
 
 /* next_start -- the first extent start after u (units + 1 if none), from the
@@ -239,23 +149,19 @@ static uint32_t next_start(const struct marks *m, uint32_t u, uint32_t units)
     return units + 1;
 }
 
-/* keep_head -- decide a HEAD's fate (index it, keep it reserved, or let the
- * sweep free it), recording what the LRU relink needs. */
+/* keep_head -- decide a HEAD's fate: index it, keep it reserved, or let the
+ * sweep free it. */
 static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuild_mode mode,
-                      uint64_t now, struct lru_items *items, uint64_t *newest,
-                      uint64_t *dropped, bool *oom)
+                      uint64_t now, uint64_t *newest, uint64_t *dropped)
 {
     struct vmc_entry *e = vmc_unit(c, u);
     if (e->state == VMC_PUBLISHED) {
-        uint32_t shard;
-        if (!keep_published(c, m, u, now, &shard)) {
+        if (!keep_published(c, m, u, now)) {
             (*dropped)++;
             return;
         }
         if (e->stamp > *newest)
             *newest = e->stamp;
-        if (!items_push(items, e->atime_ns, u, shard))
-            *oom = true;
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
                vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
         vmc_reserved_push(c, u);
@@ -267,7 +173,6 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
     uint32_t units = c->pool_units;
     size_t words = (size_t)units / 64 + 1;
     struct marks m = {calloc(words, 8), calloc(words, 8)};
-    struct lru_items items = {NULL, 0, 0};
     uint32_t *deferred = NULL;
     size_t n_deferred = 0, deferred_cap = 0;
     bool oom = false;
@@ -308,7 +213,7 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
         if (VMC_TAG_KIND(tag) == VMC_KIND_HEAD) {
             struct vmc_entry *e = vmc_unit(c, u);
             if (e->next == 0) {
-                keep_head(c, &m, u, mode, now, &items, &newest, dropped, &oom);
+                keep_head(c, &m, u, mode, now, &newest, dropped);
             } else {
                 if (n_deferred == deferred_cap) {
                     size_t cap = deferred_cap ? deferred_cap * 2 : 1024;
@@ -328,7 +233,7 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
 
     /* 2. the heads that waited */
     for (size_t i = 0; i < n_deferred && !oom; i++)
-        keep_head(c, &m, deferred[i], mode, now, &items, &newest, dropped, &oom);
+        keep_head(c, &m, deferred[i], mode, now, &newest, dropped);
     free(deferred);
 
     /* 3. sweep: every run of unclaimed extents becomes one free extent */
@@ -350,13 +255,10 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
     free(m.start);
     free(m.claimed);
 
-    /* 4. LRU lists */
-    int rc = VMC_OK;
-    if (oom || !sort_items(&items, c->n_shards))
-        rc = vmc_fail(VMC_E_OS, "out of memory while recovering %s", c->path);
-    else
-        relink_lru(c, &items);
-    free(items.v);
+    /* 4. LRU heaps */
+    int rc = oom ? vmc_fail(VMC_E_OS, "out of memory while recovering %s", c->path) : VMC_OK;
+    for (uint32_t s = 0; s < c->n_shards; s++)
+        vmc_lru_heapify(c, s);
     for (uint32_t s = 0; s < c->n_shards; s++)
         *kept += c->shards[s].count;
     uint64_t clock = __atomic_load_n(&c->hdr->clock, __ATOMIC_ACQUIRE);

@@ -1,13 +1,15 @@
-/* vmc_shard.c -- a shard's index and LRU list (shard lock held throughout).
+/* vmc_shard.c -- a shard's index and LRU heap (shard lock held throughout).
  *
  * The index is open addressing with linear probing over 64-bit slots
  * (hash tag << 32 | head unit); deletion shifts later slots back, so there are
  * no tombstones and a probe ends at the first empty slot. A slot's home is
  * derived from its tag, which is what backward shifting needs.
  *
- * The LRU list is doubly linked through the entries, most recent first. The
- * shard's tail_atime lets eviction find the least recently used entry of the
- * whole cache by looking at one number per shard.
+ * The LRU heap (see vmc_format.h) orders the shard's entries by access time,
+ * lazily: a hit stores the entry's atime and nothing else; items are re-keyed
+ * or dropped when they reach the top. The shard's top_atime lets eviction find
+ * the least recently used entry of the whole cache by looking at one number
+ * per shard.
  */
 #include "vmc_internal.h"
 
@@ -20,6 +22,8 @@ static uint32_t home_of(const vmc_cache *c, uint32_t tag)
 {
     return (uint32_t)(((uint64_t)tag * c->slots) >> 32);
 }
+
+/* ---- the index ---- */
 
 /* vmc_index_find -- the head unit of `key` in `shard` (and its slot), or 0;
  * on a miss *slot is the empty slot where the key belongs (UINT32_MAX if the
@@ -100,65 +104,139 @@ void vmc_index_delete(vmc_cache *c, uint32_t shard, uint32_t slot)
     }
 }
 
-static struct vmc_entry *linked(vmc_cache *c, uint32_t unit)
+/* ---- the LRU heap ---- */
+
+static struct vmc_heap_item *heap_of(vmc_cache *c, uint32_t shard)
 {
-    struct vmc_entry *e = vmc_head(c, unit);
-    if (e == NULL)
-        vmc_mark_damaged(c);
-    return e;
+    return c->heaps + (uint64_t)shard * c->slots;
 }
 
-static void set_tail(vmc_cache *c, struct vmc_shard *sh, uint32_t unit)
+static bool before(const struct vmc_heap_item *a, const struct vmc_heap_item *b)
 {
-    struct vmc_entry *t = unit ? linked(c, unit) : NULL;
-    sh->lru_tail = unit;
-    VMC_STORE(sh->tail_atime, t ? t->atime_ns : UINT64_MAX);
+    return a->key < b->key || (a->key == b->key && a->unit < b->unit);
 }
 
-void vmc_lru_push_front(vmc_cache *c, uint32_t shard, uint32_t unit)
+static void sift_up(struct vmc_heap_item *h, uint32_t i)
+{
+    struct vmc_heap_item item = h[i];
+    while (i > 0) {
+        uint32_t parent = (i - 1) / 2;
+        if (!before(&item, &h[parent]))
+            break;
+        h[i] = h[parent];
+        i = parent;
+    }
+    h[i] = item;
+}
+
+static void sift_down(struct vmc_heap_item *h, uint32_t len, uint32_t i)
+{
+    struct vmc_heap_item item = h[i];
+    for (;;) {
+        uint32_t child = 2 * i + 1;
+        if (child >= len)
+            break;
+        if (child + 1 < len && before(&h[child + 1], &h[child]))
+            child++;
+        if (!before(&h[child], &item))
+            break;
+        h[i] = h[child];
+        i = child;
+    }
+    h[i] = item;
+}
+
+static void publish_top(vmc_cache *c, struct vmc_shard *sh, const struct vmc_heap_item *h)
+{
+    VMC_STORE(sh->top_atime, sh->heap_len ? h[0].key : UINT64_MAX);
+}
+
+/* live -- the entry an item stands for, if it is still that entry. */
+static struct vmc_entry *live(vmc_cache *c, const struct vmc_heap_item *item)
+{
+    struct vmc_entry *e = vmc_head(c, item->unit);
+    if (e && e->state == VMC_PUBLISHED && (uint32_t)e->stamp == item->gen)
+        return e;
+    return NULL;
+}
+
+/* vmc_lru_heapify -- drop the dead items of a shard's heap and restore heap
+ * order (Floyd: linear in the heap's length). */
+void vmc_lru_heapify(vmc_cache *c, uint32_t shard)
 {
     struct vmc_shard *sh = &c->shards[shard];
-    struct vmc_entry *e = vmc_unit(c, unit);
-    struct vmc_entry *h = sh->lru_head ? linked(c, sh->lru_head) : NULL;
-    e->lru_prev = 0;
-    e->lru_next = h ? sh->lru_head : 0;
-    if (h)
-        h->lru_prev = unit;
-    sh->lru_head = unit;
-    if (sh->lru_tail == 0 || h == NULL)
-        set_tail(c, sh, unit);
+    struct vmc_heap_item *h = heap_of(c, shard);
+    uint32_t len = 0;
+    for (uint32_t i = 0; i < sh->heap_len && i < c->slots; i++)
+        if (live(c, &h[i]))
+            h[len++] = h[i];
+    sh->heap_len = len;
+    for (uint32_t i = len / 2; i-- > 0;)
+        sift_down(h, len, i);
+    publish_top(c, sh, h);
 }
 
-void vmc_lru_unlink(vmc_cache *c, uint32_t shard, uint32_t unit)
+/* vmc_lru_insert -- a newly published entry joins its shard's heap. The
+ * heap holds at most one live item per entry of the shard, and has room for a
+ * quarter more than the shard may hold: when dead items fill it, dropping
+ * them makes room again (amortised constant time per insertion). */
+void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit)
 {
     struct vmc_shard *sh = &c->shards[shard];
+    struct vmc_heap_item *h = heap_of(c, shard);
     struct vmc_entry *e = vmc_unit(c, unit);
-    struct vmc_entry *p = e->lru_prev ? linked(c, e->lru_prev) : NULL;
-    struct vmc_entry *n = e->lru_next ? linked(c, e->lru_next) : NULL;
-    if (p)
-        p->lru_next = e->lru_next;
-    else
-        sh->lru_head = e->lru_next;
-    if (n)
-        n->lru_prev = e->lru_prev;
-    else
-        set_tail(c, sh, p ? e->lru_prev : 0);
-    e->lru_prev = e->lru_next = 0;
-}
-
-/* vmc_lru_touch -- make `unit` the most recently used entry of its shard. */
-void vmc_lru_touch(vmc_cache *c, uint32_t shard, uint32_t unit, uint64_t now)
-{
-    struct vmc_shard *sh = &c->shards[shard];
-    struct vmc_entry *e = vmc_unit(c, unit);
-    e->atime_ns = now;
-    if (sh->lru_head == unit) {
-        if (sh->lru_tail == unit)
-            VMC_STORE(sh->tail_atime, now);
+    if (sh->heap_len >= c->slots)
+        vmc_lru_heapify(c, shard);
+    if (sh->heap_len >= c->slots) {
+        vmc_mark_damaged(c); /* more live items than entries: repair rebuilds */
         return;
     }
-    vmc_lru_unlink(c, shard, unit);
-    vmc_lru_push_front(c, shard, unit);
+    h[sh->heap_len] = (struct vmc_heap_item){e->atime_ns, unit, (uint32_t)e->stamp};
+    sift_up(h, sh->heap_len++);
+    publish_top(c, sh, h);
+}
+
+/* vmc_lru_settle -- bring the shard's least recently used entry to the top
+ * of its heap: drop dead items, re-key items whose entry was used since they
+ * were keyed. Returns that entry's unit (0 if the shard is empty); top_atime
+ * is then its exact access time. Each step drops an item or re-keys one that
+ * a get touched since the last settle, so the work is paid for by earlier
+ * operations. */
+uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard)
+{
+    struct vmc_shard *sh = &c->shards[shard];
+    struct vmc_heap_item *h = heap_of(c, shard);
+    if (sh->heap_len > c->slots) {
+        vmc_mark_damaged(c);
+        sh->heap_len = 0;
+    }
+    for (uint64_t steps = 0; sh->heap_len > 0 && steps <= 2ull * c->slots; steps++) {
+        struct vmc_entry *e = live(c, &h[0]);
+        if (e == NULL) {
+            h[0] = h[--sh->heap_len];
+            sift_down(h, sh->heap_len, 0);
+        } else if (e->atime_ns != h[0].key) {
+            h[0].key = e->atime_ns;
+            sift_down(h, sh->heap_len, 0);
+        } else {
+            publish_top(c, sh, h);
+            return h[0].unit;
+        }
+    }
+    publish_top(c, sh, h);
+    return 0;
+}
+
+/* vmc_lru_pop -- remove the settled top item (its entry is being evicted). */
+void vmc_lru_pop(vmc_cache *c, uint32_t shard)
+{
+    struct vmc_shard *sh = &c->shards[shard];
+    struct vmc_heap_item *h = heap_of(c, shard);
+    if (sh->heap_len == 0)
+        return;
+    h[0] = h[--sh->heap_len];
+    sift_down(h, sh->heap_len, 0);
+    publish_top(c, sh, h);
 }
 
 /* vmc_remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
@@ -169,8 +247,7 @@ int vmc_remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot
     int rc = vmc_pool_lock_nested(c);
     if (rc < 0)
         return rc;
-    vmc_index_delete(c, shard, slot);
-    vmc_lru_unlink(c, shard, unit);
+    vmc_index_delete(c, shard, slot); /* its heap item dies with it */
     VMC_UNCOUNT(c->shards[shard].count);
     vmc_release_entry(c, unit);
     vmc_pool_unlock(c);

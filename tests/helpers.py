@@ -219,26 +219,23 @@ def chaos_worker(
 # The file layout (native/vmc_format.h), for tests that damage files on purpose
 # ---------------------------------------------------------------------------
 
-HEADER = struct.Struct("<8sIIQQQQIIIIIIQQQ")
-HEADER_FIELDS = [
-    "magic",
-    "format_version",
-    "abi_signature",
-    "file_size",
-    "shards_off",
-    "index_off",
-    "pool_off",
-    "unit_size",
-    "unit_shift",
-    "pool_units",
-    "n_shards",
-    "slots_per_shard",
-    "policy",
-    "default_ttl_ns",
-    "hash_seed",
-    "geometry_check",
+# The header's first block. The format is young: two layouts exist (without and
+# with `heap_off`); read_header() tells them apart by the geometry checksum.
+_LAYOUTS = [
+    (
+        struct.Struct("<8sIIQQQQIIIIIIQQQ"),
+        "magic format_version abi_signature file_size shards_off index_off pool_off "
+        "unit_size unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns "
+        "hash_seed geometry_check",
+    ),
+    (
+        struct.Struct("<8sIIQQQQQIIIIIIQQQ"),
+        "magic format_version abi_signature file_size shards_off index_off heap_off pool_off "
+        "unit_size unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns "
+        "hash_seed geometry_check",
+    ),
 ]
-HEADER_CODES = "IIQQQQIIIIIIQQQ"  # HEADER's fields after the magic
+_GEOMETRY_SEED = 0x67656F6D
 PAGE = 4096
 KIND_FREE, KIND_HEAD, KIND_BODY = 0x45455246, 0x44414548, 0x59444F42
 ENTRY = struct.Struct("<QIIIIHBBIQQQ")  # struct vmc_entry, 56 bytes
@@ -258,9 +255,25 @@ ENTRY_FIELDS = [
 ]
 
 
-def read_header(data: bytes) -> dict[str, Any]:
-    """The first block of a cache file's header as a dict."""
-    return dict(zip(HEADER_FIELDS, HEADER.unpack_from(data), strict=True))
+def _layout(data: bytes | bytearray) -> tuple[struct.Struct, list[str]]:
+    """The header layout whose geometry checksum matches `data` (the first
+    one if none does: a damaged header)."""
+    for st, names in _LAYOUTS:
+        if len(data) >= st.size:
+            body = bytes(data[: st.size - 8])
+            check = int.from_bytes(data[st.size - 8 : st.size], "little")
+            if vmc_hash(body, _GEOMETRY_SEED) == check:
+                return st, names.split()
+    return _LAYOUTS[0][0], _LAYOUTS[0][1].split()
+
+
+def read_header(data: bytes | bytearray) -> dict[str, Any]:
+    """The first block of a cache file's header as a dict (plus "_size", the
+    block's size in bytes)."""
+    st, names = _layout(data)
+    out = dict(zip(names, st.unpack_from(data), strict=True))
+    out["_size"] = st.size
+    return out
 
 
 def extents(data: bytes, hdr: dict[str, Any]) -> list[tuple[int, int, int]]:
@@ -334,15 +347,22 @@ def vmc_hash(p: bytes, seed: int) -> int:
 
 def forge_header(data: bytearray, **fields: int) -> None:
     """Rewrite header fields in place and recompute geometry_check, so that
-    only the header's consistency checks stand between the file and the core."""
-    hdr = read_header(data)
+    only the header's consistency checks stand between the file and the core.
+    Values wrap to the field's width, as in C."""
+    st, names = _layout(data)
+    hdr = dict(zip(names, st.unpack_from(data), strict=True))
     hdr.update(fields)
-    for name, code in zip(HEADER_FIELDS[1:], HEADER_CODES, strict=True):
-        hdr[name] &= 0xFFFFFFFF if code == "I" else 0xFFFFFFFFFFFFFFFF  # wrap like C
-    packed = bytearray(HEADER.pack(*(hdr[f] for f in HEADER_FIELDS)))
-    check = vmc_hash(bytes(packed[: HEADER.size - 8]), 0x67656F6D)
-    packed[HEADER.size - 8 :] = check.to_bytes(8, "little")
-    data[: HEADER.size] = packed
+    for name, code in zip(names[1:], st.format[3:], strict=True):  # after "<8s"
+        hdr[name] &= 0xFFFFFFFF if code == "I" else 0xFFFFFFFFFFFFFFFF
+    packed = bytearray(st.pack(*(hdr[f] for f in names)))
+    check = vmc_hash(bytes(packed[: st.size - 8]), _GEOMETRY_SEED)
+    packed[st.size - 8 :] = check.to_bytes(8, "little")
+    data[: st.size] = packed
+
+
+def header_fields(data: bytes | bytearray) -> list[str]:
+    """The names of the header's fields, in order (see read_header)."""
+    return _layout(data)[1]
 
 
 # ---------------------------------------------------------------------------

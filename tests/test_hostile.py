@@ -37,7 +37,6 @@ import aiovmc
 
 from .helpers import (
     ENTRY,
-    HEADER,
     KIND_BODY,
     KIND_HEAD,
     PAGE,
@@ -52,7 +51,7 @@ from .helpers import (
 # struct vmc_pool at 128 (its mutex first), then the clock block at 320.
 POOL_OFF, POOL_MUTEX_SIZE = 128, 40
 CLOCK_OFF, PERSISTED_OFF, NEEDS_REPAIR_OFF = 320, 328, 336
-SHARD_SIZE, SHARD_MUTEX_SIZE = 128, 40
+SHARD_MUTEX_SIZE = 40  # the mutex opens every struct vmc_shard
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +185,7 @@ def test_truncated_or_extended_files_are_refused_untouched(
         96,
         97,
         200,
-        HEADER.size,
+        template.hdr["_size"],
         PAGE - 1,
         PAGE,
         PAGE + 1,
@@ -315,7 +314,7 @@ def test_header_page_bit_flips(hostile_dir: Path, template: Template) -> None:
         positions = spec.get("positions", [])
         if (
             positions
-            and all(p < HEADER.size for p in positions)
+            and all(p < template.hdr["_size"] for p in positions)
             and len(set(positions)) == len(positions)
         ):
             assert res["outcome"] == "error", _describe(spec, res)
@@ -492,7 +491,8 @@ def _attached_specs(template: Template, directory: Path, n: int, seed: int) -> l
                 pos = rng.randrange(POOL_OFF + POOL_MUTEX_SIZE, PAGE)
             elif region == "shards":
                 pos = rng.randrange(hdr["shards_off"], hdr["index_off"])
-                if (pos - hdr["shards_off"]) % SHARD_SIZE < SHARD_MUTEX_SIZE:
+                shard_size = (hdr["index_off"] - hdr["shards_off"]) // 64
+                if (pos - hdr["shards_off"]) % shard_size < SHARD_MUTEX_SIZE:
                     pos += SHARD_MUTEX_SIZE
             else:
                 pos = _region_positions(template, region, rng, 1)[0]
@@ -660,3 +660,44 @@ def test_fuzz_many_mutations(seed: int, hostile_dir: Path, template: Template) -
             assert res["outcome"] == "ok", _describe(spec, res)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_damaged_large_value_while_attached_does_not_hang(hostile_dir: Path) -> None:
+    """A value large enough to be copied outside the shard lock (hundreds of
+    KiB, scattered over BODY extents) whose chain is damaged while the file is
+    attached: `get` must give up (an error or a miss), not retry forever."""
+    path = hostile_dir / "big-chain.cache"
+    with aiovmc.Cache(path, size="4MiB") as cache:
+        i = 0
+        while cache.statistics().used_bytes < 0.98 * cache.capacity:
+            cache.put(b"s%d" % i, make_value(b"s%d" % i, i, 150))
+            i += 1
+        for j in range(0, i, 2):  # only one-unit holes: the big value scatters
+            cache.delete(b"s%d" % j)
+        cache.put(b"big", make_value(b"big", 1, 600_000))
+    data = path.read_bytes()
+    hdr = read_header(data)
+    exts = extents(data, hdr)
+    head_unit = next(
+        1 + ((off - hdr["pool_off"]) >> hdr["unit_shift"])
+        for off, _, kind in exts
+        if kind == KIND_HEAD and data[off + ENTRY.size : off + ENTRY.size + 3] == b"big"
+    )
+    bodies = [
+        off
+        for off, _, kind in exts
+        if kind == KIND_BODY and int.from_bytes(data[off + 12 : off + 16], "little") == head_unit
+    ]
+    assert len(bodies) > 100
+    victim = bodies[len(bodies) // 2]
+    (res,) = run_attempts(
+        [
+            {
+                "path": str(path),
+                "check": False,
+                "attached_flips": [[victim + 12, 0xFF]],  # the body's `head` back-link
+                "timeout": 8.0,
+            }
+        ]
+    )
+    assert res["outcome"] == "ok", res

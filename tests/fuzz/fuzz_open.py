@@ -25,7 +25,7 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 with atheris.instrument_imports():
-    from helpers import HEADER_FIELDS, CorruptValue, check_value, forge_header, make_value
+    from helpers import CorruptValue, check_value, forge_header, header_fields, make_value
 
     import aiovmc
 
@@ -64,7 +64,8 @@ def _build(data: bytes) -> bytes:
     out = bytearray(TEMPLATE_DATA)
     if mode == 2 and len(rest) >= 16:
         index, value = struct.unpack_from("<QQ", rest)
-        name = HEADER_FIELDS[1 + index % (len(HEADER_FIELDS) - 2)]  # not the magic, the check
+        names = header_fields(out)
+        name = names[1 + index % (len(names) - 2)]  # neither the magic nor the check
         forge_header(out, **{name: value})  # wrapped to the field's width
         rest = rest[16:]
     for at in range(0, len(rest) - 4, 5):
