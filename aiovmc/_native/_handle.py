@@ -275,7 +275,10 @@ class Handle:
         """Insert or replace; returns the publication timestamp."""
         if type(key) is not bytes:
             key = encode_key(key)
-        data, size = _as_char_pointer(value)
+        if type(value) is bytes:
+            data, size = value, len(value)
+        else:
+            data, size = _as_char_pointer(value)
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         if self._on_evict is None:
             ts = _put(self._h, key, len(key), data, size, ttl_ns, 0)
