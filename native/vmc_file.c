@@ -72,12 +72,30 @@ static uint64_t shards_bytes(void)
     return round_up(VMC_SHARDS * sizeof(struct vmc_shard), VMC_PAGE);
 }
 
-/* slots_for -- index slots (and heap items) per shard: a quarter more than
- * a shard's share of the pool's units, which bounds its entries, plus slack
- * for small files where shares vary most. */
+static uint64_t isqrt(uint64_t n)
+{
+    uint64_t r = 0;
+    for (uint64_t bit = 1ull << 62; bit; bit >>= 2) {
+        if (n >= r + bit) {
+            n -= r + bit;
+            r = (r >> 1) + bit;
+        } else {
+            r >>= 1;
+        }
+    }
+    return r;
+}
+
+/* slots_for -- index slots (and heap items) per shard. A shard holds at most
+ * max_load = 8/9 of them; max_load is a shard's share m of the pool's units
+ * plus five standard deviations of how keys spread over shards (sqrt m), so
+ * that even a pool full of one-extent entries practically never fills one
+ * shard (which would then evict its own oldest entry, out of LRU order). */
 static uint32_t slots_for(uint64_t units)
 {
-    return (uint32_t)(units / VMC_SHARDS * 5 / 4 + 32);
+    uint64_t m = units / VMC_SHARDS;
+    uint64_t max_load = m + 5 * isqrt(m) + 8;
+    return (uint32_t)(max_load + max_load / 8);
 }
 
 static uint64_t index_bytes(uint32_t slots)
@@ -378,7 +396,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     c->pool_units = h.pool_units;
     c->n_shards = h.n_shards;
     c->slots = h.slots_per_shard;
-    c->max_load = h.slots_per_shard - h.slots_per_shard / 8;
+    c->max_load = (uint32_t)((uint64_t)h.slots_per_shard * 8 / 9);
     c->policy = h.policy;
     c->default_ttl_ns = h.default_ttl_ns;
     info->fd = fd;

@@ -73,7 +73,8 @@
 /* Entry states. */
 #define VMC_RESERVED 1u              /* allocated, invisible; atime_ns = owner pid */
 #define VMC_PUBLISHED 2u             /* linked in its shard; stamp = timestamp */
-#define VMC_REMOVED 3u               /* unlinked; about to be freed */
+#define VMC_REMOVED 3u               /* unlinked; freed now, or by its last pinned reader */
+#define VMC_DEAD 0u                  /* freed by recovery (or never an entry) */
 
 /* Index slot: (hash >> 32) << 32 | head unit; 0 = empty. Linear probing with
  * backward-shift deletion, so there are no tombstones. */

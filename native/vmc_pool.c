@@ -93,7 +93,7 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
         list_add(c, unit + units, have - units);
     }
     if (kind == VMC_KIND_HEAD) /* no stale state byte may outlive the tag store */
-        ((struct vmc_entry *)f)->state = 0;
+        ((struct vmc_entry *)f)->state = VMC_DEAD;
     VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
     if (have == units)
         vmc_set_prev_free(c, unit + units, false);

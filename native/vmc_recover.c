@@ -120,7 +120,7 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
             return false;
         }
         chain(c, m, old, false);
-        oe->state = VMC_REMOVED;
+        oe->state = VMC_DEAD;
         sh->count--;
     } else if (sh->count >= c->max_load || slot == UINT32_MAX) {
         chain(c, m, u, false);
@@ -156,16 +156,22 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
 {
     struct vmc_entry *e = vmc_unit(c, u);
     if (e->state == VMC_PUBLISHED) {
-        if (!keep_published(c, m, u, now)) {
-            (*dropped)++;
+        if (keep_published(c, m, u, now)) {
+            if (mode == VMC_REBUILD_RECOVER)
+                e->pins = 0; /* no reader survives a recovery at open */
+            if (e->stamp > *newest)
+                *newest = e->stamp;
             return;
         }
-        if (e->stamp > *newest)
-            *newest = e->stamp;
+        (*dropped)++;
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
                vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
         vmc_reserved_push(c, u);
+        return;
     }
+    /* The sweep frees it, but its header may survive inside a larger free
+     * extent: make sure no pinned reader takes it for the entry it copied. */
+    e->state = VMC_DEAD;
 }
 
 int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64_t *dropped)
