@@ -47,9 +47,11 @@ __all__ = [
 ]
 
 #: Values of at least this many bytes are copied by a worker thread rather than on
-#: the event loop thread. Provisional: benchmarks/ measures the crossover (the size
-#: above which a thread round trip costs less than the loop stall it avoids).
-DEFAULT_OFFLOAD_THRESHOLD: Final = 256 * 1024
+#: the event loop thread. Measured (docs/benchmarks.md, "offload threshold"): a
+#: thread round trip costs ~170 µs; inline, a 1 MiB get takes ~60 µs and a put
+#: ~113 µs, and the slower of the two reaches 100 µs at ~930 KiB. Below 1 MiB a
+#: copy on the loop is cheaper than handing it to a thread, and short enough.
+DEFAULT_OFFLOAD_THRESHOLD: Final = 1024 * 1024
 
 
 def _default_offload_concurrency() -> int:

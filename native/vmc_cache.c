@@ -373,9 +373,16 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
             return rc;
         }
         vmc_reserved_unlink(c, head);
+        /* The new value is published before the old one goes: a crash in
+         * between leaves both, and recovery keeps the newer. */
+        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
+        e->stamp = ts;
+        e->checksum = seal(e, data);
+        e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
+        __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
-            vmc_release_entry(c, old); /* its heap item dies with it */
             vmc_index_set(c, s, slot, hash, head);
+            vmc_release_entry(c, old); /* its heap item dies with it */
             if (old_expired)
                 VMC_COUNT(sh->expirations);
         } else {
@@ -400,11 +407,6 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
             VMC_COUNT(sh->count);
         }
         vmc_pool_unlock(c);
-        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
-        e->stamp = ts;
-        e->checksum = seal(e, data);
-        e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
-        __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         vmc_lru_insert(c, s, head);
         VMC_COUNT(sh->puts);
         vmc_shard_unlock(c, s);
