@@ -15,7 +15,7 @@
 
 #include "vmc_internal.h"
 
-/* Copies of at least this many bytes run without the shard lock (pinned). */
+/* Copies of at least this many bytes run without the shard lock (optimistically). */
 #define VMC_UNLOCKED_COPY (256u * 1024)
 
 /* ---- process id, cached: reservations record their owner ---- */
@@ -206,6 +206,7 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
 {
     uint64_t now = vmc_now_ns();
     for (uint32_t attempt = 0; attempt < 4 * c->n_shards + 64; attempt++) {
+        /* attempt counts rounds without progress */
         uint32_t best = UINT32_MAX;
         uint64_t best_t = UINT64_MAX, second_t = UINT64_MAX;
         for (uint32_t i = 0; i < c->n_shards; i++) {
@@ -254,12 +255,16 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
             continue;
         if (rc < 0)
             return rc;
-        if (expired && want_live)
+        if (expired && want_live) {
+            attempt = 0; /* progress: expired entries do not use up the budget */
             continue;
+        }
         return (int)klen;
     }
     return VMC_MISS;
 }
+
+static int64_t purge_shard(vmc_cache *c, uint32_t shard);
 
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
  * owned by this process), evicting as the policy allows. Everything recovery
@@ -267,6 +272,7 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
 static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
                      uint32_t flags, uint32_t *head)
 {
+    bool purged = false;
     for (;;) {
         int rc = vmc_pool_lock(c);
         if (rc < 0)
@@ -278,7 +284,6 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             e->value_len = (uint32_t)vlen;
             e->expires_ns = expires;
             e->atime_ns = vmc_self_pid();
-            e->pins = 0;
             e->state = VMC_RESERVED;
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
@@ -288,6 +293,20 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
         vmc_pool_unlock(c);
         if (reclaimed)
             continue;
+        if (c->policy == VMC_POLICY_NONE && !purged) {
+            /* Never evict, but expired entries are not entries any more: a
+             * scan of every shard, paid only by a put that found no room. */
+            purged = true;
+            int64_t n = 0;
+            for (uint32_t sh = 0; sh < c->n_shards && n >= 0; sh++) {
+                int64_t k = purge_shard(c, sh);
+                n = k < 0 ? k : n + k;
+            }
+            if (n < 0)
+                return (int)n;
+            if (n > 0)
+                continue;
+        }
         if (c->policy == VMC_POLICY_NONE)
             return vmc_fail(VMC_E_FULL,
                             "cache full: no room for a %llu-byte entry and the policy is \"none\"",
@@ -314,13 +333,26 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
 }
 
 /* drop_reservation -- free a RESERVED head of ours. */
+/* still_reserved -- under the pool lock: head is still a reservation of this
+ * process (another thread may have published or cancelled it meanwhile). */
+static bool still_reserved(vmc_cache *c, uint32_t head)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    return e && e->state == VMC_RESERVED && e->atime_ns == vmc_self_pid();
+}
+
 static int drop_reservation(vmc_cache *c, uint32_t head)
 {
     int rc = vmc_pool_lock(c);
     if (rc < 0)
         return rc;
+    if (!still_reserved(c, head)) {
+        vmc_pool_unlock(c);
+        return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
+                        head);
+    }
     vmc_reserved_unlink(c, head);
-    vmc_release_entry(c, head);
+    vmc_free_chain(c, head);
     vmc_pool_unlock(c);
     return VMC_OK;
 }
@@ -371,6 +403,12 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
             vmc_shard_unlock(c, s);
             drop_reservation(c, head);
             return rc;
+        }
+        if (!still_reserved(c, head)) { /* a concurrent publish or cancel won */
+            vmc_pool_unlock(c);
+            vmc_shard_unlock(c, s);
+            return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
+                            head);
         }
         vmc_reserved_unlink(c, head);
         /* The new value is published before the old one goes: a crash in
@@ -431,11 +469,6 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & VMC_F_QUIET;
     for (int round = 0;; round++) {
-        if (round == 8) { /* entries keep changing under a pinned copy: damage */
-            vmc_mark_damaged(c);
-            rc = vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be repaired");
-            goto out;
-        }
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
         uint64_t now = vmc_now_ns();
@@ -472,7 +505,7 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
             from = offset;
             len = cap < vlen - offset ? cap : vlen - offset;
         }
-        if (len < VMC_UNLOCKED_COPY || e->pins == UINT8_MAX) {
+        if (len < VMC_UNLOCKED_COPY || round >= 4) { /* the last rounds never livelock */
             int copied = len ? vmc_copy_value(c, u, dst, from, len) : VMC_OK;
             if (copied < 0)
                 vmc_mark_damaged(c);
@@ -482,26 +515,19 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
                             : (int64_t)vlen;
             goto out;
         }
-        /* A large copy runs without the shard lock: the pin keeps the
-         * entry's extents from being freed meanwhile. Only a repair could
-         * free them; the timestamp check after the copy catches that. */
+        /* A large copy runs without the shard lock, optimistically: the
+         * mapping stays valid whatever happens to the entry, and if it is
+         * removed meanwhile (hence maybe freed, reused, overwritten) the key no
+         * longer leads to this unit with this timestamp -- removal takes it out
+         * of the index for good, and a new publication gets a new timestamp --
+         * so the copy is thrown away and the key looked up again. */
         uint64_t stamp = e->stamp;
-        e->pins++;
         vmc_shard_unlock(c, s);
         int copied = vmc_copy_value(c, u, dst, from, len);
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
-        struct vmc_entry *again = vmc_head(c, u);
-        bool same = again && again->stamp == stamp && again->pins > 0 &&
-                    (again->state == VMC_PUBLISHED || again->state == VMC_REMOVED);
-        if (same) {
-            again->pins--;
-            if (again->state == VMC_REMOVED && again->pins == 0 &&
-                vmc_pool_lock_nested(c) == VMC_OK) { /* else the repair frees it */
-                vmc_free_chain(c, u);
-                vmc_pool_unlock(c);
-            }
-        }
+        bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
+                    ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
         if (same && copied < 0)
             vmc_mark_damaged(c);
         vmc_shard_unlock(c, s);
@@ -511,7 +537,7 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
                             : (int64_t)vlen;
             goto out;
         }
-        /* repaired away under us: look the key up again */
+        /* removed or replaced while we copied: look the key up again */
     }
 out:
     leave(c);
@@ -717,18 +743,15 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
     return rc;
 }
 
-/* vmc_purge_shard -- remove the expired entries of one shard; returns how many. */
-int64_t vmc_purge_shard(vmc_cache *c, int shard)
+/* purge_shard -- remove the expired entries of one shard; returns how many. */
+static int64_t purge_shard(vmc_cache *c, uint32_t shard)
 {
-    ENTER(c);
-    int64_t rc = check_shard(c, shard), purged = 0;
-    if (rc < 0)
-        goto out;
     struct vmc_shard *sh = &c->shards[shard];
     const uint64_t *slots = c->index + (uint64_t)shard * c->slots;
+    int64_t rc, purged = 0;
 restart:
-    if ((rc = vmc_shard_lock(c, (uint32_t)shard)) < 0)
-        goto out;
+    if ((rc = vmc_shard_lock(c, shard)) < 0)
+        return rc;
     uint64_t now = vmc_now_ns();
     /* A deletion shifts later slots back into the hole: look at slot i again.
      * (A slot wrapped around from the front may be seen twice: harmless.) */
@@ -738,9 +761,9 @@ restart:
             i++;
             continue;
         }
-        rc = vmc_remove_locked(c, (uint32_t)shard, VMC_SLOT_UNIT(slots[i]), i);
+        rc = vmc_remove_locked(c, shard, VMC_SLOT_UNIT(slots[i]), i);
         if (rc == VMC_RETRY) {
-            vmc_shard_unlock(c, (uint32_t)shard);
+            vmc_shard_unlock(c, shard);
             goto restart;
         }
         if (rc < 0)
@@ -748,9 +771,16 @@ restart:
         VMC_COUNT(sh->expirations);
         purged++;
     }
-    vmc_shard_unlock(c, (uint32_t)shard);
-    rc = rc < 0 ? rc : purged;
-out:
+    vmc_shard_unlock(c, shard);
+    return rc < 0 ? rc : purged;
+}
+
+int64_t vmc_purge_shard(vmc_cache *c, int shard)
+{
+    ENTER(c);
+    int64_t rc = check_shard(c, shard);
+    if (rc == VMC_OK)
+        rc = purge_shard(c, (uint32_t)shard);
     leave(c);
     return rc;
 }

@@ -73,7 +73,7 @@
 /* Entry states. */
 #define VMC_RESERVED 1u              /* allocated, invisible; atime_ns = owner pid */
 #define VMC_PUBLISHED 2u             /* linked in its shard; stamp = timestamp */
-#define VMC_REMOVED 3u               /* unlinked; freed now, or by its last pinned reader */
+#define VMC_REMOVED 3u               /* unlinked from its shard; its extents are being freed */
 #define VMC_DEAD 0u                  /* freed by recovery (or never an entry) */
 
 /* Index slot: (hash >> 32) << 32 | head unit; 0 = empty. Linear probing with
@@ -101,8 +101,7 @@ struct vmc_entry {
     uint16_t key_len;       /* pool lock, at allocation */
     uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
                                -> REMOVED (pool lock, and the shard lock if it was published) */
-    uint8_t pins;           /* readers copying the value without the shard lock; shard lock.
-                               A REMOVED entry is freed by whoever drops the last pin. */
+    uint8_t reserved0;
     uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; shard lock, at publication */
     uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */
     uint64_t stamp;         /* publication timestamp; shard lock, at publication */

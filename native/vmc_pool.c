@@ -262,14 +262,12 @@ void vmc_free_chain(vmc_cache *c, uint32_t head)
     }
 }
 
-/* vmc_release_entry -- an entry leaves the cache: free it now, or, if readers
- * still copy it without the shard lock, let the last of them free it. */
+/* vmc_release_entry -- an entry leaves the cache: mark it removed (readers
+ * copying it without a lock see that) and free its extents. */
 void vmc_release_entry(vmc_cache *c, uint32_t head)
 {
-    struct vmc_entry *e = vmc_unit(c, head);
-    e->state = VMC_REMOVED;
-    if (e->pins == 0)
-        vmc_free_chain(c, head);
+    ((struct vmc_entry *)vmc_unit(c, head))->state = VMC_REMOVED;
+    vmc_free_chain(c, head);
 }
 
 /* The reserved list links RESERVED heads through link_prev/link_next. */

@@ -139,11 +139,11 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
  * bitmap: the sweep needs no second walk over the pool. */
 static uint32_t next_start(const struct marks *m, uint32_t u, uint32_t units)
 {
-    for (uint32_t v = u + 1; v <= units; v = (v | 63) + 1) {
+    for (uint64_t v = (uint64_t)u + 1; v <= units; v = (v | 63) + 1) { /* 64-bit: no wrap */
         uint64_t w = m->start[v >> 6] >> (v & 63);
         if (w) {
-            uint32_t found = v + (uint32_t)__builtin_ctzll(w);
-            return found <= units ? found : units + 1;
+            uint64_t found = v + (uint64_t)__builtin_ctzll(w);
+            return found <= units ? (uint32_t)found : units + 1;
         }
     }
     return units + 1;
@@ -157,8 +157,6 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
     struct vmc_entry *e = vmc_unit(c, u);
     if (e->state == VMC_PUBLISHED) {
         if (keep_published(c, m, u, now)) {
-            if (mode == VMC_REBUILD_RECOVER)
-                e->pins = 0; /* no reader survives a recovery at open */
             if (e->stamp > *newest)
                 *newest = e->stamp;
             return;
@@ -169,9 +167,7 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         vmc_reserved_push(c, u);
         return;
     }
-    /* The sweep frees it, but its header may survive inside a larger free
-     * extent: make sure no pinned reader takes it for the entry it copied. */
-    e->state = VMC_DEAD;
+    e->state = VMC_DEAD; /* the sweep frees it; its header may outlive it in a free extent */
 }
 
 int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64_t *dropped)

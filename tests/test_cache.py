@@ -834,3 +834,102 @@ def test_failed_publish_cancels(cache_path: str) -> None:
         r.publish()
     assert r.state == "cancelled"
     other.close()
+
+
+def test_signal_handler_using_the_cache_never_swaps_values(cache_path: str) -> None:
+    """A signal handler (or finalizer) may run between a core call and the
+    slicing of its result on the same thread: it must not clobber it."""
+    import signal
+
+    with Cache(cache_path, size=4 * MiB) as c:
+        c.put(b"mine", b"M" * 100)
+        c.put(b"other", b"O" * 80)
+        seen: list[bytes | None] = []
+        signal.signal(signal.SIGALRM, lambda *_: seen.append(c.get(b"other")))
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        try:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                assert c.get(b"mine") == b"M" * 100
+                assert c._get_inline(b"mine", 1 << 20) == b"M" * 100
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        assert seen and all(v == b"O" * 80 for v in seen)
+
+
+def test_concurrent_publish_of_one_reservation(cache_path: str) -> None:
+    with Cache(cache_path, size=4 * MiB) as c:
+        for round_ in range(50):
+            r = c.reserve(b"k", 100)
+            r.buffer[:] = bytes([round_ % 256]) * 100
+            outcomes: list[object] = []
+            barrier = threading.Barrier(2)
+
+            def publish(r: aiovmc.Reservation = r) -> None:
+                barrier.wait()
+                try:
+                    outcomes.append(c._publish(r._id))
+                except AiovmcError as exc:
+                    outcomes.append(exc)
+
+            threads = [threading.Thread(target=publish) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sum(isinstance(o, int) for o in outcomes) == 1, outcomes
+            assert c.get(b"k") == bytes([round_ % 256]) * 100
+        stats = c.statistics()
+        assert stats.entries == len(c.keys()) == 1 and stats.puts == 50
+
+
+def test_evict_skips_any_number_of_expired_entries(cache_path: str) -> None:
+    evicted: list[bytes] = []
+    with Cache(cache_path, size=4 * MiB, on_evict=evicted.append) as c:
+        for i in range(1000):
+            c.put(f"t{i}", b"v", ttl=0.01)
+        time.sleep(0.05)
+        c.put(b"live", b"v")
+        assert c.evict() is True and evicted == [b"live"]
+        assert c.statistics().expirations == 1000
+
+
+def test_policy_none_reuses_the_room_of_expired_entries(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB, policy="none") as c:
+        i = 0
+        with pytest.raises(CacheFullError):
+            while True:
+                c.put(f"k{i}", bytes(1000), ttl=0.05)
+                i += 1
+        time.sleep(0.1)
+        assert c.keys() == []
+        c.put(b"after", bytes(1000))  # the expired entries' room is reused
+        assert c.get(b"after") == bytes(1000)
+
+
+def test_reader_killed_mid_copy_leaves_nothing_behind(cache_path: str) -> None:
+    """Large values are copied without the shard lock; a reader killed in the
+    middle of such a copy must leave no trace (no pinned, unfreeable space)."""
+    import multiprocessing
+    import signal
+
+    big = os.urandom(40 * MiB)
+    with Cache(cache_path, size=64 * MiB) as c:
+        c.put(b"big", big)
+        ctx = multiprocessing.get_context("fork")
+        for delay in (0.005, 0.02, 0.05):
+            reader = ctx.Process(target=_read_forever, args=(cache_path,))
+            reader.start()
+            time.sleep(0.3 + delay)
+            os.kill(reader.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            reader.join(10)
+        assert c.get(b"big") == big
+        assert c.delete(b"big")
+        assert c.statistics().used_bytes == 0
+
+
+def _read_forever(path: str) -> None:
+    with Cache(path) as c:
+        while True:
+            c.get(b"big")

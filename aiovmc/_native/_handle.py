@@ -43,14 +43,20 @@ _put = lib.vmc_put
 
 
 class _Scratch(threading.local):
-    """This thread's view of the core's per-thread result buffer."""
+    """This thread's view of the core's per-thread result buffer.
+
+    `busy` is set from a core call until its result is sliced out: Python may
+    run a signal handler or a finalizer in between, on this very thread, and if
+    that calls the cache it must not overwrite the buffer (it takes the
+    two-call path instead)."""
 
     def __init__(self) -> None:
         ptr = lib.vmc_scratch()
         if ptr == _NULL:
             raise MemoryError("no memory for aiovmc's per-thread result buffer")
-        self.pair = (ptr, ffi.buffer(ptr, SCRATCH_SIZE))
-        self.view = self.pair[1]
+        self.ptr = ptr
+        self.view = ffi.buffer(ptr, SCRATCH_SIZE)
+        self.busy = False
 
 
 _scratch = _Scratch()
@@ -156,10 +162,18 @@ class Handle:
         `Cache`), else `default`."""
         if type(key) is not bytes:
             key = encode_key(key)
-        n = _get_scratch(self._h, key, len(key))
-        if n >= 0:
-            if n <= SCRATCH_SIZE:
-                return _scratch.view[0:n]
+        s = _scratch
+        if s.busy:  # re-entered: size the value, then copy it below
+            n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE)
+        else:
+            s.busy = True
+            try:
+                n = _get_scratch(self._h, key, len(key))
+                if 0 <= n <= SCRATCH_SIZE:
+                    return s.view[0:n]
+            finally:
+                s.busy = False
+        if n >= 0:  # counted, not copied: too large for the scratch buffer
             value = self._copy_whole(key, n)
             if value is not None:
                 return value
@@ -199,18 +213,24 @@ class Handle:
     def _get_inline(self, key: bytes, limit: int) -> bytes | int | None:
         """A hit of at most `limit` bytes as bytes; a larger hit as its size
         (not copied); a miss as None. Counts the get either way."""
-        if limit >= SCRATCH_SIZE:
-            n = _get_scratch(self._h, key, len(key))
-            cap = SCRATCH_SIZE
+        s = _scratch
+        cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
+        if s.busy:  # re-entered: see _Scratch
+            n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE)
+            cap = -1
         else:
-            n = _get(self._h, key, len(key), _scratch.pair[0], limit, 0, _WHOLE)
-            cap = limit
+            s.busy = True
+            try:
+                if cap == SCRATCH_SIZE:
+                    n = _get_scratch(self._h, key, len(key))
+                else:
+                    n = _get(self._h, key, len(key), s.ptr, cap, 0, _WHOLE)
+                if 0 <= n <= cap:
+                    return s.view[0:n]
+            finally:
+                s.busy = False
         if n >= 0:
-            if n <= cap:
-                return _scratch.view[0:n]
-            if n > limit:
-                return n
-            return self._copy_whole(key, n)
+            return n if n > limit else self._copy_whole(key, n)
         if n == _MISS:
             return None
         raise_for(n)
@@ -250,9 +270,9 @@ class Handle:
         return int(n)
 
     def _shard_keys(self) -> Iterator[bytes]:
-        ptr, buf = _scratch.pair
+        cap = SCRATCH_SIZE
+        dst = ffi.new("char[]", cap)
         for shard in range(lib.vmc_shard_count(self._h)):
-            cap, dst, view = SCRATCH_SIZE, ptr, buf
             while True:
                 needed = lib.vmc_shard_keys(self._h, shard, dst, cap)
                 if needed < 0:
@@ -261,8 +281,7 @@ class Handle:
                     break
                 cap = needed * 2
                 dst = ffi.new("char[]", cap)
-                view = ffi.buffer(dst)
-            records = view[0:needed]
+            records = ffi.buffer(dst, needed)[:]
             at = 0
             while at < needed:
                 length = int.from_bytes(records[at : at + 2], "little")
@@ -336,12 +355,20 @@ class Handle:
 
     def _evict_lru(self) -> bytes | None:
         """Evict the least recently used entry; its key, or None if none."""
-        ptr, buf = _scratch.pair
-        n = lib.vmc_evict(self._h, _NULL, 0, ptr, SCRATCH_SIZE)
-        if n >= 0:
-            return buf[0:n]
-        if n == _MISS:
-            return None
+        s = _scratch
+        if s.busy:  # re-entered: see _Scratch
+            ptr = ffi.new("char[]", SCRATCH_SIZE)
+            n = lib.vmc_evict(self._h, _NULL, 0, ptr, SCRATCH_SIZE)
+            key = ffi.buffer(ptr, n)[:] if n >= 0 else None
+        else:
+            s.busy = True
+            try:
+                n = lib.vmc_evict(self._h, _NULL, 0, s.ptr, SCRATCH_SIZE)
+                key = s.view[0:n] if n >= 0 else None
+            finally:
+                s.busy = False
+        if n >= 0 or n == _MISS:
+            return key
         raise_for(n)
 
     def _evict_key(self, key: bytes) -> bool:
