@@ -866,7 +866,11 @@ def test_concurrent_publish_of_one_reservation(cache_path: str) -> None:
             outcomes: list[object] = []
             barrier = threading.Barrier(2)
 
-            def publish(r: aiovmc.Reservation = r) -> None:
+            def publish(
+                r: aiovmc.Reservation = r,
+                barrier: threading.Barrier = barrier,
+                outcomes: list[object] = outcomes,
+            ) -> None:
                 barrier.wait()
                 try:
                     outcomes.append(c._publish(r._id))
