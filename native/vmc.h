@@ -120,8 +120,8 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
 
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset);
-int64_t vmc_publish(vmc_cache *c, uint32_t reservation);
-int vmc_cancel(vmc_cache *c, uint32_t reservation);
+int64_t vmc_publish(vmc_cache *c, uint64_t reservation);
+int vmc_cancel(vmc_cache *c, uint64_t reservation);
 
 int64_t vmc_committed_timestamp(vmc_cache *c);
 int64_t vmc_persisted_timestamp(vmc_cache *c);

@@ -284,6 +284,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             e->value_len = (uint32_t)vlen;
             e->expires_ns = expires;
             e->atime_ns = vmc_self_pid();
+            e->checksum = 0; /* the nonce of a put's own reservation */
             e->state = VMC_RESERVED;
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
@@ -333,20 +334,38 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
 }
 
 /* drop_reservation -- free a RESERVED head of ours. */
-/* still_reserved -- under the pool lock: head is still a reservation of this
- * process (another thread may have published or cancelled it meanwhile). */
-static bool still_reserved(vmc_cache *c, uint32_t head)
+/* A reservation's id: its head unit, and in the high half a nonce kept in the
+ * entry's checksum field while it is RESERVED, so that a stale id whose unit
+ * now holds another reservation of this process cannot touch that one. */
+#define RID(head, nonce) (((uint64_t)(nonce) << 32) | (head))
+#define RID_HEAD(rid) ((uint32_t)(rid))
+#define RID_NONCE(rid) ((uint32_t)((rid) >> 32))
+
+static uint32_t next_nonce(void)
 {
-    struct vmc_entry *e = vmc_head(c, head);
-    return e && e->state == VMC_RESERVED && e->atime_ns == vmc_self_pid();
+    static uint32_t counter;
+    uint32_t n;
+    do /* 31 bits, never 0 (puts' own reservations use 0): ids stay positive */
+        n = __atomic_add_fetch(&counter, 1, __ATOMIC_RELAXED) & 0x7fffffffu;
+    while (n == 0);
+    return n;
 }
 
-static int drop_reservation(vmc_cache *c, uint32_t head)
+/* still_reserved -- head is still this process's reservation `nonce`
+ * (another thread may have published or cancelled it meanwhile). */
+static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    return e && e->state == VMC_RESERVED && e->atime_ns == vmc_self_pid() &&
+           e->checksum == nonce;
+}
+
+static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     int rc = vmc_pool_lock(c);
     if (rc < 0)
         return rc;
-    if (!still_reserved(c, head)) {
+    if (!still_reserved(c, head, nonce)) {
         vmc_pool_unlock(c);
         return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
                         head);
@@ -361,7 +380,7 @@ static int drop_reservation(vmc_cache *c, uint32_t head)
  * value of its key. Returns the timestamp, or 0 when `add` finds the key
  * present. On any failure the reservation is freed: it never outlives a
  * publication that did not happen. */
-static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
+static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add)
 {
     struct vmc_entry *e = vmc_unit(c, head);
     uint64_t data = data_hash(c, head); /* before locking: values may be large */
@@ -370,7 +389,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
     int rc;
     for (;;) {
         if ((rc = vmc_shard_lock(c, s)) < 0) {
-            drop_reservation(c, head);
+            drop_reservation(c, head, nonce);
             return rc;
         }
         uint64_t now = vmc_now_ns();
@@ -380,7 +399,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         bool old_expired = oe && vmc_expired(oe, now);
         if (add && oe && !old_expired) {
             vmc_shard_unlock(c, s);
-            rc = drop_reservation(c, head);
+            rc = drop_reservation(c, head, nonce);
             return rc < 0 ? rc : 0;
         }
         /* A shard whose index is nearly full makes room in itself: a
@@ -389,7 +408,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         uint32_t victim = (!old && sh->count >= c->max_load) ? vmc_lru_settle(c, s) : 0;
         if (victim && c->policy == VMC_POLICY_NONE) {
             vmc_shard_unlock(c, s);
-            drop_reservation(c, head);
+            drop_reservation(c, head, nonce);
             return vmc_fail(VMC_E_FULL, "cache full: the index of shard %u is full and the "
                                         "policy is \"none\"", s);
         }
@@ -401,10 +420,10 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint64_t hash, bool add)
         }
         if (rc < 0) {
             vmc_shard_unlock(c, s);
-            drop_reservation(c, head);
+            drop_reservation(c, head, nonce);
             return rc;
         }
-        if (!still_reserved(c, head)) { /* a concurrent publish or cancel won */
+        if (!still_reserved(c, head, nonce)) { /* a concurrent publish or cancel won */
             vmc_pool_unlock(c);
             vmc_shard_unlock(c, s);
             return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
@@ -617,7 +636,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     memcpy(vmc_entry_key(e), key, klen);
     struct fill_ctx x = {value};
     walk_value(c, head, fill_piece, &x);
-    rc = publish(c, head, hash, add);
+    rc = publish(c, head, 0, hash, add);
 out:
     leave(c);
     return rc;
@@ -843,8 +862,8 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
 /* ---- reservations ---- */
 
 /* vmc_reserve -- room for a value of `size` bytes in one extent, invisible
- * until published. Returns the reservation's id (its head unit) and sets
- * *data_offset to where the value goes, as an offset in the mapping. */
+ * until published. Returns the reservation's id and sets *data_offset to where
+ * the value goes, as an offset in the mapping. */
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset)
 {
@@ -856,45 +875,49 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
     if (rc == VMC_OK && (rc = make_room(c, klen, size, expires, true, flags, &head)) == VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
+        uint32_t nonce = next_nonce();
+        e->checksum = nonce;
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
-        rc = head;
+        rc = (int64_t)RID(head, nonce);
     }
     leave(c);
     return rc;
 }
 
 /* owned_reservation -- the head of a reservation this process holds. */
-static struct vmc_entry *owned_reservation(vmc_cache *c, uint32_t head)
+static struct vmc_entry *owned_reservation(vmc_cache *c, uint64_t rid)
 {
-    struct vmc_entry *e = vmc_head(c, head);
-    if (e == NULL || e->state != VMC_RESERVED || e->atime_ns != vmc_self_pid()) {
-        vmc_fail(VMC_E_STATE, "reservation %u is not open in this process (already published "
-                              "or cancelled, or made before a fork)", head);
+    if (!still_reserved(c, RID_HEAD(rid), RID_NONCE(rid))) {
+        vmc_fail(VMC_E_STATE, "reservation %llx is not open in this process (already "
+                              "published or cancelled, or made before a fork)",
+                 (unsigned long long)rid);
         return NULL;
     }
-    return e;
+    return vmc_unit(c, RID_HEAD(rid));
 }
 
 /* vmc_publish -- make a reservation visible; returns its timestamp. */
-int64_t vmc_publish(vmc_cache *c, uint32_t reservation)
+int64_t vmc_publish(vmc_cache *c, uint64_t reservation)
 {
     ENTER(c);
     int64_t rc = VMC_E_STATE;
     struct vmc_entry *e = owned_reservation(c, reservation);
     if (e) {
         uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
-        rc = publish(c, reservation, hash, false);
+        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false);
     }
     leave(c);
     return rc;
 }
 
 /* vmc_cancel -- free a reservation without publishing it. */
-int vmc_cancel(vmc_cache *c, uint32_t reservation)
+int vmc_cancel(vmc_cache *c, uint64_t reservation)
 {
     ENTER(c);
-    int rc = owned_reservation(c, reservation) ? drop_reservation(c, reservation) : VMC_E_STATE;
+    int rc = owned_reservation(c, reservation)
+                 ? drop_reservation(c, RID_HEAD(reservation), RID_NONCE(reservation))
+                 : VMC_E_STATE;
     leave(c);
     return rc;
 }

@@ -937,3 +937,20 @@ def _read_forever(path: str) -> None:
     with Cache(path) as c:
         while True:
             c.get(b"big")
+
+
+def test_stale_reservation_id_cannot_touch_a_newer_one(cache_path: str) -> None:
+    """Reservation ids carry a nonce: an old id whose extent now holds another
+    reservation of this process is refused instead of cancelling that one."""
+    with Cache(cache_path, size=MiB) as c:
+        r1 = c.reserve(b"a", 100)
+        old_id = r1._id
+        r1.publish()
+        c.delete(b"a")  # frees the extent; the next reservation reuses it
+        r2 = c.reserve(b"b", 100)
+        assert (r2._id & 0xFFFFFFFF) == (old_id & 0xFFFFFFFF)  # same extent
+        with pytest.raises(AiovmcError, match="not open"):
+            c._cancel(old_id)
+        r2.buffer[:] = b"x" * 100
+        r2.publish()
+        assert c.get(b"b") == b"x" * 100
