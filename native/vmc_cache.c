@@ -244,7 +244,6 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
         bool expired = vmc_expired(e, now);
         rc = vmc_remove_locked(c, best, u, slot);
         if (rc == VMC_OK) {
-            vmc_lru_pop(c, best);
             if (expired)
                 VMC_COUNT(sh->expirations);
             else
@@ -439,7 +438,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
             vmc_index_set(c, s, slot, hash, head);
-            vmc_release_entry(c, old); /* its heap item dies with it */
+            vmc_lru_remove(c, s, old);
+            vmc_release_entry(c, old);
             if (old_expired)
                 VMC_COUNT(sh->expirations);
         } else {

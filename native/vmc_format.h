@@ -15,10 +15,11 @@
  *   - pool.lock guards the allocator: free lists, extent tags, the reserved list
  *     and the links of RESERVED entries.
  *
- * LRU: each shard keeps a min-heap of (access time, entry) items whose keys
- * are lower bounds of the entries' atime: a get hit only stores the entry's
- * new atime, and an item is re-keyed when it reaches the top (or dropped, if
- * its entry is gone). The least recently used entry of the shard is then the
+ * LRU: each shard keeps a 4-ary min-heap of (access time, entry) items, one
+ * per entry, whose keys are lower bounds of the entries' atime: a get hit only
+ * stores the entry's new atime, and an item is re-keyed when it reaches the
+ * top. An entry knows its item's position, so removal takes the item out at
+ * once. The least recently used entry of the shard is then the
  * top once settled, and that of the whole cache the settled top with the
  * smallest key over all shards: exact LRU, with a hit writing nothing shared
  * but the shard's lock line and its own entry.
@@ -96,8 +97,9 @@ struct vmc_entry {
     uint64_t tag;           /* units | HEAD; pool lock */
     uint32_t next;          /* first BODY extent of the value, 0 = none; pool lock, at allocation */
     uint32_t value_len;     /* pool lock, at allocation */
-    uint32_t link_prev;     /* RESERVED: the pool's reserved list; pool lock. Else unused */
-    uint32_t link_next;
+    uint32_t link_prev;     /* RESERVED: the pool's reserved list; pool lock.
+                               PUBLISHED: the position of its LRU heap item; shard lock */
+    uint32_t link_next;     /* RESERVED: the pool's reserved list; pool lock. Else unused */
     uint16_t key_len;       /* pool lock, at allocation */
     uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
                                -> REMOVED (pool lock, and the shard lock if it was published) */

@@ -78,6 +78,7 @@ uint32_t vmc_index_slot_of(vmc_cache *c, uint32_t shard, uint32_t unit);
 void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit);
 uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard);
 void vmc_lru_pop(vmc_cache *c, uint32_t shard);
+void vmc_lru_remove(vmc_cache *c, uint32_t shard, uint32_t unit);
 void vmc_lru_heapify(vmc_cache *c, uint32_t shard);
 int vmc_remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot);
 

@@ -6,8 +6,8 @@
  * derived from its tag, which is what backward shifting needs.
  *
  * The LRU heap (see vmc_format.h) orders the shard's entries by access time,
- * lazily: a hit stores the entry's atime and nothing else; items are re-keyed
- * or dropped when they reach the top. The shard's top_atime lets eviction find
+ * lazily: a hit stores the entry's atime and nothing else; an item is re-keyed
+ * when it reaches the top. The shard's top_atime lets eviction find
  * the least recently used entry of the whole cache by looking at one number
  * per shard.
  */
@@ -116,34 +116,52 @@ static bool before(const struct vmc_heap_item *a, const struct vmc_heap_item *b)
     return a->key < b->key || (a->key == b->key && a->unit < b->unit);
 }
 
-static void sift_up(struct vmc_heap_item *h, uint32_t i)
+/* The heap is 4-ary (half the depth of a binary one) and every item's
+ * position is kept in its entry (link_prev), so that an entry leaving the
+ * cache takes its item out at once: the heap never holds dead items. */
+#define ARITY 4
+
+/* place -- put item at position i and tell its entry where it is. */
+static void place(vmc_cache *c, struct vmc_heap_item *h, uint32_t i, struct vmc_heap_item item)
+{
+    h[i] = item;
+    struct vmc_entry *e = vmc_head(c, item.unit);
+    if (e)
+        e->link_prev = i;
+    else
+        vmc_mark_damaged(c);
+}
+
+static void sift_up(vmc_cache *c, struct vmc_heap_item *h, uint32_t i)
 {
     struct vmc_heap_item item = h[i];
     while (i > 0) {
-        uint32_t parent = (i - 1) / 2;
+        uint32_t parent = (i - 1) / ARITY;
         if (!before(&item, &h[parent]))
             break;
-        h[i] = h[parent];
+        place(c, h, i, h[parent]);
         i = parent;
     }
-    h[i] = item;
+    place(c, h, i, item);
 }
 
-static void sift_down(struct vmc_heap_item *h, uint32_t len, uint32_t i)
+static void sift_down(vmc_cache *c, struct vmc_heap_item *h, uint32_t len, uint32_t i)
 {
     struct vmc_heap_item item = h[i];
     for (;;) {
-        uint32_t child = 2 * i + 1;
-        if (child >= len)
+        uint64_t first = (uint64_t)i * ARITY + 1;
+        if (first >= len)
             break;
-        if (child + 1 < len && before(&h[child + 1], &h[child]))
-            child++;
-        if (!before(&h[child], &item))
+        uint32_t best = (uint32_t)first;
+        for (uint32_t k = best + 1; k < first + ARITY && k < len; k++)
+            if (before(&h[k], &h[best]))
+                best = k;
+        if (!before(&h[best], &item))
             break;
-        h[i] = h[child];
-        i = child;
+        place(c, h, i, h[best]);
+        i = best;
     }
-    h[i] = item;
+    place(c, h, i, item);
 }
 
 static void publish_top(vmc_cache *c, struct vmc_shard *sh, const struct vmc_heap_item *h)
@@ -160,8 +178,25 @@ static struct vmc_entry *live(vmc_cache *c, const struct vmc_heap_item *item)
     return NULL;
 }
 
-/* vmc_lru_heapify -- drop the dead items of a shard's heap and restore heap
- * order (Floyd: linear in the heap's length). */
+/* remove_at -- take the item at position i out of the heap. */
+static void remove_at(vmc_cache *c, uint32_t shard, uint32_t i)
+{
+    struct vmc_shard *sh = &c->shards[shard];
+    struct vmc_heap_item *h = heap_of(c, shard);
+    uint32_t last = --sh->heap_len;
+    if (i < last) {
+        h[i] = h[last];
+        if (i > 0 && before(&h[i], &h[(i - 1) / ARITY]))
+            sift_up(c, h, i);
+        else
+            sift_down(c, h, last, i);
+    }
+    publish_top(c, sh, h);
+}
+
+/* vmc_lru_heapify -- rebuild a shard's heap from the items appended by
+ * recovery: drop those whose entry is not (or no longer) published, restore
+ * heap order (Floyd: linear time) and record every position. */
 void vmc_lru_heapify(vmc_cache *c, uint32_t shard)
 {
     struct vmc_shard *sh = &c->shards[shard];
@@ -171,37 +206,46 @@ void vmc_lru_heapify(vmc_cache *c, uint32_t shard)
         if (live(c, &h[i]))
             h[len++] = h[i];
     sh->heap_len = len;
-    for (uint32_t i = len / 2; i-- > 0;)
-        sift_down(h, len, i);
+    for (uint32_t i = 0; i < len; i++)
+        place(c, h, i, h[i]);
+    for (uint32_t i = len / ARITY + 1; i-- > 0;)
+        if (i < len)
+            sift_down(c, h, len, i);
     publish_top(c, sh, h);
 }
 
-/* vmc_lru_insert -- a newly published entry joins its shard's heap. The
- * heap holds at most one live item per entry of the shard, and has room for a
- * quarter more than the shard may hold: when dead items fill it, dropping
- * them makes room again (amortised constant time per insertion). */
+/* vmc_lru_insert -- a newly published entry joins its shard's heap. Its key
+ * is the newest access time, so it usually stays where it lands. */
 void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit)
 {
     struct vmc_shard *sh = &c->shards[shard];
     struct vmc_heap_item *h = heap_of(c, shard);
     struct vmc_entry *e = vmc_unit(c, unit);
-    if (sh->heap_len >= c->slots)
-        vmc_lru_heapify(c, shard);
     if (sh->heap_len >= c->slots) {
-        vmc_mark_damaged(c); /* more live items than entries: repair rebuilds */
+        vmc_mark_damaged(c); /* more items than the index has slots: repair rebuilds */
         return;
     }
     h[sh->heap_len] = (struct vmc_heap_item){e->atime_ns, unit, (uint32_t)e->stamp};
-    sift_up(h, sh->heap_len++);
+    sift_up(c, h, sh->heap_len++);
     publish_top(c, sh, h);
 }
 
+/* vmc_lru_remove -- an entry leaves its shard: its item goes too. */
+void vmc_lru_remove(vmc_cache *c, uint32_t shard, uint32_t unit)
+{
+    struct vmc_entry *e = vmc_unit(c, unit);
+    uint32_t i = e->link_prev;
+    if (i >= c->shards[shard].heap_len || heap_of(c, shard)[i].unit != unit) {
+        vmc_mark_damaged(c);
+        return;
+    }
+    remove_at(c, shard, i);
+}
+
 /* vmc_lru_settle -- bring the shard's least recently used entry to the top
- * of its heap: drop dead items, re-key items whose entry was used since they
- * were keyed. Returns that entry's unit (0 if the shard is empty); top_atime
- * is then its exact access time. Each step drops an item or re-keys one that
- * a get touched since the last settle, so the work is paid for by earlier
- * operations. */
+ * of its heap: re-key the top while a get has touched its entry since it was
+ * keyed. Returns that entry's unit (0 if the shard is empty); top_atime is
+ * then its exact access time. Each re-key is paid for by an earlier get. */
 uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard)
 {
     struct vmc_shard *sh = &c->shards[shard];
@@ -212,12 +256,12 @@ uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard)
     }
     for (uint64_t steps = 0; sh->heap_len > 0 && steps <= 2ull * c->slots; steps++) {
         struct vmc_entry *e = live(c, &h[0]);
-        if (e == NULL) {
-            h[0] = h[--sh->heap_len];
-            sift_down(h, sh->heap_len, 0);
+        if (e == NULL) { /* damage: drop it, repair will follow */
+            vmc_mark_damaged(c);
+            remove_at(c, shard, 0);
         } else if (e->atime_ns != h[0].key) {
             h[0].key = e->atime_ns;
-            sift_down(h, sh->heap_len, 0);
+            sift_down(c, h, sh->heap_len, 0);
         } else {
             publish_top(c, sh, h);
             return h[0].unit;
@@ -230,13 +274,8 @@ uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard)
 /* vmc_lru_pop -- remove the settled top item (its entry is being evicted). */
 void vmc_lru_pop(vmc_cache *c, uint32_t shard)
 {
-    struct vmc_shard *sh = &c->shards[shard];
-    struct vmc_heap_item *h = heap_of(c, shard);
-    if (sh->heap_len == 0)
-        return;
-    h[0] = h[--sh->heap_len];
-    sift_down(h, sh->heap_len, 0);
-    publish_top(c, sh, h);
+    if (c->shards[shard].heap_len > 0)
+        remove_at(c, shard, 0);
 }
 
 /* vmc_remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
@@ -247,7 +286,8 @@ int vmc_remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot
     int rc = vmc_pool_lock_nested(c);
     if (rc < 0)
         return rc;
-    vmc_index_delete(c, shard, slot); /* its heap item dies with it */
+    vmc_index_delete(c, shard, slot);
+    vmc_lru_remove(c, shard, unit);
     VMC_UNCOUNT(c->shards[shard].count);
     vmc_release_entry(c, unit);
     vmc_pool_unlock(c);
