@@ -370,7 +370,7 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
                         head);
     }
     vmc_reserved_unlink(c, head);
-    vmc_free_chain(c, head);
+    vmc_release_entry(c, head); /* REMOVED: a stale id can never match it again */
     vmc_pool_unlock(c);
     return VMC_OK;
 }
@@ -401,9 +401,9 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             rc = drop_reservation(c, head, nonce);
             return rc < 0 ? rc : 0;
         }
-        /* A shard whose index is nearly full makes room in itself: a
-         * many-sigma event, as the index has half again as many slots as the
-         * pool has units and keys hash with a secret seed. */
+        /* A shard whose index is at its load limit makes room in itself: a
+         * many-sigma event, as a shard may hold its share of the pool's units
+         * plus five standard deviations, and keys hash with a secret seed. */
         uint32_t victim = (!old && sh->count >= c->max_load) ? vmc_lru_settle(c, s) : 0;
         if (victim && c->policy == VMC_POLICY_NONE) {
             vmc_shard_unlock(c, s);
@@ -443,6 +443,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             if (old_expired)
                 VMC_COUNT(sh->expirations);
         } else {
+            if (victim && vslot == UINT32_MAX)
+                vmc_mark_damaged(c);
             if (victim && vslot != UINT32_MAX) {
                 vmc_index_delete(c, s, vslot);
                 vmc_lru_pop(c, s);
@@ -888,7 +890,7 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
 /* owned_reservation -- the head of a reservation this process holds. */
 static struct vmc_entry *owned_reservation(vmc_cache *c, uint64_t rid)
 {
-    if (!still_reserved(c, RID_HEAD(rid), RID_NONCE(rid))) {
+    if (RID_NONCE(rid) == 0 || !still_reserved(c, RID_HEAD(rid), RID_NONCE(rid))) {
         vmc_fail(VMC_E_STATE, "reservation %llx is not open in this process (already "
                               "published or cancelled, or made before a fork)",
                  (unsigned long long)rid);

@@ -602,7 +602,7 @@ def test_no_loop_affinity() -> None:
 async def test_large_copies_do_not_stall_the_loop() -> None:
     """Concurrent 64 MiB puts and gets while a 1 ms ticker measures loop lag.
 
-    The bound is generous (CI machines are noisy); benchmarks/ measures the real
+    The bounds are generous (CI machines are noisy); benchmarks/ measures the real
     stall against the 1 ms target.
     """
     size = 64 * MiB
@@ -643,6 +643,11 @@ async def test_large_copies_do_not_stall_the_loop() -> None:
         assert [len(v or b"") for v in got] == [size] * 6
         assert all(v is not None and v[-1] == v[0] for v in got)
         assert len(gaps) > 5
-        assert max(gaps) < 0.05, f"the loop stalled for {max(gaps) * 1e3:.1f} ms"
+        # Copying on the loop starves the ticker for hundreds of ms (the twelve
+        # copies run back to back); off the loop, gaps stay in the ms range. The
+        # bound leaves room for a noisy shared CI machine without losing that
+        # distinction.
+        assert max(gaps) < 0.2, f"the loop stalled for {max(gaps) * 1e3:.1f} ms"
+        assert sorted(gaps)[len(gaps) // 2] < 0.01
     finally:
         acache.cache.close()

@@ -954,3 +954,18 @@ def test_stale_reservation_id_cannot_touch_a_newer_one(cache_path: str) -> None:
         r2.buffer[:] = b"x" * 100
         r2.publish()
         assert c.get(b"b") == b"x" * 100
+
+
+def test_cancelling_twice_frees_once(cache_path: str) -> None:
+    with Cache(cache_path, size=MiB) as c:
+        x = c.reserve(b"x", 1000)
+        y = c.reserve(b"y", 1000)
+        x_id, y_id = x._id, y._id
+        x.cancel()
+        y.cancel()
+        for rid in (x_id, y_id):
+            with pytest.raises(AiovmcError, match="not open"):
+                c._cancel(rid)
+        assert c.statistics().used_bytes == 0
+        c.put(b"k", bytes(5000))
+        assert c.get(b"k") == bytes(5000)
