@@ -20,6 +20,7 @@ MAX_KEY_SIZE = 65535
 Key = Union[bytes, bytearray, memoryview, str]  # noqa: UP007 - evaluated at runtime
 TTL = Union[int, float, datetime.timedelta, None]  # noqa: UP007
 
+_MAX_TTL_SECONDS = 100 * 365.25 * 86400  # deadlines stay far inside 64-bit nanoseconds
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 
@@ -88,4 +89,8 @@ def ttl_to_ns(ttl: object, what: str = "ttl") -> int | None:
         raise TypeError(f"{what} is a number of seconds or a timedelta, not {type(ttl).__name__}")
     if not math.isfinite(seconds) or seconds <= 0:
         raise CacheConfigError(f"{what} must be a positive number of seconds or None, got {ttl!r}")
+    if seconds > _MAX_TTL_SECONDS:
+        raise CacheConfigError(
+            f"{what} of {seconds:g} s is more than a century; use None for no expiry"
+        )
     return max(1, int(seconds * 1e9))

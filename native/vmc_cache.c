@@ -637,7 +637,12 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     struct vmc_entry *e = vmc_unit(c, head);
     memcpy(vmc_entry_key(e), key, klen);
     struct fill_ctx x = {value};
-    walk_value(c, head, fill_piece, &x);
+    if (walk_value(c, head, fill_piece, &x) < 0) { /* the chain just allocated is damaged */
+        vmc_mark_damaged(c);
+        drop_reservation(c, head, 0);
+        rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
+        goto out;
+    }
     rc = publish(c, head, 0, hash, add);
 out:
     leave(c);

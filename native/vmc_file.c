@@ -282,7 +282,9 @@ static int reset_file(int fd, const char *path, const struct vmc_config *cfg)
     int rc = layout(&h, cfg, path);
     if (rc < 0)
         return rc;
-    if (ftruncate(fd, 0) != 0)
+    /* Keep the old header page (its magic) until the new header replaces it:
+     * a reset cut short leaves a file that a later reset=True still accepts. */
+    if (ftruncate(fd, VMC_PAGE) != 0)
         return vmc_fail_errno("ftruncate", path);
     if (fchmod(fd, cfg->mode) != 0)
         return vmc_fail_errno("fchmod", path);
@@ -458,11 +460,17 @@ int vmc_after_fork(vmc_cache *c)
     char self[64];
     snprintf(self, sizeof self, "/proc/self/fd/%d", c->fd);
     int fd = open(self, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return vmc_fail_errno("open", self);
-    if (ofd_lock(fd, F_RDLCK, LIVENESS_BYTE, true) != 0) {
-        int rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);
+    int rc = fd < 0 ? vmc_fail_errno("open", self) : VMC_OK;
+    if (rc == VMC_OK && ofd_lock(fd, F_RDLCK, LIVENESS_BYTE, true) != 0) {
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);
         close(fd);
+    }
+    if (rc < 0) {
+        /* Unusable in this child. Closing must not unlock the inherited
+         * descriptor: that would drop the parent's liveness lock. */
+        atomic_store(&c->closed, 1);
+        close(c->fd);
+        c->fd = -1;
         return rc;
     }
     /* The inherited descriptor shares the parent's lock: close it, never unlock it. */
@@ -477,9 +485,11 @@ int vmc_close(vmc_cache *c)
         return VMC_OK;
     while (atomic_load(&c->active) > 0)
         sched_yield();
-    ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
-    close(c->fd);
-    c->fd = -1;
+    if (c->fd >= 0) {
+        ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
+        close(c->fd);
+        c->fd = -1;
+    }
     return VMC_OK;
 }
 

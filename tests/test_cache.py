@@ -508,9 +508,13 @@ def test_add_over_expired_entry(cache: Cache) -> None:
     assert cache.get(b"k") == b"new"
 
 
-@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf")])
-def test_invalid_ttl(cache: Cache, ttl: float) -> None:
-    with pytest.raises(CacheConfigError, match="positive"):
+@pytest.mark.parametrize(
+    "ttl, text",
+    [(0, "positive"), (-1, "positive"), (float("nan"), "positive"), (float("inf"), "positive"),
+     (1e10, "century")],
+)
+def test_invalid_ttl(cache: Cache, ttl: float, text: str) -> None:
+    with pytest.raises(CacheConfigError, match=text):
         cache.put(b"k", b"v", ttl=ttl)
 
 
@@ -969,3 +973,15 @@ def test_cancelling_twice_frees_once(cache_path: str) -> None:
         assert c.statistics().used_bytes == 0
         c.put(b"k", bytes(5000))
         assert c.get(b"k") == bytes(5000)
+
+
+def test_reset_cut_short_can_be_reset_again(cache_path: str) -> None:
+    """A reset interrupted after dropping the old contents leaves the header
+    page: the file is refused as truncated, and reset=True still accepts it."""
+    Cache(cache_path, size=MiB).close()
+    os.truncate(cache_path, 4096)
+    with pytest.raises(aiovmc.CacheFormatError, match="truncated"):
+        Cache(cache_path)
+    with Cache(cache_path, size=MiB, reset=True) as c:
+        c.put(b"k", b"v")
+        assert c.get(b"k") == b"v"
