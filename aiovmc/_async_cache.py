@@ -332,7 +332,18 @@ class AsyncCache:
         return default if loaded is None else loaded
 
     async def _load(self, key: bytes, loader: Loader, ttl: TTL) -> bytes | None:
-        """Call the loader and store what it returns (the leader's part of a miss)."""
+        """Call the loader and store what it returns (the leader's part of a miss).
+
+        First look again, quietly: a leader taking over from a cancelled one, or
+        one whose key another process loaded meanwhile, may find it stored."""
+        size = self._cache._size(key)
+        if size is not None:
+            if size < self._threshold:
+                found = self._fetch(key)
+            else:
+                found = await _offload(functools.partial(self._fetch, key))
+            if found is not None:
+                return found
         result = loader(key)
         if inspect.isawaitable(result):
             result = await result

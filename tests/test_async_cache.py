@@ -651,3 +651,47 @@ async def test_large_copies_do_not_stall_the_loop() -> None:
         assert sorted(gaps)[len(gaps) // 2] < 0.01
     finally:
         acache.cache.close()
+
+
+async def test_a_leader_taking_over_looks_again_before_loading() -> None:
+    """The first leader stored the value, then was cancelled before its load
+    ended: the waiter that takes over finds the value instead of loading."""
+    acache = AsyncCache(size="1MiB")
+    calls: list[str] = []
+    stored = anyio.Event()
+
+    async def first(key: bytes) -> bytes:
+        calls.append("first")
+        acache.cache.put(key, b"stored by the first leader")
+        stored.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def second(key: bytes) -> bytes:
+        calls.append("second")
+        return b"loaded again"
+
+    results: list[bytes | None] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            scopes: list[anyio.CancelScope] = []
+
+            async def leader() -> None:
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await acache.get(b"k", on_miss=first)
+
+            async def waiter() -> None:
+                results.append(await acache.get(b"k", on_miss=second))
+
+            tg.start_soon(leader)
+            await stored.wait()
+            acache.cache.delete(b"k")  # so that the waiter misses and joins the load
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            acache.cache.put(b"k", b"stored by the first leader")
+            scopes[0].cancel()
+        assert results == [b"stored by the first leader"]
+        assert calls == ["first"]
+    finally:
+        await acache.aclose()

@@ -201,6 +201,15 @@ class Handle:
                 raise_for(n)
             size = n  # replaced by a value of another size meanwhile: again
 
+    def _size(self, key: bytes) -> int | None:
+        """The size of a value, or None if absent; counts nothing, touches nothing."""
+        n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | _QUIET)
+        if n >= 0:
+            return int(n)
+        if n == _MISS:
+            return None
+        raise_for(n)
+
     def _fetch(self, key: bytes) -> bytes | None:
         """A whole value, without statistics or LRU touch (for worker threads)."""
         n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | _QUIET)
