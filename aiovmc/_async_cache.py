@@ -338,10 +338,8 @@ class AsyncCache:
         one whose key another process loaded meanwhile, may find it stored."""
         size = self._cache._size(key)
         if size is not None:
-            if size < self._threshold:
-                found = self._fetch(key)
-            else:
-                found = await _offload(functools.partial(self._fetch, key))
+            copy = functools.partial(self._cache._copy_whole, key, size)
+            found = copy() if size < self._threshold else await _offload(copy)
             if found is not None:
                 return found
         result = loader(key)

@@ -21,7 +21,7 @@ from ._convert import encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheConfigError
 from ._native import Handle
 
-__all__ = ["Cache", "CacheStatistics", "Reservation", "encode_key"]
+__all__ = ["Cache", "CacheStatistics", "Reservation"]
 
 _POLICIES = ("lru", "none")
 

@@ -34,7 +34,7 @@ static void pid_init(void)
     pthread_atfork(NULL, NULL, refresh_pid);
 }
 
-uint64_t vmc_self_pid(void)
+static uint64_t vmc_self_pid(void)
 {
     pthread_once(&pid_once, pid_init);
     return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
@@ -140,7 +140,7 @@ static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
 }
 
 /* vmc_copy_value -- copy value[offset, offset+len) of head into dst. */
-int vmc_copy_value(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
+static int vmc_copy_value(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
 {
     struct copy_ctx x = {dst, offset, offset + len};
     return walk_value(c, head, copy_piece, &x);

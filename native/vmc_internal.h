@@ -51,22 +51,16 @@ int vmc_pool_lock(vmc_cache *c);           /* outermost */
 int vmc_pool_lock_nested(vmc_cache *c);    /* while holding a shard lock: may return VMC_RETRY */
 void vmc_pool_unlock(vmc_cache *c);
 void vmc_mark_damaged(vmc_cache *c);
-int vmc_repair(vmc_cache *c);
 
 /* ---- allocator (vmc_pool.c), pool lock held ---- */
-uint32_t vmc_alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind);
 int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool contiguous,
                     uint32_t *head);
-void vmc_free_chain(vmc_cache *c, uint32_t head);
 void vmc_release_entry(vmc_cache *c, uint32_t head);
-void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units);
 void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units);
-void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free);
 void vmc_reserved_push(vmc_cache *c, uint32_t head);
 void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
 bool vmc_pid_alive(uint64_t pid);
-uint32_t vmc_units_for(const vmc_cache *c, uint64_t bytes);
 
 /* ---- shards (vmc_shard.c), shard lock held ---- */
 uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
@@ -91,11 +85,8 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
 
 /* ---- entries ---- */
 uint64_t vmc_entry_checksum(vmc_cache *c, uint32_t head);  /* 0 if the chain is damaged */
-int vmc_copy_value(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len);
 
 /* ---- small inline helpers ---- */
-
-uint64_t vmc_self_pid(void);     /* getpid(), cached and refreshed after fork */
 
 
 static inline uint64_t vmc_now_ns(void)

@@ -59,7 +59,7 @@ static int raw_lock(vmc_cache *c, pthread_mutex_t *m)
 }
 
 /* vmc_repair -- stop the world and rebuild the cache if it is marked damaged. */
-int vmc_repair(vmc_cache *c)
+static int vmc_repair(vmc_cache *c)
 {
     int rc = VMC_OK;
     uint32_t locked = 0;

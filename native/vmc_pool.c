@@ -15,6 +15,8 @@
 
 #define FIRST_FIT_PROBES 16
 
+static void vmc_free_chain(vmc_cache *c, uint32_t head);
+
 static uint32_t size_class(uint32_t units)
 {
     return 31u - (uint32_t)__builtin_clz(units);
@@ -33,7 +35,7 @@ static void set_footer(vmc_cache *c, uint32_t unit, uint32_t units)
 
 /* vmc_set_prev_free -- record in the tag of the extent at `unit` (if any)
  * whether the extent before it is free. */
-void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free)
+static void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free)
 {
     if (unit > c->pool_units)
         return;
@@ -100,7 +102,7 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
 }
 
 /* vmc_alloc_contiguous -- one extent of exactly `units` units, or 0. */
-uint32_t vmc_alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind)
+static uint32_t vmc_alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind)
 {
     if (units == 0 || units > c->pool_units)
         return 0;
@@ -142,7 +144,7 @@ static uint32_t largest_free(vmc_cache *c)
     return 0;
 }
 
-uint32_t vmc_units_for(const vmc_cache *c, uint64_t bytes)
+static uint32_t vmc_units_for(const vmc_cache *c, uint64_t bytes)
 {
     uint64_t units = (bytes + c->unit_size - 1) >> c->shift;
     if (units == 0)
@@ -213,7 +215,7 @@ void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units)
 }
 
 /* vmc_free_extent -- return an extent to the pool, merging free neighbours. */
-void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
+static void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
 {
     uint32_t right = unit + units;
     if (right <= c->pool_units) {
@@ -241,7 +243,7 @@ void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
 
 /* vmc_free_chain -- free a HEAD and its BODY extents. Damage stops the walk
  * and marks the file; repair reclaims what was not freed. */
-void vmc_free_chain(vmc_cache *c, uint32_t head)
+static void vmc_free_chain(vmc_cache *c, uint32_t head)
 {
     struct vmc_entry *e = vmc_extent(c, head, VMC_KIND_HEAD);
     if (e == NULL) {

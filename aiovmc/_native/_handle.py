@@ -212,12 +212,8 @@ class Handle:
 
     def _fetch(self, key: bytes) -> bytes | None:
         """A whole value, without statistics or LRU touch (for worker threads)."""
-        n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | _QUIET)
-        if n >= 0:
-            return self._copy_whole(key, n)
-        if n == _MISS:
-            return None
-        raise_for(n)
+        size = self._size(key)
+        return None if size is None else self._copy_whole(key, size)
 
     def _get_inline(self, key: bytes, limit: int) -> bytes | int | None:
         """A hit of at most `limit` bytes as bytes; a larger hit as its size
