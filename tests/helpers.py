@@ -37,6 +37,21 @@ class CorruptValue(AssertionError):
     """A value read from the cache failed its self-check."""
 
 
+def private_file_stats(path: str, pid: int | None = None) -> list[os.stat_result]:
+    """The stat of every descriptor of process `pid` (default: this one) open on the
+    unlinked file that was created as `path` (how a private cache's file is reached)."""
+    fd_dir = f"/proc/{os.getpid() if pid is None else pid}/fd"
+    found = []
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+            if target == f"{path} (deleted)":
+                found.append(os.stat(f"{fd_dir}/{name}"))
+        except FileNotFoundError:
+            continue  # closed meanwhile (the listing's own descriptor, say)
+    return found
+
+
 def _payload(key: bytes, seq: int, size: int) -> bytes:
     if size <= 0:
         return b""

@@ -24,6 +24,8 @@ from aiovmc import (
 )
 from aiovmc._convert import parse_size
 
+from .helpers import private_file_stats
+
 MiB = 1 << 20
 
 
@@ -129,14 +131,15 @@ def test_parse_size(text: object, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-def test_private_cache_is_removed_on_close() -> None:
-    c = Cache(size=MiB)
-    path = c.path
-    assert os.path.exists(path)
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    c.put(b"a", b"b")
-    c.close()
-    assert not os.path.exists(path)
+def test_private_cache_file_is_unlinked_at_once() -> None:
+    """A private cache has no name anyone could open, so nothing can leak it."""
+    with Cache(size=MiB) as c:
+        assert not os.path.exists(c.path)
+        opened = private_file_stats(c.path)  # the core's descriptor and mmap's copy
+        assert opened and all(st.st_mode & 0o777 == 0o600 for st in opened)
+        c.put(b"a", b"b")
+        assert c.get(b"a") == b"b"
+    assert private_file_stats(c.path) == []
     with pytest.raises(CacheConfigError, match="size is required"):
         Cache()
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiovmc._native._vmc import ffi
+from aiovmc._native._binding import ffi
 
 import aiovmc
 
@@ -560,7 +560,7 @@ int pthread_mutex_unlock(pthread_mutex_t *m)
 _PAUSED_RESERVER = r"""
 import ctypes, os, sys
 import aiovmc
-from aiovmc._native._vmc import ffi
+from aiovmc._native._binding import ffi
 from tests.helpers import make_value
 
 so, path = sys.argv[1], sys.argv[2]
