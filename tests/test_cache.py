@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,8 +76,9 @@ def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
 
 @pytest.mark.parametrize(
     "options, text",
-    [({"extent_size": 512}, "extent_size=256"), ({"policy": "none"}, "policy='lru'"),
-     ({"ttl": 5}, "ttl=")],
+    [({"extent_size": 512}, "extent_size=256, not extent_size=512"),
+     ({"policy": "none"}, "policy='lru', not policy='none'"),
+     ({"ttl": 5}, r"ttl=None, not ttl=5:")],
 )
 def test_attach_with_other_geometry_is_config_error(
     cache_path: str, options: dict[str, object], text: str
@@ -84,6 +86,19 @@ def test_attach_with_other_geometry_is_config_error(
     Cache(cache_path, size=2 * MiB).close()
     with pytest.raises(CacheConfigError, match=text):
         Cache(cache_path, **options)  # type: ignore[arg-type]
+
+
+def test_creating_in_a_missing_directory_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-dir" / "app.cache"
+    with pytest.raises(FileNotFoundError, match=f"cannot create {path}: its directory does not"):
+        Cache(path, size=MiB)
+    assert os.listdir(tmp_path) == []
+
+
+def test_private_cache_errors_name_no_path() -> None:
+    """The user gave no path: the message must not show the private file's name."""
+    with pytest.raises(CacheConfigError, match="size 1000 is below the minimum of 1 MiB$"):
+        Cache(size=1000)
 
 
 def test_missing_file_without_size(cache_path: str) -> None:
