@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .readme import README, commands, programs
-from .test_cli import assert_demo_consistent
+from .readme import README, assert_demo_consistent, commands, programs
 
 ROOT = README.parent
 
