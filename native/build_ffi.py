@@ -24,9 +24,9 @@ source_digest = runpy.run_path(str(HERE.parent / "aiovmc" / "_native" / "_source
     "source_digest"
 ]
 MODULE = "_aiovmc_native"
-SOURCES = ["vmc_cache.c", "vmc_error.c", "vmc_file.c", "vmc_lock.c", "vmc_pool.c",
-           "vmc_recover.c", "vmc_shard.c"]
-
+# One .c/.h pair per concern; the call graph is in vmc_handle.h.
+SOURCES = ["vmc_cache.c", "vmc_entry.c", "vmc_error.c", "vmc_file.c", "vmc_index.c",
+           "vmc_lru.c", "vmc_mutex.c", "vmc_pool.c", "vmc_recover.c", "vmc_repair.c"]
 
 
 def _cdef() -> str:

@@ -23,7 +23,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "vmc_internal.h"
+#include "vmc_mutex.h"
+#include "vmc_pool.h"
+#include "vmc_recover.h"
+#include "vmc_repair.h"
 
 #define OPENING_BYTE 0
 #define LIVENESS_BYTE 1

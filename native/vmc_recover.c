@@ -20,7 +20,13 @@
  */
 #include <stdlib.h>
 
-#include "vmc_internal.h"
+#include "vmc_recover.h"
+
+#include "vmc_entry.h"
+#include "vmc_index.h"
+#include "vmc_lru.h"
+#include "vmc_mutex.h"
+#include "vmc_pool.h"
 
 struct marks {
     uint64_t *start;    /* unit begins an extent */
@@ -128,10 +134,7 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
     }
     vmc_index_set(c, s, slot, hash, u);
     sh->count++;
-    struct vmc_heap_item *heap = c->heaps + (uint64_t)s * c->slots;
-    if (sh->heap_len >= c->slots)
-        vmc_lru_heapify(c, s); /* drops the items of replaced duplicates */
-    heap[sh->heap_len++] = (struct vmc_heap_item){e->atime_ns, u, (uint32_t)e->stamp};
+    vmc_lru_append(c, s, u);
     return true;
 }
 
