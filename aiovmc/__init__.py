@@ -17,6 +17,8 @@ from ._errors import CacheFormatError as CacheFormatError
 from ._errors import CacheFullError as CacheFullError
 from ._errors import KeyTooLargeError as KeyTooLargeError
 from ._errors import ValueTooLargeError as ValueTooLargeError
+from ._tiered import TieredCache as TieredCache
+from ._tiered import TieredStatistics as TieredStatistics
 
 __all__ = [
     "AiovmcError",
@@ -30,6 +32,8 @@ __all__ = [
     "CacheStatistics",
     "KeyTooLargeError",
     "Reservation",
+    "TieredCache",
+    "TieredStatistics",
     "ValueTooLargeError",
 ]
 

@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, Union, overload
 
 import anyio
 import anyio.lowlevel
@@ -44,6 +44,7 @@ __all__ = [
     "AsyncCache",
     "AsyncReservation",
     "Loader",
+    "StoreWithTTL",
 ]
 
 #: Values of at least this many bytes are copied by a worker thread rather than on
@@ -85,6 +86,17 @@ Loader = Callable[[bytes], Union[Awaitable[Union["Buffer", None]], "Buffer", Non
 _copy_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
     "aiovmc.copy_limiter"
 )
+
+
+class StoreWithTTL(NamedTuple):
+    """A loader result stored with its own TTL instead of the one `get` was given.
+
+    Private to the package: `TieredCache` returns it from its L1 loader so that a
+    value read from redis keeps redis's remaining TTL in the file (DESIGN.md §11).
+    """
+
+    value: bytes
+    ttl: float | None
 
 
 def _limiter() -> anyio.CapacityLimiter:
@@ -347,6 +359,8 @@ class AsyncCache:
             result = await result
         if result is None:
             return None
+        if isinstance(result, StoreWithTTL):
+            result, ttl = result
         store = self._cache._store_loaded
         if _nbytes(result) < self._threshold:
             store(key, result, ttl)

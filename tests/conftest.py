@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from .redis_server import RedisServer, redis_available
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -28,6 +30,18 @@ def cache_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a unix socket in a temporary directory, killed after."""
+    redis_available()
+    server = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

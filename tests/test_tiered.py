@@ -1,0 +1,357 @@
+"""TieredCache (DESIGN.md §11) against a real redis-server.
+
+"Hosts" are separate cache files; the multi-host tests give each host two real worker
+processes (spawned), one on asyncio and one on trio, so both backends run in every
+such test. The in-process tests run on both backends through `anyio_backend`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+import aiovmc
+
+from .redis_server import RedisServer
+from .tiered_worker import Worker
+
+pytestmark = pytest.mark.timeout(90)
+
+TIMEOUT = 0.5  # the TieredCache timeout used here: leases last 1.5 s
+
+
+@pytest.fixture
+def hosts(tmp_path: Any) -> Iterator[Callable[[], str]]:
+    """A factory of host cache paths, removed (with their sidecars) afterwards."""
+    made: list[str] = []
+    directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else str(tmp_path)
+
+    def new() -> str:
+        path = os.path.join(directory, f"aiovmc-tiered-{uuid.uuid4().hex}.cache")
+        made.append(path)
+        return path
+
+    yield new
+    for path in made:
+        for name in (path, path + ".tiered"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+
+
+@pytest.fixture
+def workers() -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(path: str, url: str, backend: str, **options: Any) -> Worker:
+        options.setdefault("namespace", "t")
+        options.setdefault("timeout", TIMEOUT)
+        worker = Worker(path, url, backend, **options)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def start_host(workers: Callable[..., Worker], path: str, url: str) -> list[Worker]:
+    """Two processes on one host file (asyncio and trio), the first one the listener."""
+    first = workers(path, url, "asyncio")
+    assert first.call("listening", 20) is True
+    second = workers(path, url, "trio")
+    assert second.call("is_listener") is False
+    return [first, second]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Wait for something another process or thread does, bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+async def listening(cache: aiovmc.TieredCache) -> None:
+    """Wait until this process is the host's listener, subscribed (its first resync,
+    which empties L1, is over)."""
+    assert await anyio.to_thread.run_sync(cache._listener.subscribed.wait, 20)
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """As `wait_until`, in a task."""
+    with anyio.fail_after(20):
+        for _ in itertools.count():
+            if condition():
+                return
+            await anyio.sleep(0.005)
+    raise AssertionError(what)
+
+
+def calls(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+# -- across hosts, with real processes --------------------------------------------------
+
+
+def test_cold_key_one_loader_call_across_hosts(
+    redis_server: RedisServer, hosts: Any, workers: Any, tmp_path: Any
+) -> None:
+    count = str(tmp_path / "calls")
+    everyone = start_host(workers, hosts(), redis_server.url) + start_host(
+        workers, hosts(), redis_server.url)
+    storms = [(w, w.send("storm", b"cold", 50, ("value", count))) for w in everyone]
+    results = [w.result(cid) for w, cid in storms]
+    assert calls(count) == 1
+    assert all(r == [b"loaded:cold"] * 50 for r in results)
+    # Stored in redis as raw bytes under the namespace, with the handle's TTL (None).
+    assert redis_server.client().get(b"t:cold") == b"loaded:cold"
+    stats = [w.call("statistics") for w in everyone]
+    assert sum(s["loader_calls"] for s in stats) == 1
+    # Every host got it from the file afterwards, without redis.
+    assert all(w.call("get_nowait", b"cold") == b"loaded:cold" for w in everyone)
+
+
+def test_redis_hit_is_one_lookup_per_host(
+    redis_server: RedisServer, hosts: Any, workers: Any, tmp_path: Any
+) -> None:
+    redis_server.client().set(b"t:warm", b"from redis", px=60_000)
+    host_a = start_host(workers, hosts(), redis_server.url)
+    host_b = start_host(workers, hosts(), redis_server.url)
+    count = str(tmp_path / "calls")
+    storms = [(w, w.send("storm", b"warm", 50, ("value", count))) for w in host_a + host_b]
+    assert all(w.result(cid) == [b"from redis"] * 50 for w, cid in storms)
+    assert calls(count) == 0
+    for host in (host_a, host_b):
+        lookups = sum(w.call("statistics")["redis_gets"] for w in host)
+        # Coalesced in each process; across the host's processes once §9's host-wide
+        # single-flight is in the L1 (then exactly 1).
+        assert 1 <= lookups <= len(host)
+
+
+def test_none_and_errors_across_hosts(
+    redis_server: RedisServer, hosts: Any, workers: Any, tmp_path: Any
+) -> None:
+    everyone = start_host(workers, hosts(), redis_server.url) + start_host(
+        workers, hosts(), redis_server.url)
+    count = str(tmp_path / "calls")
+    storms = [(w, w.send("storm", b"nothing", 10, ("none", count))) for w in everyone]
+    assert all(w.result(cid) == [b"default"] * 10 for w, cid in storms)
+    assert calls(count) == 1
+    assert redis_server.client().exists(b"t:nothing") == 0
+
+
+def test_invalidation_across_hosts(
+    redis_server: RedisServer, hosts: Any, workers: Any, tmp_path: Any
+) -> None:
+    host_a = start_host(workers, hosts(), redis_server.url)
+    host_b = start_host(workers, hosts(), redis_server.url)
+    writer = host_a[1]
+
+    def cached_by_b(key: bytes, value: bytes) -> Callable[[], bool]:
+        # A get right after the put may be dropped again by the put's own
+        # invalidation, arriving after it: look until the value stays.
+        return lambda: all(
+            w.call("get", key) == value and w.call("get_nowait", key) == value for w in host_b)
+
+    for key in (b"k1", b"k2"):
+        writer.call("put", key, b"v1:" + key)
+        wait_until(cached_by_b(key, b"v1:" + key), "host B to cache the value")
+
+    def seen_by_b(key: bytes, value: bytes | None) -> Callable[[], bool]:
+        return lambda: all(w.call("get_nowait", key) == value for w in host_b)
+
+    writer.call("put", b"k1", b"v2")
+    wait_until(seen_by_b(b"k1", None), "host B to drop k1 after a put")
+    assert host_b[0].call("get", b"k1") == b"v2"
+    assert writer.call("get_nowait", b"k1") == b"v2"  # the writer's own L1 keeps it
+
+    assert writer.call("delete", b"k1") is True
+    wait_until(seen_by_b(b"k1", None), "host B to drop k1 after a delete")
+    assert host_b[1].call("get", b"k1") is None
+
+    wait_until(cached_by_b(b"k2", b"v1:k2"), "host B to cache k2")
+    writer.call("clear")
+    wait_until(seen_by_b(b"k2", None), "host B to drop everything after a clear")
+    assert redis_server.client().keys(b"t:*") == []
+    applied = sum(w.call("statistics")["invalidations"] for w in host_b)
+    assert applied >= 3
+
+
+def test_listener_taken_over_after_sigkill(
+    redis_server: RedisServer, hosts: Any, workers: Any
+) -> None:
+    listener, standby = start_host(workers, hosts(), redis_server.url)
+    writer = workers(hosts(), redis_server.url, "asyncio")
+    writer.call("put", b"k", b"v1")
+    assert standby.call("get", b"k") == b"v1"
+    listener.kill()
+    assert standby.call("listening", 20) is True  # elected: the kernel dropped the lock
+    assert standby.call("statistics")["resyncs"] == 1
+    assert standby.call("get", b"k") == b"v1"  # refilled after the resync
+    writer.call("put", b"k", b"v2")
+    wait_until(lambda: standby.call("get_nowait", b"k") is None, "the new listener to act")
+    assert standby.call("get", b"k") == b"v2"
+
+
+def test_leading_host_killed_mid_load(
+    redis_server: RedisServer, hosts: Any, workers: Any, tmp_path: Any
+) -> None:
+    count = str(tmp_path / "calls")
+    leader = workers(hosts(), redis_server.url, "trio")
+    leader.send("storm", b"cold", 5, ("block", count))
+    wait_until(lambda: calls(count) == 1, "the leading host to start loading")
+    host_b = start_host(workers, hosts(), redis_server.url)
+    storms = [(w, w.send("storm", b"cold", 20, ("value", count))) for w in host_b]
+    leader.kill()  # its lease is no longer renewed: host B takes over when it runs out
+    assert all(w.result(cid) == [b"loaded:cold"] * 20 for w, cid in storms)
+    assert calls(count) == 2
+    stats = [w.call("statistics") for w in host_b]
+    assert sum(s["lease_waits"] for s in stats) >= 1
+
+
+# -- outages, in one process (two "hosts" as two files), on both backends ---------------
+
+
+@pytest.mark.anyio
+async def test_redis_killed_and_restarted(redis_server: RedisServer, hosts: Any) -> None:
+    loads: list[bytes] = []
+
+    async def load(key: bytes) -> bytes:
+        loads.append(key)
+        return b"direct:" + key
+
+    options = dict(redis=redis_server.url, namespace="t", timeout=TIMEOUT, size="4MiB")
+    async with aiovmc.TieredCache(hosts(), **options) as a, \
+            aiovmc.TieredCache(hosts(), **options) as b:
+        await listening(a)
+        await listening(b)
+        await a.put(b"k", b"v1")
+        assert await b.get(b"k") == b"v1"
+        redis_server.kill()
+        with anyio.fail_after(5 * TIMEOUT):
+            # L1 hits keep being served; a miss calls the loader directly.
+            assert await b.get(b"k") == b"v1"
+            assert await b.get(b"other", on_miss=load) == b"direct:other"
+            assert loads == [b"other"]
+            assert b.statistics().redis_errors >= 1
+            # A write raises redis-py's error and drops the key from this host's L1.
+            import redis.exceptions
+
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await b.put(b"k", b"v2")
+            assert b.get_nowait(b"k") is None
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await a.delete(b"k")
+            # Nothing waits on the dead server meanwhile.
+            assert await a.get(b"k", on_miss=load) == b"direct:k"
+        redis_server.start()
+        # Another client writes while this host may not be listening yet.
+        redis_server.client().set(b"t:k", b"v3")
+        await eventually(lambda: a.statistics().resyncs >= 2, "the listener to resync")
+        assert a.get_nowait(b"k") is None  # emptied: it may have missed invalidations
+        assert await a.get(b"k") == b"v3"
+        assert a.statistics().redis_errors >= 1
+
+
+@pytest.mark.anyio
+async def test_unreachable_redis_never_hangs(hosts: Any, tmp_path: Any) -> None:
+    # A unix socket nobody listens on: every call fails at once, and then the
+    # circuit keeps misses off redis for `timeout` seconds.
+    url = f"unix://{tmp_path}/nobody.sock"
+    async with aiovmc.TieredCache(hosts(), redis=url, namespace="t", timeout=TIMEOUT,
+                                  size="4MiB") as cache:
+        with anyio.fail_after(5 * TIMEOUT):
+            assert await cache.get(b"a", on_miss=lambda k: b"A") == b"A"
+            assert await cache.get(b"a") == b"A"
+            assert await cache.get(b"b") is None
+            assert await cache.get_many([b"a", b"b"]) == {b"a": b"A"}
+        stats = cache.statistics()
+        assert stats.redis_errors >= 1 and stats.loader_calls == 1
+
+
+@pytest.mark.anyio
+async def test_ttl_carried_from_redis(redis_server: RedisServer, hosts: Any) -> None:
+    client = redis_server.client()
+    client.set(b"t:short", b"s", px=300)
+    async with aiovmc.TieredCache(hosts(), redis=redis_server.url, namespace="t",
+                                  ttl=3600, timeout=TIMEOUT, size="4MiB") as cache:
+        await listening(cache)
+        assert await cache.get(b"short") == b"s"
+        assert cache.get_nowait(b"short") == b"s"
+        await eventually(lambda: not client.exists(b"t:short"), "redis to expire the key")
+        # Stored with redis's remaining TTL, not the handle's hour.
+        assert cache.get_nowait(b"short") is None
+        await cache.put(b"long", b"l", ttl=100)
+        assert 99_000 < client.pttl(b"t:long") <= 100_000
+        assert (await cache.get_many([b"long", b"absent"])) == {b"long": b"l"}
+
+
+@pytest.mark.anyio
+async def test_loader_error_propagates_and_is_not_cached(
+    redis_server: RedisServer, hosts: Any
+) -> None:
+    async def fail(key: bytes) -> bytes:
+        raise KeyError(key)
+
+    async with aiovmc.TieredCache(hosts(), redis=redis_server.url, namespace="t",
+                                  timeout=TIMEOUT, size="4MiB") as cache:
+        with pytest.raises(KeyError):
+            await cache.get(b"k", on_miss=fail)
+        # The lease was released: the next caller loads at once.
+        with anyio.fail_after(TIMEOUT):
+            assert await cache.get(b"k", on_miss=lambda k: b"ok") == b"ok"
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+def test_bad_arguments(redis_server: RedisServer, hosts: Any) -> None:
+    path = hosts()
+    with pytest.raises(aiovmc.CacheConfigError, match="namespace"):
+        aiovmc.TieredCache(path, redis=redis_server.url, namespace="", size="4MiB")
+    with pytest.raises(aiovmc.CacheConfigError, match="timeout"):
+        aiovmc.TieredCache(path, redis=redis_server.url, namespace="t", timeout=0)
+    with pytest.raises(TypeError, match=r"URL or a redis\.Redis"):
+        aiovmc.TieredCache(path, redis=42, namespace="t")  # type: ignore[arg-type]
+    import redis.asyncio
+
+    with pytest.raises(TypeError, match=r"not a redis\.asyncio client"):
+        aiovmc.TieredCache(path, redis=redis.asyncio.Redis(), namespace="t")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_one_namespace_per_file(redis_server: RedisServer, hosts: Any) -> None:
+    path = hosts()
+    async with aiovmc.TieredCache(path, redis=redis_server.client(), namespace="one",
+                                  size="4MiB"):
+        with pytest.raises(aiovmc.CacheConfigError, match="belongs to namespace 'one'"):
+            aiovmc.TieredCache(path, redis=redis_server.url, namespace="two")
+    damage(path + ".tiered")
+    with pytest.raises(aiovmc.CacheFormatError, match="not an aiovmc TieredCache sidecar"):
+        aiovmc.TieredCache(path, redis=redis_server.url, namespace="one")
+
+
+def damage(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"garbage!")
+
+
+def test_import_aiovmc_does_not_import_redis() -> None:
+    code = "import sys, aiovmc; aiovmc.TieredCache; assert 'redis' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
