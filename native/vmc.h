@@ -88,6 +88,9 @@ enum vmc_flight_status {
     VMC_FLIGHT_FULL = 6          /* the table has no room: coalesce in this process only */
 };
 
+/* A waiter rejoins at least this often, to see whether its leader died or timed out. */
+enum { VMC_FLIGHT_PROBE_MS = 200 };
+
 enum vmc_flight_end {
     VMC_END_VALUE = 1,           /* a value was stored */
     VMC_END_NONE = 2,            /* the loader returned no value */

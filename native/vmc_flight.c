@@ -185,13 +185,14 @@ static int find(vmc_cache *c, uint64_t hash, size_t klen, int64_t load_timeout_n
         uint32_t at = (home + i) & mask;
         struct vmc_flight *s = &table[at];
         if (!holds_key(s, hash, klen)) {
-            /* Room for a new key: a free slot, else the one ended longest ago. */
+            /* Room for a new key: a free slot, else the one ended longest ago
+             * (a load whose leader died ended when it died). */
             if (s->state == VMC_SLOT_FREE) {
                 if (room == NULL || room->state != VMC_SLOT_FREE)
                     room = s;
-            } else if (s->state != VMC_SLOT_LOADING &&
-                       (room == NULL ||
-                        (room->state != VMC_SLOT_FREE && s->started_ns < room->started_ns))) {
+            } else if ((room == NULL ||
+                        (room->state != VMC_SLOT_FREE && s->started_ns < room->started_ns)) &&
+                       (s->state != VMC_SLOT_LOADING || !vmc_owner_alive(c, s->owner))) {
                 room = s;
             }
             continue;
@@ -206,7 +207,7 @@ static int find(vmc_cache *c, uint64_t hash, size_t klen, int64_t load_timeout_n
         if (load_timeout_ns >= 0 && age >= load_timeout_ns)
             return lead(c, s, now, VMC_FLIGHT_TAKEOVER, t);  /* a live leader, too slow */
         t->gen = s->gen;
-        t->wait_ns = VMC_FLIGHT_PROBE_NS;
+        t->wait_ns = (int64_t)VMC_FLIGHT_PROBE_MS * 1000000;
         if (load_timeout_ns >= 0 && load_timeout_ns - age < t->wait_ns)
             t->wait_ns = load_timeout_ns - age;
         return VMC_FLIGHT_WAIT;
@@ -318,15 +319,21 @@ void vmc_flight_release_owner(vmc_cache *c)
     table_unlock(c);
 }
 
+/* vmc_flights_in_use -- loads in flight whose leader is alive (a dead
+ * leader's slot is reused or taken over by the next joiner). */
 int64_t vmc_flights_in_use(vmc_cache *c)
 {
     ENTER(c);
     int64_t n = 0;
-    struct vmc_flight *table = slots(c);
-    for (uint32_t i = 0; i < c->n_flights; i++)
-        n += __atomic_load_n(&table[i].state, __ATOMIC_RELAXED) == VMC_SLOT_LOADING;
+    int rc = table_lock(c);
+    if (rc == VMC_OK) {
+        struct vmc_flight *table = slots(c);
+        for (uint32_t i = 0; i < c->n_flights; i++)
+            n += table[i].state == VMC_SLOT_LOADING && vmc_owner_alive(c, table[i].owner);
+        table_unlock(c);
+    }
     leave(c);
-    return n;
+    return rc < 0 ? rc : n;
 }
 
 /* ---- file-wide load counters ---- */

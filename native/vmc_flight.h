@@ -30,7 +30,6 @@ struct vmc_stats;
 #define VMC_MAX_FLIGHTS 1024u                /* slots in the table of a file of >= 2 MiB */
 #define VMC_MIN_FLIGHTS 64u                  /* a smaller file has fewer (a power of two) */
 #define VMC_FLIGHT_PROBES 16u                /* slots a key may use, from its home slot */
-#define VMC_FLIGHT_PROBE_NS 200000000ll      /* a waiter re-checks its leader this often */
 #define VMC_OWNER_BASE (1ull << 40)          /* owner id n holds byte VMC_OWNER_BASE + n */
 #define VMC_OWNER_LIMIT (1ull << 40)         /* ids at or above this name no owner */
 

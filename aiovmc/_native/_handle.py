@@ -27,12 +27,16 @@ from ._status import raise_for
 from ._vmc import ffi, lib
 
 __all__ = [
+    "END_FAILED",
+    "END_NONE",
+    "END_VALUE",
     "FLIGHT_FULL",
     "FLIGHT_LEAD",
     "FLIGHT_NONE",
     "FLIGHT_TAKEOVER",
     "FLIGHT_VALUE",
     "FLIGHT_WAIT",
+    "PROBE_SECONDS",
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
@@ -60,6 +64,8 @@ FLIGHT_FULL: int = lib.VMC_FLIGHT_FULL
 END_VALUE: int = lib.VMC_END_VALUE
 END_NONE: int = lib.VMC_END_NONE
 END_FAILED: int = lib.VMC_END_FAILED
+#: A waiter checks that its leader is alive (and not too slow) this often.
+PROBE_SECONDS: float = lib.VMC_FLIGHT_PROBE_MS / 1000
 
 
 def new_ticket() -> Any:
@@ -451,7 +457,7 @@ class Handle:
         status = lib.vmc_flight_join(self._h, key, len(key), load_timeout_ns, ticket)
         if status < 0:
             raise_for(status)
-        return status  # type: ignore[no-any-return]
+        return int(status)
 
     def _flight_wait(self, ticket: Any) -> None:
         """Sleep (GIL released) until the ticket's wave changes or its wait_ns pass."""
