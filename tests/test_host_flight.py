@@ -36,9 +36,17 @@ KEY = b"cold-key"
 DEFAULT = b"<default>"
 
 # (start method, children's backend): every scenario runs both start methods and
-# both backends; the basic one runs all four pairs.
+# both backends; the basic one and the SIGKILL one run uvloop too.
 PAIRS = [("spawn", "trio"), ("fork", "asyncio")]
-ALL_PAIRS = [*PAIRS, ("spawn", "asyncio"), ("fork", "trio")]
+ALL_PAIRS = [*PAIRS, ("spawn", "asyncio"), ("fork", "trio"), ("spawn", "uvloop")]
+
+
+def run_on(backend: str, main: Callable[[], Any]) -> None:
+    """anyio.run on "asyncio", "trio" or "uvloop" (asyncio with uvloop's loop)."""
+    if backend == "uvloop":
+        anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(main, backend=backend)
 
 
 class LoadError(Exception):
@@ -107,7 +115,7 @@ def _async_child(
         conn.send(("done", results, calls))
         await acache.aclose()
 
-    anyio.run(main, backend=backend)
+    run_on(backend, main)
 
 
 def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
@@ -322,7 +330,7 @@ def test_cancelled_or_closed_leader_is_taken_over_at_once(
     assert in_use(file) == 0
 
 
-@pytest.mark.parametrize(("method", "backend"), PAIRS)
+@pytest.mark.parametrize(("method", "backend"), [*PAIRS, ("fork", "uvloop")])
 def test_sigkilled_leader_is_taken_over(method: str, backend: str, file: str) -> None:
     ctx = multiprocessing.get_context(method)
     leader = start_leader(ctx, file, backend)
@@ -438,7 +446,7 @@ def _many_keys_child(
                     tg.start_soon(one, b"key-%d" % i)
         conn.send(("done", [wrong], calls))
 
-    anyio.run(main, backend=backend)
+    run_on(backend, main)
 
 
 @pytest.mark.parametrize(("method", "backend"), PAIRS)
@@ -489,7 +497,7 @@ def _wave_child(path: str, backend: str, n_keys: int, conn: Connection) -> None:
                         tg.start_soon(one, b"wave-%d" % i)
         conn.send(("done", [wrong], calls))
 
-    anyio.run(main, backend=backend)
+    run_on(backend, main)
 
 
 @pytest.mark.parametrize(("method", "backend"), PAIRS)
@@ -575,7 +583,7 @@ def _storm_child(
                 await acache.delete(b"storm-%d" % i)
         conn.send(("done", [time.monotonic()], 0))
 
-    anyio.run(main, backend=backend)
+    run_on(backend, main)
 
 
 @pytest.mark.parametrize(("method", "backend"), PAIRS)
@@ -659,3 +667,48 @@ def test_file_of_the_previous_format_is_refused_untouched(cache_path: str) -> No
     ):
         Cache(cache_path)
     assert Path(cache_path).read_bytes() == before
+
+
+def _cached_child(path: str, backend: str, conn: Connection) -> None:
+    """Ten concurrent calls of a function memoised with aiovmc.functools.cached."""
+    from aiovmc.functools import cached
+
+    async def main() -> None:
+        calls = 0
+        async with AsyncCache(path) as acache:
+
+            @cached(acache)
+            async def profile(user_id: int) -> dict[str, object]:
+                nonlocal calls
+                calls += 1
+                conn.send(("loading", os.getpid()))
+                name = await anyio.to_thread.run_sync(conn.recv)
+                return {"id": user_id, "name": name}
+
+            results: list[object] = []
+
+            async def one() -> None:
+                results.append(await profile(42))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+                await anyio.wait_all_tasks_blocked()
+                conn.send(("joined",))
+        conn.send(("done", results, calls))
+
+    run_on(backend, main)
+
+
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_functools_cached_coalesces_across_processes(method: str, backend: str, file: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    leader = Child(ctx, _cached_child, file, backend)
+    leader.expect_both()
+    waiter = Child(ctx, _cached_child, file, backend)
+    waiter.expect("joined")
+    leader.conn.send("Ada")
+    for child in (leader, waiter):
+        assert child.finish() == [{"id": 42, "name": "Ada"}] * 10
+    assert (leader.calls, waiter.calls) == (1, 0)
+    assert stats_of(file).loader_calls == 1
