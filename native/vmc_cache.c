@@ -23,28 +23,6 @@
 /* Copies of at least this many bytes run without the shard lock (optimistically). */
 #define VMC_UNLOCKED_COPY (256u * 1024)
 
-/* ---- process id, cached: reservations record their owner ---- */
-
-static uint64_t self_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
-
-static void refresh_pid(void)
-{
-    __atomic_store_n(&self_pid, (uint64_t)getpid(), __ATOMIC_RELAXED);
-}
-
-static void pid_init(void)
-{
-    refresh_pid();
-    pthread_atfork(NULL, NULL, refresh_pid);
-}
-
-static uint64_t vmc_self_pid(void)
-{
-    pthread_once(&pid_once, pid_init);
-    return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
-}
-
 /* ---- calls in flight: vmc_close waits for them ---- */
 
 static bool enter(vmc_cache *c)
@@ -209,7 +187,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             e->key_len = (uint16_t)klen;
             e->value_len = (uint32_t)vlen;
             e->expires_ns = expires;
-            e->atime_ns = vmc_self_pid();
+            e->atime_ns = c->owner;
             e->checksum = 0; /* the nonce of a put's own reservation */
             e->state = VMC_RESERVED;
             vmc_reserved_push(c, *head);
@@ -282,7 +260,7 @@ static uint32_t next_nonce(void)
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     struct vmc_entry *e = vmc_head(c, head);
-    return e && e->state == VMC_RESERVED && e->atime_ns == vmc_self_pid() &&
+    return e && e->state == VMC_RESERVED && e->atime_ns == c->owner &&
            e->checksum == nonce;
 }
 
@@ -785,11 +763,45 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
         out->entries += VMC_LOAD(sh->count);
     }
     out->gets = out->hits + out->misses;
+    struct vmc_header *h = c->hdr;
+    out->loader_calls = __atomic_load_n(&h->loader_calls, __ATOMIC_RELAXED);
+    out->coalesced_gets = __atomic_load_n(&h->coalesced_gets, __ATOMIC_RELAXED);
+    out->load_takeovers = __atomic_load_n(&h->load_takeovers, __ATOMIC_RELAXED);
     uint64_t free_units = VMC_LOAD(c->hdr->pool.free_units);
     out->capacity = (uint64_t)c->pool_units << c->shift;
     out->used_bytes = free_units >= c->pool_units ? 0 : (c->pool_units - free_units) << c->shift;
     leave(c);
     return VMC_OK;
+}
+
+int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits)
+{
+    int rc = check_key(klen);
+    if (rc < 0)
+        return rc;
+    if (coalesced_hits > coalesced)
+        return vmc_fail(VMC_E_CONFIG, "%u coalesced hits out of %u coalesced gets",
+                        coalesced_hits, coalesced);
+    ENTER(c);
+    struct vmc_header *h = c->hdr;
+    __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    if (coalesced_hits) {
+        /* Those gets were counted as misses when they looked the key up; they
+         * were answered with a value, so they become hits (gets unchanged). */
+        uint32_t s = vmc_shard_of(c, vmc_hash_key(c, key, klen));
+        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
+            struct vmc_shard *sh = &c->shards[s];
+            uint64_t n = coalesced_hits < sh->misses ? coalesced_hits : sh->misses;
+            VMC_STORE(sh->misses, sh->misses - n);
+            VMC_STORE(sh->hits, sh->hits + n);
+            vmc_shard_unlock(c, s);
+        }
+    }
+    leave(c);
+    return rc;
 }
 
 /* ---- reservations ---- */

@@ -23,10 +23,9 @@ void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units);
 void vmc_reserved_push(vmc_cache *c, uint32_t head);
 /* vmc_reserved_unlink -- take a head off the reserved list. */
 void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
-/* vmc_reclaim_dead -- free reservations whose owner process has died
- * (rate-limited unless forced); returns the units freed. */
+/* vmc_reclaim_dead -- free reservations whose owner handle is gone (closed,
+ * or its process dead: vmc_owner_alive); rate-limited unless forced; returns
+ * the units freed. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
-/* vmc_pid_alive -- whether a process with this id exists. */
-bool vmc_pid_alive(uint64_t pid);
 
 #endif
