@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -271,20 +272,40 @@ async def test_redis_killed_and_restarted(redis_server: RedisServer, hosts: Any)
         assert a.statistics().redis_errors >= 1
 
 
+@pytest.fixture(params=["refused", "silent"])
+def unreachable(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A redis URL nobody answers: a unix socket nobody listens on (refused at once),
+    or a TCP port whose listener never accepts nor replies (a black hole: every call
+    waits for its timeout)."""
+    if request.param == "refused":
+        yield f"unix://{tmp_path}/nobody.sock"
+        return
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        yield f"redis://127.0.0.1:{hole.getsockname()[1]}/0"
+
+
 @pytest.mark.anyio
-async def test_unreachable_redis_never_hangs(hosts: Any, tmp_path: Any) -> None:
-    # A unix socket nobody listens on: every call fails at once, and then the
-    # circuit keeps misses off redis for `timeout` seconds.
-    url = f"unix://{tmp_path}/nobody.sock"
-    async with aiovmc.TieredCache(hosts(), redis=url, namespace="t", timeout=TIMEOUT,
+async def test_unreachable_redis_never_hangs(hosts: Any, unreachable: str) -> None:
+    import redis.exceptions
+
+    async with aiovmc.TieredCache(hosts(), redis=unreachable, namespace="t", timeout=TIMEOUT,
                                   size="4MiB") as cache:
-        with anyio.fail_after(5 * TIMEOUT):
+        # The first miss waits at most `timeout` for redis, then calls the loader;
+        # the circuit is then open: the next misses do not wait at all.
+        with anyio.fail_after(3 * TIMEOUT):
             assert await cache.get(b"a", on_miss=lambda k: b"A") == b"A"
             assert await cache.get(b"a") == b"A"
             assert await cache.get(b"b") is None
             assert await cache.get_many([b"a", b"b"]) == {b"a": b"A"}
         stats = cache.statistics()
         assert stats.redis_errors >= 1 and stats.loader_calls == 1
+        with anyio.fail_after(3 * TIMEOUT), pytest.raises(
+            (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        ):
+            await cache.put(b"a", b"new")
+        assert cache.get_nowait(b"a") is None
 
 
 @pytest.mark.anyio
