@@ -698,6 +698,10 @@ class TieredCache:
             )
         except _Unavailable:
             return value  # stored in L1 with `ttl`; the lease runs out by itself
+        except Exception:  # an error reply (e.g. OOM): the load is not lost for L1
+            log.exception("redis refused the loaded value of %r (namespace %r)", key,
+                          self.namespace)
+            return value
         return StoreWithTTL(stored, _remaining(pttl))
 
     async def _keep_lease(self, lease: bytes, token: bytes) -> None:
