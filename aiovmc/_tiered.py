@@ -627,27 +627,30 @@ class TieredCache:
                 return None
             self._count.lease_waits += 1
             # Wait in a thread on the key's channel. Cancelling abandons the thread,
-            # which ends by itself when the lease runs out (at most 3 * timeout).
-            reply = await self._call(functools.partial(self._wait_for_lease, key, lookup),
+            # which ends by itself when the lease runs out (at most 3 * timeout); it
+            # only reads, so an abandoned one never takes a lease nobody would hold.
+            peek = functools.partial(self._look_up, key, token, lead=False)
+            reply = await self._call(functools.partial(self._wait_for_lease, key, peek),
                                      abandon_on_cancel=True)
-            if reply[0] == _MISS and reply[1] == "none":
-                return None
+            if reply[0] == _MISS:
+                if reply[1] == "none":
+                    return None
+                reply = await self._call(lookup)  # the lease is free, or taken again
 
     def _look_up(self, key: bytes, token: bytes, *, lead: bool) -> list[Any]:
         self._count.redis_gets += 1
         return list(self._lookup(keys=[self._key(key), self._lease(key)],
                                  args=[token, self._lease_ms, b"1" if lead else b"0"]))
 
-    def _wait_for_lease(self, key: bytes, lookup: Any) -> list[Any]:
+    def _wait_for_lease(self, key: bytes, peek: Any) -> list[Any]:
         """Subscribe to the key's channel, look again, then wait for the leader's
-        message or the end of its lease. Returns a lookup reply, or [0, "none"]."""
+        message or the end of its lease. Returns a hit, [0, "none"] (the leader's
+        loader found nothing), or another miss: the lease ended or changed hands."""
         pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self._loaded_channel(key))
-            while True:
-                reply: list[Any] = lookup()
-                if reply[0] != _MISS or reply[1] == -2:
-                    return reply
+            reply: list[Any] = peek()
+            while reply[0] == _MISS and reply[1] != -2:
                 deadline = time.monotonic() + reply[1] / 1000 + 0.01
                 while (left := deadline - time.monotonic()) > 0:
                     message = pubsub.get_message(timeout=left)
@@ -655,11 +658,10 @@ class TieredCache:
                         continue
                     if message["data"] == b"none":
                         return [_MISS, "none"]
-                    break  # "value" or "retry": look again
-                else:
-                    continue  # the lease ran out (or was renewed): look again
-                answer: list[Any] = lookup()
-                return answer
+                    answer: list[Any] = peek()  # "value", or "retry": look again
+                    return answer
+                reply = peek()  # the lease ran out, or was renewed: wait again
+            return reply
         finally:
             pubsub.close()
 

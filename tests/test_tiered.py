@@ -7,6 +7,7 @@ such test. The in-process tests run on both backends through `anyio_backend`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -339,6 +340,54 @@ async def test_loader_error_propagates_and_is_not_cached(
         # The lease was released: the next caller loads at once.
         with anyio.fail_after(TIMEOUT):
             assert await cache.get(b"k", on_miss=lambda k: b"ok") == b"ok"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["raises", "cancelled"])
+async def test_leader_that_fails_hands_the_lease_over(
+    redis_server: RedisServer, hosts: Any, outcome: str
+) -> None:
+    # Leases of 90 s: a waiting host that took over only on expiry would hang here.
+    options = dict(redis=redis_server.url, namespace="t", timeout=30, size="4MiB")
+    loading, release = anyio.Event(), anyio.Event()
+
+    async def stuck(key: bytes) -> bytes:
+        loading.set()
+        await release.wait()
+        raise RuntimeError("the source is down")
+
+    async with aiovmc.TieredCache(hosts(), **options) as a, \
+            aiovmc.TieredCache(hosts(), **options) as b:
+        await listening(a)
+        await listening(b)
+        results: list[Any] = []
+
+        async def lead() -> None:
+            with pytest.raises(RuntimeError):
+                await a.get(b"k", on_miss=stuck)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                if outcome == "raises":
+                    tg.start_soon(lead)
+                else:
+                    tg.start_soon(functools.partial(a.get, b"k", on_miss=stuck))
+                await loading.wait()
+
+                async def wait() -> None:
+                    results.append(await b.get(b"k", on_miss=lambda k: b"from b"))
+
+                tg.start_soon(wait)
+                await eventually(lambda: b.statistics().lease_waits == 1, "b to wait")
+                if outcome == "raises":
+                    release.set()
+                else:
+                    tg.cancel_scope.cancel()
+            if outcome == "cancelled":
+                await b.get(b"k", on_miss=lambda k: b"from b")
+        assert await b.get(b"k") == b"from b"
+        assert b.statistics().loader_calls == 1
+        assert redis_server.client().get(b"t:k") == b"from b"
 
 
 # -- configuration ----------------------------------------------------------------------
