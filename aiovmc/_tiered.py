@@ -50,6 +50,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
@@ -333,6 +334,7 @@ class _Listener(threading.Thread):
         # Its own open file description: the lock belongs to it, and closing it (at
         # the thread's end, or by the kernel at the process's) hands the election on.
         self._fd = os.open(f"/proc/self/fd/{tiered._sidecar.fd}", os.O_RDWR | os.O_CLOEXEC)
+        _listeners.add(self)
 
     def stop(self) -> None:
         self._halt.set()
@@ -392,6 +394,24 @@ class _Listener(threading.Thread):
         finally:
             self._pubsub = None
             pubsub.close()
+
+
+_listeners: weakref.WeakSet[_Listener] = weakref.WeakSet()
+
+
+def _forget_listeners_in_child() -> None:
+    """After fork: the child has no listener threads, and its copies of their
+    descriptors would keep a dead parent's election lock held: close them."""
+    for listener in list(_listeners):
+        listener._halt.set()
+        try:
+            os.close(listener._fd)
+        except OSError:
+            pass
+    _listeners.clear()
+
+
+os.register_at_fork(after_in_child=_forget_listeners_in_child)
 
 
 # -- TieredCache -----------------------------------------------------------------------

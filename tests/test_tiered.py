@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -211,6 +212,18 @@ def test_listener_taken_over_after_sigkill(
     writer.call("put", b"k", b"v2")
     wait_until(lambda: standby.call("get_nowait", b"k") is None, "the new listener to act")
     assert standby.call("get", b"k") == b"v2"
+
+
+def test_inherited_handle_does_not_hold_the_election(
+    redis_server: RedisServer, hosts: Any, workers: Any
+) -> None:
+    listener, standby = start_host(workers, hosts(), redis_server.url)
+    child = listener.call("fork")  # holds copies of the listener's descriptors
+    try:
+        listener.kill()
+        assert standby.call("listening", 20) is True
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_leading_host_killed_mid_load(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -93,8 +94,12 @@ async def _serve(conn: Connection, path: str, url: str, options: dict[str, Any])
                     result = await cache.clear()
                 elif name == "statistics":
                     result = dataclasses.asdict(cache.statistics())
-                elif name == "pid":
-                    result = os.getpid()
+                elif name == "fork":
+                    # A child that inherits the handle and outlives this process.
+                    result = os.fork()
+                    if result == 0:
+                        signal.pause()
+                        os._exit(0)
                 else:
                     raise ValueError(name)
             except Exception as exc:
