@@ -104,6 +104,10 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
 /* The hot path: vmc_get(c, key, klen, vmc_scratch(), VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE)
  * with three arguments, each of which costs the caller a conversion. */
 int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen);
+/* vmc_get with VMC_F_WHOLE that also reports, on a hit, the entry's publication
+ * timestamp (meta[0]) and its expiry (meta[1], CLOCK_REALTIME ns, 0 = never). */
+int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                      uint32_t flags, uint64_t *meta);
 /* This thread's scratch buffer (VMC_SCRATCH_SIZE bytes; NULL if out of memory). */
 char *vmc_scratch(void);
 int vmc_contains(vmc_cache *c, const char *key, size_t klen);
@@ -117,6 +121,10 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap);
 int vmc_clear_shard(vmc_cache *c, int shard);
 int64_t vmc_purge_shard(vmc_cache *c, int shard);
 int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
+/* Read a cache file's statistics without changing a byte of it: no lock, no
+ * recovery, no liveness lock; opened O_RDONLY and mapped PROT_READ. Also the
+ * last timestamp handed out (times[0]) and the persisted one (times[1]). */
+int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times);
 
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset);
