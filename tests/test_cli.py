@@ -30,4 +30,4 @@ def test_stats_command(cache_path: str) -> None:
         [sys.executable, "-m", "aiovmc", "stats", cache_path],
         capture_output=True, text=True, timeout=60, check=True,
     )
-    assert "1 entries" in result.stdout and "hits         1" in result.stdout
+    assert "1 entries" in result.stdout and "hits            1" in result.stdout
