@@ -55,12 +55,12 @@ import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._async_cache import AsyncCache
 from .._errors import KeyTooLargeError
+from ._open import LazyCache
 
 __all__ = [
     "DEFAULT_STATUSES",
@@ -302,9 +302,7 @@ class Outcome:
 class ResponseCache:
     """The rules, and the cache they apply to (opened lazily in each process)."""
 
-    path: str | None = None
-    size: int | str | None = None
-    cache: AsyncCache | None = None
+    cache: LazyCache
     ttl: float | None = 60.0
     statuses: frozenset[int] = DEFAULT_STATUSES
     max_body_size: int = 1 << 20
@@ -314,33 +312,17 @@ class ResponseCache:
     cache_header: str | None = "x-cache"
     key: Callable[[Request], str] | None = None
     clock: Callable[[], float] = time.time
-    _pid: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if (self.cache is None) == (self.path is None):
-            raise TypeError("give either path= (and size= to create the file) or cache=")
         if self.ttl is not None and self.ttl < 0:
             raise ValueError(f"ttl must be None or >= 0 seconds, not {self.ttl!r}")
         if self.max_body_size < 0:
             raise ValueError(f"max_body_size must be >= 0, not {self.max_body_size!r}")
-        if self.cache is not None:
-            self._pid = os.getpid()
         self.statuses = frozenset(self.statuses)
 
     def open(self) -> AsyncCache:
-        """This process's cache: opened at first use in each process, so one
-        configuration works in every worker, forked (with or without gunicorn's
-        --preload) or spawned."""
-        cache = self.cache
-        if cache is None or (self.path is not None and self._pid != os.getpid()):
-            cache = self.cache = AsyncCache(self.path, size=self.size)
-            self._pid = os.getpid()
-        return cache
-
-    async def aclose(self) -> None:
-        if self.cache is not None and self.path is not None:
-            cache, self.cache = self.cache, None
-            await cache.aclose()
+        """This process's cache (see `LazyCache`)."""
+        return self.cache.get()
 
     # -- requests --
 

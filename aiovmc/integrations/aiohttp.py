@@ -29,6 +29,7 @@ from ._http import (
     ResponseCache,
     invalidate_url,
 )
+from ._open import LazyCache
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -70,9 +71,7 @@ def cache_middleware(
     from aiohttp import web
 
     rules = ResponseCache(
-        path=None if path is None else os.fspath(path),
-        size=size,
-        cache=cache,
+        cache=LazyCache(path, size, cache),
         ttl=ttl,
         statuses=frozenset(statuses),
         max_body_size=max_body_size,

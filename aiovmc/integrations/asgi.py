@@ -30,6 +30,7 @@ from ._http import (
     ResponseCache,
     invalidate_url,
 )
+from ._open import LazyCache
 
 __all__ = ["CacheMiddleware", "invalidate"]
 
@@ -82,9 +83,7 @@ class CacheMiddleware:
     ) -> None:
         self.app = app
         self.rules = ResponseCache(
-            path=None if path is None else os.fspath(path),
-            size=size,
-            cache=cache,
+            cache=LazyCache(path, size, cache),
             ttl=ttl,
             statuses=frozenset(statuses),
             max_body_size=max_body_size,
