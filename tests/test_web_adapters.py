@@ -156,7 +156,7 @@ def test_adapters_check_their_arguments() -> None:
     from aiovmc.integrations.fastapi_cache import AiovmcBackend
     from aiovmc.integrations.litestar import AiovmcStore
 
-    with pytest.raises(TypeError, match="path= .* or cache="):
+    with pytest.raises(TypeError, match=r"path= .* or cache="):
         AiovmcStore()
     with pytest.raises(TypeError, match="AsyncCache"):
         AiovmcBackend(cache="/dev/shm/x")  # type: ignore[arg-type]

@@ -162,7 +162,8 @@ async def test_responses_that_are_never_stored(cache: aiovmc.AsyncCache, query: 
             r = await c.get(f"/page/n?{query}")
             assert "x-cache" not in r.headers and r.text == f"page /page/n {n}"
     assert site.calls == 3
-    assert not any(k.startswith(b"aiovmc.http\x00e") for k in cache.cache.keys())
+    stored = cache.cache.keys()
+    assert not any(k.startswith(b"aiovmc.http\x00e") for k in stored)
     assert len(cache.cache) == entries + 1  # the URL's generation record only
 
 
@@ -337,7 +338,8 @@ async def test_unreadable_entry_is_a_miss(cache: aiovmc.AsyncCache) -> None:
     site = Site(cache)
     async with site.client() as c:
         await c.get("/page/d")
-        (key,) = [k for k in cache.cache.keys() if k.startswith(b"aiovmc.http\x00e")]
+        stored = cache.cache.keys()
+        (key,) = [k for k in stored if k.startswith(b"aiovmc.http\x00e")]
         await cache.put(key, b"AVMH\x09 another version")
         r = await c.get("/page/d")
     assert r.headers["x-cache"] == "MISS" and site.calls == 2
@@ -356,7 +358,7 @@ def test_constructor_checks() -> None:
     async def app(scope: Any, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         pass
 
-    with pytest.raises(TypeError, match="path= .* or cache="):
+    with pytest.raises(TypeError, match=r"path= .* or cache="):
         CacheMiddleware(app)
     with pytest.raises(ValueError, match="ttl"):
         CacheMiddleware(app, path="/dev/shm/x.cache", ttl=-1)

@@ -28,7 +28,9 @@ def _log_call(path: str) -> None:
         os.close(fd)
 
 
-def _answer(path: str, query: dict[str, str], headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
+def _answer(
+    path: str, query: dict[str, str], headers: dict[str, str]
+) -> tuple[int, dict[str, str], str]:
     """Status, headers and body of every route, whatever the framework."""
     if path == "/health":
         return 200, {"cache-control": "no-store"}, "ok"
@@ -71,7 +73,8 @@ def _served_by(app: Any) -> Any:
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         async def tag(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message["headers"], (b"x-served-by", str(os.getpid()).encode())]
+                pid = str(os.getpid()).encode()
+                message["headers"] = [*message["headers"], (b"x-served-by", pid)]
             await send(message)
 
         await app(scope, receive, tag if scope["type"] == "http" else send)

@@ -157,8 +157,9 @@ class Entry:
                 at += _HEADER.size
                 if at + nlen + vlen > len(view):
                     return None
-                headers.append((bytes(view[at : at + nlen]), bytes(view[at + nlen : at + nlen + vlen])))
-                at += nlen + vlen
+                name, at = bytes(view[at : at + nlen]), at + nlen
+                headers.append((name, bytes(view[at : at + vlen])))
+                at += vlen
         except struct.error:
             return None
         return cls(status, headers, bytes(view[at:]), stored_at, expires_at)
@@ -503,7 +504,9 @@ def open_for_invalidation(cache: AsyncCache | str | os.PathLike[str]) -> AsyncCa
         return cache
     if isinstance(cache, (str, os.PathLike)):
         return AsyncCache(cache)
-    raise TypeError(f"cache must be an AsyncCache or a cache file's path, not {type(cache).__name__}")
+    raise TypeError(
+        f"cache must be an AsyncCache or a cache file's path, not {type(cache).__name__}"
+    )
 
 
 async def invalidate_url(cache: AsyncCache | str | os.PathLike[str], url: str) -> int:

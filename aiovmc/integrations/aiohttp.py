@@ -140,7 +140,8 @@ def _entry(rules: ResponseCache, response: web.StreamResponse) -> Entry | None:
     if not isinstance(body, bytes) or len(body) > rules.max_body_size:
         return None
     headers: Headers = [
-        (name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in response.headers.items()
     ]
     lifetime = rules.storable(response.status, headers)
     if lifetime is None:

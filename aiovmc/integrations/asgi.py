@@ -213,7 +213,10 @@ class _Capture:
             await self.send(message)
 
 
-async def _call_seeing_status(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> int | None:
+async def _call_seeing_status(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send
+) -> int | None:
+    """Call the app; the status it answered with (None if it sent none)."""
     status: int | None = None
 
     async def watch(message: Message) -> None:

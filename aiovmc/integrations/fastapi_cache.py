@@ -69,7 +69,8 @@ class AiovmcBackend(Backend):
         cache = self._cache.get()
         if namespace:
             prefix = self._key(namespace)
-            victims = [k for k in cache.cache.keys() if k.startswith(prefix)]
+            stored = cache.cache.keys()  # a snapshot list
+            victims = [k for k in stored if k.startswith(prefix)]
         elif key:
             victims = [self._key(key)]
         else:

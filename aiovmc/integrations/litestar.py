@@ -83,7 +83,9 @@ class AiovmcStore(NamespacedStore):
     def _key(self, key: str) -> bytes:
         return self._prefix + b"k" + key.encode()
 
-    async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
+    async def set(
+        self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+    ) -> None:
         if isinstance(value, str):
             value = value.encode()
         await self._cache.get().put(self._key(key), value, ttl=_seconds(expires_in))
@@ -108,7 +110,8 @@ class AiovmcStore(NamespacedStore):
         if self.namespace is None:
             await cache.clear()
             return
-        for key in cache.cache.keys():
+        stored = cache.cache.keys()  # a snapshot list
+        for key in stored:
             if key.startswith(self._prefix):
                 await cache.delete(key)
 

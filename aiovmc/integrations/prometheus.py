@@ -34,7 +34,9 @@ class CacheCollector:
         from prometheus_client import metrics_core
 
         if not isinstance(cache, (Cache, AsyncCache)):
-            raise TypeError(f"cache must be an aiovmc Cache or AsyncCache, not {type(cache).__name__}")
+            raise TypeError(
+                f"cache must be an aiovmc Cache or AsyncCache, not {type(cache).__name__}"
+            )
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
         self.cache = cache
