@@ -18,7 +18,6 @@ docs/cancellation.md.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
@@ -32,7 +31,15 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ._cache import Cache, CacheEntry, CacheStatistics, Reservation, entry_of
-from ._coalesce import SingleFlight
+from ._coalesce import (
+    FLIGHT_FULL,
+    FLIGHT_NONE,
+    FLIGHT_VALUE,
+    FLIGHT_WAIT,
+    HostWave,
+    LoadMark,
+    SingleFlight,
+)
 from ._convert import TTL, Key, encode_key, parse_size
 
 if TYPE_CHECKING:
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_OFFLOAD_THRESHOLD",
     "OFFLOAD_CONCURRENCY",
+    "WAIT_CONCURRENCY",
     "AsyncCache",
     "AsyncReservation",
     "Loader",
@@ -86,6 +94,16 @@ _copy_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.Run
     "aiovmc.copy_limiter"
 )
 
+#: At most this many threads per event loop wait for loads led by other
+#: processes (one per key being waited for); further waits queue for a thread.
+#: A thread sleeps in the kernel (a futex) and wakes for the wave's end, or every
+#: `aiovmc._coalesce.PROBE_SECONDS` to check on the leader.
+WAIT_CONCURRENCY: Final = 64
+
+_wait_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "aiovmc.wait_limiter"
+)
+
 
 def _limiter() -> anyio.CapacityLimiter:
     """The running loop's limiter for off-loop copies (made on first use)."""
@@ -94,6 +112,21 @@ def _limiter() -> anyio.CapacityLimiter:
         limiter = anyio.CapacityLimiter(OFFLOAD_CONCURRENCY)
         _copy_limiter.set(limiter)
     return limiter
+
+
+async def _wait_for_wave(wave: HostWave) -> None:
+    """Sleep in a worker thread until the wave changes (or a probe interval
+    passes). Cancellable at once: the task leaves, and its thread is woken so
+    that it returns to the pool rather than sleep on."""
+    limiter = _wait_limiter.get(None)
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(WAIT_CONCURRENCY)
+        _wait_limiter.set(limiter)
+    try:
+        await anyio.to_thread.run_sync(wave.wait, abandon_on_cancel=True, limiter=limiter)
+    except BaseException:
+        wave.kick()
+        raise
 
 
 async def _offload(func: Callable[[], T]) -> T:
@@ -210,7 +243,9 @@ class AsyncCache:
         "_fetch",
         "_flushes",
         "_get_inline",
+        "_host",
         "_limit",
+        "_load_timeout_ns",
         "_loads",
         "_threshold",
         "on_miss",
@@ -257,6 +292,8 @@ class AsyncCache:
         self._limit = max(threshold - 1, 0)
         self._get_inline = cache._get_inline
         self._fetch = cache._fetch
+        self._host = cache.coalesce == "host"
+        self._load_timeout_ns = cache._load_timeout_ns
         self._loads: SingleFlight[bytes | None] = SingleFlight()
         self._flushes: SingleFlight[int] = SingleFlight()
 
@@ -328,20 +365,69 @@ class AsyncCache:
         loader = on_miss if on_miss is not None else self.on_miss
         if loader is None:
             return default
-        loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl))
+        ran = LoadMark()
+        try:
+            loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl, ran))
+        except Exception:
+            ran.count_answer(self._cache, k, None)
+            raise
+        ran.count_answer(self._cache, k, loaded)
         return default if loaded is None else loaded
 
-    async def _load(self, key: bytes, loader: Loader, ttl: TTL) -> bytes | None:
-        """Call the loader and store what it returns (the leader's part of a miss).
-
-        First look again, quietly: a leader taking over from a cancelled one, or
-        one whose key another process loaded meanwhile, may find it stored."""
+    async def _peek(self, key: bytes) -> bytes | None:
+        """The value of `key` if stored, read quietly (no statistics, no LRU
+        touch); a large one is copied in a worker thread."""
         size = self._cache._size(key)
-        if size is not None:
-            copy = functools.partial(self._cache._copy_whole, key, size)
-            found = copy() if size < self._threshold else await _offload(copy)
+        if size is None:
+            return None
+        copy = functools.partial(self._cache._copy_whole, key, size)
+        return copy() if size < self._threshold else await _offload(copy)
+
+    async def _load(self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark) -> bytes | None:
+        """The part of a miss played by the task leading this loop's load.
+
+        First look again: a leader taking over from a cancelled one, or one whose
+        key another process loaded meanwhile, may find it stored. Then, with
+        ``coalesce="host"``, lead, join or wait for the host-wide wave
+        (`aiovmc._coalesce`, rules A-E)."""
+        found = await self._peek(key)
+        if found is not None:
+            return found
+        if not self._host:
+            return await self._call_loader(key, loader, ttl, ran, takeover=False)
+        wave = HostWave(self._cache, key, self._load_timeout_ns)
+        while True:
+            status = wave.join()
+            if status == FLIGHT_WAIT:
+                await _wait_for_wave(wave)
+                continue
+            if status == FLIGHT_FULL:
+                return await self._call_loader(key, loader, ttl, ran, takeover=False)
+            if status == FLIGHT_NONE:
+                return None
+            found = await self._peek(key)
+            if status == FLIGHT_VALUE:
+                if found is not None:
+                    return found
+                wave.restart()  # stored, then removed already: a new wave
+                continue
+            # FLIGHT_LEAD or FLIGHT_TAKEOVER
             if found is not None:
+                wave.finish(found)
                 return found
+            try:
+                value = await self._call_loader(key, loader, ttl, ran, takeover=wave.takeover)
+            except BaseException:
+                wave.fail()
+                raise
+            wave.finish(value)
+            return value
+
+    async def _call_loader(
+        self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark, *, takeover: bool
+    ) -> bytes | None:
+        """Call the loader (counted) and store what it returns; None if nothing."""
+        ran.mark(self._cache, key, takeover)
         result = loader(key)
         if inspect.isawaitable(result):
             result = await result
@@ -533,15 +619,9 @@ class AsyncCache:
     # -- statistics and lifetime ---------------------------------------------------
 
     def statistics(self) -> CacheStatistics:
-        """The file's `CacheStatistics`, plus this handle's loader calls and the gets
-        served by another task's load (``coalesced_gets``). Never waits."""
-        stats = self._cache.statistics()
-        loads = self._loads
-        return dataclasses.replace(
-            stats,
-            loader_calls=stats.loader_calls + loads.loader_calls,
-            coalesced_gets=stats.coalesced_gets + loads.coalesced_gets,
-        )
+        """The file's `CacheStatistics`, shared by every process (loader counts
+        included: see `CacheStatistics`). Never waits."""
+        return self._cache.statistics()
 
     async def aclose(self) -> None:
         """Close the underlying `Cache` (idempotent). A checkpoint; the handle is

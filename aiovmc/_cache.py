@@ -8,16 +8,25 @@ eviction callback, statistics records, reservations and the mapping protocol.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import secrets
 import sys
 import tempfile
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
+from ._coalesce import (
+    FLIGHT_FULL,
+    FLIGHT_NONE,
+    FLIGHT_VALUE,
+    FLIGHT_WAIT,
+    HostWave,
+    LoadMark,
+    ThreadFlight,
+)
 from ._convert import encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheConfigError
 from ._native import Handle
@@ -25,15 +34,35 @@ from ._native import Handle
 __all__ = ["Cache", "CacheEntry", "CacheStatistics", "Reservation", "entry_of"]
 
 _POLICIES = ("lru", "none")
+_COALESCE = ("host", "process")
+
+
+def _load_timeout_ns(seconds: object) -> int:
+    """``load_timeout`` in nanoseconds for the core; -1 for None (wait for ever)."""
+    if seconds is None:
+        return -1
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        kind = type(seconds).__name__
+        raise TypeError(f"load_timeout is a number of seconds or None, not {kind}")
+    if not 0 < seconds < _MAX_LOAD_TIMEOUT:
+        raise CacheConfigError(
+            f"load_timeout must be positive seconds below {_MAX_LOAD_TIMEOUT:g} (or None), "
+            f"not {seconds!r}"
+        )
+    return int(seconds * 1e9)
+
+
+_MAX_LOAD_TIMEOUT = 1e9  # ~31 years: int64 nanoseconds stay far from overflow
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheStatistics:
-    """A snapshot of a cache's counters.
+    """A snapshot of a cache file's counters, shared by every process using it.
 
-    The first nine fields belong to the file and are shared by every process
-    using it; `loader_calls` and `coalesced_gets` belong to the handle that
-    produced the snapshot.
+    ``gets == hits + misses`` always. A get answered by a load that another task,
+    thread or process ran counts in `coalesced_gets`, and as a hit if it received
+    a value (a miss if the load ended with none); the get that ran the loader is
+    a miss. So ``hits / gets`` is the share of gets that did not pay for a load.
     """
 
     puts: int
@@ -50,10 +79,13 @@ class CacheStatistics:
     """Pool bytes held by entries and open reservations, overhead included."""
     capacity: int
     """Usable pool bytes."""
-    loader_calls: int = 0
-    """Loader (on_miss) calls made by this handle."""
-    coalesced_gets: int = 0
-    """Gets of this handle served by joining another task's load."""
+    loader_calls: int
+    """Loader (on_miss) calls made on the host."""
+    coalesced_gets: int
+    """Gets answered by a load that another task, thread or process ran."""
+    load_takeovers: int
+    """Loads started because the previous leader of the key failed, was cancelled,
+    closed its handle, died or ran past a waiter's load_timeout."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,14 +103,21 @@ class Cache(Handle):
     """A cache in a memory-mapped file, shared by every process that opens it.
 
     ``Cache(path=None, *, size=None, extent_size=256, policy="lru", ttl=None,
-    reset=False, mode=0o600, on_evict=None, on_miss=None)``
+    reset=False, mode=0o600, on_evict=None, on_miss=None, coalesce="host",
+    load_timeout=30.0)``
 
-    Every operation is safe from many threads and many processes at once.
+    Every operation is safe from many threads and many processes at once. A miss
+    in `get` calls ``on_miss`` once for all the threads missing the key at once
+    and, with ``coalesce="host"``, for every process using the file
+    (`aiovmc._coalesce`); ``load_timeout`` (seconds, or None for ever) is how long
+    a waiter lets a live leader load before loading too.
     """
 
     __slots__ = (
-        "_load_lock",
-        "_loader_calls",
+        "_coalesce",
+        "_load_timeout",
+        "_load_timeout_ns",
+        "_loads",
         "_on_evict",
         "_path",
         "_remove_private_file",
@@ -99,7 +138,12 @@ class Cache(Handle):
         on_evict: Callable[[bytes], object] | None = None,
         on_miss: Callable[[bytes], Any] | None = None,
         allow_other_owner: bool = False,
+        coalesce: str = "host",
+        load_timeout: float | None = 30.0,
     ) -> None:
+        if coalesce not in _COALESCE:
+            raise CacheConfigError(f"coalesce must be 'host' or 'process', not {coalesce!r}")
+        load_timeout_ns = _load_timeout_ns(load_timeout)
         size_bytes = None if size is None else parse_size(size)
         unit = parse_size(extent_size, "extent_size")
         if policy not in _POLICIES:
@@ -138,8 +182,10 @@ class Cache(Handle):
         )
         self._on_evict = on_evict
         self.on_miss = on_miss
-        self._loader_calls = 0
-        self._load_lock = threading.Lock()
+        self._coalesce = coalesce
+        self._load_timeout = load_timeout
+        self._load_timeout_ns = load_timeout_ns
+        self._loads: ThreadFlight[bytes | None] = ThreadFlight()
         self._reservations: weakref.WeakSet[Reservation] = weakref.WeakSet()
         if not self.info.created:
             self._check_attached_config(unit, policy, ttl_ns, extent_size, ttl)
@@ -176,6 +222,16 @@ class Cache(Handle):
         """Usable pool bytes."""
         return self.info.capacity
 
+    @property
+    def coalesce(self) -> str:
+        """"host" (loads coalesced across every process) or "process"."""
+        return self._coalesce
+
+    @property
+    def load_timeout(self) -> float | None:
+        """Seconds a waiter lets a live leader load before loading too (None: ever)."""
+        return self._load_timeout
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
         return f"<aiovmc.Cache {self._path!r} {state}>"
@@ -186,11 +242,65 @@ class Cache(Handle):
         loader = self.on_miss
         if loader is None or default is _ABSENT:  # _ABSENT: a lookup that never loads
             return default
-        with self._load_lock:
-            self._loader_calls += 1
+        ran = LoadMark()
+        try:
+            value = self._loads.run(key, functools.partial(self._load, key, loader, ran))
+        except Exception:
+            ran.count_answer(self, key, None)
+            raise
+        ran.count_answer(self, key, value)
+        return default if value is None else value
+
+    def _load(self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark) -> bytes | None:
+        """The part of a miss played by the thread leading this process's load: look
+        again, then lead, join or wait for the host-wide wave. Returns the value
+        (None: no value)."""
+        found = self._peek(key)
+        if found is not None:
+            return found
+        if self._coalesce == "process":
+            return self._call_loader(key, loader, ran, takeover=False)
+        wave = HostWave(self, key, self._load_timeout_ns)
+        while True:
+            status = wave.join()
+            if status == FLIGHT_WAIT:
+                wave.wait()
+                continue
+            if status == FLIGHT_FULL:
+                return self._call_loader(key, loader, ran, takeover=False)
+            if status == FLIGHT_NONE:
+                return None
+            found = self._peek(key)
+            if status == FLIGHT_VALUE:
+                if found is not None:
+                    return found
+                wave.restart()  # stored, then removed already: a new wave
+                continue
+            # FLIGHT_LEAD or FLIGHT_TAKEOVER
+            if found is not None:
+                wave.finish(found)
+                return found
+            try:
+                value = self._call_loader(key, loader, ran, takeover=wave.takeover)
+            except BaseException:
+                wave.fail()
+                raise
+            wave.finish(value)
+            return value
+
+    def _peek(self, key: bytes) -> bytes | None:
+        """The value of `key` if stored, read quietly (no statistics, no LRU touch)."""
+        size = self._size(key)
+        return None if size is None else self._copy_whole(key, size)
+
+    def _call_loader(
+        self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark, *, takeover: bool
+    ) -> bytes | None:
+        """Call the loader (counted) and store its result; None if it gave none."""
+        ran.mark(self, key, takeover)
         value = loader(key)
         if value is None:
-            return default
+            return None
         self._store_loaded(key, value, None)
         return value if type(value) is bytes else bytes(value)
 
@@ -261,7 +371,7 @@ class Cache(Handle):
         return ts
 
     def statistics(self) -> CacheStatistics:
-        """A frozen snapshot of the file's counters and this handle's loader calls."""
+        """A frozen snapshot of the file's counters (shared by every process)."""
         raw = self._raw_statistics()
         return CacheStatistics(
             puts=raw.puts,
@@ -273,7 +383,9 @@ class Cache(Handle):
             entries=raw.entries,
             used_bytes=raw.used_bytes,
             capacity=raw.capacity,
-            loader_calls=self._loader_calls,
+            loader_calls=raw.loader_calls,
+            coalesced_gets=raw.coalesced_gets,
+            load_takeovers=raw.load_takeovers,
         )
 
     def reserve(self, key: Any, size: int | str, *, ttl: Any = None) -> Reservation:

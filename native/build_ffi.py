@@ -9,7 +9,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["vmc_cache.c", "vmc_error.c", "vmc_file.c", "vmc_lock.c", "vmc_pool.c",
+SOURCES = ["vmc_cache.c", "vmc_error.c", "vmc_file.c", "vmc_flight.c", "vmc_lock.c", "vmc_pool.c",
            "vmc_recover.c", "vmc_shard.c"]
 
 

@@ -73,6 +73,34 @@ struct vmc_info {
 struct vmc_stats {
     uint64_t puts, gets, hits, misses, evictions, expirations;
     uint64_t entries, used_bytes, capacity;
+    uint64_t loader_calls, coalesced_gets, load_takeovers;
+};
+
+/* Host-wide single-flight (vmc_flight.h). vmc_flight_join answers a positive
+ * enum vmc_flight_status (or a failure); the ticket carries the caller's place
+ * in the wave from one call to the next. */
+enum vmc_flight_status {
+    VMC_FLIGHT_LEAD = 1,         /* lead a new wave: load, store, then vmc_flight_end */
+    VMC_FLIGHT_TAKEOVER = 2,     /* lead a wave whose leader failed, left, died or timed out */
+    VMC_FLIGHT_WAIT = 3,         /* another handle leads: vmc_flight_wait, then join again */
+    VMC_FLIGHT_VALUE = 4,        /* the wave waited for stored a value: read it */
+    VMC_FLIGHT_NONE = 5,         /* the wave waited for ended with no value */
+    VMC_FLIGHT_FULL = 6          /* the table has no room: coalesce in this process only */
+};
+
+/* A waiter rejoins at least this often, to see whether its leader died or timed out. */
+enum { VMC_FLIGHT_PROBE_MS = 200 };
+
+enum vmc_flight_end {
+    VMC_END_VALUE = 1,           /* a value was stored */
+    VMC_END_NONE = 2,            /* the loader returned no value */
+    VMC_END_FAILED = 3           /* the loader raised, or the leader was cancelled */
+};
+
+struct vmc_ticket {
+    uint32_t slot;               /* 1-based slot of the flight joined; 0 before the first join */
+    uint32_t gen;                /* the slot's generation when it was joined or led */
+    int64_t wait_ns;             /* after VMC_FLIGHT_WAIT: sleep at most this long, then join */
 };
 
 typedef struct vmc_cache vmc_cache;
@@ -130,6 +158,21 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
                     uint32_t flags, uint64_t *data_offset);
 int64_t vmc_publish(vmc_cache *c, uint64_t reservation);
 int vmc_cancel(vmc_cache *c, uint64_t reservation);
+
+/* load_timeout_ns < 0: wait for a live leader forever. */
+int vmc_flight_join(vmc_cache *c, const char *key, size_t klen, int64_t load_timeout_ns,
+                    struct vmc_ticket *ticket);
+/* Sleep until the wave changes or ticket->wait_ns pass (never counted as a call
+ * in flight: closing the handle does not wait for it). */
+int vmc_flight_wait(vmc_cache *c, const struct vmc_ticket *ticket);
+/* Wake every waiter of the ticket's slot (a cancelled waiter frees its thread). */
+int vmc_flight_kick(vmc_cache *c, const struct vmc_ticket *ticket);
+/* End the wave the ticket leads: 1 if it ended it, 0 if it had been taken over. */
+int vmc_flight_end(vmc_cache *c, const struct vmc_ticket *ticket, int outcome);
+int64_t vmc_flights_in_use(vmc_cache *c);
+/* Add to the file-wide counters; coalesced_hits gets of `key` turn from misses into hits. */
+int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
 
 int64_t vmc_committed_timestamp(vmc_cache *c);
 int64_t vmc_persisted_timestamp(vmc_cache *c);

@@ -880,6 +880,7 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
         out->entries += VMC_LOAD(sh->count);
     }
     out->gets = out->hits + out->misses;
+    vmc_flight_statistics(c, out);
     uint64_t free_units = VMC_LOAD(c->hdr->pool.free_units);
     out->capacity = (uint64_t)c->pool_units << c->shift;
     out->used_bytes = free_units >= c->pool_units ? 0 : (c->pool_units - free_units) << c->shift;

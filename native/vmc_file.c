@@ -59,6 +59,7 @@ static uint32_t abi_signature(void)
         sizeof(struct vmc_entry),      sizeof(struct vmc_body),
         sizeof(struct vmc_header),     offsetof(struct vmc_header, pool),
         offsetof(struct vmc_header, clock),
+        offsetof(struct vmc_header, flight_lock), sizeof(struct vmc_flight),
     };
     return (uint32_t)vmc_hash(parts, sizeof parts, 0x61696f766d63ull);
 }
@@ -71,6 +72,11 @@ static uint64_t geometry_check(const struct vmc_header *h)
 static uint64_t shards_bytes(void)
 {
     return round_up(VMC_SHARDS * sizeof(struct vmc_shard), VMC_PAGE);
+}
+
+static uint64_t flights_bytes(uint32_t flights)
+{
+    return round_up((uint64_t)flights * sizeof(struct vmc_flight), VMC_PAGE);
 }
 
 static uint64_t isqrt(uint64_t n)
@@ -131,19 +137,34 @@ static int validate_config(const struct vmc_config *cfg, const char *path)
     return VMC_OK;
 }
 
-/* layout -- the geometry of a file of cfg->size bytes (rounded up to a page). */
+/* pool_units_for -- the units that fit after index_off, and their slots. */
+static uint64_t pool_units_for(uint64_t size, uint64_t index_off, uint32_t shift, uint32_t *slots)
+{
+    uint64_t avail = size - index_off;
+    uint64_t units = avail >> shift;
+    *slots = slots_for(units);
+    while (units > 0 && tables_bytes(*slots) + (units << shift) > avail) {
+        uint64_t idx = tables_bytes(*slots);
+        units = idx < avail ? (avail - idx) >> shift : 0;
+        *slots = slots_for(units);
+    }
+    return units;
+}
+
+/* layout -- the geometry of a file of cfg->size bytes (rounded up to a page).
+ * The flight table has VMC_MAX_FLIGHTS slots unless that would leave the pool
+ * under 80% of the file (files under 2 MiB): then the most that fit. */
 static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char *path)
 {
     uint64_t size = round_up(cfg->size, VMC_PAGE);
     uint32_t shift = (uint32_t)__builtin_ctz(cfg->extent_size);
-    uint64_t index_off = VMC_PAGE + shards_bytes();
-    uint64_t avail = size - index_off;
-    uint64_t units = avail >> shift;
-    uint32_t slots = slots_for(units);
-    while (units > 0 && tables_bytes(slots) + (units << shift) > avail) {
-        uint64_t idx = tables_bytes(slots);
-        units = idx < avail ? (avail - idx) >> shift : 0;
-        slots = slots_for(units);
+    uint32_t flights = VMC_MAX_FLIGHTS, slots;
+    uint64_t index_off, units;
+    for (;; flights /= 2) {
+        index_off = VMC_PAGE + shards_bytes() + flights_bytes(flights);
+        units = pool_units_for(size, index_off, shift, &slots);
+        if (flights == VMC_MIN_FLIGHTS || (units > 0 && (units << shift) * 5 >= size * 4))
+            break;
     }
     if (units > VMC_MAX_UNITS)
         return vmc_fail(VMC_E_CONFIG, "size %llu needs more than 2^32 extents of %u bytes: "
@@ -171,6 +192,8 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char
     h->slots_per_shard = slots;
     h->policy = cfg->policy;
     h->default_ttl_ns = cfg->default_ttl_ns;
+    h->flights_off = VMC_PAGE + shards_bytes();
+    h->n_flights = flights;
     if (getrandom(&h->hash_seed, sizeof h->hash_seed, 0) != sizeof h->hash_seed)
         h->hash_seed = vmc_now_ns() ^ ((uint64_t)getpid() << 32);
     h->geometry_check = geometry_check(h);
@@ -178,14 +201,16 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char
     return VMC_OK;
 }
 
-/* validate_header -- refuse anything that is not a sound version-1 header for
+/* validate_header -- refuse anything that is not a sound header of this version for
  * a file of `size` bytes. */
 static int validate_header(const struct vmc_header *h, uint64_t size, const char *path)
 {
     if (memcmp(h->magic, VMC_MAGIC, 8) != 0)
         return vmc_fail(VMC_E_FORMAT, "%s is not an aiovmc cache file (no aiovmc magic)", path);
     if (h->format_version != VMC_FORMAT_VERSION)
-        return vmc_fail(VMC_E_FORMAT, "%s has format version %u; this aiovmc reads version %u",
+        return vmc_fail(VMC_E_FORMAT,
+                        "%s has format version %u; this aiovmc reads version %u only (recreate "
+                        "the file with reset=True once no process of the older version uses it)",
                         path, h->format_version, VMC_FORMAT_VERSION);
     if (h->abi_signature != abi_signature())
         return vmc_fail(VMC_E_FORMAT,
@@ -201,7 +226,10 @@ static int validate_header(const struct vmc_header *h, uint64_t size, const char
     uint32_t u = h->unit_size;
     bool sound = u >= VMC_MIN_UNIT && (u & (u - 1)) == 0 && h->unit_shift < 32 &&
                  (1u << h->unit_shift) == u && h->n_shards == VMC_SHARDS &&
-                 h->shards_off == VMC_PAGE && h->index_off == VMC_PAGE + shards_bytes() &&
+                 h->shards_off == VMC_PAGE && h->flights_off == VMC_PAGE + shards_bytes() &&
+                 h->n_flights >= VMC_MIN_FLIGHTS && h->n_flights <= VMC_MAX_FLIGHTS &&
+                 (h->n_flights & (h->n_flights - 1)) == 0 &&
+                 h->index_off == h->flights_off + flights_bytes(h->n_flights) &&
                  h->slots_per_shard >= 1 && h->slots_per_shard == slots_for(h->pool_units) &&
                  h->heap_off == h->index_off + index_bytes(h->slots_per_shard) &&
                  h->pool_off == h->heap_off + heap_bytes(h->slots_per_shard) &&
@@ -399,6 +427,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     c->pool_units = h.pool_units;
     c->n_shards = h.n_shards;
     c->slots = h.slots_per_shard;
+    c->n_flights = h.n_flights;
     c->max_load = (uint32_t)((uint64_t)h.slots_per_shard * 8 / 9);
     c->policy = h.policy;
     c->default_ttl_ns = h.default_ttl_ns;
@@ -431,6 +460,8 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {
         rc = vmc_rebuild(c, VMC_REBUILD_RECOVER, &info->recovered_entries,
                          &info->dropped_entries);
+        if (rc == VMC_OK && (rc = vmc_flight_init_lock(c)) == VMC_OK)
+            vmc_flight_recover(c);
         if (rc == VMC_OK) {
             c->hdr->needs_repair = 0;
             info->recovered = 1;
@@ -438,6 +469,8 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     }
     if (rc == VMC_OK && ofd_lock(c->fd, F_RDLCK, LIVENESS_BYTE, true) != 0)
         rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);
+    if (rc == VMC_OK)
+        rc = vmc_owner_take(c);
     if (rc == VMC_OK && !info->recovered && (rc = vmc_pool_lock(c)) == VMC_OK) {
         vmc_reclaim_dead(c, true);
         vmc_pool_unlock(c);
@@ -474,23 +507,39 @@ int vmc_after_fork(vmc_cache *c)
         c->fd = -1;
         return rc;
     }
-    /* The inherited descriptor shares the parent's lock: close it, never unlock it. */
+    /* The inherited descriptor shares the parent's locks: close it, never unlock it. */
     close(c->fd);
     c->fd = fd;
-    return VMC_OK;
+    c->owner = 0; /* the parent's loads and reservations are not the child's */
+    rc = vmc_owner_take(c);
+    if (rc < 0) {
+        atomic_store(&c->closed, 1);
+        close(c->fd);
+        c->fd = -1;
+    }
+    return rc;
 }
 
-int vmc_close(vmc_cache *c)
+/* detach -- close the handle once: wait for calls in flight, orphan the loads it
+ * leads (only if the file is still mapped), drop its locks with its descriptor. */
+static void detach(vmc_cache *c, bool mapped)
 {
     if (atomic_exchange(&c->closed, 1))
-        return VMC_OK;
+        return;
     while (atomic_load(&c->active) > 0)
         sched_yield();
     if (c->fd >= 0) {
+        if (mapped)
+            vmc_flight_release_owner(c);
         ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
         close(c->fd);
         c->fd = -1;
     }
+}
+
+int vmc_close(vmc_cache *c)
+{
+    detach(c, true);
     return VMC_OK;
 }
 
@@ -498,7 +547,9 @@ void vmc_free(vmc_cache *c)
 {
     if (c == NULL)
         return;
-    vmc_close(c);
+    /* The garbage collector may have unmapped the file already: touch nothing
+     * in it. Loads this handle led are taken over once its owner lock is gone. */
+    detach(c, false);
     free(c->path);
     free(c);
 }

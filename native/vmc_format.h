@@ -1,9 +1,9 @@
-/* vmc_format.h -- the layout of an aiovmc cache file (format version 1).
+/* vmc_format.h -- the layout of an aiovmc cache file (format version 2).
  *
  * docs/format.md mirrors this header; change both together and bump
  * VMC_FORMAT_VERSION whenever a byte moves.
  *
- *   [ header page | shard table | index | LRU heaps | pool ]
+ *   [ header page | shard table | flight table | index | LRU heaps | pool ]
  *
  * Every reference stored in the file is an offset or a unit number, never a
  * pointer, so processes may map the file at different addresses. Every number
@@ -49,7 +49,7 @@
 #include <stdint.h>
 
 #define VMC_MAGIC "AIOVMC\x00\x01"
-#define VMC_FORMAT_VERSION 1u
+#define VMC_FORMAT_VERSION 2u
 #define VMC_PAGE 4096u
 #define VMC_SHARDS 64u               /* power of two */
 #define VMC_NCLASSES 32              /* free-list size classes: [2^k, 2^(k+1)) units */
@@ -173,6 +173,9 @@ struct vmc_header {
     uint32_t policy;
     uint64_t default_ttl_ns;
     uint64_t hash_seed;
+    uint64_t flights_off;     /* the flight table: n_flights slots (vmc_flight.h) */
+    uint32_t n_flights;       /* a power of two in [VMC_MIN_FLIGHTS, VMC_MAX_FLIGHTS] */
+    uint32_t reserved0;
     uint64_t geometry_check;  /* hash of every field above */
 
     struct vmc_pool pool;
@@ -183,6 +186,13 @@ struct vmc_header {
     uint32_t needs_repair;    /* set by whoever finds a dead lock owner or damage */
     uint32_t fresh;           /* set by the creator: the pool is all zeros, so the first
                                  recovery need not read it; cleared by that recovery */
+
+    /* Single-flight and owners (vmc_flight.c). */
+    pthread_mutex_t flight_lock __attribute__((aligned(64)));  /* guards the flight table */
+    uint64_t next_owner;      /* last owner id handed out (atomic fetch_add); never reused */
+    uint64_t loader_calls;    /* file-wide load counters: atomic adds, read relaxed */
+    uint64_t coalesced_gets;
+    uint64_t load_takeovers;
 };
 
 _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");

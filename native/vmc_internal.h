@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "vmc.h"
+#include "vmc_flight.h"
 #include "vmc_format.h"
 #include "vmc_hash.h"
 
@@ -30,10 +31,12 @@ struct vmc_cache {
     uint32_t pool_units;
     uint32_t n_shards;
     uint32_t slots;               /* per shard */
+    uint32_t n_flights;           /* slots in the flight table (a power of two) */
     uint32_t max_load;            /* entries a shard may hold before it must evict */
     uint32_t policy;
     uint64_t default_ttl_ns;
     int fd;
+    uint64_t owner;               /* this handle's owner id (vmc_flight.h), 0 before attach */
     char *path;                   /* for messages */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;

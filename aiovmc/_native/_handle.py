@@ -26,7 +26,23 @@ from .._errors import CacheClosedError
 from ._status import raise_for
 from ._vmc import ffi, lib
 
-__all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo", "peek"]
+__all__ = [
+    "END_FAILED",
+    "END_NONE",
+    "END_VALUE",
+    "FLIGHT_FULL",
+    "FLIGHT_LEAD",
+    "FLIGHT_NONE",
+    "FLIGHT_TAKEOVER",
+    "FLIGHT_VALUE",
+    "FLIGHT_WAIT",
+    "PROBE_SECONDS",
+    "SCRATCH_SIZE",
+    "Handle",
+    "NativeInfo",
+    "new_ticket",
+    "peek",
+]
 
 SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come back here too
 
@@ -38,6 +54,24 @@ _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
 _get = lib.vmc_get
+
+# What vmc_flight_join answers, and how a leader ends its wave.
+FLIGHT_LEAD: int = lib.VMC_FLIGHT_LEAD
+FLIGHT_TAKEOVER: int = lib.VMC_FLIGHT_TAKEOVER
+FLIGHT_WAIT: int = lib.VMC_FLIGHT_WAIT
+FLIGHT_VALUE: int = lib.VMC_FLIGHT_VALUE
+FLIGHT_NONE: int = lib.VMC_FLIGHT_NONE
+FLIGHT_FULL: int = lib.VMC_FLIGHT_FULL
+END_VALUE: int = lib.VMC_END_VALUE
+END_NONE: int = lib.VMC_END_NONE
+END_FAILED: int = lib.VMC_END_FAILED
+#: A waiter checks that its leader is alive (and not too slow) this often.
+PROBE_SECONDS: float = lib.VMC_FLIGHT_PROBE_MS / 1000
+
+
+def new_ticket() -> Any:
+    """A fresh ticket for joining a wave (slot 0: none joined yet)."""
+    return ffi.new("struct vmc_ticket *")
 _get_scratch = lib.vmc_get_scratch
 _put = lib.vmc_put
 
@@ -460,6 +494,57 @@ class Handle:
         if status < 0:
             raise_for(status)
         return stats
+
+    # ---- host-wide single-flight (vmc_flight.h) ----
+
+    def _flight_join(self, key: bytes, load_timeout_ns: int, ticket: Any) -> int:
+        """Join the wave of `key`: a FLIGHT_* status; `ticket` carries our place."""
+        status = lib.vmc_flight_join(self._h, key, len(key), load_timeout_ns, ticket)
+        if status < 0:
+            raise_for(status)
+        return int(status)
+
+    def _flight_wait(self, ticket: Any) -> None:
+        """Sleep (GIL released) until the ticket's wave changes or its wait_ns pass."""
+        status = lib.vmc_flight_wait(self._h, ticket)
+        if status < 0:
+            raise_for(status)
+
+    def _flight_kick(self, ticket: Any) -> None:
+        """Wake every sleeper on the ticket's slot (they join again)."""
+        status = lib.vmc_flight_kick(self._h, ticket)
+        if status < 0:
+            raise_for(status)
+
+    def _flight_end(self, ticket: Any, outcome: int) -> bool:
+        """End the wave the ticket leads; False if it had been taken over."""
+        status = lib.vmc_flight_end(self._h, ticket, outcome)
+        if status < 0:
+            raise_for(status)
+        return status == 1
+
+    def _flights_in_use(self) -> int:
+        """Loads in flight on the host that hold a slot of the table."""
+        n = lib.vmc_flights_in_use(self._h)
+        if n < 0:
+            raise_for(n)
+        return int(n)
+
+    def _count_loads(
+        self,
+        key: bytes,
+        *,
+        loader_calls: int = 0,
+        takeovers: int = 0,
+        coalesced: int = 0,
+        coalesced_hits: int = 0,
+    ) -> None:
+        """Add to the file-wide load counters (see vmc_count_loads)."""
+        status = lib.vmc_count_loads(
+            self._h, key, len(key), loader_calls, takeovers, coalesced, coalesced_hits
+        )
+        if status < 0:
+            raise_for(status)
 
     # ---- reservations ----
 
