@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXPECTED = {
     "asyncio_example.py": ["101 calls, 1 backend call", "coalesced=99"],
     "trio_example.py": ["50 gets, 1 load: b'<html>/index</html>'", "report=b'ready'"],
+    "fastapi_app.py": ["20 concurrent requests, 1 handler call: ['COALESCED', 'MISS']",
+                       "then: HIT", "with If-None-Match: 304", "after: MISS",
+                       'aiovmc_entries{cache="pages"}'],
+    "aiohttp_app.py": ["20 concurrent requests, 1 handler call: ['COALESCED', 'MISS']",
+                       "then: HIT, max-age=300", "invalidated: 1", "after: MISS"],
+    "litestar_app.py": ["3 requests, 1 handler call: [{'report': 1}, {'report': 1}, {'report': 1}]",
+                        "a session from any worker: b'logged in'"],
 }
 
 
@@ -21,9 +29,10 @@ def test_examples_exist() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example(name: str) -> None:
+def test_example(name: str, cache_path: str) -> None:
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / name)],
+        env={**os.environ, "AIOVMC_EXAMPLE_CACHE": cache_path},  # the web apps' cache file
         capture_output=True,
         text=True,
         timeout=60,
