@@ -362,3 +362,13 @@ def test_constructor_checks() -> None:
         CacheMiddleware(app)
     with pytest.raises(ValueError, match="ttl"):
         CacheMiddleware(app, path="/dev/shm/x.cache", ttl=-1)
+
+
+async def test_response_too_large_for_the_cache_is_served_unstored(tmp_path: Any) -> None:
+    async with aiovmc.AsyncCache(str(tmp_path / "small.cache"), size="1MiB") as small:
+        site = Site(small, max_body_size=4 << 20)
+        async with site.client() as c:
+            for _ in range(2):
+                r = await c.get("/big?n=1000")  # 1 MB: more than the whole pool
+                assert r.headers["x-cache"] == "MISS" and len(r.content) == 1_000_000
+        assert site.calls == 2

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._async_cache import AsyncCache
-from .._errors import KeyTooLargeError
+from .._errors import AiovmcError, KeyTooLargeError
 from ._open import LazyCache
 
 __all__ = [
@@ -372,7 +372,7 @@ class ResponseCache:
             for attempt in range(3):
                 gen = await _generation(cache, ident, create=True)
                 assert gen is not None
-                names = _vary_names((await cache.get(_vary_key(gen, ident)) or b"").decode())
+                names = _vary_names((await cache.get(_vary_key(gen, ident), b"")).decode("latin-1"))
                 key = _entry_key(gen, ident, names, request.headers)
                 if attempt == 0 and self._refreshes(request):
                     await cache.delete(key)
@@ -386,7 +386,10 @@ class ResponseCache:
                         outcome.filled = True
                         entry = await fill()
                         if entry is not None:
-                            await self._store(cache, request, ident, gen, names, entry)
+                            try:
+                                await self._store(cache, request, ident, gen, names, entry)
+                            except AiovmcError:
+                                pass  # full (policy "none"), or too large: served, not stored
                         outcome.entry = entry
                         return None  # stored by _store, with the response's own lifetime
 
