@@ -1,6 +1,6 @@
 """``python -m aiovmc``: a demonstration, and a look inside a cache file.
 
-    python -m aiovmc demo [--workers 4] [--seconds 2] [--keys 2000]
+    python -m aiovmc demo [--workers 4] [--tasks 100] [--seconds 2] [--keys 2000] [--keep]
     python -m aiovmc stats PATH [--format text|json|prometheus] [--watch SECONDS]
 
 ``stats`` reads the file without changing a byte of it (see `aiovmc._metrics`).
@@ -84,10 +84,12 @@ def show_stats(path: str, fmt: str, watch: float | None, count: int | None, name
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aiovmc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="several processes sharing one cache file")
-    run.add_argument("--workers", type=int, default=4)
-    run.add_argument("--seconds", type=float, default=2.0)
-    run.add_argument("--keys", type=int, default=2000)
+    run = commands.add_parser("demo", help="worker processes sharing one cache file")
+    run.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    run.add_argument("--tasks", type=int, default=100, help="asyncio tasks per worker (100)")
+    run.add_argument("--seconds", type=float, default=2.0, help="length of the traffic (2)")
+    run.add_argument("--keys", type=int, default=2000, help="distinct keys of the traffic (2000)")
+    run.add_argument("--keep", action="store_true", help="keep the cache file afterwards")
     inspect = commands.add_parser(
         "stats", help="print the statistics of a cache file (read-only: changes no byte of it)"
     )
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "(default: the path)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(args.workers, args.seconds, args.keys)
+        return demo(args.workers, args.tasks, args.seconds, args.keys, args.keep)
     if args.watch is not None and args.watch <= 0:
         parser.error(f"--watch takes a positive number of seconds, not {args.watch}")
     return show_stats(args.path, args.format, args.watch, args.count, args.name or args.path)

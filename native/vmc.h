@@ -8,6 +8,16 @@
  * thread-local string, valid until the next call on the same thread).
  * A handle may be used by many threads at once: the core never relies on the
  * GIL, which cffi releases around every call.
+ *
+ * The comment above each entry point lists what it returns. Besides those,
+ * every call on a handle (all but vmc_open, vmc_abort, vmc_close, vmc_free,
+ * vmc_scratch, vmc_shard_count and the error accessors) returns
+ * VMC_E_CLOSED once the handle is closed, and every call that takes a lock in
+ * the file may return VMC_E_OS (a lock or a repair failed: out of memory) or
+ * VMC_E_CORRUPT (damage that repair could not mend).
+ *
+ * The implementation is split by concern (native/vmc_handle.h draws the call
+ * graph): vmc_file.c implements opening and closing, vmc_cache.c the rest.
  */
 #ifndef VMC_H
 #define VMC_H
@@ -105,8 +115,10 @@ struct vmc_ticket {
 
 typedef struct vmc_cache vmc_cache;
 
+/* vmc_last_error -- the message of this thread's last failure. */
 const char *vmc_last_error(void);
-int vmc_last_errno(void);        /* errno behind the last VMC_E_OS on this thread */
+/* vmc_last_errno -- errno behind this thread's last VMC_E_OS (0 otherwise). */
+int vmc_last_errno(void);
 
 /* Opening is two steps so that Python's mmap object owns the mapping (and
  * memoryviews into it keep it alive): vmc_open() opens or creates the file,
@@ -114,49 +126,102 @@ int vmc_last_errno(void);        /* errno behind the last VMC_E_OS on this threa
  * MAP_SHARED for info->file_size bytes and hands the address to vmc_attach(),
  * which recovers the file if this is its only user and releases the lock.
  * vmc_abort() undoes a vmc_open() whose mapping failed. */
+
+/* vmc_open -- open (VMC_F_CREATE: or create; VMC_F_RESET: reinitialise) a
+ * cache file. VMC_OK; VMC_E_CONFIG (invalid config, a size the file does not
+ * have, no file and no VMC_F_CREATE, a reset of a file others use);
+ * VMC_E_FORMAT (not a compatible cache file, not a regular file, a symbolic
+ * link, another user's file without VMC_F_ANY_OWNER); VMC_E_OS. */
 int vmc_open(const char *path, const struct vmc_config *config, uint32_t flags,
              vmc_cache **out, struct vmc_info *info);
+/* vmc_attach -- use the caller's mapping, recovering the file if this is its
+ * only user. VMC_OK; VMC_E_OS; VMC_E_CORRUPT. On failure call vmc_abort(). */
 int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info);
+/* vmc_abort -- undo a vmc_open() (or a failed vmc_attach()): close and free. */
 void vmc_abort(vmc_cache *c);
-/* After fork(), in the child: take a liveness lock of the child's own. */
+/* vmc_after_fork -- in a fork()ed child, take a liveness lock of the child's
+ * own. VMC_OK; VMC_E_OS, and the handle is then closed (without unlocking
+ * the parent's lock). */
 int vmc_after_fork(vmc_cache *c);
-/* Detach: waits for calls in flight on other threads, releases the locks and
- * frees the handle. The caller unmaps afterwards. */
+/* vmc_close -- detach: wait for calls in flight on other threads, release
+ * the locks. Always VMC_OK (closing twice is harmless). The caller unmaps
+ * afterwards. */
 int vmc_close(vmc_cache *c);
-/* Release the handle's memory (closing it first if needed): call once, when
- * no thread can use the handle any more (Python: its garbage collector). */
+/* vmc_free -- release the handle's memory (closing it first if needed): call
+ * once, when no thread can use the handle any more (Python: its garbage
+ * collector). */
 void vmc_free(vmc_cache *c);
 
+/* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
+ * (VMC_F_WHOLE: the whole value, only if it fits; VMC_F_QUIET: no counts, no
+ * LRU touch). The value's total length (>= 0); VMC_MISS (absent or expired);
+ * VMC_E_KEY_TOO_LARGE. */
 int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                 uint64_t offset, uint32_t flags);
-/* The hot path: vmc_get(c, key, klen, vmc_scratch(), VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE)
- * with three arguments, each of which costs the caller a conversion. */
+/* vmc_get_scratch -- the hot path: vmc_get(c, key, klen, vmc_scratch(),
+ * VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE) with three arguments, each of which costs
+ * the caller a conversion. As vmc_get, and VMC_E_OS if the scratch buffer
+ * cannot be allocated. */
 int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen);
-/* vmc_get with VMC_F_WHOLE that also reports, on a hit, the entry's publication
- * timestamp (meta[0]) and its expiry (meta[1], CLOCK_REALTIME ns, 0 = never). */
+/* vmc_get_entry -- vmc_get with VMC_F_WHOLE that also reports, on a hit, the
+ * entry's publication timestamp (meta[0]) and its expiry (meta[1],
+ * CLOCK_REALTIME ns, 0 = never). Returns as vmc_get. */
 int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                       uint32_t flags, uint64_t *meta);
-/* This thread's scratch buffer (VMC_SCRATCH_SIZE bytes; NULL if out of memory). */
+/* vmc_scratch -- this thread's scratch buffer (VMC_SCRATCH_SIZE bytes; NULL
+ * if out of memory). */
 char *vmc_scratch(void);
+/* vmc_contains -- 1 if key is present and unexpired, else 0; counts nothing,
+ * touches nothing. VMC_E_KEY_TOO_LARGE. */
 int vmc_contains(vmc_cache *c, const char *key, size_t klen);
+/* vmc_put -- store key -> value (VMC_F_ADD: only if absent; VMC_F_NO_EVICT:
+ * never evict). ttl_ns < 0: the file's default TTL; 0: none. The publication
+ * timestamp (> 0); 0 when VMC_F_ADD found the key; VMC_E_KEY_TOO_LARGE;
+ * VMC_E_VALUE_TOO_LARGE (can never fit); VMC_E_FULL (policy "none", or
+ * nothing left to evict); VMC_E_NEED_ROOM (VMC_F_NO_EVICT). */
 int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, size_t vlen,
                 int64_t ttl_ns, uint32_t flags);
+/* vmc_delete -- remove key: 1 if it was there (unexpired), else 0;
+ * VMC_E_KEY_TOO_LARGE. */
 int vmc_delete(vmc_cache *c, const char *key, size_t klen);
+/* vmc_evict -- evict key, or with key == NULL the least recently used entry
+ * (its key copied to kout when it fits kcap). The evicted key's length;
+ * VMC_MISS (nothing evicted); VMC_E_KEY_TOO_LARGE. */
 int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap);
+/* vmc_count -- the number of entries (expired ones until removed), >= 0. */
 int64_t vmc_count(vmc_cache *c);
+/* vmc_shard_count -- the number of shards (> 0); never fails. */
 int vmc_shard_count(vmc_cache *c);
+/* vmc_shard_keys -- serialise a shard's unexpired keys as (u16 length, bytes)
+ * records into dst. The bytes needed (retry with a larger dst if > cap);
+ * VMC_E_CONFIG (no such shard). */
 int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap);
+/* vmc_clear_shard -- remove every entry of a shard. VMC_OK; VMC_E_CONFIG. */
 int vmc_clear_shard(vmc_cache *c, int shard);
+/* vmc_purge_shard -- remove a shard's expired entries. How many (>= 0);
+ * VMC_E_CONFIG. */
 int64_t vmc_purge_shard(vmc_cache *c, int shard);
+/* vmc_statistics -- fill *out with the file-wide counters. VMC_OK. */
 int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
-/* Read a cache file's statistics without changing a byte of it: no lock, no
- * recovery, no liveness lock; opened O_RDONLY and mapped PROT_READ. Also the
- * last timestamp handed out (times[0]) and the persisted one (times[1]). */
+/* vmc_peek -- read a cache file's statistics without changing a byte of it:
+ * no lock, no recovery, no liveness lock; opened O_RDONLY and mapped
+ * PROT_READ. Also the last timestamp handed out (times[0]) and the persisted
+ * one (times[1]). VMC_OK; VMC_E_CONFIG (no such file); VMC_E_FORMAT (as
+ * vmc_open); VMC_E_OS. */
 int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times);
 
+/* vmc_reserve -- room for a value of `size` bytes in one extent, invisible
+ * until published; *data_offset is where the value goes, as an offset in the
+ * mapping. The reservation's id (> 0); VMC_E_KEY_TOO_LARGE;
+ * VMC_E_VALUE_TOO_LARGE; VMC_E_FULL; VMC_E_NEED_ROOM (VMC_F_NO_EVICT). */
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset);
+/* vmc_publish -- make a reservation visible, replacing its key's value. The
+ * publication timestamp (> 0); VMC_E_STATE (not an open reservation of this
+ * process); VMC_E_FULL (policy "none" and the key's shard index is full: the
+ * reservation is freed). */
 int64_t vmc_publish(vmc_cache *c, uint64_t reservation);
+/* vmc_cancel -- free a reservation without publishing it. VMC_OK; VMC_E_STATE. */
 int vmc_cancel(vmc_cache *c, uint64_t reservation);
 
 /* load_timeout_ns < 0: wait for a live leader forever. */
@@ -174,8 +239,13 @@ int64_t vmc_flights_in_use(vmc_cache *c);
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
                     uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
 
+/* vmc_committed_timestamp -- T such that every publication up to T is
+ * visible (>= 0). */
 int64_t vmc_committed_timestamp(vmc_cache *c);
+/* vmc_persisted_timestamp -- the highest timestamp known durable (>= 0). */
 int64_t vmc_persisted_timestamp(vmc_cache *c);
+/* vmc_persist -- flush the file and raise the persisted watermark; returns
+ * it (>= 0). VMC_E_OS (msync failed). */
 int64_t vmc_persist(vmc_cache *c);
 
 #endif

@@ -13,32 +13,15 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "vmc_internal.h"
+#include "vmc_entry.h"
+#include "vmc_index.h"
+#include "vmc_lru.h"
+#include "vmc_mutex.h"
+#include "vmc_pool.h"
+#include "vmc_repair.h"
 
 /* Copies of at least this many bytes run without the shard lock (optimistically). */
 #define VMC_UNLOCKED_COPY (256u * 1024)
-
-/* ---- process id, cached: reservations record their owner ---- */
-
-static uint64_t self_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
-
-static void refresh_pid(void)
-{
-    __atomic_store_n(&self_pid, (uint64_t)getpid(), __ATOMIC_RELAXED);
-}
-
-static void pid_init(void)
-{
-    refresh_pid();
-    pthread_atfork(NULL, NULL, refresh_pid);
-}
-
-static uint64_t vmc_self_pid(void)
-{
-    pthread_once(&pid_once, pid_init);
-    return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
-}
 
 /* ---- calls in flight: vmc_close waits for them ---- */
 
@@ -96,102 +79,24 @@ static uint64_t expiry(const vmc_cache *c, int64_t ttl_ns, uint64_t now)
     return ttl_ns == 0 ? 0 : now + (uint64_t)ttl_ns;
 }
 
-/* ---- values spread over a chain of extents ---- */
+/* ---- removal and eviction ---- */
 
-/* Visit the value's pieces in order: fn(ctx, piece, offset_in_value, len). */
-typedef void (*piece_fn)(void *ctx, const char *piece, uint64_t at, uint64_t len);
-
-static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
+/* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
+ * The pool lock is taken before anything changes, so VMC_RETRY leaves the
+ * shard as it was. */
+static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot)
 {
-    struct vmc_entry *e = vmc_head(c, head);
-    if (e == NULL)
-        return VMC_E_CORRUPT;
-    uint64_t vlen = e->value_len;
-    uint64_t room = vmc_extent_bytes(c, e->tag) - sizeof *e - e->key_len;
-    uint64_t n = room < vlen ? room : vlen;
-    fn(ctx, vmc_entry_key(e) + e->key_len, 0, n);
-    uint64_t at = n;
-    uint32_t next = e->next;
-    for (uint32_t steps = 0; at < vlen; steps++) {
-        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
-        if (b == NULL || b->head != head || steps >= c->pool_units)
-            return VMC_E_CORRUPT;
-        room = vmc_extent_bytes(c, b->tag) - sizeof *b;
-        n = room < vlen - at ? room : vlen - at;
-        fn(ctx, (const char *)(b + 1), at, n);
-        at += n;
-        next = b->next;
-    }
+    int rc = vmc_pool_lock_nested(c);
+    if (rc < 0)
+        return rc;
+    vmc_index_delete(c, shard, slot);
+    vmc_lru_remove(c, shard, unit);
+    VMC_UNCOUNT(c->shards[shard].count);
+    vmc_release_entry(c, unit);
+    vmc_pool_unlock(c);
     return VMC_OK;
 }
 
-struct copy_ctx {
-    char *dst;
-    uint64_t from, to; /* value range wanted */
-};
-
-static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
-{
-    struct copy_ctx *x = ctx;
-    uint64_t lo = at > x->from ? at : x->from;
-    uint64_t hi = at + len < x->to ? at + len : x->to;
-    if (lo < hi)
-        memcpy(x->dst + (lo - x->from), piece + (lo - at), hi - lo);
-}
-
-/* vmc_copy_value -- copy value[offset, offset+len) of head into dst. */
-static int vmc_copy_value(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
-{
-    struct copy_ctx x = {dst, offset, offset + len};
-    return walk_value(c, head, copy_piece, &x);
-}
-
-struct fill_ctx {
-    const char *src;
-};
-
-static void fill_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
-{
-    struct fill_ctx *x = ctx;
-    memcpy((char *)piece, x->src + at, len);
-}
-
-static void hash_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
-{
-    uint64_t *acc = ctx;
-    (void)at;
-    *acc = vmc_fold(*acc ^ vmc_hash(piece, len, VMC_K2), VMC_K0);
-}
-
-/* data_hash -- hash of an entry's key and value, walking its chain; 0 if the
- * chain is damaged. */
-static uint64_t data_hash(vmc_cache *c, uint32_t head)
-{
-    struct vmc_entry *e = vmc_head(c, head);
-    if (e == NULL)
-        return 0;
-    uint64_t acc = vmc_hash(vmc_entry_key(e), e->key_len, c->seed);
-    if (walk_value(c, head, hash_piece, &acc) != VMC_OK)
-        return 0;
-    return acc | 1;
-}
-
-/* seal -- the checksum from the data hash, the sizes, the expiry and the stamp. */
-static uint32_t seal(const struct vmc_entry *e, uint64_t data)
-{
-    uint64_t sizes = ((uint64_t)e->key_len << 32) | e->value_len;
-    uint32_t sum = (uint32_t)vmc_fold(data ^ e->stamp * VMC_K1, sizes ^ e->expires_ns ^ VMC_K3);
-    return sum ? sum : 1;
-}
-
-/* vmc_entry_checksum -- the checksum an entry should carry; 0 if its chain is damaged. */
-uint64_t vmc_entry_checksum(vmc_cache *c, uint32_t head)
-{
-    uint64_t data = data_hash(c, head);
-    return data ? seal(vmc_unit(c, head), data) : 0;
-}
-
-/* ---- eviction ---- */
 
 /* evict_lru -- remove the least recently used entry of the whole cache: the
  * settled heap top with the smallest access time over all shards. Shards'
@@ -242,7 +147,7 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
         if (kout && klen <= kcap)
             memcpy(kout, vmc_entry_key(e), klen);
         bool expired = vmc_expired(e, now);
-        rc = vmc_remove_locked(c, best, u, slot);
+        rc = remove_locked(c, best, u, slot);
         if (rc == VMC_OK) {
             if (expired)
                 VMC_COUNT(sh->expirations);
@@ -282,7 +187,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             e->key_len = (uint16_t)klen;
             e->value_len = (uint32_t)vlen;
             e->expires_ns = expires;
-            e->atime_ns = vmc_self_pid();
+            e->atime_ns = c->owner;
             e->checksum = 0; /* the nonce of a put's own reservation */
             e->state = VMC_RESERVED;
             vmc_reserved_push(c, *head);
@@ -355,7 +260,7 @@ static uint32_t next_nonce(void)
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     struct vmc_entry *e = vmc_head(c, head);
-    return e && e->state == VMC_RESERVED && e->atime_ns == vmc_self_pid() &&
+    return e && e->state == VMC_RESERVED && e->atime_ns == c->owner &&
            e->checksum == nonce;
 }
 
@@ -382,7 +287,7 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add)
 {
     struct vmc_entry *e = vmc_unit(c, head);
-    uint64_t data = data_hash(c, head); /* before locking: values may be large */
+    uint64_t data = vmc_entry_data_hash(c, head); /* before locking: values may be large */
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
@@ -433,7 +338,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
          * between leaves both, and recovery keeps the newer. */
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
-        e->checksum = seal(e, data);
+        e->checksum = vmc_entry_seal(e, data);
         e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
@@ -497,7 +402,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
         struct vmc_entry *e = u ? vmc_unit(c, u) : NULL;
         if (e && vmc_expired(e, now)) {
-            rc = vmc_remove_locked(c, s, u, slot);
+            rc = remove_locked(c, s, u, slot);
             if (rc == VMC_RETRY) {
                 vmc_shard_unlock(c, s);
                 continue;
@@ -531,7 +436,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
             len = cap < vlen - offset ? cap : vlen - offset;
         }
         if (len < VMC_UNLOCKED_COPY || round >= 4) { /* the last rounds never livelock */
-            int copied = len ? vmc_copy_value(c, u, dst, from, len) : VMC_OK;
+            int copied = len ? vmc_entry_copy(c, u, dst, from, len) : VMC_OK;
             if (copied < 0)
                 vmc_mark_damaged(c);
             vmc_shard_unlock(c, s);
@@ -548,7 +453,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
          * so the copy is thrown away and the key looked up again. */
         uint64_t stamp = e->stamp;
         vmc_shard_unlock(c, s);
-        int copied = vmc_copy_value(c, u, dst, from, len);
+        int copied = vmc_entry_copy(c, u, dst, from, len);
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
@@ -657,8 +562,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
     memcpy(vmc_entry_key(e), key, klen);
-    struct fill_ctx x = {value};
-    if (walk_value(c, head, fill_piece, &x) < 0) { /* the chain just allocated is damaged */
+    if (vmc_entry_fill(c, head, value) < 0) { /* the chain just allocated is damaged */
         vmc_mark_damaged(c);
         drop_reservation(c, head, 0);
         rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
@@ -688,7 +592,7 @@ static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
             return 0;
         }
         bool expired = vmc_expired(vmc_unit(c, u), vmc_now_ns());
-        rc = vmc_remove_locked(c, s, u, slot);
+        rc = remove_locked(c, s, u, slot);
         if (rc == VMC_OK && expired)
             VMC_COUNT(sh->expirations);
         else if (rc == VMC_OK && evicted)
@@ -808,7 +712,7 @@ restart:
             i++;
             continue;
         }
-        rc = vmc_remove_locked(c, shard, VMC_SLOT_UNIT(slots[i]), i);
+        rc = remove_locked(c, shard, VMC_SLOT_UNIT(slots[i]), i);
         if (rc == VMC_RETRY) {
             vmc_shard_unlock(c, shard);
             goto restart;
@@ -880,12 +784,45 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
         out->entries += VMC_LOAD(sh->count);
     }
     out->gets = out->hits + out->misses;
-    vmc_flight_statistics(c, out);
+    struct vmc_header *h = c->hdr;
+    out->loader_calls = __atomic_load_n(&h->loader_calls, __ATOMIC_RELAXED);
+    out->coalesced_gets = __atomic_load_n(&h->coalesced_gets, __ATOMIC_RELAXED);
+    out->load_takeovers = __atomic_load_n(&h->load_takeovers, __ATOMIC_RELAXED);
     uint64_t free_units = VMC_LOAD(c->hdr->pool.free_units);
     out->capacity = (uint64_t)c->pool_units << c->shift;
     out->used_bytes = free_units >= c->pool_units ? 0 : (c->pool_units - free_units) << c->shift;
     leave(c);
     return VMC_OK;
+}
+
+int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits)
+{
+    int rc = check_key(klen);
+    if (rc < 0)
+        return rc;
+    if (coalesced_hits > coalesced)
+        return vmc_fail(VMC_E_CONFIG, "%u coalesced hits out of %u coalesced gets",
+                        coalesced_hits, coalesced);
+    ENTER(c);
+    struct vmc_header *h = c->hdr;
+    __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    if (coalesced_hits) {
+        /* Those gets were counted as misses when they looked the key up; they
+         * were answered with a value, so they become hits (gets unchanged). */
+        uint32_t s = vmc_shard_of(c, vmc_hash_key(c, key, klen));
+        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
+            struct vmc_shard *sh = &c->shards[s];
+            uint64_t n = coalesced_hits < sh->misses ? coalesced_hits : sh->misses;
+            VMC_STORE(sh->misses, sh->misses - n);
+            VMC_STORE(sh->hits, sh->hits + n);
+            vmc_shard_unlock(c, s);
+        }
+    }
+    leave(c);
+    return rc;
 }
 
 /* ---- reservations ---- */

@@ -2,9 +2,11 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-#include "vmc_internal.h"
+#include "vmc.h"
+#include "vmc_error.h"
 
 static __thread char message[512];
 static __thread int message_errno;
@@ -15,12 +17,12 @@ const char *vmc_last_error(void)
     return message;
 }
 
+/* vmc_last_errno -- errno behind the last VMC_E_OS on this thread. */
 int vmc_last_errno(void)
 {
     return message_errno;
 }
 
-/* vmc_fail -- record a message and return code, for `return vmc_fail(...)`. */
 int vmc_fail(int code, const char *fmt, ...)
 {
     va_list ap;
@@ -31,12 +33,22 @@ int vmc_fail(int code, const char *fmt, ...)
     return code;
 }
 
-/* vmc_fail_errno -- VMC_E_OS naming the call, the path and errno. */
 int vmc_fail_errno(const char *what, const char *path)
 {
     int err = errno;
     int rc = vmc_fail(VMC_E_OS, "%s(%s) failed: %s (errno %d)", what, path ? path : "",
-                    strerror(err), err);
+                      strerror(err), err);
     message_errno = err;
     return rc;
+}
+
+void vmc_assert_failed(const char *file, int line, const char *cond, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "%s:%d: assertion failed: %s: ", file, line, cond);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    abort();
 }

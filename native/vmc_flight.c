@@ -32,9 +32,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "vmc_internal.h"
+#include "vmc_flight.h"
+#include "vmc_mutex.h"
 
-/* ---- calls in flight: the same guard as vmc_cache.c's ---- */
+/* ---- calls in flight: the same guard as vmc_cache.c's (vmc_close waits for them) ---- */
 
 static bool enter(vmc_cache *c)
 {
@@ -334,48 +335,4 @@ int64_t vmc_flights_in_use(vmc_cache *c)
     }
     leave(c);
     return rc < 0 ? rc : n;
-}
-
-/* ---- file-wide load counters ---- */
-
-int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
-                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits)
-{
-    if (klen > VMC_MAX_KEY)
-        return vmc_fail(VMC_E_KEY_TOO_LARGE, "key of %zu bytes exceeds the maximum of %u bytes",
-                        klen, VMC_MAX_KEY);
-    if (coalesced_hits > coalesced)
-        return vmc_fail(VMC_E_CONFIG, "%u coalesced hits out of %u coalesced gets",
-                        coalesced_hits, coalesced);
-    ENTER(c);
-    struct vmc_header *h = c->hdr;
-    if (loader_calls)
-        __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
-    if (takeovers)
-        __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
-    if (coalesced)
-        __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
-    int rc = VMC_OK;
-    if (coalesced_hits) {
-        /* Those gets were counted as misses when they looked the key up; they
-         * were answered with a value, so they become hits (gets unchanged). */
-        uint32_t shard = vmc_shard_of(c, vmc_hash_key(c, key, klen));
-        if ((rc = vmc_shard_lock(c, shard)) == VMC_OK) {
-            struct vmc_shard *sh = &c->shards[shard];
-            uint64_t n = coalesced_hits < sh->misses ? coalesced_hits : sh->misses;
-            VMC_STORE(sh->misses, sh->misses - n);
-            VMC_STORE(sh->hits, sh->hits + n);
-            vmc_shard_unlock(c, shard);
-        }
-    }
-    leave(c);
-    return rc;
-}
-
-void vmc_flight_statistics(vmc_cache *c, struct vmc_stats *out)
-{
-    struct vmc_header *h = c->hdr;
-    out->loader_calls = __atomic_load_n(&h->loader_calls, __ATOMIC_RELAXED);
-    out->coalesced_gets = __atomic_load_n(&h->coalesced_gets, __ATOMIC_RELAXED);
-    out->load_takeovers = __atomic_load_n(&h->load_takeovers, __ATOMIC_RELAXED);
 }

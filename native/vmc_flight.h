@@ -21,47 +21,15 @@
 #ifndef VMC_FLIGHT_H
 #define VMC_FLIGHT_H
 
-#include <stdbool.h>
-#include <stdint.h>
+#include "vmc_handle.h"
 
-struct vmc_cache;
-struct vmc_stats;
-
-#define VMC_MAX_FLIGHTS 1024u                /* slots in the table of a file of >= 2 MiB */
-#define VMC_MIN_FLIGHTS 64u                  /* a smaller file has fewer (a power of two) */
 #define VMC_FLIGHT_PROBES 16u                /* slots a key may use, from its home slot */
-#define VMC_OWNER_BASE (1ull << 40)          /* owner id n holds byte VMC_OWNER_BASE + n */
-#define VMC_OWNER_LIMIT (1ull << 40)         /* ids at or above this name no owner */
-
-/* Slot states. */
-#define VMC_SLOT_FREE 0u                     /* never used since the last recovery */
-#define VMC_SLOT_LOADING 1u                  /* `owner` is running the loader */
-#define VMC_SLOT_DONE 2u                     /* the wave ended; `outcome` says how */
-#define VMC_SLOT_ORPHANED 3u                 /* the leader failed or left: the next joiner leads */
-
-/* One load in flight: 32 bytes, every field written under hdr->flight_lock.
- * A key is known by its 64-bit seeded hash and its length: two keys that agree
- * on both (chance 2^-64 per pair, the seed being secret) share one flight. */
-struct vmc_flight {
-    uint32_t gen;           /* futex word: +1 (release store) whenever the leader changes or the
-                               wave ends; read without the lock by the futex */
-    uint8_t state;          /* VMC_SLOT_* */
-    uint8_t outcome;        /* DONE: VMC_END_VALUE or VMC_END_NONE */
-    uint16_t key_len;       /* the key's full length */
-    uint64_t hash;          /* vmc_hash of the key (the file's seed) */
-    uint64_t owner;         /* LOADING: the leader's owner id */
-    uint64_t started_ns;    /* LOADING: CLOCK_MONOTONIC start of this leader's load;
-                               DONE/ORPHANED: when it ended */
-};
-
-_Static_assert(sizeof(struct vmc_flight) == 32, "a flight slot is half a cache line");
 
 /* ---- used by the rest of the core ---- */
-int vmc_owner_take(struct vmc_cache *c);                 /* at attach and after fork */
-bool vmc_owner_alive(struct vmc_cache *c, uint64_t owner);
-void vmc_flight_recover(struct vmc_cache *c);            /* sole user at open */
-int vmc_flight_init_lock(struct vmc_cache *c);           /* sole user at open */
-void vmc_flight_release_owner(struct vmc_cache *c);      /* at close: orphan our loads */
-void vmc_flight_statistics(struct vmc_cache *c, struct vmc_stats *out);
+int vmc_owner_take(vmc_cache *c);                 /* at attach and after fork */
+bool vmc_owner_alive(vmc_cache *c, uint64_t owner);
+void vmc_flight_recover(vmc_cache *c);            /* sole user at open */
+int vmc_flight_init_lock(vmc_cache *c);           /* sole user at open */
+void vmc_flight_release_owner(vmc_cache *c);      /* at close: orphan our loads */
 
 #endif

@@ -145,6 +145,36 @@ struct vmc_shard {
      * relaxed atomic loads, so such a reader sees a slightly stale value. */
 } __attribute__((aligned(64)));
 
+/* ---- the flight table (vmc_flight.h) ---- */
+
+#define VMC_MAX_FLIGHTS 1024u                /* slots in the table of a file of >= 2 MiB */
+#define VMC_MIN_FLIGHTS 64u                  /* a smaller file has fewer (a power of two) */
+#define VMC_OWNER_BASE (1ull << 40)          /* owner id n holds byte VMC_OWNER_BASE + n */
+#define VMC_OWNER_LIMIT (1ull << 40)         /* ids at or above this name no owner */
+
+/* Slot states. */
+#define VMC_SLOT_FREE 0u                     /* never used since the last recovery */
+#define VMC_SLOT_LOADING 1u                  /* `owner` is running the loader */
+#define VMC_SLOT_DONE 2u                     /* the wave ended; `outcome` says how */
+#define VMC_SLOT_ORPHANED 3u                 /* the leader failed or left: the next joiner leads */
+
+/* One load in flight: 32 bytes, every field written under hdr->flight_lock.
+ * A key is known by its 64-bit seeded hash and its length: two keys that agree
+ * on both (chance 2^-64 per pair, the seed being secret) share one flight. */
+struct vmc_flight {
+    uint32_t gen;           /* futex word: +1 (release store) whenever the leader changes or the
+                               wave ends; read without the lock by the futex */
+    uint8_t state;          /* VMC_SLOT_* */
+    uint8_t outcome;        /* DONE: VMC_END_VALUE or VMC_END_NONE */
+    uint16_t key_len;       /* the key's full length */
+    uint64_t hash;          /* vmc_hash of the key (the file's seed) */
+    uint64_t owner;         /* LOADING: the leader's owner id */
+    uint64_t started_ns;    /* LOADING: CLOCK_MONOTONIC start of this leader's load;
+                               DONE/ORPHANED: when it ended */
+};
+
+_Static_assert(sizeof(struct vmc_flight) == 32, "a flight slot is half a cache line");
+
 struct vmc_pool {
     pthread_mutex_t lock;
     uint32_t free_head[VMC_NCLASSES];  /* lock */

@@ -1,21 +1,21 @@
 /* vmc_pool.c -- the extent allocator (pool lock held throughout).
  *
- * Extents carry boundary tags; free extents sit in size-segregated lists
- * (class k holds extents of [2^k, 2^(k+1)) units) and coalesce with free
- * neighbours when freed. A put may scatter its value over several extents, so
+ * Free extents sit in size-segregated lists (class k holds extents of
+ * [2^k, 2^(k+1)) units). A put may scatter its value over several extents, so
  * every free unit is usable without compaction; a reservation needs one
- * contiguous extent. Tags are rewritten so that a walk over the pool is valid
- * after every single store (see vmc_format.h).
+ * contiguous extent.
  */
-#include <errno.h>
-#include <signal.h>
 #include <sys/types.h>
 
-#include "vmc_internal.h"
+#include "vmc_pool.h"
+
+#include "vmc_entry.h"
+#include "vmc_flight.h"
+#include "vmc_mutex.h"
 
 #define FIRST_FIT_PROBES 16
 
-static void vmc_free_chain(vmc_cache *c, uint32_t head);
+static void free_chain(vmc_cache *c, uint32_t head);
 
 static uint32_t size_class(uint32_t units)
 {
@@ -33,9 +33,9 @@ static void set_footer(vmc_cache *c, uint32_t unit, uint32_t units)
     VMC_STORE_TAG(*(uint64_t *)(end - 8), VMC_TAG(units, VMC_KIND_FOOT));
 }
 
-/* vmc_set_prev_free -- record in the tag of the extent at `unit` (if any)
+/* set_prev_free -- record in the tag of the extent at `unit` (if any)
  * whether the extent before it is free. */
-static void vmc_set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free)
+static void set_prev_free(vmc_cache *c, uint32_t unit, bool prev_free)
 {
     if (unit > c->pool_units)
         return;
@@ -76,7 +76,7 @@ static void list_add(vmc_cache *c, uint32_t unit, uint32_t units)
     f->prev = 0;
     f->next = h ? head : 0;
     VMC_STORE_TAG(f->tag, VMC_TAG(units, VMC_KIND_FREE));
-    vmc_set_prev_free(c, unit + units, true);
+    set_prev_free(c, unit + units, true);
     if (h)
         h->prev = unit;
     c->hdr->pool.free_head[k] = unit;
@@ -98,11 +98,11 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
         ((struct vmc_entry *)f)->state = VMC_DEAD;
     VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
     if (have == units)
-        vmc_set_prev_free(c, unit + units, false);
+        set_prev_free(c, unit + units, false);
 }
 
-/* vmc_alloc_contiguous -- one extent of exactly `units` units, or 0. */
-static uint32_t vmc_alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind)
+/* alloc_contiguous -- one extent of exactly `units` units, or 0. */
+static uint32_t alloc_contiguous(vmc_cache *c, uint32_t units, uint32_t kind)
 {
     if (units == 0 || units > c->pool_units)
         return 0;
@@ -144,7 +144,7 @@ static uint32_t largest_free(vmc_cache *c)
     return 0;
 }
 
-static uint32_t vmc_units_for(const vmc_cache *c, uint64_t bytes)
+static uint32_t units_for(const vmc_cache *c, uint64_t bytes)
 {
     uint64_t units = (bytes + c->unit_size - 1) >> c->shift;
     if (units == 0)
@@ -152,15 +152,12 @@ static uint32_t vmc_units_for(const vmc_cache *c, uint64_t bytes)
     return units > UINT32_MAX ? UINT32_MAX : (uint32_t)units;
 }
 
-/* vmc_alloc_entry -- room for an entry of key_len + value_len bytes: one HEAD
- * extent (then BODY extents unless `contiguous`). The HEAD is marked RESERVED
- * by the caller. Returns VMC_OK, or VMC_E_NEED_ROOM leaving nothing taken. */
 int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool contiguous,
                     uint32_t *head_out)
 {
     uint64_t need = sizeof(struct vmc_entry) + key_len + value_len;
-    uint32_t units = vmc_units_for(c, need);
-    uint32_t head = vmc_alloc_contiguous(c, units, VMC_KIND_HEAD);
+    uint32_t units = units_for(c, need);
+    uint32_t head = alloc_contiguous(c, units, VMC_KIND_HEAD);
     if (head) {
         struct vmc_entry *e = vmc_unit(c, head);
         e->next = 0;
@@ -188,11 +185,11 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
         uint32_t u = largest_free(c);
         struct vmc_free *b = u ? free_at(c, u) : NULL;
         if (b == NULL) {
-            vmc_free_chain(c, first);
+            free_chain(c, first);
             return VMC_E_NEED_ROOM;
         }
         uint32_t bunits = VMC_TAG_UNITS(b->tag);
-        uint32_t fit = vmc_units_for(c, value_len - have + sizeof(struct vmc_body));
+        uint32_t fit = units_for(c, value_len - have + sizeof(struct vmc_body));
         if (fit < bunits)
             bunits = fit;
         take(c, u, b, bunits, VMC_KIND_BODY);
@@ -207,15 +204,14 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
     return VMC_OK;
 }
 
-/* vmc_free_run -- list [unit, unit+units) as one free extent, as is (recovery
- * builds maximal runs itself). */
+/* Recovery builds maximal runs itself: no merging. */
 void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units)
 {
     list_add(c, unit, units);
 }
 
-/* vmc_free_extent -- return an extent to the pool, merging free neighbours. */
-static void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
+/* free_extent -- return an extent to the pool, merging free neighbours. */
+static void free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
 {
     uint32_t right = unit + units;
     if (right <= c->pool_units) {
@@ -241,9 +237,9 @@ static void vmc_free_extent(vmc_cache *c, uint32_t unit, uint32_t units)
     list_add(c, unit, units);
 }
 
-/* vmc_free_chain -- free a HEAD and its BODY extents. Damage stops the walk
+/* free_chain -- free a HEAD and its BODY extents. Damage stops the walk
  * and marks the file; repair reclaims what was not freed. */
-static void vmc_free_chain(vmc_cache *c, uint32_t head)
+static void free_chain(vmc_cache *c, uint32_t head)
 {
     struct vmc_entry *e = vmc_extent(c, head, VMC_KIND_HEAD);
     if (e == NULL) {
@@ -251,7 +247,7 @@ static void vmc_free_chain(vmc_cache *c, uint32_t head)
         return;
     }
     uint32_t next = e->next;
-    vmc_free_extent(c, head, VMC_TAG_UNITS(e->tag));
+    free_extent(c, head, VMC_TAG_UNITS(e->tag));
     for (uint32_t steps = 0; next; steps++) {
         struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
         if (b == NULL || b->head != head || steps > c->pool_units) {
@@ -260,16 +256,15 @@ static void vmc_free_chain(vmc_cache *c, uint32_t head)
         }
         uint32_t u = next;
         next = b->next;
-        vmc_free_extent(c, u, VMC_TAG_UNITS(b->tag));
+        free_extent(c, u, VMC_TAG_UNITS(b->tag));
     }
 }
 
-/* vmc_release_entry -- an entry leaves the cache: mark it removed (readers
- * copying it without a lock see that) and free its extents. */
+/* An entry leaves the cache: REMOVED tells readers copying it without a lock. */
 void vmc_release_entry(vmc_cache *c, uint32_t head)
 {
     ((struct vmc_entry *)vmc_unit(c, head))->state = VMC_REMOVED;
-    vmc_free_chain(c, head);
+    free_chain(c, head);
 }
 
 /* The reserved list links RESERVED heads through link_prev/link_next. */
@@ -302,18 +297,9 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
     e->link_prev = e->link_next = 0;
 }
 
-bool vmc_pid_alive(uint64_t pid)
-{
-    if (pid == 0 || pid > (uint64_t)INT32_MAX)
-        return false;
-    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
-}
-
 #define RECLAIM_INTERVAL_NS 100000000u /* look for dead owners at most every 100 ms */
 
-/* vmc_reclaim_dead -- free reservations whose owner process has died. Bounded
- * by the number of open reservations; rate-limited unless forced. Returns the
- * number of units freed. */
+/* Bounded by the number of open reservations. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
 {
     struct vmc_pool *p = &c->hdr->pool;
@@ -332,7 +318,7 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
             break;
         }
         uint32_t next = e->link_next;
-        if (!vmc_pid_alive(e->atime_ns)) {
+        if (!vmc_owner_alive(c, e->atime_ns)) {
             vmc_reserved_unlink(c, u);
             vmc_release_entry(c, u);
         }

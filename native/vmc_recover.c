@@ -20,7 +20,14 @@
  */
 #include <stdlib.h>
 
-#include "vmc_internal.h"
+#include "vmc_recover.h"
+
+#include "vmc_entry.h"
+#include "vmc_flight.h"
+#include "vmc_index.h"
+#include "vmc_lru.h"
+#include "vmc_mutex.h"
+#include "vmc_pool.h"
 
 struct marks {
     uint64_t *start;    /* unit begins an extent */
@@ -128,10 +135,7 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
     }
     vmc_index_set(c, s, slot, hash, u);
     sh->count++;
-    struct vmc_heap_item *heap = c->heaps + (uint64_t)s * c->slots;
-    if (sh->heap_len >= c->slots)
-        vmc_lru_heapify(c, s); /* drops the items of replaced duplicates */
-    heap[sh->heap_len++] = (struct vmc_heap_item){e->atime_ns, u, (uint32_t)e->stamp};
+    vmc_lru_append(c, s, u);
     return true;
 }
 
@@ -163,7 +167,7 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         }
         (*dropped)++;
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
-               vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
+               vmc_owner_alive(c, e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
         vmc_reserved_push(c, u);
         return;
     }

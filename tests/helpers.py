@@ -37,6 +37,21 @@ class CorruptValue(AssertionError):
     """A value read from the cache failed its self-check."""
 
 
+def private_file_stats(path: str, pid: int | None = None) -> list[os.stat_result]:
+    """The stat of every descriptor of process `pid` (default: this one) open on the
+    unlinked file that was created as `path` (how a private cache's file is reached)."""
+    fd_dir = f"/proc/{os.getpid() if pid is None else pid}/fd"
+    found = []
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+            if target == f"{path} (deleted)":
+                found.append(os.stat(f"{fd_dir}/{name}"))
+        except FileNotFoundError:
+            continue  # closed meanwhile (the listing's own descriptor, say)
+    return found
+
+
 def _payload(key: bytes, seq: int, size: int) -> bytes:
     if size <= 0:
         return b""
@@ -219,9 +234,17 @@ def chaos_worker(
 # The file layout (native/vmc_format.h), for tests that damage files on purpose
 # ---------------------------------------------------------------------------
 
-# The header's first block. The format is young: two layouts exist (without and
-# with `heap_off`); read_header() tells them apart by the geometry checksum.
+# The header's first block. The format is young: three layouts exist (without
+# `heap_off`, with it, and format version 2 with the flight table's
+# `flights_off` and `n_flights`); read_header() tells them apart by the geometry
+# checksum.
 _LAYOUTS = [
+    (
+        struct.Struct("<8sIIQQQQQIIIIIIQQQIIQ"),
+        "magic format_version abi_signature file_size shards_off index_off heap_off pool_off "
+        "unit_size unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns "
+        "hash_seed flights_off n_flights reserved0 geometry_check",
+    ),
     (
         struct.Struct("<8sIIQQQQIIIIIIQQQ"),
         "magic format_version abi_signature file_size shards_off index_off pool_off "

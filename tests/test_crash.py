@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiovmc._native._vmc import ffi
+from aiovmc._native._binding import ffi
 
 import aiovmc
 
@@ -499,7 +499,7 @@ def test_dead_lock_owner_never_blocks_and_loses_nothing(lock: str, cache_path: s
             cache.put(key, make_value(key, i, 500))
         hdr = read_header(Path(cache_path).read_bytes()[:4096])
         base = int(ffi.cast("uintptr_t", cache._base))
-        shard_size = (hdr["index_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
+        shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
         shard = lambda i: hdr["shards_off"] + i * shard_size  # noqa: E731
         offsets = {
             "shard-0": [shard(0)],
@@ -560,7 +560,7 @@ int pthread_mutex_unlock(pthread_mutex_t *m)
 _PAUSED_RESERVER = r"""
 import ctypes, os, sys
 import aiovmc
-from aiovmc._native._vmc import ffi
+from aiovmc._native._binding import ffi
 from tests.helpers import make_value
 
 so, path = sys.argv[1], sys.argv[2]
@@ -622,7 +622,7 @@ def _race_a_repair(cache: aiovmc.Cache, cache_path: str, hdr: dict[str, Any], a:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         libc = ctypes.CDLL(None)
-        shard_size = (hdr["index_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
+        shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
         libc.pthread_mutex_lock(ctypes.c_void_p(base + hdr["shards_off"] + 5 * shard_size))
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)

@@ -12,7 +12,11 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 EXPECTED = {
-    "asyncio_example.py": ["101 calls, 1 backend call", "coalesced=99"],
+    "asyncio_example.py": ["101 calls, 1 backend call"],
+    "rendered_pages.py": [
+        "2 pages cached, rendered 2 times in all, <h1>About</h1><p>We cache &lt;rendered&gt;"
+    ],
+
     "trio_example.py": ["50 gets, 1 load: b'<html>/index</html>'", "report=b'ready'"],
     "fastapi_app.py": ["20 concurrent requests, 1 handler call: ['COALESCED', 'MISS']",
                        "then: HIT", "with If-None-Match: 304", "after: MISS",

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import signal
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import aiovmc
@@ -33,9 +36,17 @@ KEY = b"cold-key"
 DEFAULT = b"<default>"
 
 # (start method, children's backend): every scenario runs both start methods and
-# both backends; the basic one runs all four pairs.
+# both backends; the basic one and the SIGKILL one run uvloop too.
 PAIRS = [("spawn", "trio"), ("fork", "asyncio")]
-ALL_PAIRS = [*PAIRS, ("spawn", "asyncio"), ("fork", "trio")]
+ALL_PAIRS = [*PAIRS, ("spawn", "asyncio"), ("fork", "trio"), ("spawn", "uvloop")]
+
+
+def run_on(backend: str, main: Callable[[], Any]) -> None:
+    """anyio.run on "asyncio", "trio" or "uvloop" (asyncio with uvloop's loop)."""
+    if backend == "uvloop":
+        anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(main, backend=backend)
 
 
 class LoadError(Exception):
@@ -48,14 +59,19 @@ class LoadError(Exception):
 
 
 def _async_child(
-    path: str, backend: str, n_tasks: int, load_timeout: float | None, conn: Connection
+    path: str,
+    backend: str,
+    n_tasks: int,
+    load_timeout: float | None,
+    conn: Connection,
+    coalesce: str = "host",
 ) -> None:
     """n_tasks gets of KEY; commands from the parent: an answer for the loader
     (bytes, "none", "raise"), "cancel" (cancel every get), "close" (close the
     handle), and "bye" after "done" (read by the abandoned pipe reader)."""
 
     async def main() -> None:
-        acache = AsyncCache(path, load_timeout=load_timeout)
+        acache = AsyncCache(path, load_timeout=load_timeout, coalesce=coalesce)
         send, receive = anyio.create_memory_object_stream[object](16)
         results: list[object] = []
         calls = 0
@@ -99,7 +115,7 @@ def _async_child(
         conn.send(("done", results, calls))
         await acache.aclose()
 
-    anyio.run(main, backend=backend)
+    run_on(backend, main)
 
 
 def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
@@ -117,7 +133,7 @@ def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
             calls += 1
         conn.send(("loading", os.getpid()))
         answer = conn.recv()
-        return None if answer == "none" else answer  # type: ignore[no-any-return]
+        return None if answer == "none" else answer
 
     with Cache(path, on_miss=loader) as cache:
 
@@ -143,9 +159,13 @@ def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
 class Child:
     """A child process and our end of its pipe."""
 
-    def __init__(self, ctx: Any, target: Callable[..., None], *args: Any) -> None:
+    def __init__(
+        self, ctx: Any, target: Callable[..., None], *args: Any, **kwargs: Any
+    ) -> None:
         self.conn, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=target, args=(*args, theirs), daemon=True)
+        self.process = ctx.Process(
+            target=target, args=(*args, theirs), kwargs=kwargs, daemon=True
+        )
         self.process.start()
         theirs.close()
         self.results: list[object] | None = None
@@ -310,7 +330,7 @@ def test_cancelled_or_closed_leader_is_taken_over_at_once(
     assert in_use(file) == 0
 
 
-@pytest.mark.parametrize(("method", "backend"), PAIRS)
+@pytest.mark.parametrize(("method", "backend"), [*PAIRS, ("fork", "uvloop")])
 def test_sigkilled_leader_is_taken_over(method: str, backend: str, file: str) -> None:
     ctx = multiprocessing.get_context(method)
     leader = start_leader(ctx, file, backend)
@@ -373,3 +393,322 @@ def test_sync_cache_takes_over_from_a_sigkilled_leader(method: str, file: str) -
     assert waiter.finish() == [b"taken over"] * 4
     stats = stats_of(file)
     assert (stats.loader_calls, stats.load_takeovers) == (2, 1)
+
+
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_coalesce_process_keeps_loads_per_process(method: str, backend: str, file: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    first = Child(ctx, _async_child, file, backend, 10, 30.0, coalesce="process")
+    first.expect_both()
+    second = Child(ctx, _async_child, file, backend, 10, 30.0, coalesce="process")
+    second.expect_both()  # loads although the first process is loading the same key
+    second.conn.send(b"second")
+    first.conn.send(b"first")
+    assert first.finish() == [b"first"] * 10
+    assert second.finish() == [b"second"] * 10
+    stats = stats_of(file)
+    assert (stats.loader_calls, stats.coalesced_gets) == (2, 18)
+
+
+# ---------------------------------------------------------------------------
+# Many keys, many waves
+# ---------------------------------------------------------------------------
+
+
+def _many_keys_child(
+    path: str, backend: str, n_keys: int, concurrency: int, conn: Connection
+) -> None:
+    """Get keys 0..n_keys-1, `concurrency` at a time, in the same order as the
+    other children; each loader call yields to the loop before returning."""
+
+    async def main() -> None:
+        calls = 0
+        wrong = 0
+        limiter = anyio.Semaphore(concurrency)
+
+        async def loader(key: bytes) -> bytes:
+            nonlocal calls
+            calls += 1
+            await anyio.lowlevel.checkpoint()
+            return b"value of " + key
+
+        async def one(key: bytes) -> None:
+            nonlocal wrong
+            async with limiter:
+                if await acache.get(key, on_miss=loader) != b"value of " + key:
+                    wrong += 1
+
+        async with AsyncCache(path) as acache:
+            conn.send(("joined",))
+            conn.recv()  # start together
+            async with anyio.create_task_group() as tg:
+                for i in range(n_keys):
+                    tg.start_soon(one, b"key-%d" % i)
+        conn.send(("done", [wrong], calls))
+
+    run_on(backend, main)
+
+
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_thousands_of_distinct_cold_keys_are_each_loaded_once(
+    method: str, backend: str, cache_path: str
+) -> None:
+    Cache(cache_path, size="16MiB").close()
+    ctx = multiprocessing.get_context(method)
+    n_keys = 3000
+    children = [Child(ctx, _many_keys_child, cache_path, backend, n_keys, 64) for _ in range(3)]
+    for child in children:
+        child.expect("joined")
+    for child in children:
+        child.conn.send("go")
+    for child in children:
+        assert child.finish() == [0]  # no wrong value
+    assert sum(c.calls for c in children) == n_keys
+    stats = stats_of(cache_path)
+    assert (stats.loader_calls, stats.entries, stats.puts) == (n_keys, n_keys, n_keys)
+    assert stats.gets == 3 * n_keys and stats.hits == 2 * n_keys
+    assert in_use(cache_path) == 0
+
+
+def _wave_child(path: str, backend: str, n_keys: int, conn: Connection) -> None:
+    """Get keys 0..n_keys-1 in order, three tasks per key; the loader reports
+    ("loading", pid, key) and returns once the parent says "go" (or dies)."""
+
+    async def main() -> None:
+        calls = 0
+        wrong = 0
+
+        async def loader(key: bytes) -> bytes:
+            nonlocal calls
+            calls += 1
+            conn.send(("loading", os.getpid(), key))
+            await anyio.to_thread.run_sync(conn.recv)
+            return b"value of " + key
+
+        async def one(key: bytes) -> None:
+            nonlocal wrong
+            if await acache.get(key, on_miss=loader) != b"value of " + key:
+                wrong += 1
+
+        async with AsyncCache(path) as acache:
+            for i in range(n_keys):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(one, b"wave-%d" % i)
+        conn.send(("done", [wrong], calls))
+
+    run_on(backend, main)
+
+
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_sigkill_of_leaders_during_many_waves(method: str, backend: str, file: str) -> None:
+    """Three processes run the same 40 waves; the parent SIGKILLs the leader of
+    randomly chosen waves (replacing the process), and lets the others finish.
+    No waiter hangs, every wave ends with its value stored, and every kill
+    costs one takeover."""
+    ctx = multiprocessing.get_context(method)
+    rng = random.Random(8)
+    n_keys, kills_left = 40, 6
+    # Held open throughout: a replacement that found itself the file's only user
+    # would recover it (a fresh table) rather than take over.
+    keep_open = Cache(file)
+    live = [Child(ctx, _wave_child, file, backend, n_keys) for _ in range(3)]
+    finished: list[Child] = []
+    kills = 0
+    while live:
+        ready = wait([c.conn for c in live], WAIT)
+        assert ready, "no process made progress: a waiter hangs"
+        for child in [c for c in live if c.conn in ready]:
+            msg = child.expect("loading", "done")
+            if msg[0] == "done":
+                live.remove(child)
+                finished.append(child)
+            elif kills_left and rng.random() < 0.3:
+                kills_left -= 1
+                kills += 1
+                live.remove(child)
+                child.kill()
+                live.append(Child(ctx, _wave_child, file, backend, n_keys))
+            else:
+                child.conn.send("go")
+    for child in finished:
+        assert child.finish() == [0]
+    assert kills > 0
+    with Cache(file) as cache:
+        for i in range(n_keys):
+            assert cache.get(b"wave-%d" % i) == b"value of wave-%d" % i
+    stats = keep_open.statistics()
+    assert stats.load_takeovers == kills
+    assert stats.loader_calls == n_keys + kills
+    assert keep_open._flights_in_use() == 0
+    keep_open.close()
+
+
+def _storm_child(
+    path: str, backend: str, seed: int, active: Any, overlaps: Any, conn: Connection
+) -> None:
+    """200 gets of 4 keys, each cancelled after a random short time; loaders
+    take a random short time and record whether two ever ran at once."""
+    import time
+
+    async def main() -> None:
+        rng = random.Random(seed)
+
+        async def loader(key: bytes) -> bytes:
+            slot = key[-1] - ord("0")
+            with active.get_lock():
+                active[slot] += 1
+                if active[slot] > 1:
+                    overlaps.value += 1
+            try:
+                await anyio.sleep(rng.random() * 0.004)  # the load's duration
+            finally:
+                with active.get_lock():
+                    active[slot] -= 1
+            return b"stormy " + key
+
+        async def one(key: bytes) -> None:
+            with anyio.move_on_after(rng.random() * 0.006):
+                value = await acache.get(key, on_miss=loader)
+                assert value == b"stormy " + key
+
+        async with AsyncCache(path) as acache:
+            async with anyio.create_task_group() as tg:
+                for _ in range(200):
+                    tg.start_soon(one, b"storm-%d" % rng.randrange(4))
+                    if rng.random() < 0.3:
+                        await anyio.lowlevel.checkpoint()
+            for i in range(4):  # whatever was cancelled, every key loads in the end
+                assert await acache.get(b"storm-%d" % i, on_miss=loader) == b"stormy storm-%d" % i
+                await acache.delete(b"storm-%d" % i)
+        conn.send(("done", [time.monotonic()], 0))
+
+    run_on(backend, main)
+
+
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_cancellation_storm_leaves_nothing_behind(method: str, backend: str, file: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    active = ctx.Array("i", 4)
+    overlaps = ctx.Value("i", 0)
+    for round_ in range(3):
+        children = [
+            Child(ctx, _storm_child, file, backend, 10 * round_ + i, active, overlaps)
+            for i in range(2)
+        ]
+        for child in children:
+            child.finish()
+    assert overlaps.value == 0  # no two loads of one key ever ran at once on the host
+    assert active[:] == [0, 0, 0, 0]
+    assert in_use(file) == 0
+
+
+# ---------------------------------------------------------------------------
+# In one process: the table full, configuration, format
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_full_table_falls_back_to_process_coalescing(cache_path: str) -> None:
+    async with AsyncCache(cache_path, size="4MiB") as acache:
+        release = anyio.Event()
+        calls = 0
+
+        async def loader(key: bytes) -> bytes:
+            nonlocal calls
+            calls += 1
+            await release.wait()
+            return key.upper()
+
+        n_keys = 1100  # more loads at once than the table's 1024 slots
+        results: dict[bytes, list[bytes | None]] = {}
+
+        async def one(key: bytes) -> None:
+            results.setdefault(key, []).append(await acache.get(key, on_miss=loader))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n_keys):
+                for _ in range(2):
+                    tg.start_soon(one, b"k%d" % i)
+            await anyio.wait_all_tasks_blocked()
+            assert calls == n_keys  # every key is loading, with a slot or without
+            assert acache.cache._flights_in_use() < n_keys
+            release.set()
+        assert all(v == [k.upper()] * 2 for k, v in results.items())
+        assert len(results) == n_keys
+        assert acache.cache._flights_in_use() == 0
+        stats = acache.statistics()
+        assert (stats.loader_calls, stats.coalesced_gets) == (n_keys, n_keys)
+
+
+def test_coalesce_and_load_timeout_are_checked(cache_path: str) -> None:
+    with pytest.raises(aiovmc.CacheConfigError, match="coalesce must be 'host' or 'process'"):
+        Cache(cache_path, size="1MiB", coalesce="thread")
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(aiovmc.CacheConfigError, match="load_timeout must be positive"):
+            AsyncCache(cache_path, size="1MiB", load_timeout=bad)
+    with pytest.raises(TypeError, match="load_timeout is a number of seconds or None, not str"):
+        Cache(cache_path, size="1MiB", load_timeout="30")  # type: ignore[arg-type]
+    with Cache(cache_path, size="1MiB", load_timeout=None, coalesce="process") as cache:
+        assert (cache.coalesce, cache.load_timeout) == ("process", None)
+    with Cache(cache_path) as cache:
+        assert (cache.coalesce, cache.load_timeout) == ("host", 30.0)
+
+
+def test_file_of_the_previous_format_is_refused_untouched(cache_path: str) -> None:
+    Cache(cache_path, size="1MiB").close()
+    with open(cache_path, "r+b") as f:
+        f.seek(8)
+        f.write((1).to_bytes(4, "little"))  # format_version 1: before the flight table
+    before = Path(cache_path).read_bytes()
+    with pytest.raises(
+        aiovmc.CacheFormatError,
+        match=r"has format version 1; this aiovmc reads version 2 only .*reset=True",
+    ):
+        Cache(cache_path)
+    assert Path(cache_path).read_bytes() == before
+
+
+def _cached_child(path: str, backend: str, conn: Connection) -> None:
+    """Ten concurrent calls of a function memoised with aiovmc.functools.cached."""
+    from aiovmc.functools import cached
+
+    async def main() -> None:
+        calls = 0
+        async with AsyncCache(path) as acache:
+
+            @cached(acache)
+            async def profile(user_id: int) -> dict[str, object]:
+                nonlocal calls
+                calls += 1
+                conn.send(("loading", os.getpid()))
+                name = await anyio.to_thread.run_sync(conn.recv)
+                return {"id": user_id, "name": name}
+
+            results: list[object] = []
+
+            async def one() -> None:
+                results.append(await profile(42))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+                await anyio.wait_all_tasks_blocked()
+                conn.send(("joined",))
+        conn.send(("done", results, calls))
+
+    run_on(backend, main)
+
+
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_functools_cached_coalesces_across_processes(method: str, backend: str, file: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    leader = Child(ctx, _cached_child, file, backend)
+    leader.expect_both()
+    waiter = Child(ctx, _cached_child, file, backend)
+    waiter.expect("joined")
+    leader.conn.send("Ada")
+    for child in (leader, waiter):
+        assert child.finish() == [{"id": 42, "name": "Ada"}] * 10
+    assert (leader.calls, waiter.calls) == (1, 0)
+    assert stats_of(file).loader_calls == 1

@@ -23,8 +23,8 @@ from typing import Any
 
 from .._convert import encode_key, ttl_to_ns, value_buffer
 from .._errors import CacheClosedError
+from ._binding import ffi, lib
 from ._status import raise_for
-from ._vmc import ffi, lib
 
 __all__ = [
     "END_FAILED",

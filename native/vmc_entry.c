@@ -1,0 +1,98 @@
+/* vmc_entry.c -- walking an entry's chain of extents: copy, fill, checksum. */
+#include "vmc_entry.h"
+
+/* Visit the value's pieces in order: fn(ctx, piece, offset_in_value, len). */
+typedef void (*piece_fn)(void *ctx, const char *piece, uint64_t at, uint64_t len);
+
+/* walk_value -- call fn on each piece of head's value; VMC_E_CORRUPT if a
+ * link is unsound. */
+static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    if (e == NULL)
+        return VMC_E_CORRUPT;
+    uint64_t vlen = e->value_len;
+    uint64_t room = vmc_extent_bytes(c, e->tag) - sizeof *e - e->key_len;
+    uint64_t n = room < vlen ? room : vlen;
+    fn(ctx, vmc_entry_key(e) + e->key_len, 0, n);
+    uint64_t at = n;
+    uint32_t next = e->next;
+    for (uint32_t steps = 0; at < vlen; steps++) {
+        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
+        if (b == NULL || b->head != head || steps >= c->pool_units)
+            return VMC_E_CORRUPT;
+        room = vmc_extent_bytes(c, b->tag) - sizeof *b;
+        n = room < vlen - at ? room : vlen - at;
+        fn(ctx, (const char *)(b + 1), at, n);
+        at += n;
+        next = b->next;
+    }
+    return VMC_OK;
+}
+
+struct copy_ctx {
+    char *dst;
+    uint64_t from, to; /* value range wanted */
+};
+
+static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    struct copy_ctx *x = ctx;
+    uint64_t lo = at > x->from ? at : x->from;
+    uint64_t hi = at + len < x->to ? at + len : x->to;
+    if (lo < hi)
+        memcpy(x->dst + (lo - x->from), piece + (lo - at), hi - lo);
+}
+
+int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
+{
+    struct copy_ctx x = {dst, offset, offset + len};
+    return walk_value(c, head, copy_piece, &x);
+}
+
+struct fill_ctx {
+    const char *src;
+};
+
+static void fill_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    struct fill_ctx *x = ctx;
+    memcpy((char *)piece, x->src + at, len);
+}
+
+int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src)
+{
+    struct fill_ctx x = {src};
+    return walk_value(c, head, fill_piece, &x);
+}
+
+static void hash_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    uint64_t *acc = ctx;
+    (void)at;
+    *acc = vmc_fold(*acc ^ vmc_hash(piece, len, VMC_K2), VMC_K0);
+}
+
+uint64_t vmc_entry_data_hash(vmc_cache *c, uint32_t head)
+{
+    struct vmc_entry *e = vmc_head(c, head);
+    if (e == NULL)
+        return 0;
+    uint64_t acc = vmc_hash(vmc_entry_key(e), e->key_len, c->seed);
+    if (walk_value(c, head, hash_piece, &acc) != VMC_OK)
+        return 0;
+    return acc | 1;
+}
+
+uint32_t vmc_entry_seal(const struct vmc_entry *e, uint64_t data)
+{
+    uint64_t sizes = ((uint64_t)e->key_len << 32) | e->value_len;
+    uint32_t sum = (uint32_t)vmc_fold(data ^ e->stamp * VMC_K1, sizes ^ e->expires_ns ^ VMC_K3);
+    return sum ? sum : 1;
+}
+
+uint64_t vmc_entry_checksum(vmc_cache *c, uint32_t head)
+{
+    uint64_t data = vmc_entry_data_hash(c, head);
+    return data ? vmc_entry_seal(vmc_unit(c, head), data) : 0;
+}

@@ -1,0 +1,49 @@
+/* vmc_entry.h -- an entry: its checked header, its chain of extents, its bytes.
+ *
+ * An entry is a HEAD extent (struct vmc_entry, key, first value bytes) and a
+ * chain of BODY extents (vmc_format.h). Everything here walks the chain with
+ * every link checked: a damaged chain is reported (VMC_E_CORRUPT, or a zero
+ * checksum), never followed out of the pool. No lock is taken here; each
+ * function says what its caller must hold.
+ */
+#ifndef VMC_ENTRY_H
+#define VMC_ENTRY_H
+
+#include "vmc_handle.h"
+
+/* vmc_head -- the HEAD at `unit` if its key fits its extent; NULL (damage) otherwise. */
+static inline struct vmc_entry *vmc_head(const vmc_cache *c, uint32_t unit)
+{
+    struct vmc_entry *e = vmc_extent(c, unit, VMC_KIND_HEAD);
+    if (e == NULL)
+        return NULL;
+    uint64_t bytes = (uint64_t)VMC_TAG_UNITS(e->tag) << c->shift;
+    if (sizeof *e + (uint64_t)e->key_len > bytes)
+        return NULL;
+    return e;
+}
+
+/* vmc_entry_key -- the key bytes, right after the entry header. */
+static inline char *vmc_entry_key(struct vmc_entry *e) { return (char *)(e + 1); }
+
+/* vmc_expired -- whether the entry's deadline has passed at `now`. */
+static inline bool vmc_expired(const struct vmc_entry *e, uint64_t now)
+{
+    return e->expires_ns != 0 && now >= e->expires_ns;
+}
+
+/* vmc_entry_copy -- copy value[offset, offset+len) of head into dst; VMC_OK
+ * or VMC_E_CORRUPT (no message set) if the chain is damaged. */
+int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len);
+/* vmc_entry_fill -- copy value_len bytes from src into the entry's chain
+ * (its owner, no lock); VMC_OK or VMC_E_CORRUPT. */
+int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src);
+/* vmc_entry_data_hash -- hash of the entry's key and value; 0 if the chain is damaged. */
+uint64_t vmc_entry_data_hash(vmc_cache *c, uint32_t head);
+/* vmc_entry_seal -- the checksum from a data hash and the entry's sizes,
+ * expiry and stamp; never 0. */
+uint32_t vmc_entry_seal(const struct vmc_entry *e, uint64_t data);
+/* vmc_entry_checksum -- the checksum an entry should carry; 0 if its chain is damaged. */
+uint64_t vmc_entry_checksum(vmc_cache *c, uint32_t head);
+
+#endif

@@ -1,0 +1,128 @@
+/* vmc_handle.h -- the process-local handle and checked access to the mapping.
+ *
+ * Every module of the core works on a `vmc_cache`: the geometry copied from
+ * the validated header at open (never re-read from the file), and pointers
+ * into the caller's mapping. The inline accessors here turn unit numbers into
+ * addresses; those taking a unit read from the file check it first.
+ *
+ * Call graph of the core (each module calls only those listed after it):
+ *   vmc_file    -- open, attach, fork, close        -> recover, repair, pool, flight, mutex
+ *   vmc_cache   -- the operations of vmc.h          -> repair, entry, pool, index, lru, mutex
+ *   vmc_repair  -- stop-the-world repair, outer locks -> recover, mutex
+ *   vmc_recover -- rebuild derived state from the pool -> entry, pool, index, lru, flight, mutex
+ *   vmc_index, vmc_lru, vmc_entry                    -> mutex
+ *   vmc_pool    -- the allocator, reserved list      -> entry, flight, mutex
+ *   vmc_flight  -- owner ids and locks, the flight table -> mutex
+ *   vmc_mutex   -- robust process-shared locks, the damage flag
+ *   vmc_error   -- failure messages, debug assertions
+ */
+#ifndef VMC_HANDLE_H
+#define VMC_HANDLE_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <string.h>
+#include <time.h>
+
+#include "vmc.h"
+#include "vmc_error.h"
+#include "vmc_format.h"
+#include "vmc_hash.h"
+
+/* Internal status: a nested lock found a dead owner; unwind and start again
+ * (the outer lock then runs the repair). Never returned to Python. */
+#define VMC_RETRY (-100)
+
+/* The handle: one per Cache object, private to its process. */
+struct vmc_cache {
+    char *base;                   /* the mapping, owned by the caller (Python's mmap) */
+    struct vmc_header *hdr;
+    struct vmc_shard *shards;
+    uint64_t *index;              /* n_shards * slots_per_shard slots */
+    struct vmc_heap_item *heaps;  /* n_shards * slots_per_shard items */
+    char *pool;                   /* address of unit 1 */
+    uint64_t file_size;
+    uint64_t seed;
+    uint32_t shift;               /* log2(unit_size) */
+    uint32_t unit_size;
+    uint32_t pool_units;
+    uint32_t n_shards;
+    uint32_t slots;               /* per shard */
+    uint32_t n_flights;           /* slots in the flight table (a power of two) */
+    uint32_t max_load;            /* entries a shard may hold before it must evict */
+    uint32_t policy;
+    uint64_t default_ttl_ns;
+    int fd;
+    uint64_t owner;               /* this handle's owner id (vmc_flight.h); 0 until attached */
+    char *path;                   /* for messages */
+    atomic_int active;            /* calls in flight on this handle */
+    atomic_int closed;
+};
+
+/* vmc_now_ns -- CLOCK_REALTIME in nanoseconds (expiry deadlines, access times). */
+static inline uint64_t vmc_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+#define VMC_LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+/* Tags are stored with release order: the walk's invariant depends on the
+ * order of the stores surviving a crash between any two of them. */
+#define VMC_STORE_TAG(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)
+#define VMC_STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+#define VMC_COUNT(x) VMC_STORE((x), (x) + 1)
+#define VMC_UNCOUNT(x) VMC_STORE((x), (x) - 1)
+
+/* vmc_unit_ok -- unit names a unit of the pool (1..pool_units). */
+static inline bool vmc_unit_ok(const vmc_cache *c, uint32_t unit)
+{
+    return unit >= 1 && unit <= c->pool_units;
+}
+
+/* vmc_unit -- address of a unit that the caller has checked to be in the pool. */
+static inline void *vmc_unit(const vmc_cache *c, uint32_t unit)
+{
+    VMC_ASSERT(vmc_unit_ok(c, unit), "unit %u outside 1..%u", unit, c->pool_units);
+    return c->pool + ((uint64_t)(unit - 1) << c->shift);
+}
+
+/* vmc_tag_at -- the tag at the start of a (checked) unit. */
+static inline uint64_t vmc_tag_at(const vmc_cache *c, uint32_t unit)
+{
+    return VMC_LOAD(*(uint64_t *)vmc_unit(c, unit));
+}
+
+/* vmc_extent -- the extent starting at `unit` if it is of `kind` and lies
+ * inside the pool, else NULL. */
+static inline void *vmc_extent(const vmc_cache *c, uint32_t unit, uint32_t kind)
+{
+    if (!vmc_unit_ok(c, unit))
+        return NULL;
+    uint64_t tag = vmc_tag_at(c, unit);
+    uint32_t n = VMC_TAG_UNITS(tag);
+    if (VMC_TAG_KIND(tag) != kind || n == 0 || n > c->pool_units - unit + 1)
+        return NULL;
+    return vmc_unit(c, unit);
+}
+
+/* vmc_extent_bytes -- the size in bytes of an extent with this tag. */
+static inline uint64_t vmc_extent_bytes(const vmc_cache *c, uint64_t tag)
+{
+    return (uint64_t)VMC_TAG_UNITS(tag) << c->shift;
+}
+
+/* vmc_hash_key -- the key's hash under this file's seed. */
+static inline uint64_t vmc_hash_key(const vmc_cache *c, const void *key, size_t klen)
+{
+    return vmc_hash(key, klen, c->seed);
+}
+
+/* vmc_shard_of -- the shard a key hash belongs to. */
+static inline uint32_t vmc_shard_of(const vmc_cache *c, uint64_t hash)
+{
+    return (uint32_t)hash & (c->n_shards - 1);
+}
+
+#endif

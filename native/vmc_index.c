@@ -1,0 +1,107 @@
+/* vmc_index.c -- a shard's index (shard lock held throughout).
+ *
+ * Open addressing with linear probing over 64-bit slots (hash tag << 32 |
+ * head unit); deletion shifts later slots back, so there are no tombstones
+ * and a probe ends at the first empty slot. A slot's home is derived from its
+ * tag, which is what backward shifting needs.
+ */
+#include "vmc_index.h"
+
+#include "vmc_entry.h"
+#include "vmc_mutex.h"
+
+static uint64_t *slots_of(vmc_cache *c, uint32_t shard)
+{
+    return c->index + (uint64_t)shard * c->slots;
+}
+
+static uint32_t home_of(const vmc_cache *c, uint32_t tag)
+{
+    return (uint32_t)(((uint64_t)tag * c->slots) >> 32);
+}
+
+uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
+                        size_t klen, uint32_t *slot)
+{
+    uint64_t *s = slots_of(c, shard);
+    uint32_t tag = (uint32_t)(hash >> 32);
+    uint32_t i = home_of(c, tag);
+    for (uint32_t probes = 0; probes < c->slots; probes++) {
+        uint64_t v = s[i];
+        if (v == 0) {
+            *slot = i;
+            return 0;
+        }
+        if (VMC_SLOT_TAG(v) == tag) {
+            uint32_t u = VMC_SLOT_UNIT(v);
+            struct vmc_entry *e = vmc_head(c, u);
+            if (e == NULL || e->state != VMC_PUBLISHED) {
+                vmc_mark_damaged(c);
+            } else if (e->key_len == klen && memcmp(vmc_entry_key(e), key, klen) == 0) {
+                *slot = i;
+                return u;
+            }
+        }
+        if (++i == c->slots)
+            i = 0;
+    }
+    *slot = UINT32_MAX;
+    return 0;
+}
+
+void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, uint32_t unit)
+{
+    VMC_ASSERT(slot < c->slots && vmc_unit_ok(c, unit), "slot %u of %u, unit %u of %u", slot,
+               c->slots, unit, c->pool_units);
+    slots_of(c, shard)[slot] = VMC_SLOT((uint32_t)(hash >> 32), unit);
+}
+
+int vmc_index_insert(vmc_cache *c, uint32_t shard, uint64_t hash, uint32_t unit)
+{
+    uint64_t *s = slots_of(c, shard);
+    uint32_t tag = (uint32_t)(hash >> 32);
+    uint32_t i = home_of(c, tag);
+    for (uint32_t probes = 0; probes < c->slots; probes++) {
+        if (s[i] == 0) {
+            s[i] = VMC_SLOT(tag, unit);
+            return 0;
+        }
+        if (++i == c->slots)
+            i = 0;
+    }
+    return -1;
+}
+
+void vmc_index_delete(vmc_cache *c, uint32_t shard, uint32_t slot)
+{
+    uint64_t *s = slots_of(c, shard);
+    uint32_t n = c->slots, hole = slot, j = slot;
+    s[hole] = 0;
+    for (uint32_t probes = 0; probes < n; probes++) {
+        if (++j == n)
+            j = 0;
+        uint64_t v = s[j];
+        if (v == 0)
+            return;
+        uint32_t home = home_of(c, VMC_SLOT_TAG(v));
+        /* v may fill the hole unless its home lies cyclically in (hole, j]. */
+        bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+        if (stays)
+            continue;
+        s[hole] = v;
+        s[j] = 0;
+        hole = j;
+    }
+}
+
+uint32_t vmc_index_slot_of(vmc_cache *c, uint32_t shard, uint32_t unit)
+{
+    struct vmc_entry *e = vmc_head(c, unit);
+    if (e == NULL)
+        return UINT32_MAX;
+    uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
+    uint32_t slot;
+    if (vmc_index_find(c, shard, hash, vmc_entry_key(e), e->key_len, &slot) != unit)
+        return UINT32_MAX;
+    return slot;
+}

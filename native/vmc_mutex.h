@@ -1,0 +1,31 @@
+/* vmc_mutex.h -- robust process-shared mutexes and the damage flag.
+ *
+ * A process killed while holding a lock must never block the others. Every
+ * mutex in the file is PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST: the
+ * next owner gets EOWNERDEAD, makes the mutex consistent and marks the file
+ * damaged (`needs_repair`). This module never repairs: vmc_repair.h takes
+ * the outer locks, which repair first when the flag is set.
+ */
+#ifndef VMC_MUTEX_H
+#define VMC_MUTEX_H
+
+#include "vmc_handle.h"
+
+/* vmc_mutex_init -- initialise a process-shared robust mutex in the file. */
+int vmc_mutex_init(pthread_mutex_t *m);
+/* vmc_mutex_lock -- lock m: 0, 1 if its owner had died (the file is then
+ * marked damaged), or a failure. */
+int vmc_mutex_lock(vmc_cache *c, pthread_mutex_t *m);
+/* vmc_mark_damaged -- ask for a repair at the next outer lock. */
+void vmc_mark_damaged(vmc_cache *c);
+/* vmc_damaged -- whether a repair is pending. */
+bool vmc_damaged(vmc_cache *c);
+/* vmc_pool_lock_nested -- take the pool lock while holding a shard lock;
+ * VMC_RETRY (nothing held) if the file needs repair: the caller unwinds. */
+int vmc_pool_lock_nested(vmc_cache *c);
+/* vmc_pool_unlock -- release the pool lock. */
+void vmc_pool_unlock(vmc_cache *c);
+/* vmc_shard_unlock -- release a shard's lock. */
+void vmc_shard_unlock(vmc_cache *c, uint32_t shard);
+
+#endif

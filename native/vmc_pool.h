@@ -1,0 +1,31 @@
+/* vmc_pool.h -- the extent allocator and the list of open reservations.
+ *
+ * Every function here runs with the pool lock held. Extents carry boundary
+ * tags; free extents sit in size-segregated lists and coalesce with free
+ * neighbours when freed; tags are rewritten so that a walk over the pool is
+ * valid after every single store (vmc_format.h).
+ */
+#ifndef VMC_POOL_H
+#define VMC_POOL_H
+
+#include "vmc_handle.h"
+
+/* vmc_alloc_entry -- room for an entry of key_len + value_len bytes: one HEAD
+ * extent (then BODY extents unless `contiguous`). The caller marks the HEAD
+ * RESERVED. VMC_OK, or VMC_E_NEED_ROOM leaving nothing taken. */
+int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool contiguous,
+                    uint32_t *head);
+/* vmc_release_entry -- mark a head REMOVED and free its extents. */
+void vmc_release_entry(vmc_cache *c, uint32_t head);
+/* vmc_free_run -- list [unit, unit+units) as one free extent, as is (recovery). */
+void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units);
+/* vmc_reserved_push -- put a RESERVED head on the reserved list. */
+void vmc_reserved_push(vmc_cache *c, uint32_t head);
+/* vmc_reserved_unlink -- take a head off the reserved list. */
+void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
+/* vmc_reclaim_dead -- free reservations whose owner handle is gone (closed,
+ * or its process dead: vmc_owner_alive); rate-limited unless forced; returns
+ * the units freed. */
+uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
+
+#endif

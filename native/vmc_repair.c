@@ -1,0 +1,67 @@
+/* vmc_repair.c -- the outer locks, and the stop-the-world repair they run.
+ *
+ * Rather than guess what a dead lock owner left half done, the finder marks
+ * the file damaged and the cache is rebuilt from the pool (vmc_rebuild, LIVE
+ * mode) with every lock held; the same code recovers a file at open. Callers
+ * holding a shard lock who find the pool lock's owner dead get VMC_RETRY,
+ * unwind without having changed anything and start again.
+ */
+#include "vmc_repair.h"
+
+#include "vmc_mutex.h"
+#include "vmc_recover.h"
+
+int vmc_repair(vmc_cache *c)
+{
+    int rc = VMC_OK;
+    uint32_t locked = 0;
+    for (; locked < c->n_shards; locked++) {
+        rc = vmc_mutex_lock(c, &c->shards[locked].lock);
+        if (rc < 0)
+            goto out;
+    }
+    rc = vmc_mutex_lock(c, &c->hdr->pool.lock);
+    if (rc < 0)
+        goto out;
+    rc = VMC_OK;
+    if (vmc_damaged(c)) {
+        uint64_t kept, dropped;
+        rc = vmc_rebuild(c, VMC_REBUILD_LIVE, &kept, &dropped);
+        if (rc == VMC_OK)
+            __atomic_store_n(&c->hdr->needs_repair, 0, __ATOMIC_RELEASE);
+    }
+    vmc_pool_unlock(c);
+out:
+    while (locked > 0)
+        vmc_shard_unlock(c, --locked);
+    return rc;
+}
+
+/* lock_outer -- lock m with no other lock held, repairing first if needed. */
+static int lock_outer(vmc_cache *c, pthread_mutex_t *m)
+{
+    for (int attempt = 0;; attempt++) {
+        int rc = vmc_mutex_lock(c, m);
+        if (rc < 0)
+            return rc;
+        if (rc == 0 && !vmc_damaged(c))
+            return VMC_OK;
+        pthread_mutex_unlock(m);
+        if (attempt >= 8)
+            return vmc_fail(VMC_E_CORRUPT, "the cache file stays damaged after repair");
+        rc = vmc_repair(c);
+        if (rc < 0)
+            return rc;
+    }
+}
+
+int vmc_shard_lock(vmc_cache *c, uint32_t shard)
+{
+    VMC_ASSERT(shard < c->n_shards, "shard %u of %u", shard, c->n_shards);
+    return lock_outer(c, &c->shards[shard].lock);
+}
+
+int vmc_pool_lock(vmc_cache *c)
+{
+    return lock_outer(c, &c->hdr->pool.lock);
+}
