@@ -372,3 +372,27 @@ async def test_response_too_large_for_the_cache_is_served_unstored(tmp_path: Any
                 r = await c.get("/big?n=1000")  # 1 MB: more than the whole pool
                 assert r.headers["x-cache"] == "MISS" and len(r.content) == 1_000_000
         assert site.calls == 2
+
+
+async def test_lifespan_shutdown_closes_the_cache_the_middleware_opened(cache_path: str) -> None:
+    async def app(scope: Any, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+
+    middleware = CacheMiddleware(app, path=cache_path, size="1MiB")
+    cache = middleware.rules.open()
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, str]:
+        return next(messages)
+
+    async def send(message: dict[str, str]) -> None:
+        sent.append(message["type"])
+
+    await middleware({"type": "lifespan"}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert cache.cache.closed

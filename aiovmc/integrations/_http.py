@@ -264,7 +264,7 @@ async def _generation(cache: AsyncCache, ident: bytes, *, create: bool) -> bytes
     return await cache.get(key, fresh)  # another process created it first
 
 
-async def invalidate(cache: AsyncCache, ident: bytes) -> int:
+async def _invalidate_identity(cache: AsyncCache, ident: bytes) -> int:
     """Make every stored variant of the URL `ident` unreachable from every
     process and delete the ones listed; returns how many entries were deleted."""
     old = await _generation(cache, ident, create=False)
@@ -341,7 +341,7 @@ class ResponseCache:
     async def invalidate(self, request: Request) -> None:
         """After an unsafe method succeeded: drop the stored variants of its URL."""
         try:
-            await invalidate(self.open(), self._identity(request))
+            await _invalidate_identity(self.open(), self._identity(request))
         except KeyTooLargeError:
             pass
 
@@ -512,14 +512,19 @@ def open_for_invalidation(cache: AsyncCache | str | os.PathLike[str]) -> AsyncCa
     )
 
 
-async def invalidate_url(cache: AsyncCache | str | os.PathLike[str], url: str) -> int:
-    """The public `invalidate` of both adapters."""
+async def invalidate(cache: AsyncCache | str | os.PathLike[str], url: str) -> int:
+    """Remove every stored variant (all ``Vary`` values) of `url` — as the app
+    saw it, e.g. ``str(request.url)`` — from the cache shared by every worker.
+
+    `cache` is an open `AsyncCache` or the cache file's path. Works from any
+    process; returns how many stored responses were removed. (Exported by
+    `aiovmc.integrations.asgi` and `aiovmc.integrations.aiohttp`.)"""
     if not isinstance(url, str):
         raise TypeError(f"url must be a str such as str(request.url), not {type(url).__name__}")
     ident = identity_from_url(url).encode("utf-8", "surrogateescape")
     handle = open_for_invalidation(cache)
     try:
-        return await invalidate(handle, ident)
+        return await _invalidate_identity(handle, ident)
     finally:
         if handle is not cache:
             await handle.aclose()

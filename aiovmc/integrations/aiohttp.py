@@ -27,7 +27,7 @@ from ._http import (
     Headers,
     Request,
     ResponseCache,
-    invalidate_url,
+    invalidate,
 )
 from ._open import LazyCache
 
@@ -37,15 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["cache_middleware", "invalidate"]
 
 Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
-
-
-async def invalidate(cache: AsyncCache | str | os.PathLike[str], url: str) -> int:
-    """Remove every stored variant (all ``Vary`` values) of `url` — as the app
-    saw it, e.g. ``str(request.url)`` — from the cache shared by every worker.
-
-    `cache` is an open `AsyncCache` or the cache file's path. Works from any
-    process; returns how many stored responses were removed."""
-    return await invalidate_url(cache, url)
 
 
 def cache_middleware(

@@ -28,7 +28,7 @@ from ._http import (
     Outcome,
     Request,
     ResponseCache,
-    invalidate_url,
+    invalidate,
 )
 from ._open import LazyCache
 
@@ -41,15 +41,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def invalidate(cache: AsyncCache | str | os.PathLike[str], url: str) -> int:
-    """Remove every stored variant (all ``Vary`` values) of `url` — as the app
-    saw it, e.g. ``str(request.url)`` — from the cache shared by every worker.
-
-    `cache` is an open `AsyncCache` or the cache file's path. Works from any
-    process; returns how many stored responses were removed."""
-    return await invalidate_url(cache, url)
-
-
 class CacheMiddleware:
     """Cache GET responses of `app` in an aiovmc file shared by its workers.
 
@@ -59,9 +50,11 @@ class CacheMiddleware:
     cache_header="x-cache", key=None, clock=time.time)``
 
     Give `path` (and `size` to create the file): each worker process opens it
-    at its first request. Or give an open `AsyncCache` as `cache`. `key(request)`
-    returns the string that identifies a URL (default: scheme, host, path and
-    sorted query). `clock` gives UNIX seconds for ``Age`` and freshness.
+    at its first request (and closes it at lifespan shutdown). Or give an open
+    `AsyncCache` as `cache` (left open). `key(request)` returns the string that
+    identifies a URL (default: scheme, host, path and sorted query); `request`
+    has ``method``, ``scheme``, ``host``, ``path``, ``query`` and ``headers``
+    (lower-case names). `clock` gives UNIX seconds for ``Age`` and freshness.
     """
 
     def __init__(
@@ -96,6 +89,9 @@ class CacheMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._closing_at_shutdown(send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -132,6 +128,17 @@ class CacheMiddleware:
             if outcome.entry is not None or outcome.filled:
                 return
         await self.app(scope, receive, send)  # not found, not storable: the app answers
+
+    def _closing_at_shutdown(self, send: Send) -> Send:
+        """`send` for the lifespan scope: the cache this middleware opened is
+        closed once the app has shut down."""
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.rules.cache.aclose()
+            await send(message)
+
+        return closing
 
     async def _reply(self, outcome: Outcome, request: Request, send: Send) -> None:
         assert outcome.entry is not None
