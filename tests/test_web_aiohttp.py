@@ -41,6 +41,12 @@ class Site:
             await response.write_eof()
             return response
 
+        async def cookie(request: web.Request) -> web.StreamResponse:
+            self.calls += 1
+            response = web.Response(text="with a cookie")
+            response.set_cookie("session", "s3cret")
+            return response
+
         async def missing(request: web.Request) -> web.StreamResponse:
             self.calls += 1
             raise web.HTTPNotFound(text="nothing here")
@@ -50,6 +56,7 @@ class Site:
         self.app.router.add_post("/page/{name}", page)
         self.app.router.add_get("/stream", stream)
         self.app.router.add_get("/missing", missing)
+        self.app.router.add_get("/cookie", cookie)
 
 
 def run(cache_path: str, test: Callable[[TestClient[Any, Any], Site, aiovmc.AsyncCache],
@@ -121,8 +128,10 @@ def test_never_stored(cache_path: str) -> None:
             assert "X-Cache" not in cookie.headers
             private = await client.get("/page/p", headers={"Authorization": "Bearer t"})
             assert "X-Cache" not in private.headers
+            set_cookie = await client.get("/cookie")
+            assert "X-Cache" not in set_cookie.headers and "session" in set_cookie.cookies
 
-    assert run(cache_path, test).calls == 8
+    assert run(cache_path, test).calls == 10
 
 
 def test_ttl_and_clock(cache_path: str) -> None:

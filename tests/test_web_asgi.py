@@ -345,6 +345,34 @@ async def test_unreadable_entry_is_a_miss(cache: aiovmc.AsyncCache) -> None:
     assert r.headers["x-cache"] == "MISS" and site.calls == 2
 
 
+async def test_responses_with_trailers_stream_through(cache: aiovmc.AsyncCache) -> None:
+    calls = 0
+
+    async def app(scope: Any, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        nonlocal calls
+        calls += 1
+        await send({"type": "http.response.start", "status": 200, "headers": [],
+                    "trailers": True})
+        await send({"type": "http.response.body", "body": b"body"})
+        await send({"type": "http.response.trailers", "headers": [], "more_trailers": False})
+
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    middleware = CacheMiddleware(app, cache=cache)
+    scope = {"type": "http", "method": "GET", "path": "/t", "query_string": b"",
+             "headers": [(b"host", b"example.test")]}
+    for _ in range(2):
+        await middleware(scope, receive, send)
+    assert calls == 2
+    assert sent == ["http.response.start", "http.response.body", "http.response.trailers"] * 2
+
+
 def test_entry_format_round_trip_and_damage() -> None:
     entry = Entry(200, [(b"content-type", b"text/plain"), (b"etag", b'"1"')], b"body", 1.5, 9.5)
     blob = entry.encode()

@@ -125,8 +125,8 @@ def _entry(rules: ResponseCache, response: web.StreamResponse) -> Entry | None:
     with a bytes body, not yet sent, and storable by the rules."""
     from aiohttp import web
 
-    if type(response) is not web.Response or response.prepared:
-        return None
+    if type(response) is not web.Response or response.prepared or response.cookies:
+        return None  # streamed already, or setting cookies (set_cookie is not in .headers)
     body = response.body
     if not isinstance(body, bytes) or len(body) > rules.max_body_size:
         return None

@@ -180,11 +180,13 @@ class _Capture:
         if self.passing:
             await self.send(message)
             return
+        if self.entry is not None:
+            return  # the response is complete: ASGI servers ignore what follows, so do we
         kind = message["type"]
         if kind == "http.response.start" and self.start is None:
             self.start = message
             self.lifetime = self.rules.storable(message["status"], message.get("headers", []))
-            if self.lifetime is None:
+            if self.lifetime is None or message.get("trailers", False):
                 await self.pass_through(None)
             return
         if kind != "http.response.body" or self.start is None:  # trailers, pathsend, ...
