@@ -330,6 +330,24 @@ def test_cancelled_or_closed_leader_is_taken_over_at_once(
     assert in_use(file) == 0
 
 
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_cancelled_waiters_leave_the_wave_alone(method: str, backend: str, file: str) -> None:
+    """Every get of a waiting process is cancelled: they return at once, the
+    wave goes on, and nothing of theirs is left in the file."""
+    ctx = multiprocessing.get_context(method)
+    leader = start_leader(ctx, file, backend)
+    quitter, stayer = start_waiters(ctx, file, backend, 2)
+    quitter.conn.send("cancel")
+    assert quitter.finish() == []  # cancelled while the leader still loads
+    leader.conn.send(b"for those who stayed")
+    assert leader.finish() == [b"for those who stayed"] * 20
+    assert stayer.finish() == [b"for those who stayed"] * 20
+    stats = stats_of(file)
+    assert (stats.loader_calls, stats.load_takeovers, stats.coalesced_gets) == (1, 0, 39)
+    assert (stats.gets, stats.hits, stats.misses) == (60, 39, 21)
+    assert in_use(file) == 0
+
+
 @pytest.mark.parametrize(("method", "backend"), [*PAIRS, ("fork", "uvloop")])
 def test_sigkilled_leader_is_taken_over(method: str, backend: str, file: str) -> None:
     ctx = multiprocessing.get_context(method)
