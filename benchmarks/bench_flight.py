@@ -1,4 +1,4 @@
-# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
+# ruff: noqa: RUF001, RUF002, RUF003  (µ, ×, −, – are meant: they are printed)
 """Family ``flight``: host-wide single-flight (DESIGN.md §9 and §8).
 
 Worker processes are ``spawn``ed once per library and kept across rounds; a round
@@ -38,7 +38,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import Check, FamilyResult, Settings, median, percentile, peer, print_checks, say
+from _common import Check, FamilyResult, Settings, median, peer, percentile, print_checks, say
 
 NAME = "flight"
 TITLE = "Host-wide single-flight: one cold key asked by 4 processes × 100 tasks"
