@@ -730,3 +730,38 @@ def test_functools_cached_coalesces_across_processes(method: str, backend: str, 
         assert child.finish() == [{"id": 42, "name": "Ada"}] * 10
     assert (leader.calls, waiter.calls) == (1, 0)
     assert stats_of(file).loader_calls == 1
+
+
+@pytest.mark.anyio
+async def test_a_scribbled_flight_table_delays_loads_at_most_load_timeout(
+    cache_path: str,
+) -> None:
+    """Random bytes over the whole table, and slots forged to name a live leader
+    that never ends: every get still loads its value, a forged live leader's keys
+    after load_timeout, and nothing crashes."""
+    import struct
+    import time
+
+    from .helpers import read_header, vmc_hash
+
+    with Cache(cache_path, size="4MiB") as keeper:
+        mapping = keeper._mmap
+        assert mapping is not None
+        hdr = read_header(mapping[:4096])
+        off, n = hdr["flights_off"], hdr["n_flights"]
+        live_owner = int.from_bytes(mapping[424:432], "little")  # next_owner: the keeper's id
+        mapping[off : off + n * 32] = random.Random(3).randbytes(n * 32)
+        forged = [b"forged-1", b"forged-2"]
+        for key in forged:
+            h = vmc_hash(key, hdr["hash_seed"])
+            at = off + ((h >> 40) & (n - 1)) * 32
+            mapping[at : at + 32] = struct.pack(
+                "<IBBHQQQ", 7, 1, 0, len(key), h, live_owner, time.monotonic_ns()
+            )
+        async with AsyncCache(cache_path, load_timeout=0.3) as acache:
+            keys = [*forged, *(b"plain-%d" % i for i in range(40))]
+            for key in keys:
+                assert await acache.get(key, on_miss=lambda k: k.upper()) == key.upper()
+            stats = acache.statistics()
+        assert stats.loader_calls == len(keys)
+        assert stats.load_takeovers >= len(forged)
