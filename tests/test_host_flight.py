@@ -133,12 +133,17 @@ def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
             calls += 1
         conn.send(("loading", os.getpid()))
         answer = conn.recv()
-        return None if answer == "none" else answer
+        if answer == "raise":
+            raise LoadError(f"loader of {os.getpid()} failed")
+        return None if answer == "none" else answer  # type: ignore[no-any-return]
 
     with Cache(path, on_miss=loader) as cache:
 
         def one_get() -> None:
-            value = cache.get(KEY, DEFAULT)
+            try:
+                value = cache.get(KEY, DEFAULT)
+            except LoadError:
+                value = "error"
             with lock:
                 results.append(value)
 
@@ -396,6 +401,25 @@ def test_sync_cache_threads_coalesce_across_processes(method: str, file: str) ->
     assert waiter.finish() == [b"sync value"] * 8
     assert (leader.calls, waiter.calls) == (1, 0)
     assert stats_of(file).loader_calls == 1
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_sync_cache_loader_error_stays_in_its_process(method: str, file: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    # One thread in the leading process: a thread of it arriving after the failure
+    # would start a wave of its own.
+    leader = Child(ctx, _sync_child, file, 1)
+    leader.expect_both()
+    waiter = Child(ctx, _sync_child, file, 6)
+    waiter.expect("joined")
+    leader.conn.send("raise")
+    assert leader.finish() == ["error"]
+    waiter.expect("loading")  # the other process takes over with its own loader
+    waiter.conn.send(b"second try")
+    assert waiter.finish() == [b"second try"] * 6
+    stats = stats_of(file)
+    assert (stats.loader_calls, stats.load_takeovers) == (2, 1)
+    assert in_use(file) == 0
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])
