@@ -193,8 +193,8 @@ def demo(workers: int, tasks: int, seconds: float, keys: int, keep: bool) -> int
         print(f"{len(failed)} worker(s) failed (exit codes {failed})", file=sys.stderr)
         return 1
     once = stats.loader_calls == entries
-    print(f"\n{entries:,} distinct keys are cached and the loader ran {_times(stats.loader_calls)}: "
-          + ("each key was loaded once on the whole host." if once
+    print(f"\n{entries:,} distinct keys are cached and the loader ran "
+          f"{_times(stats.loader_calls)}: " + ("each key was loaded once on the whole host." if once
              else "some keys were loaded by several processes at once."))
     print(f"The file is kept: python -m aiovmc stats {path}" if keep
           else "The demo's file is removed (--keep keeps it for `python -m aiovmc stats`).")

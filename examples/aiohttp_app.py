@@ -14,7 +14,7 @@ from aiohttp import ClientSession, web
 
 from aiovmc.integrations.aiohttp import cache_middleware, invalidate
 
-CACHE = os.environ.get("AIOVMC_EXAMPLE_CACHE", "/dev/shm/aiovmc-aiohttp-example.cache")
+CACHE = "/dev/shm/aiovmc-aiohttp-example.cache"
 handler_calls = 0
 
 

@@ -25,7 +25,7 @@ import aiovmc
 from aiovmc.integrations.asgi import CacheMiddleware, invalidate
 from aiovmc.integrations.prometheus import CacheCollector
 
-CACHE = os.environ.get("AIOVMC_EXAMPLE_CACHE", "/dev/shm/aiovmc-fastapi-example.cache")
+CACHE = "/dev/shm/aiovmc-fastapi-example.cache"
 registry = CollectorRegistry()
 handler_calls = 0
 

@@ -19,7 +19,7 @@ from litestar.config.response_cache import ResponseCacheConfig
 
 from aiovmc.integrations.litestar import AiovmcStore
 
-CACHE = os.environ.get("AIOVMC_EXAMPLE_CACHE", "/dev/shm/aiovmc-litestar-example.cache")
+CACHE = "/dev/shm/aiovmc-litestar-example.cache"
 handler_calls = 0
 
 

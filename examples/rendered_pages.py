@@ -58,7 +58,7 @@ def main() -> None:
         (site / "about.txt").write_text("About\nWe cache <rendered> pages.")
         with Cache(CACHE, size="16MiB", reset=True) as cache:  # create it, empty
             ctx = multiprocessing.get_context("spawn")
-            renders: "multiprocessing.Queue[int]" = ctx.Queue()
+            renders: multiprocessing.Queue[int] = ctx.Queue()
             procs = [ctx.Process(target=worker, args=(tmp, renders)) for _ in range(3)]
             for p in procs:
                 p.start()

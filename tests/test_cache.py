@@ -97,7 +97,7 @@ def test_creating_in_a_missing_directory_names_the_file(tmp_path: Path) -> None:
 
 def test_private_cache_errors_name_no_path() -> None:
     """The user gave no path: the message must not show the private file's name."""
-    with pytest.raises(CacheConfigError, match="size 1000 is below the minimum of 1 MiB$"):
+    with pytest.raises(CacheConfigError, match=r"^size 1000 is below the minimum of 1 MiB$"):
         Cache(size=1000)
 
 

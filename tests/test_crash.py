@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiovmc._native._binding import ffi
 
 import aiovmc
+from aiovmc._native._binding import ffi
 
 from .helpers import (
     KIND_FREE,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import run_program
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -16,7 +15,6 @@ EXPECTED = {
     "rendered_pages.py": [
         "2 pages cached, rendered 2 times in all, <h1>About</h1><p>We cache &lt;rendered&gt;"
     ],
-
     "trio_example.py": ["50 gets, 1 load: b'<html>/index</html>'", "report=b'ready'"],
     "fastapi_app.py": ["20 concurrent requests, 1 handler call: ['COALESCED', 'MISS']",
                        "then: HIT", "with If-None-Match: 304", "after: MISS",
@@ -33,15 +31,8 @@ def test_examples_exist() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example(name: str, cache_path: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        env={**os.environ, "AIOVMC_EXAMPLE_CACHE": cache_path},  # the web apps' cache file
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def test_example(name: str) -> None:
+    done = run_program(EXAMPLES / name)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     for line in EXPECTED[name]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ast
 import pathlib
 
-from aiovmc._native._binding import lib
-
 import aiovmc
 from aiovmc._native import ERRORS
+from aiovmc._native._binding import lib
 
 PACKAGE = pathlib.Path(aiovmc.__file__).parent
 

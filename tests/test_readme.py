@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
 import pytest
 
+from .helpers import run_program
 from .readme import README, assert_demo_consistent, commands, programs
 
 ROOT = README.parent
@@ -31,14 +31,8 @@ def test_readme_shows_two_commands() -> None:
 @pytest.mark.parametrize("index", range(len(programs())))
 def test_readme_program_runs(index: int) -> None:
     program = programs()[index]
-    files = re.findall(r'"(/dev/shm/[\w.-]+)"', program)
-    assert files, "a README program shares its cache through a named file"
-    try:
-        done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                              timeout=60, check=False, cwd=ROOT.parent)
-    finally:
-        for path in files:
-            Path(path).unlink(missing_ok=True)
+    assert re.search(r'"/dev/shm/[\w.-]+"', program), "README programs share a named file"
+    done = run_program(program)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout.strip()

@@ -14,6 +14,6 @@ from pathlib import Path
 def source_digest(native: Path) -> str:
     """SHA-256 over the names and contents of `native/*.c`, `native/*.h` and `build_ffi.py`."""
     digest = hashlib.sha256()
-    for path in sorted(native.glob("*.[ch]")) + [native / "build_ffi.py"]:
+    for path in [*sorted(native.glob("*.[ch]")), native / "build_ffi.py"]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
