@@ -50,6 +50,7 @@ Storage layout (all keys start with ``KEY_PREFIX``)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -215,6 +216,7 @@ def _etag_matches(if_none_match: str, etag: bytes) -> bool:
 # ---- keys ----
 
 
+@functools.lru_cache(maxsize=4096)  # the hot URLs of a site: parsing is most of a hit's cost
 def identity(scheme: str, host: str, path: str, query: str) -> str:
     """A URL as one string, equal for equal URLs: lower-case scheme and host,
     default port dropped, path percent-decoded, query parameters sorted."""
@@ -297,6 +299,7 @@ class Outcome:
     entry: Entry | None = None
     label: str = ""
     filled: bool = False
+    ident: bytes = b""  # the URL's identity, for a second call of serve()
 
 
 @dataclass(slots=True)
@@ -354,7 +357,10 @@ class ResponseCache:
         return ident.encode("utf-8", "surrogateescape")
 
     async def serve(
-        self, request: Request, fill: Callable[[], Awaitable[Entry | None]] | None
+        self,
+        request: Request,
+        fill: Callable[[], Awaitable[Entry | None]] | None,
+        ident: bytes = b"",
     ) -> Outcome:
         """Look `request` (GET or HEAD) up; on a GET miss let one request on the
         host call `fill` (which runs the app and returns its response as an
@@ -362,11 +368,12 @@ class ResponseCache:
 
         A request that waited for another's fill looks again; the fill may have
         stored nothing this request may use (not storable, or another Vary
-        variant), so after two waits it gives up and the caller goes to the app."""
+        variant), so after two waits it gives up and the caller goes to the app.
+        `ident` is `Outcome.ident` of an earlier call for the same request."""
         cache = self.open()
+        ident = ident or self._identity(request)
         try:
-            ident = self._identity(request)
-            outcome = Outcome()
+            outcome = Outcome(ident=ident)
             waited = False
             tried: list[str] | None = None
             for attempt in range(3):
@@ -403,11 +410,11 @@ class ResponseCache:
                     break
                 entry = Entry.decode(blob)
                 if entry is not None and entry.expires_at > self.clock():
-                    return Outcome(entry, "COALESCED" if waited else "HIT")
+                    return Outcome(entry, "COALESCED" if waited else "HIT", ident=ident)
                 await cache.delete(key)  # stale by our clock, or unreadable: refill
         except KeyTooLargeError:
             pass  # a URL too long to be a key: not cached
-        return Outcome()
+        return Outcome(ident=ident)
 
     def _refreshes(self, request: Request) -> bool:
         if not self.honor_request_cache_control:

@@ -105,12 +105,11 @@ class CacheMiddleware:
         if request.method not in ("GET", "HEAD") or rules.bypasses(request):
             await self.app(scope, receive, send)
             return
-        if request.method == "HEAD":
-            outcome = await rules.serve(request, None)
-            if outcome.entry is not None:
-                await self._reply(outcome, request, send)
-                return
-        else:
+        outcome = await rules.serve(request, None)  # a hit needs no task group
+        if outcome.entry is not None:
+            await self._reply(outcome, request, send)
+            return
+        if request.method == "GET":
             capture = _Capture(rules, send)
             async with anyio.create_task_group() as tg:
 
@@ -119,7 +118,7 @@ class CacheMiddleware:
                     await capture.decided.wait()
                     return capture.entry
 
-                outcome = await rules.serve(request, fill)
+                outcome = await rules.serve(request, fill, outcome.ident)
                 if outcome.entry is not None:
                     # Sent before the app's task ends: its background tasks run after.
                     await self._reply(outcome, request, send)
