@@ -110,6 +110,17 @@ async def test_miss_then_hit_with_stable_etag_and_age(cache: aiovmc.AsyncCache) 
     assert second.headers["content-length"] == str(len(first.content))
 
 
+async def test_length_and_age_are_the_replays_own(cache: aiovmc.AsyncCache) -> None:
+    site = Site(cache)
+    async with site.client() as c:
+        await c.get("/page/x?h-age=99&h-connection=close")
+        site.clock.now += 3
+        hit = await c.get("/page/x?h-age=99&h-connection=close")
+    assert hit.headers.get_list("age") == ["3"]
+    assert hit.headers.get_list("content-length") == [str(len(hit.content))]
+    assert "close" not in hit.headers.get("connection", "")
+
+
 async def test_app_etag_kept_and_if_none_match_gives_304(cache: aiovmc.AsyncCache) -> None:
     site = Site(cache)
     async with site.client() as c:

@@ -77,9 +77,10 @@ KEY_PREFIX = b"aiovmc.http\x00"
 MAX_VARIANTS = 64  # variants listed per URL for invalidate(); more are still made unreachable
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and the length, which a replay sets itself.
+# Hop-by-hop headers (RFC 9110 §7.6.1), and the length and age, which a replay sets itself.
 _NOT_STORED = frozenset(
     {
+        b"age",
         b"connection",
         b"keep-alive",
         b"proxy-authenticate",
