@@ -204,8 +204,9 @@ int64_t vmc_purge_shard(vmc_cache *c, int shard);
 /* vmc_statistics -- fill *out with the file-wide counters. VMC_OK. */
 int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
 /* vmc_peek -- read a cache file's statistics without changing a byte of it:
- * no lock, no recovery, no liveness lock; opened O_RDONLY and mapped
- * PROT_READ. Also the last timestamp handed out (times[0]) and the persisted
+ * no recovery, no reclaim, no liveness lock (a shared lock on the opening
+ * byte waits out an opener that is recovering or resetting the file); opened
+ * O_RDONLY and mapped PROT_READ. Also the last timestamp handed out (times[0]) and the persisted
  * one (times[1]). VMC_OK; VMC_E_CONFIG (no such file); VMC_E_FORMAT (as
  * vmc_open); VMC_E_OS. */
 int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times);

@@ -567,13 +567,17 @@ void vmc_free(vmc_cache *c)
 /* vmc_peek -- a cache file's statistics, read without writing anything: the
  * file is opened O_RDONLY and mapped PROT_READ (a write would fault), its
  * header validated like vmc_open's, and the counters summed by
- * vmc_statistics on a handle that exists only for this call. No opening or
- * liveness lock is taken, so neither recovery nor reclaim can run. */
+ * vmc_statistics on a handle that exists only for this call. No liveness lock
+ * is taken and nothing is run on the file: no recovery, no reclaim. A shared
+ * lock on the opening byte, held for the call, waits out an opener that is
+ * recovering or resetting the file (a reset may resize it under the mapping)
+ * and delays the next opener by as long as the read takes. */
 int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
 {
     memset(out, 0, sizeof *out);
     times[0] = times[1] = 0;
-    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO planted at `path` must not block the open. */
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return errno == ENOENT ? vmc_fail(VMC_E_CONFIG, "%s does not exist", path)
                                : open_failure(path);
@@ -587,6 +591,10 @@ int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
     }
     if (!S_ISREG(st.st_mode)) {
         rc = vmc_fail(VMC_E_FORMAT, "%s is not a regular file", path);
+        goto out;
+    }
+    if (ofd_lock(fd, F_RDLCK, OPENING_BYTE, true) != 0 || fstat(fd, &st) != 0) {
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", path);
         goto out;
     }
     if ((uint64_t)st.st_size < sizeof h) {
@@ -623,6 +631,6 @@ int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
 out:
     if (base != MAP_FAILED)
         munmap(base, h.file_size);
-    close(fd);
+    close(fd); /* drops the lock with the descriptor */
     return rc;
 }

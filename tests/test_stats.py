@@ -103,6 +103,9 @@ def test_stats_refuses_what_is_not_a_cache(tmp_path: Path) -> None:
     link.symlink_to(junk)
     assert "symbolic link" in stats(str(link)).stderr
     assert "does not exist" in stats(str(tmp_path / "none")).stderr
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening must not wait for a writer
+    assert "not a regular file" in stats(str(fifo)).stderr
     assert stats(str(junk), "--watch", "0").returncode == 2
 
 
