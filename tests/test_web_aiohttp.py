@@ -47,13 +47,18 @@ class Site:
             response.set_cookie("session", "s3cret")
             return response
 
+        async def post(request: web.Request) -> web.StreamResponse:
+            if "X-Redirect" in request.headers:  # post, redirect, get
+                raise web.HTTPSeeOther(request.path)
+            return web.Response(text="posted")
+
         async def missing(request: web.Request) -> web.StreamResponse:
             self.calls += 1
             raise web.HTTPNotFound(text="nothing here")
 
         self.app = web.Application(middlewares=[cache_middleware(cache=cache, **options)])
         self.app.router.add_get("/page/{name}", page)
-        self.app.router.add_post("/page/{name}", page)
+        self.app.router.add_post("/page/{name}", post)
         self.app.router.add_get("/stream", stream)
         self.app.router.add_get("/missing", missing)
         self.app.router.add_get("/cookie", cookie)
@@ -112,6 +117,10 @@ def test_coalesced_vary_invalidate_and_unsafe_methods(cache_path: str) -> None:
         assert again.headers["X-Cache"] == "MISS"
 
         await client.post("/page/c")
+        assert (await client.get("/page/c")).headers["X-Cache"] == "MISS"
+        assert (await client.get("/page/c")).headers["X-Cache"] == "HIT"
+        posted = await client.post("/page/c", headers={"X-Redirect": "1"}, allow_redirects=False)
+        assert posted.status == 303  # raised as an HTTPException: invalidates all the same
         assert (await client.get("/page/c")).headers["X-Cache"] == "MISS"
 
     run(cache_path, test)

@@ -86,7 +86,12 @@ def cache_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         view = _request(request)
         if view.method in UNSAFE_METHODS:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:  # e.g. raise HTTPSeeOther(...) after a POST
+                if exc.status < 400:
+                    await rules.invalidate(view)
+                raise
             if response.status < 400:
                 await rules.invalidate(view)
             return response
@@ -116,7 +121,6 @@ def cache_middleware(
             return replay(outcome.entry, view, outcome.label)
         return await handler(request)
 
-    middleware.rules = rules  # type: ignore[attr-defined]
     return middleware
 
 
