@@ -144,6 +144,7 @@ def test_shared_response_cache(server: Server) -> None:
     labels = Counter(r.headers["x-cache"] for r in burst)
     assert server.calls("/slow/cold") == [int(bodies.pop().rsplit(" ", 1)[1])]
     assert labels["MISS"] == 1 and labels["MISS"] + labels["COALESCED"] + labels["HIT"] == 200
+    assert len({r.headers["x-served-by"] for r in burst}) > 1  # coalesced across processes
 
     # Hits from every worker: the same body and ETag, an Age, a 304 on If-None-Match.
     first = server.get("/slow/cold")
