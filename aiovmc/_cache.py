@@ -500,9 +500,11 @@ _open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # The child shares its parent's liveness lock through the inherited
-    # descriptor; give every open handle a lock of its own.
+    # The child shares its parent's liveness and owner locks through the inherited
+    # descriptor; give every open handle locks of its own. The parent's threads
+    # are gone: so are their loads (one may have held the flight's lock).
     for cache in list(_open_caches):
+        cache._loads = ThreadFlight()
         if not cache.closed:
             cache._after_fork()
 
