@@ -18,15 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
-from ._coalesce import (
-    FLIGHT_FULL,
-    FLIGHT_NONE,
-    FLIGHT_VALUE,
-    FLIGHT_WAIT,
-    HostWave,
-    LoadMark,
-    ThreadFlight,
-)
+from ._coalesce import LoadMark, Peek, ThreadFlight, Wait, load_steps
 from ._convert import encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheConfigError
 from ._native import Handle
@@ -35,6 +27,9 @@ __all__ = ["Cache", "CacheEntry", "CacheStatistics", "Reservation", "entry_of"]
 
 _POLICIES = ("lru", "none")
 _COALESCE = ("host", "process")
+
+
+_MAX_LOAD_TIMEOUT = 1e9  # ~31 years: int64 nanoseconds stay far from overflow
 
 
 def _load_timeout_ns(seconds: object) -> int:
@@ -50,9 +45,6 @@ def _load_timeout_ns(seconds: object) -> int:
             f"not {seconds!r}"
         )
     return int(seconds * 1e9)
-
-
-_MAX_LOAD_TIMEOUT = 1e9  # ~31 years: int64 nanoseconds stay far from overflow
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -253,41 +245,26 @@ class Cache(Handle):
         return default if value is None else value
 
     def _load(self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark) -> bytes | None:
-        """The part of a miss played by the thread leading this process's load: look
-        again, then lead, join or wait for the host-wide wave. Returns the value
-        (None: no value)."""
-        found = self._peek(key)
-        if found is not None:
-            return found
-        if self._coalesce == "process":
-            return self._call_loader(key, loader, ran, takeover=False)
-        wave = HostWave(self, key, self._load_timeout_ns)
+        """Carry out `aiovmc._coalesce.load_steps` on this thread (the part of a
+        miss played by the thread leading this process's load)."""
+        steps = load_steps(self, key, self._coalesce == "host", self._load_timeout_ns)
+        reply: bytes | None = None
         while True:
-            status = wave.join()
-            if status == FLIGHT_WAIT:
-                wave.wait()
-                continue
-            if status == FLIGHT_FULL:
-                return self._call_loader(key, loader, ran, takeover=False)
-            if status == FLIGHT_NONE:
-                return None
-            found = self._peek(key)
-            if status == FLIGHT_VALUE:
-                if found is not None:
-                    return found
-                wave.restart()  # stored, then removed already: a new wave
-                continue
-            # FLIGHT_LEAD or FLIGHT_TAKEOVER
-            if found is not None:
-                wave.finish(found)
-                return found
             try:
-                value = self._call_loader(key, loader, ran, takeover=wave.takeover)
-            except BaseException:
-                wave.fail()
-                raise
-            wave.finish(value)
-            return value
+                step = steps.send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Peek):
+                reply = self._peek(key)
+            elif isinstance(step, Wait):
+                step.wave.wait()
+                reply = None
+            else:
+                try:
+                    reply = self._call_loader(key, loader, ran, takeover=step.takeover)
+                except BaseException as exc:
+                    steps.throw(exc)  # ends the wave as failed, then re-raises
+                    raise
 
     def _peek(self, key: bytes) -> bytes | None:
         """The value of `key` if stored, read quietly (no statistics, no LRU touch)."""
@@ -548,9 +525,11 @@ _open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # The child shares its parent's liveness lock through the inherited
-    # descriptor; give every open handle a lock of its own.
+    # The child shares its parent's liveness and owner locks through the inherited
+    # descriptor; give every open handle locks of its own. The parent's threads
+    # are gone: so are their loads (one may have held the flight's lock).
     for cache in list(_open_caches):
+        cache._loads = ThreadFlight()
         if not cache.closed:
             cache._after_fork()
 

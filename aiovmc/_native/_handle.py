@@ -36,7 +36,6 @@ __all__ = [
     "FLIGHT_TAKEOVER",
     "FLIGHT_VALUE",
     "FLIGHT_WAIT",
-    "PROBE_SECONDS",
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
@@ -65,8 +64,6 @@ FLIGHT_FULL: int = lib.VMC_FLIGHT_FULL
 END_VALUE: int = lib.VMC_END_VALUE
 END_NONE: int = lib.VMC_END_NONE
 END_FAILED: int = lib.VMC_END_FAILED
-#: A waiter checks that its leader is alive (and not too slow) this often.
-PROBE_SECONDS: float = lib.VMC_FLIGHT_PROBE_MS / 1000
 
 
 def new_ticket() -> Any:
