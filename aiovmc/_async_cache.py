@@ -30,16 +30,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._cache import Cache, CacheStatistics, Reservation
-from ._coalesce import (
-    FLIGHT_FULL,
-    FLIGHT_NONE,
-    FLIGHT_VALUE,
-    FLIGHT_WAIT,
-    HostWave,
-    LoadMark,
-    SingleFlight,
-)
+from ._cache import Cache, CacheEntry, CacheStatistics, Reservation, entry_of
+from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
 
 if TYPE_CHECKING:
@@ -98,7 +90,7 @@ _copy_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.Run
 #: At most this many threads per event loop wait for loads led by other
 #: processes (one per key being waited for); further waits queue for a thread.
 #: A thread sleeps in the kernel (a futex) and wakes for the wave's end, or every
-#: `aiovmc._coalesce.PROBE_SECONDS` to check on the leader.
+#: 200 ms (``VMC_FLIGHT_PROBE_MS`` in ``native/vmc.h``) to check on the leader.
 WAIT_CONCURRENCY: Final = 64
 
 _wait_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
@@ -396,44 +388,27 @@ class AsyncCache:
         return copy() if size < self._threshold else await _offload(copy)
 
     async def _load(self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark) -> bytes | None:
-        """The part of a miss played by the task leading this loop's load.
-
-        First look again: a leader taking over from a cancelled one, or one whose
-        key another process loaded meanwhile, may find it stored. Then, with
-        ``coalesce="host"``, lead, join or wait for the host-wide wave
-        (`aiovmc._coalesce`, rules A-E)."""
-        found = await self._peek(key)
-        if found is not None:
-            return found
-        if not self._host:
-            return await self._call_loader(key, loader, ttl, ran, takeover=False)
-        wave = HostWave(self._cache, key, self._load_timeout_ns)
+        """Carry out `aiovmc._coalesce.load_steps` on the loop (the part of a miss
+        played by the task leading this loop's load): waits for other processes
+        in a worker thread."""
+        steps = load_steps(self._cache, key, self._host, self._load_timeout_ns)
+        reply: bytes | None = None
         while True:
-            status = wave.join()
-            if status == FLIGHT_WAIT:
-                await _wait_for_wave(wave)
-                continue
-            if status == FLIGHT_FULL:
-                return await self._call_loader(key, loader, ttl, ran, takeover=False)
-            if status == FLIGHT_NONE:
-                return None
-            found = await self._peek(key)
-            if status == FLIGHT_VALUE:
-                if found is not None:
-                    return found
-                wave.restart()  # stored, then removed already: a new wave
-                continue
-            # FLIGHT_LEAD or FLIGHT_TAKEOVER
-            if found is not None:
-                wave.finish(found)
-                return found
             try:
-                value = await self._call_loader(key, loader, ttl, ran, takeover=wave.takeover)
-            except BaseException:
-                wave.fail()
-                raise
-            wave.finish(value)
-            return value
+                step = steps.send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Peek):
+                reply = await self._peek(key)
+            elif isinstance(step, Wait):
+                await _wait_for_wave(step.wave)
+                reply = None
+            else:
+                try:
+                    reply = await self._call_loader(key, loader, ttl, ran, takeover=step.takeover)
+                except BaseException as exc:
+                    steps.throw(exc)  # ends the wave as failed, then re-raises
+                    raise
 
     async def _call_loader(
         self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark, *, takeover: bool
@@ -468,6 +443,16 @@ class AsyncCache:
         k = key if key.__class__ is bytes else encode_key(key)
         found = self._get_inline(k, sys.maxsize)
         return default if found is None else found  # type: ignore[return-value]
+
+    async def get_entry(self, key: Key) -> CacheEntry | None:
+        """As `Cache.get_entry`: the value with its timestamp and expiry, or None.
+        Never loads; a value of at least ``offload_threshold`` bytes is copied in
+        a worker thread."""
+        k = key if key.__class__ is bytes else encode_key(key)
+        found = self._cache._get_entry(k, self._limit)
+        if isinstance(found, int):  # large: counted, copied by a worker thread
+            found = await _offload(functools.partial(self._cache._get_entry, k, sys.maxsize))
+        return entry_of(found)
 
     async def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """As `Cache.get_into`: copy ``value[offset:offset+len(buffer)]`` into

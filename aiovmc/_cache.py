@@ -11,29 +11,25 @@ import dataclasses
 import functools
 import os
 import secrets
+import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
-from ._coalesce import (
-    FLIGHT_FULL,
-    FLIGHT_NONE,
-    FLIGHT_VALUE,
-    FLIGHT_WAIT,
-    HostWave,
-    LoadMark,
-    ThreadFlight,
-)
+from ._coalesce import LoadMark, Peek, ThreadFlight, Wait, load_steps
 from ._convert import encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheConfigError
 from ._native import Handle
 
-__all__ = ["Cache", "CacheStatistics", "Reservation"]
+__all__ = ["Cache", "CacheEntry", "CacheStatistics", "Reservation", "entry_of"]
 
 _POLICIES = ("lru", "none")
 _COALESCE = ("host", "process")
+
+
+_MAX_LOAD_TIMEOUT = 1e9  # ~31 years: int64 nanoseconds stay far from overflow
 
 
 def _load_timeout_ns(seconds: object) -> int:
@@ -49,9 +45,6 @@ def _load_timeout_ns(seconds: object) -> int:
             f"not {seconds!r}"
         )
     return int(seconds * 1e9)
-
-
-_MAX_LOAD_TIMEOUT = 1e9  # ~31 years: int64 nanoseconds stay far from overflow
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +78,17 @@ class CacheStatistics:
     load_takeovers: int
     """Loads started because the previous leader of the key failed, was cancelled,
     closed its handle, died or ran past a waiter's load_timeout."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A stored value with what the file knows about it (`Cache.get_entry`)."""
+
+    value: bytes
+    timestamp: int
+    """The publication timestamp (`put`'s return value)."""
+    expires_at: float | None
+    """When the entry expires, in UNIX seconds; None if it never does."""
 
 
 class Cache(Handle):
@@ -241,41 +245,26 @@ class Cache(Handle):
         return default if value is None else value
 
     def _load(self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark) -> bytes | None:
-        """The part of a miss played by the thread leading this process's load: look
-        again, then lead, join or wait for the host-wide wave. Returns the value
-        (None: no value)."""
-        found = self._peek(key)
-        if found is not None:
-            return found
-        if self._coalesce == "process":
-            return self._call_loader(key, loader, ran, takeover=False)
-        wave = HostWave(self, key, self._load_timeout_ns)
+        """Carry out `aiovmc._coalesce.load_steps` on this thread (the part of a
+        miss played by the thread leading this process's load)."""
+        steps = load_steps(self, key, self._coalesce == "host", self._load_timeout_ns)
+        reply: bytes | None = None
         while True:
-            status = wave.join()
-            if status == FLIGHT_WAIT:
-                wave.wait()
-                continue
-            if status == FLIGHT_FULL:
-                return self._call_loader(key, loader, ran, takeover=False)
-            if status == FLIGHT_NONE:
-                return None
-            found = self._peek(key)
-            if status == FLIGHT_VALUE:
-                if found is not None:
-                    return found
-                wave.restart()  # stored, then removed already: a new wave
-                continue
-            # FLIGHT_LEAD or FLIGHT_TAKEOVER
-            if found is not None:
-                wave.finish(found)
-                return found
             try:
-                value = self._call_loader(key, loader, ran, takeover=wave.takeover)
-            except BaseException:
-                wave.fail()
-                raise
-            wave.finish(value)
-            return value
+                step = steps.send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Peek):
+                reply = self._peek(key)
+            elif isinstance(step, Wait):
+                step.wave.wait()
+                reply = None
+            else:
+                try:
+                    reply = self._call_loader(key, loader, ran, takeover=step.takeover)
+                except BaseException as exc:
+                    steps.throw(exc)  # ends the wave as failed, then re-raises
+                    raise
 
     def _peek(self, key: bytes) -> bytes | None:
         """The value of `key` if stored, read quietly (no statistics, no LRU touch)."""
@@ -328,6 +317,11 @@ class Cache(Handle):
             return False
         self._notify_evicted([victim])
         return True
+
+    def get_entry(self, key: Any) -> CacheEntry | None:
+        """The value of `key` with its publication timestamp and expiry, read in
+        one core call; None on a miss. Counts a get like `get`; never loads."""
+        return entry_of(self._get_entry(encode_key(key), sys.maxsize))
 
     def keys(self) -> list[bytes]:
         """A snapshot list of the unexpired keys."""
@@ -519,13 +513,23 @@ class Reservation:
 
 _ABSENT: Any = object()
 
+
+def entry_of(found: tuple[bytes, int, int] | int | None) -> CacheEntry | None:
+    """A CacheEntry from what `Handle._get_entry` found (None for a miss)."""
+    if found is None or isinstance(found, int):
+        return None
+    value, timestamp, expires_ns = found
+    return CacheEntry(value, timestamp, expires_ns / 1e9 if expires_ns else None)
+
 _open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # The child shares its parent's liveness lock through the inherited
-    # descriptor; give every open handle a lock of its own.
+    # The child shares its parent's liveness and owner locks through the inherited
+    # descriptor; give every open handle locks of its own. The parent's threads
+    # are gone: so are their loads (one may have held the flight's lock).
     for cache in list(_open_caches):
+        cache._loads = ThreadFlight()
         if not cache.closed:
             cache._after_fork()
 

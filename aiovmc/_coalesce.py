@@ -26,7 +26,7 @@ C. **Errors stay home.** A loader exception ends the wave as failed. It reaches
    one call per process per wave, one after another.
 D. **Takeover.** A leader that is cancelled, or whose handle closes, ends the
    wave as failed at once and a waiter takes over. A leader whose process died
-   holds no owner lock any more: a waiter notices within `PROBE_SECONDS` and
+   holds no owner lock any more: a waiter notices within 200 ms (a probe) and
    takes over. A leader alive but loading for longer than a waiter's
    ``load_timeout`` gets a second leader, that waiter; the value published last
    stays. Each takeover that calls a loader counts in ``load_takeovers``.
@@ -85,8 +85,9 @@ waiting thread.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Generator, Hashable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -103,23 +104,21 @@ from ._native import (
     FLIGHT_TAKEOVER,
     FLIGHT_VALUE,
     FLIGHT_WAIT,
-    PROBE_SECONDS,
     Handle,
     new_ticket,
 )
 
 __all__ = [
-    "FLIGHT_FULL",
-    "FLIGHT_NONE",
-    "FLIGHT_TAKEOVER",
-    "FLIGHT_VALUE",
-    "FLIGHT_WAIT",
-    "PROBE_SECONDS",
     "HostWave",
+    "Load",
     "LoadMark",
+    "Peek",
     "SingleFlight",
+    "Step",
     "ThreadFlight",
+    "Wait",
     "current_loop_tag",
+    "load_steps",
 ]
 
 T = TypeVar("T")
@@ -346,9 +345,8 @@ class HostWave:
     """One handle's part in the host-wide wave of one key (module docstring, A-E).
 
     `join` answers a ``FLIGHT_*`` status: LEAD or TAKEOVER (load, then `finish`
-    or `fail`),
-    WAIT (`wait`, then `join` again), VALUE or NONE (the wave waited for ended
-    with or without a value), FULL (no slot: load without the table).
+    or `fail`), WAIT (`wait`, then `join` again), VALUE or NONE (the wave waited
+    for ended with or without a value), FULL (no slot: load without the table).
     """
 
     __slots__ = ("_handle", "_key", "_ticket", "_timeout_ns", "takeover")
@@ -396,3 +394,70 @@ class HostWave:
             self._handle._flight_end(self._ticket, outcome)
         except CacheClosedError:
             pass  # closing the handle orphaned the wave already
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peek:
+    """Step: look the key up quietly; send back the stored value or None."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wait:
+    """Step: call ``wave.wait()`` (in a worker thread, from async code); send None."""
+
+    wave: HostWave
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Load:
+    """Step: call the loader and store its result; send back what it returned
+    (None: no value), or throw its exception into the generator."""
+
+    takeover: bool
+
+
+Step = Peek | Wait | Load
+
+
+def load_steps(
+    handle: Handle, key: bytes, host: bool, load_timeout_ns: int
+) -> Generator[Step, bytes | None, bytes | None]:
+    """The part of a miss played by the task or thread leading its process's load,
+    as steps that its driver carries out (`Cache` blocking, `AsyncCache` awaiting),
+    so that the protocol is written once. Returns the value (None: no value).
+
+    First look again: a leader taking over from a cancelled one, or one whose key
+    another process loaded meanwhile, may find it stored. Then, with ``host``,
+    lead, join or wait for the host-wide wave (rules A-E)."""
+    found = yield Peek()
+    if found is not None:
+        return found
+    if not host:
+        return (yield Load(takeover=False))
+    wave = HostWave(handle, key, load_timeout_ns)
+    while True:
+        status = wave.join()
+        if status == FLIGHT_WAIT:
+            yield Wait(wave)
+            continue
+        if status == FLIGHT_FULL:
+            return (yield Load(takeover=False))
+        if status == FLIGHT_NONE:
+            return None
+        found = yield Peek()
+        if status == FLIGHT_VALUE:
+            if found is not None:
+                return found
+            wave.restart()  # stored, then removed already: a new wave
+            continue
+        # FLIGHT_LEAD or FLIGHT_TAKEOVER
+        if found is not None:
+            wave.finish(found)
+            return found
+        try:
+            value = yield Load(takeover=wave.takeover)
+        except BaseException:
+            wave.fail()
+            raise
+        wave.finish(value)
+        return value

@@ -14,10 +14,11 @@
  *
  * `gen` goes up by one at every change of leader and at every end, so a ticket
  * (slot, gen) names one leadership: an end whose ticket is stale (its wave was
- * taken over) changes nothing, and a waiter whose ticket's slot shows
- * gen + 1 and DONE knows how its own wave ended. A slot keeps its key after the
- * wave ends, until another key needs the room (the slot ended longest ago is
- * reused first), so waiters woken late still find their outcome.
+ * taken over) changes nothing, and a waiter whose ticket's slot has moved on
+ * and shows DONE knows how the key's last wave since it joined ended (its own,
+ * or the one that took it over). A slot keeps its key after the wave ends,
+ * until another key needs the room (the slot ended longest ago is reused
+ * first), so waiters woken late still find their outcome.
  *
  * Every slot field is written under hdr->flight_lock in an order that leaves
  * a harmless slot if the writer dies half way (the key before the state, the
@@ -239,7 +240,7 @@ int vmc_flight_join(vmc_cache *c, const char *key, size_t klen, int64_t load_tim
     int rc = table_lock(c);
     if (rc == VMC_OK) {
         struct vmc_flight *s = t->slot ? &slots(c)[t->slot - 1] : NULL;
-        if (s && s->state == VMC_SLOT_DONE && s->gen == t->gen + 1 &&
+        if (s && s->state == VMC_SLOT_DONE && s->gen != t->gen &&
             holds_key(s, hash, klen))
             rc = s->outcome == VMC_END_VALUE ? VMC_FLIGHT_VALUE : VMC_FLIGHT_NONE;
         else

@@ -133,12 +133,17 @@ def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
             calls += 1
         conn.send(("loading", os.getpid()))
         answer = conn.recv()
-        return None if answer == "none" else answer
+        if answer == "raise":
+            raise LoadError(f"loader of {os.getpid()} failed")
+        return None if answer == "none" else answer  # type: ignore[no-any-return]
 
     with Cache(path, on_miss=loader) as cache:
 
         def one_get() -> None:
-            value = cache.get(KEY, DEFAULT)
+            try:
+                value = cache.get(KEY, DEFAULT)
+            except LoadError:
+                value = "error"
             with lock:
                 results.append(value)
 
@@ -330,6 +335,24 @@ def test_cancelled_or_closed_leader_is_taken_over_at_once(
     assert in_use(file) == 0
 
 
+@pytest.mark.parametrize(("method", "backend"), PAIRS)
+def test_cancelled_waiters_leave_the_wave_alone(method: str, backend: str, file: str) -> None:
+    """Every get of a waiting process is cancelled: they return at once, the
+    wave goes on, and nothing of theirs is left in the file."""
+    ctx = multiprocessing.get_context(method)
+    leader = start_leader(ctx, file, backend)
+    quitter, stayer = start_waiters(ctx, file, backend, 2)
+    quitter.conn.send("cancel")
+    assert quitter.finish() == []  # cancelled while the leader still loads
+    leader.conn.send(b"for those who stayed")
+    assert leader.finish() == [b"for those who stayed"] * 20
+    assert stayer.finish() == [b"for those who stayed"] * 20
+    stats = stats_of(file)
+    assert (stats.loader_calls, stats.load_takeovers, stats.coalesced_gets) == (1, 0, 39)
+    assert (stats.gets, stats.hits, stats.misses) == (60, 39, 21)
+    assert in_use(file) == 0
+
+
 @pytest.mark.parametrize(("method", "backend"), [*PAIRS, ("fork", "uvloop")])
 def test_sigkilled_leader_is_taken_over(method: str, backend: str, file: str) -> None:
     ctx = multiprocessing.get_context(method)
@@ -378,6 +401,25 @@ def test_sync_cache_threads_coalesce_across_processes(method: str, file: str) ->
     assert waiter.finish() == [b"sync value"] * 8
     assert (leader.calls, waiter.calls) == (1, 0)
     assert stats_of(file).loader_calls == 1
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_sync_cache_loader_error_stays_in_its_process(method: str, file: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    # One thread in the leading process: a thread of it arriving after the failure
+    # would start a wave of its own.
+    leader = Child(ctx, _sync_child, file, 1)
+    leader.expect_both()
+    waiter = Child(ctx, _sync_child, file, 6)
+    waiter.expect("joined")
+    leader.conn.send("raise")
+    assert leader.finish() == ["error"]
+    waiter.expect("loading")  # the other process takes over with its own loader
+    waiter.conn.send(b"second try")
+    assert waiter.finish() == [b"second try"] * 6
+    stats = stats_of(file)
+    assert (stats.loader_calls, stats.load_takeovers) == (2, 1)
+    assert in_use(file) == 0
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])
@@ -712,3 +754,38 @@ def test_functools_cached_coalesces_across_processes(method: str, backend: str, 
         assert child.finish() == [{"id": 42, "name": "Ada"}] * 10
     assert (leader.calls, waiter.calls) == (1, 0)
     assert stats_of(file).loader_calls == 1
+
+
+@pytest.mark.anyio
+async def test_a_scribbled_flight_table_delays_loads_at_most_load_timeout(
+    cache_path: str,
+) -> None:
+    """Random bytes over the whole table, and slots forged to name a live leader
+    that never ends: every get still loads its value, a forged live leader's keys
+    after load_timeout, and nothing crashes."""
+    import struct
+    import time
+
+    from .helpers import read_header, vmc_hash
+
+    with Cache(cache_path, size="4MiB") as keeper:
+        mapping = keeper._mmap
+        assert mapping is not None
+        hdr = read_header(mapping[:4096])
+        off, n = hdr["flights_off"], hdr["n_flights"]
+        live_owner = int.from_bytes(mapping[424:432], "little")  # next_owner: the keeper's id
+        mapping[off : off + n * 32] = random.Random(3).randbytes(n * 32)
+        forged = [b"forged-1", b"forged-2"]
+        for key in forged:
+            h = vmc_hash(key, hdr["hash_seed"])
+            at = off + ((h >> 40) & (n - 1)) * 32
+            mapping[at : at + 32] = struct.pack(
+                "<IBBHQQQ", 7, 1, 0, len(key), h, live_owner, time.monotonic_ns()
+            )
+        async with AsyncCache(cache_path, load_timeout=0.3) as acache:
+            keys = [*forged, *(b"plain-%d" % i for i in range(40))]
+            for key in keys:
+                assert await acache.get(key, on_miss=lambda k: k.upper()) == key.upper()
+            stats = acache.statistics()
+        assert stats.loader_calls == len(keys)
+        assert stats.load_takeovers >= len(forged)

@@ -114,3 +114,33 @@ def test_reservation_owned_from_another_pid_namespace(cache_path: str) -> None:
                 assert keeper.get(b"owned", b"")[:5] == b"hello"
                 assert keeper.delete(b"owned")
             assert _used(cache_path) == empty  # gone: its reservation is reclaimed
+
+
+def test_reservation_naming_a_live_pid_is_reclaimed(cache_path: str) -> None:
+    """A dead owner's record rewritten to hold the pid of a live process (this
+    one), as if the owner's pid had been reused: reclaimed all the same, since
+    liveness is the owner's lock, not a pid."""
+    from .helpers import read_header
+
+    with Cache(cache_path, size="4MiB") as keeper:
+        empty = keeper.statistics().used_bytes
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read)
+            child = Cache(cache_path)
+            kept = child.reserve(b"owned", 65536)
+            os.write(write, (kept._id & 0xFFFFFFFF).to_bytes(4, "little"))
+            os._exit(0)
+        os.close(write)
+        head = int.from_bytes(os.read(read, 4), "little")
+        os.close(read)
+        os.waitpid(pid, 0)
+        mapping = keeper._mmap
+        assert mapping is not None
+        hdr = read_header(mapping[:4096])
+        owner_at = hdr["pool_off"] + ((head - 1) << hdr["unit_shift"]) + 48  # atime_ns
+        assert int.from_bytes(mapping[owner_at : owner_at + 8], "little") != 0
+        mapping[owner_at : owner_at + 8] = os.getpid().to_bytes(8, "little")
+        assert keeper.statistics().used_bytes > empty
+        assert _used(cache_path) == empty

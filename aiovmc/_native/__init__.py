@@ -10,11 +10,11 @@ from ._handle import (
     FLIGHT_TAKEOVER,
     FLIGHT_VALUE,
     FLIGHT_WAIT,
-    PROBE_SECONDS,
     SCRATCH_SIZE,
     Handle,
     NativeInfo,
     new_ticket,
+    peek,
 )
 from ._status import ERRORS, raise_for
 
@@ -29,10 +29,10 @@ __all__ = [
     "FLIGHT_TAKEOVER",
     "FLIGHT_VALUE",
     "FLIGHT_WAIT",
-    "PROBE_SECONDS",
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
     "new_ticket",
+    "peek",
     "raise_for",
 ]
