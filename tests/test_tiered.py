@@ -331,11 +331,17 @@ async def test_ttl_carried_from_redis(redis_server: RedisServer, hosts: Any) -> 
         await listening(cache)
         assert await cache.get(b"short") == b"s"
         assert cache.get_nowait(b"short") == b"s"
+        entry = await cache.l1.get_entry(b"short")
+        assert entry is not None and entry.expires_at is not None
+        assert entry.expires_at <= time.time() + 0.3  # not the handle's hour
         await eventually(lambda: not client.exists(b"t:short"), "redis to expire the key")
         # Stored with redis's remaining TTL, not the handle's hour.
         assert cache.get_nowait(b"short") is None
         await cache.put(b"long", b"l", ttl=100)
         assert 99_000 < client.pttl(b"t:long") <= 100_000
+        entry = await cache.l1.get_entry(b"long")
+        assert entry is not None and entry.expires_at is not None
+        assert time.time() + 50 < entry.expires_at <= time.time() + 100
         assert (await cache.get_many([b"long", b"absent"])) == {b"long": b"l"}
 
 
