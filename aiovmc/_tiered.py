@@ -437,6 +437,7 @@ class TieredCache:
     __slots__ = (
         "_channel",
         "_client",
+        "_client_owned",
         "_closed",
         "_count",
         "_down_until",
@@ -497,6 +498,7 @@ class TieredCache:
         self._prefix = ns + b":"
         self._channel = b"aiovmc:" + ns + b":invalidate"
         self._client = client
+        self._client_owned = client is not redis
         self._lookup = client.register_script(_LOOKUP)
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
@@ -902,7 +904,8 @@ class TieredCache:
             if self._listener.elected.is_set():
                 # Its read was woken by stop(); it ends within a moment.
                 await anyio.to_thread.run_sync(self._listener.join, self._timeout + 1)
-            self._client.close()
+            if self._client_owned:
+                self._client.close()
             await self._l1.aclose()
             self._sidecar.close()
         await anyio.lowlevel.checkpoint()

@@ -429,10 +429,12 @@ def test_bad_arguments(redis_server: RedisServer, hosts: Any) -> None:
 @pytest.mark.anyio
 async def test_one_namespace_per_file(redis_server: RedisServer, hosts: Any) -> None:
     path = hosts()
-    async with aiovmc.TieredCache(path, redis=redis_server.client(), namespace="one",
-                                  size="4MiB"):
+    client = redis_server.client()
+    async with aiovmc.TieredCache(path, redis=client, namespace="one", size="4MiB") as cache:
         with pytest.raises(aiovmc.CacheConfigError, match="belongs to namespace 'one'"):
             aiovmc.TieredCache(path, redis=redis_server.url, namespace="two")
+        await cache.put(b"k", b"v")
+    assert client.get(b"one:k") == b"v"  # the caller's client is still open
     damage(path + ".tiered")
     with pytest.raises(aiovmc.CacheFormatError, match="not an aiovmc TieredCache sidecar"):
         aiovmc.TieredCache(path, redis=redis_server.url, namespace="one")
