@@ -30,7 +30,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._cache import Cache, CacheStatistics, Reservation
+from ._cache import Cache, CacheEntry, CacheStatistics, Reservation, entry_of
 from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
 
@@ -429,6 +429,16 @@ class AsyncCache:
         k = key if key.__class__ is bytes else encode_key(key)
         found = self._get_inline(k, sys.maxsize)
         return default if found is None else found  # type: ignore[return-value]
+
+    async def get_entry(self, key: Key) -> CacheEntry | None:
+        """As `Cache.get_entry`: the value with its timestamp and expiry, or None.
+        Never loads; a value of at least ``offload_threshold`` bytes is copied in
+        a worker thread."""
+        k = key if key.__class__ is bytes else encode_key(key)
+        found = self._cache._get_entry(k, self._limit)
+        if isinstance(found, int):  # large: counted, copied by a worker thread
+            found = await _offload(functools.partial(self._cache._get_entry, k, sys.maxsize))
+        return entry_of(found)
 
     async def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """As `Cache.get_into`: copy ``value[offset:offset+len(buffer)]`` into

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import secrets
+import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -22,7 +23,7 @@ from ._convert import encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheConfigError
 from ._native import Handle
 
-__all__ = ["Cache", "CacheStatistics", "Reservation"]
+__all__ = ["Cache", "CacheEntry", "CacheStatistics", "Reservation", "entry_of"]
 
 _POLICIES = ("lru", "none")
 _COALESCE = ("host", "process")
@@ -77,6 +78,17 @@ class CacheStatistics:
     load_takeovers: int
     """Loads started because the previous leader of the key failed, was cancelled,
     closed its handle, died or ran past a waiter's load_timeout."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A stored value with what the file knows about it (`Cache.get_entry`)."""
+
+    value: bytes
+    timestamp: int
+    """The publication timestamp (`put`'s return value)."""
+    expires_at: float | None
+    """When the entry expires, in UNIX seconds; None if it never does."""
 
 
 class Cache(Handle):
@@ -306,6 +318,11 @@ class Cache(Handle):
         self._notify_evicted([victim])
         return True
 
+    def get_entry(self, key: Any) -> CacheEntry | None:
+        """The value of `key` with its publication timestamp and expiry, read in
+        one core call; None on a miss. Counts a get like `get`; never loads."""
+        return entry_of(self._get_entry(encode_key(key), sys.maxsize))
+
     def keys(self) -> list[bytes]:
         """A snapshot list of the unexpired keys."""
         return list(self._shard_keys())
@@ -495,6 +512,14 @@ class Reservation:
 
 
 _ABSENT: Any = object()
+
+
+def entry_of(found: tuple[bytes, int, int] | int | None) -> CacheEntry | None:
+    """A CacheEntry from what `Handle._get_entry` found (None for a miss)."""
+    if found is None or isinstance(found, int):
+        return None
+    value, timestamp, expires_ns = found
+    return CacheEntry(value, timestamp, expires_ns / 1e9 if expires_ns else None)
 
 _open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 

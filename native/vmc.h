@@ -163,6 +163,11 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
  * the caller a conversion. As vmc_get, and VMC_E_OS if the scratch buffer
  * cannot be allocated. */
 int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen);
+/* vmc_get_entry -- vmc_get with VMC_F_WHOLE that also reports, on a hit, the
+ * entry's publication timestamp (meta[0]) and its expiry (meta[1],
+ * CLOCK_REALTIME ns, 0 = never). Returns as vmc_get. */
+int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                      uint32_t flags, uint64_t *meta);
 /* vmc_scratch -- this thread's scratch buffer (VMC_SCRATCH_SIZE bytes; NULL
  * if out of memory). */
 char *vmc_scratch(void);
@@ -198,6 +203,13 @@ int vmc_clear_shard(vmc_cache *c, int shard);
 int64_t vmc_purge_shard(vmc_cache *c, int shard);
 /* vmc_statistics -- fill *out with the file-wide counters. VMC_OK. */
 int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
+/* vmc_peek -- read a cache file's statistics without changing a byte of it:
+ * no recovery, no reclaim, no liveness lock (a shared lock on the opening
+ * byte waits out an opener that is recovering or resetting the file); opened
+ * O_RDONLY and mapped PROT_READ. Also the last timestamp handed out (times[0]) and the persisted
+ * one (times[1]). VMC_OK; VMC_E_CONFIG (no such file); VMC_E_FORMAT (as
+ * vmc_open); VMC_E_OS. */
+int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times);
 
 /* vmc_reserve -- room for a value of `size` bytes in one extent, invisible
  * until published; *data_offset is where the value goes, as an offset in the

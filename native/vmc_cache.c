@@ -380,11 +380,11 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
 
 /* ---- the operations ---- */
 
-/* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
- * (with VMC_F_WHOLE: the whole value, only if it fits) and return the value's
- * total length; VMC_MISS if absent or expired. */
-int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
-                uint64_t offset, uint32_t flags)
+/* get -- vmc_get, and on a hit (if meta is not NULL) the entry's publication
+ * timestamp and expiry in meta[0] and meta[1], read under the same lock as
+ * the value. */
+static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                   uint64_t offset, uint32_t flags, uint64_t *meta)
 {
     ENTER(c);
     int64_t rc = check_key(klen);
@@ -419,6 +419,10 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
             goto out;
         }
         uint64_t vlen = e->value_len;
+        if (meta) {
+            meta[0] = e->stamp;
+            meta[1] = e->expires_ns;
+        }
         if (!quiet) {
             VMC_COUNT(sh->hits);
             e->atime_ns = now; /* the LRU heap re-keys lazily */
@@ -468,6 +472,23 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
 out:
     leave(c);
     return rc;
+}
+
+/* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
+ * (with VMC_F_WHOLE: the whole value, only if it fits) and return the value's
+ * total length; VMC_MISS if absent or expired. */
+int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                uint64_t offset, uint32_t flags)
+{
+    return get(c, key, klen, dst, cap, offset, flags, NULL);
+}
+
+/* vmc_get_entry -- vmc_get with VMC_F_WHOLE, plus the entry's publication
+ * timestamp (meta[0]) and expiry (meta[1], CLOCK_REALTIME ns, 0 = never). */
+int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                      uint32_t flags, uint64_t *meta)
+{
+    return get(c, key, klen, dst, cap, 0, flags | VMC_F_WHOLE, meta);
 }
 
 /* ---- the per-thread scratch buffer ---- */

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -561,4 +562,75 @@ void vmc_free(vmc_cache *c)
     detach(c, false);
     free(c->path);
     free(c);
+}
+
+/* vmc_peek -- a cache file's statistics, read without writing anything: the
+ * file is opened O_RDONLY and mapped PROT_READ (a write would fault), its
+ * header validated like vmc_open's, and the counters summed by
+ * vmc_statistics on a handle that exists only for this call. No liveness lock
+ * is taken and nothing is run on the file: no recovery, no reclaim. A shared
+ * lock on the opening byte, held for the call, waits out an opener that is
+ * recovering or resetting the file (a reset may resize it under the mapping)
+ * and delays the next opener by as long as the read takes. */
+int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
+{
+    memset(out, 0, sizeof *out);
+    times[0] = times[1] = 0;
+    /* O_NONBLOCK: a FIFO planted at `path` must not block the open. */
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return errno == ENOENT ? vmc_fail(VMC_E_CONFIG, "%s does not exist", path)
+                               : open_failure(path);
+    struct stat st;
+    struct vmc_header h;
+    void *base = MAP_FAILED;
+    int rc;
+    if (fstat(fd, &st) != 0) {
+        rc = vmc_fail_errno("fstat", path);
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = vmc_fail(VMC_E_FORMAT, "%s is not a regular file", path);
+        goto out;
+    }
+    if (ofd_lock(fd, F_RDLCK, OPENING_BYTE, true) != 0 || fstat(fd, &st) != 0) {
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", path);
+        goto out;
+    }
+    if ((uint64_t)st.st_size < sizeof h) {
+        rc = vmc_fail(VMC_E_FORMAT, "%s is too small (%lld bytes) to be an aiovmc cache file",
+                      path, (long long)st.st_size);
+        goto out;
+    }
+    if (pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
+        rc = vmc_fail_errno("pread", path);
+        goto out;
+    }
+    if ((rc = validate_header(&h, (uint64_t)st.st_size, path)) < 0)
+        goto out;
+    base = mmap(NULL, h.file_size, PROT_READ, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        rc = vmc_fail_errno("mmap", path);
+        goto out;
+    }
+    /* Only what vmc_statistics reads: the header, the shard table, the geometry. */
+    vmc_cache view = {0};
+    view.base = base;
+    view.hdr = base;
+    view.shards = (struct vmc_shard *)((char *)base + h.shards_off);
+    view.file_size = h.file_size;
+    view.shift = h.unit_shift;
+    view.unit_size = h.unit_size;
+    view.pool_units = h.pool_units;
+    view.n_shards = h.n_shards;
+    view.fd = -1;
+    view.path = (char *)path;
+    rc = vmc_statistics(&view, out);
+    times[0] = __atomic_load_n(&view.hdr->clock, __ATOMIC_ACQUIRE);
+    times[1] = __atomic_load_n(&view.hdr->persisted, __ATOMIC_ACQUIRE);
+out:
+    if (base != MAP_FAILED)
+        munmap(base, h.file_size);
+    close(fd); /* drops the lock with the descriptor */
+    return rc;
 }

@@ -14,6 +14,7 @@ from ._handle import (
     Handle,
     NativeInfo,
     new_ticket,
+    peek,
 )
 from ._status import ERRORS, raise_for
 
@@ -32,5 +33,6 @@ __all__ = [
     "Handle",
     "NativeInfo",
     "new_ticket",
+    "peek",
     "raise_for",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "Handle",
     "NativeInfo",
     "new_ticket",
+    "peek",
 ]
 
 SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come back here too
@@ -129,6 +130,17 @@ def _as_char_pointer(value: object) -> tuple[Any, int]:
     return ffi.from_buffer(view), view.nbytes
 
 
+def peek(path: str) -> tuple[Any, int, int]:
+    """A cache file's raw statistics, its last timestamp and its persisted
+    timestamp, read without changing a byte of the file (see vmc_peek)."""
+    stats = ffi.new("struct vmc_stats *")
+    times = ffi.new("uint64_t[2]")
+    status = lib.vmc_peek(os.fsencode(path), stats, times)
+    if status < 0:
+        raise_for(status)
+    return stats, int(times[0]), int(times[1])
+
+
 class Handle:
     """An open cache file, mapped. Thread-safe: the core locks, not the GIL."""
 
@@ -214,6 +226,39 @@ class Handle:
 
     def _missed(self, key: bytes, default: Any) -> Any:
         return default
+
+    def _get_entry(self, key: bytes, limit: int) -> tuple[bytes, int, int] | int | None:
+        """(value, publication timestamp, expiry in ns or 0) of a hit, read in
+        one core call; a hit larger than `limit` as its size, not copied (the
+        caller fetches it with `_get_entry(key, sys.maxsize)` from a worker
+        thread, which takes a second call for values past the scratch buffer);
+        None on a miss. Counts the get like `get`; never loads."""
+        meta = ffi.new("uint64_t[2]")
+        s = _scratch
+        cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
+        if s.busy:  # re-entered: see _Scratch
+            n = lib.vmc_get_entry(self._h, key, len(key), _NULL, 0, 0, meta)
+            cap = -1
+        else:
+            s.busy = True
+            try:
+                n = lib.vmc_get_entry(self._h, key, len(key), s.ptr, cap, 0, meta)
+                if 0 <= n <= cap:
+                    return s.view[0:n], int(meta[0]), int(meta[1])
+            finally:
+                s.busy = False
+        if n > limit:
+            return int(n)
+        while n >= 0:  # counted, not copied: copy into a result of the right size
+            out = bytes(n)
+            size = n
+            n = lib.vmc_get_entry(self._h, key, len(key), ffi.from_buffer(out), size, _QUIET,
+                                  meta)
+            if n == size:
+                return out, int(meta[0]), int(meta[1])
+        if n == _MISS:
+            return None
+        raise_for(n)
 
     def _copy_whole(self, key: bytes, size: int) -> bytes | None:
         """Copy a value whose size is already known (no statistics, no LRU touch)
