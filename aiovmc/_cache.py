@@ -8,6 +8,7 @@ eviction callback, statistics records, reservations and the mapping protocol.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import secrets
 import tempfile
@@ -18,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from ._convert import encode_key, parse_size, ttl_to_ns
-from ._errors import AiovmcError, CacheConfigError
+from ._errors import AiovmcError, CacheClosedError, CacheConfigError
 from ._native import Handle
 
 __all__ = ["Cache", "CacheStatistics", "Reservation"]
@@ -265,9 +266,22 @@ class Cache(Handle):
         nbytes = parse_size(size)
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         assert ttl_ns is not None
-        rid, buffer, evicted = self._reserve(encoded, nbytes, ttl_ns)
-        reservation = Reservation(self, rid, encoded, buffer)
+        rid, offset, evicted = self._reserve(encoded, nbytes, ttl_ns)
+        reservation = Reservation(self, rid, encoded, nbytes)
         self._reservations.add(reservation)
+        # A close() (another thread, a signal handler) may run at any point
+        # here: the core cancels, at close, what was not registered yet, and
+        # close() cancels what was; the view must outlive neither.
+        if self.closed:
+            reservation._finish("cancelled")
+            raise CacheClosedError("the cache handle is closed")
+        try:
+            reservation._attach(*self._map_view(offset, nbytes))
+        except BaseException:
+            reservation._abandon()
+            raise
+        if reservation.state != "open":
+            raise CacheClosedError("the cache handle was closed while reserving")
         if evicted:  # if a callback raises, the unreturned reservation is cancelled
             try:
                 self._notify_evicted(evicted)
@@ -323,18 +337,38 @@ class Reservation:
     `buffer` is a writable memoryview of exactly `size` bytes inside the cache
     file: what is written there is the value, with no further copy. As a
     context manager it publishes on success and cancels on an exception.
+    Once the reservation is published or cancelled, `buffer` is released, and
+    any view taken from it (a slice, a numpy array) writes into private memory
+    of this process, never into the file.
     """
 
-    __slots__ = ("__weakref__", "_cache", "_id", "_state", "buffer", "key", "size", "timestamp")
+    __slots__ = (
+        "__weakref__",
+        "_cache",
+        "_id",
+        "_mapping",
+        "_state",
+        "buffer",
+        "key",
+        "size",
+        "timestamp",
+    )
 
-    def __init__(self, cache: Cache, rid: int, key: bytes, buffer: memoryview) -> None:
+    def __init__(self, cache: Cache, rid: int, key: bytes, size: int) -> None:
         self._cache = cache
         self._id = rid
         self._state = "open"
+        self._mapping: mmap.mmap | None = None
         self.key = key
-        self.size = buffer.nbytes
-        self.buffer = buffer
+        self.size = size
+        self.buffer = memoryview(b"")
         self.timestamp: int | None = None
+
+    def _attach(self, mapping: mmap.mmap | None, buffer: memoryview) -> None:
+        self._mapping = mapping
+        self.buffer = buffer
+        if self._state != "open":  # finished meanwhile (a close from a signal handler)
+            self._detach()
 
     @property
     def state(self) -> str:
@@ -349,6 +383,7 @@ class Reservation:
         """Make the value visible atomically, replacing any older value of the
         key; returns its timestamp (also kept as `timestamp`)."""
         self._require_open("publish")
+        self._detach()  # no write through `buffer` may land in the published value
         try:
             self.timestamp = self._cache._publish(self._id)
         except BaseException:
@@ -362,25 +397,32 @@ class Reservation:
         if self._state == "cancelled":
             return
         self._require_open("cancel")
+        self._detach()
         self._cache._cancel(self._id)
         self._finish("cancelled")
 
     def _abandon(self) -> None:
         """Cancel quietly (the handle is closing)."""
         if self._state == "open":
+            self._finish("cancelled")
             try:
                 self._cache._cancel(self._id)
             except AiovmcError:
                 pass
-            self._finish("cancelled")
+
+    def _detach(self) -> None:
+        """Point `buffer` and every view of it at private memory, then release it."""
+        mapping, self._mapping = self._mapping, None
+        self._cache._detach_view(mapping)
+        try:
+            self.buffer.release()
+        except BufferError:
+            pass  # views of it remain; they see private memory now
 
     def _finish(self, state: str) -> None:
         self._state = state
         self._cache._reservations.discard(self)
-        try:
-            self.buffer.release()  # later writes through `buffer` fail loudly
-        except BufferError:
-            pass  # something still exports it; the mapping stays valid regardless
+        self._detach()
 
     def __enter__(self) -> Reservation:
         return self

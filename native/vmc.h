@@ -11,7 +11,7 @@
  *
  * The comment above each entry point lists what it returns. Besides those,
  * every call on a handle (all but vmc_open, vmc_abort, vmc_close, vmc_free,
- * vmc_scratch, vmc_shard_count and the error accessors) returns
+ * vmc_scratch, vmc_shard_count, vmc_detach_view and the error accessors) returns
  * VMC_E_CLOSED once the handle is closed, and every call that takes a lock in
  * the file may return VMC_E_OS (a lock or a repair failed: out of memory) or
  * VMC_E_CORRUPT (damage that repair could not mend).
@@ -115,9 +115,9 @@ void vmc_abort(vmc_cache *c);
  * own. VMC_OK; VMC_E_OS, and the handle is then closed (without unlocking
  * the parent's lock). */
 int vmc_after_fork(vmc_cache *c);
-/* vmc_close -- detach: wait for calls in flight on other threads, release
- * the locks. Always VMC_OK (closing twice is harmless). The caller unmaps
- * afterwards. */
+/* vmc_close -- detach: wait for calls in flight on other threads, cancel
+ * the reservations still open on this handle, release the locks. Always
+ * VMC_OK (closing twice is harmless). The caller unmaps afterwards. */
 int vmc_close(vmc_cache *c);
 /* vmc_free -- release the handle's memory (closing it first if needed): call
  * once, when no thread can use the handle any more (Python: its garbage
@@ -184,6 +184,16 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
 int64_t vmc_publish(vmc_cache *c, uint64_t reservation);
 /* vmc_cancel -- free a reservation without publishing it. VMC_OK; VMC_E_STATE. */
 int vmc_cancel(vmc_cache *c, uint64_t reservation);
+
+/* vmc_dup_fd -- a new descriptor (close-on-exec) of the handle's file, for a
+ * mapping of the caller's own; the caller closes it. The descriptor (>= 0);
+ * VMC_E_OS. */
+int vmc_dup_fd(vmc_cache *c);
+/* vmc_detach_view -- replace [addr, addr+len) (page aligned), a separate
+ * mapping the caller made of a reservation's pages to hand out its buffer, by
+ * private anonymous memory: views of that buffer that outlive the reservation
+ * then write nowhere in the file. VMC_OK; VMC_E_CONFIG; VMC_E_OS. */
+int vmc_detach_view(void *addr, size_t len);
 
 /* vmc_committed_timestamp -- T such that every publication up to T is
  * visible (>= 0). */

@@ -7,12 +7,14 @@
  * the key's shard, looks up, touches the LRU order and copies, in one call.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "vmc_cache.h"
 #include "vmc_entry.h"
 #include "vmc_index.h"
 #include "vmc_lru.h"
@@ -23,38 +25,25 @@
 /* Copies of at least this many bytes run without the shard lock (optimistically). */
 #define VMC_UNLOCKED_COPY (256u * 1024)
 
-/* ---- process id, cached: reservations record their owner ---- */
-
-static uint64_t self_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
-
-static void refresh_pid(void)
-{
-    __atomic_store_n(&self_pid, (uint64_t)getpid(), __ATOMIC_RELAXED);
-}
-
-static void pid_init(void)
-{
-    refresh_pid();
-    pthread_atfork(NULL, NULL, refresh_pid);
-}
-
-static uint64_t vmc_self_pid(void)
-{
-    pthread_once(&pid_once, pid_init);
-    return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
-}
-
 /* ---- calls in flight: vmc_close waits for them ---- */
 
-static bool enter(vmc_cache *c)
+/* enter -- count a call in flight, unless the handle is closed (or was
+ * inherited across fork() and never got a liveness lock of its own). */
+static int enter(vmc_cache *c)
 {
     atomic_fetch_add(&c->active, 1);
     if (atomic_load(&c->closed)) {
         atomic_fetch_sub(&c->active, 1);
-        return false;
+        return vmc_fail(VMC_E_CLOSED, "the cache handle is closed");
     }
-    return true;
+    if (c->pid != vmc_self_pid()) {
+        atomic_fetch_sub(&c->active, 1);
+        return vmc_fail(VMC_E_CLOSED, "the cache handle was opened by process %llu and this "
+                                      "process has no liveness lock of its own on it "
+                                      "(vmc_after_fork was not called, or failed)",
+                        (unsigned long long)c->pid);
+    }
+    return VMC_OK;
 }
 
 static void leave(vmc_cache *c)
@@ -64,8 +53,9 @@ static void leave(vmc_cache *c)
 
 #define ENTER(c)                                                                  \
     do {                                                                          \
-        if (!enter(c))                                                            \
-            return vmc_fail(VMC_E_CLOSED, "the cache handle is closed");          \
+        int enter_rc_ = enter(c);                                                 \
+        if (enter_rc_ < 0)                                                        \
+            return enter_rc_;                                                     \
     } while (0)
 
 static int check_key(size_t klen)
@@ -196,7 +186,7 @@ static int64_t purge_shard(vmc_cache *c, uint32_t shard);
  * owned by this process), evicting as the policy allows. Everything recovery
  * reads of a reservation is written here, under the pool lock. */
 static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
-                     uint32_t flags, uint32_t *head)
+                     uint32_t flags, uint32_t nonce, uint32_t *head)
 {
     bool purged = false;
     for (;;) {
@@ -210,7 +200,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             e->value_len = (uint32_t)vlen;
             e->expires_ns = expires;
             e->atime_ns = vmc_self_pid();
-            e->checksum = 0; /* the nonce of a put's own reservation */
+            e->checksum = nonce; /* 0 for a put's own reservation */
             e->state = VMC_RESERVED;
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
@@ -282,8 +272,8 @@ static uint32_t next_nonce(void)
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     struct vmc_entry *e = vmc_head(c, head);
-    return e && e->state == VMC_RESERVED && e->atime_ns == vmc_self_pid() &&
-           e->checksum == nonce;
+    return e && VMC_LOAD(e->state) == VMC_RESERVED && VMC_LOAD(e->atime_ns) == vmc_self_pid() &&
+           VMC_LOAD(e->checksum) == nonce;
 }
 
 static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
@@ -300,6 +290,50 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
     vmc_release_entry(c, head); /* REMOVED: a stale id can never match it again */
     vmc_pool_unlock(c);
     return VMC_OK;
+}
+
+/* ---- the reservations open on this handle (vmc_close cancels them) ---- */
+
+/* track_rid -- remember an open reservation; false if out of memory. */
+static bool track_rid(vmc_cache *c, uint64_t rid)
+{
+    bool ok = true;
+    pthread_mutex_lock(&c->rids_lock);
+    if (c->n_rids == c->cap_rids) {
+        uint32_t cap = c->cap_rids ? c->cap_rids * 2 : 16;
+        uint64_t *more = cap > c->cap_rids ? realloc(c->rids, (size_t)cap * sizeof *more) : NULL;
+        if (more) {
+            c->rids = more;
+            c->cap_rids = cap;
+        } else {
+            ok = false;
+        }
+    }
+    if (ok)
+        c->rids[c->n_rids++] = rid;
+    pthread_mutex_unlock(&c->rids_lock);
+    return ok;
+}
+
+/* untrack_rid -- forget a reservation (published, cancelled, or never ours). */
+static void untrack_rid(vmc_cache *c, uint64_t rid)
+{
+    pthread_mutex_lock(&c->rids_lock);
+    for (uint32_t i = 0; i < c->n_rids; i++)
+        if (c->rids[i] == rid) {
+            c->rids[i] = c->rids[--c->n_rids];
+            break;
+        }
+    pthread_mutex_unlock(&c->rids_lock);
+}
+
+void vmc_cache_drop_reservations(vmc_cache *c)
+{
+    pthread_mutex_lock(&c->rids_lock);
+    for (uint32_t i = 0; i < c->n_rids; i++)
+        drop_reservation(c, RID_HEAD(c->rids[i]), RID_NONCE(c->rids[i])); /* gone: harmless */
+    c->n_rids = 0;
+    pthread_mutex_unlock(&c->rids_lock);
 }
 
 /* publish -- link a filled RESERVED head into its shard, replacing an older
@@ -559,7 +593,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     }
     uint32_t head;
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
-    if ((rc = make_room(c, klen, vlen, expires, false, flags, &head)) < 0)
+    if ((rc = make_room(c, klen, vlen, expires, false, flags, 0, &head)) < 0)
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
     memcpy(vmc_entry_key(e), key, klen);
@@ -804,15 +838,18 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     int64_t rc = check_key(klen);
     if (rc == VMC_OK)
         rc = check_value(c, klen, size);
-    uint32_t head;
+    uint32_t head, nonce = next_nonce();
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
-    if (rc == VMC_OK && (rc = make_room(c, klen, size, expires, true, flags, &head)) == VMC_OK) {
+    if (rc == VMC_OK &&
+        (rc = make_room(c, klen, size, expires, true, flags, nonce, &head)) == VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
-        uint32_t nonce = next_nonce();
-        e->checksum = nonce;
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
         rc = (int64_t)RID(head, nonce);
+        if (!track_rid(c, (uint64_t)rc)) {
+            drop_reservation(c, head, nonce);
+            rc = vmc_fail(VMC_E_OS, "out of memory for the list of open reservations");
+        }
     }
     leave(c);
     return rc;
@@ -837,9 +874,10 @@ int64_t vmc_publish(vmc_cache *c, uint64_t reservation)
     int64_t rc = VMC_E_STATE;
     struct vmc_entry *e = owned_reservation(c, reservation);
     if (e) {
-        uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
+        uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), VMC_LOAD(e->key_len));
         rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false);
     }
+    untrack_rid(c, reservation);
     leave(c);
     return rc;
 }
@@ -851,6 +889,16 @@ int vmc_cancel(vmc_cache *c, uint64_t reservation)
     int rc = owned_reservation(c, reservation)
                  ? drop_reservation(c, RID_HEAD(reservation), RID_NONCE(reservation))
                  : VMC_E_STATE;
+    untrack_rid(c, reservation);
+    leave(c);
+    return rc;
+}
+
+int vmc_dup_fd(vmc_cache *c)
+{
+    ENTER(c); /* vmc_close waits: the descriptor cannot be closed (and reused) meanwhile */
+    int fd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
+    int rc = fd >= 0 ? fd : vmc_fail_errno("fcntl(F_DUPFD_CLOEXEC)", c->path);
     leave(c);
     return rc;
 }

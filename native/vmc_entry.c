@@ -5,27 +5,40 @@
 typedef void (*piece_fn)(void *ctx, const char *piece, uint64_t at, uint64_t len);
 
 /* walk_value -- call fn on each piece of head's value; VMC_E_CORRUPT if a
- * link is unsound. */
+ * link is unsound. Every field is read once into a local, checked, and only
+ * the checked copy is used: a reader copying without the shard lock may see
+ * the extents freed and reused under it, and each piece must still lie inside
+ * its extent, hence inside the pool. */
 static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
 {
-    struct vmc_entry *e = vmc_head(c, head);
-    if (e == NULL)
+    if (!vmc_unit_ok(c, head))
         return VMC_E_CORRUPT;
-    uint64_t vlen = e->value_len;
-    uint64_t room = vmc_extent_bytes(c, e->tag) - sizeof *e - e->key_len;
+    struct vmc_entry *e = vmc_unit(c, head);
+    uint64_t tag = VMC_LOAD(e->tag);
+    uint64_t klen = VMC_LOAD(e->key_len), vlen = VMC_LOAD(e->value_len);
+    uint32_t next = VMC_LOAD(e->next);
+    uint32_t units = VMC_TAG_UNITS(tag);
+    if (VMC_TAG_KIND(tag) != VMC_KIND_HEAD || units == 0 || units > c->pool_units - head + 1 ||
+        sizeof *e + klen > (uint64_t)units << c->shift)
+        return VMC_E_CORRUPT;
+    uint64_t room = ((uint64_t)units << c->shift) - sizeof *e - klen;
     uint64_t n = room < vlen ? room : vlen;
-    fn(ctx, vmc_entry_key(e) + e->key_len, 0, n);
+    fn(ctx, vmc_entry_key(e) + klen, 0, n);
     uint64_t at = n;
-    uint32_t next = e->next;
     for (uint32_t steps = 0; at < vlen; steps++) {
-        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
-        if (b == NULL || b->head != head || steps >= c->pool_units)
+        if (!vmc_unit_ok(c, next) || steps >= c->pool_units)
             return VMC_E_CORRUPT;
-        room = vmc_extent_bytes(c, b->tag) - sizeof *b;
+        struct vmc_body *b = vmc_unit(c, next);
+        tag = VMC_LOAD(b->tag);
+        units = VMC_TAG_UNITS(tag);
+        if (VMC_TAG_KIND(tag) != VMC_KIND_BODY || units == 0 ||
+            units > c->pool_units - next + 1 || VMC_LOAD(b->head) != head)
+            return VMC_E_CORRUPT;
+        room = ((uint64_t)units << c->shift) - sizeof *b;
         n = room < vlen - at ? room : vlen - at;
         fn(ctx, (const char *)(b + 1), at, n);
         at += n;
-        next = b->next;
+        next = VMC_LOAD(b->next);
     }
     return VMC_OK;
 }
@@ -78,7 +91,7 @@ uint64_t vmc_entry_data_hash(vmc_cache *c, uint32_t head)
     struct vmc_entry *e = vmc_head(c, head);
     if (e == NULL)
         return 0;
-    uint64_t acc = vmc_hash(vmc_entry_key(e), e->key_len, c->seed);
+    uint64_t acc = vmc_hash(vmc_entry_key(e), VMC_LOAD(e->key_len), c->seed);
     if (walk_value(c, head, hash_piece, &acc) != VMC_OK)
         return 0;
     return acc | 1;

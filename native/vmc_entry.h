@@ -14,11 +14,14 @@
 /* vmc_head -- the HEAD at `unit` if its key fits its extent; NULL (damage) otherwise. */
 static inline struct vmc_entry *vmc_head(const vmc_cache *c, uint32_t unit)
 {
-    struct vmc_entry *e = vmc_extent(c, unit, VMC_KIND_HEAD);
-    if (e == NULL)
+    if (!vmc_unit_ok(c, unit))
         return NULL;
-    uint64_t bytes = (uint64_t)VMC_TAG_UNITS(e->tag) << c->shift;
-    if (sizeof *e + (uint64_t)e->key_len > bytes)
+    struct vmc_entry *e = vmc_unit(c, unit);
+    uint64_t tag = VMC_LOAD(e->tag); /* one load: checked and used */
+    uint32_t n = VMC_TAG_UNITS(tag);
+    if (VMC_TAG_KIND(tag) != VMC_KIND_HEAD || n == 0 || n > c->pool_units - unit + 1)
+        return NULL;
+    if (sizeof *e + (uint64_t)VMC_LOAD(e->key_len) > (uint64_t)n << c->shift)
         return NULL;
     return e;
 }

@@ -18,10 +18,12 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "vmc_cache.h"
 #include "vmc_mutex.h"
 #include "vmc_pool.h"
 #include "vmc_recover.h"
@@ -394,6 +396,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     }
     c->fd = fd;
     c->path = copy;
+    pthread_mutex_init(&c->rids_lock, NULL);
     c->file_size = h.file_size;
     c->seed = h.hash_seed;
     c->shift = h.unit_shift;
@@ -429,6 +432,7 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     c->index = (uint64_t *)(c->base + c->hdr->index_off);
     c->heaps = (struct vmc_heap_item *)(c->base + c->hdr->heap_off);
     c->pool = c->base + c->hdr->pool_off;
+    c->pid = vmc_self_pid();
     int rc = VMC_OK;
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {
         rc = vmc_rebuild(c, VMC_REBUILD_RECOVER, &info->recovered_entries,
@@ -451,6 +455,8 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
 void vmc_abort(vmc_cache *c)
 {
     close(c->fd);
+    pthread_mutex_destroy(&c->rids_lock);
+    free(c->rids);
     free(c->path);
     free(c);
 }
@@ -479,28 +485,55 @@ int vmc_after_fork(vmc_cache *c)
     /* The inherited descriptor shares the parent's lock: close it, never unlock it. */
     close(c->fd);
     c->fd = fd;
+    c->pid = vmc_self_pid();
     return VMC_OK;
 }
 
-int vmc_close(vmc_cache *c)
+/* close_handle -- vmc_close; `mapped`: the caller's mapping is still there,
+ * so this handle's open reservations can be cancelled. Only the process that
+ * took the handle's liveness lock unlocks it: a handle inherited by fork()
+ * shares its parent's lock, which closing the descriptor leaves alone. */
+static int close_handle(vmc_cache *c, bool mapped)
 {
     if (atomic_exchange(&c->closed, 1))
         return VMC_OK;
     while (atomic_load(&c->active) > 0)
         sched_yield();
+    bool ours = c->pid == vmc_self_pid();
+    if (ours && mapped && c->hdr)
+        vmc_cache_drop_reservations(c);
     if (c->fd >= 0) {
-        ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
+        if (ours)
+            ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
         close(c->fd);
         c->fd = -1;
     }
     return VMC_OK;
 }
 
+int vmc_close(vmc_cache *c)
+{
+    return close_handle(c, true);
+}
+
 void vmc_free(vmc_cache *c)
 {
     if (c == NULL)
         return;
-    vmc_close(c);
+    close_handle(c, false); /* the garbage collector may have unmapped already */
+    pthread_mutex_destroy(&c->rids_lock);
+    free(c->rids);
     free(c->path);
     free(c);
+}
+
+int vmc_detach_view(void *addr, size_t len)
+{
+    if (((uintptr_t)addr & (VMC_PAGE - 1)) != 0 || len == 0)
+        return vmc_fail(VMC_E_CONFIG, "a view mapping must start on a page and not be empty");
+    void *p = mmap(addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                   -1, 0);
+    if (p == MAP_FAILED)
+        return vmc_fail_errno("mmap", "a reservation's view");
+    return VMC_OK;
 }

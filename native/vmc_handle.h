@@ -51,8 +51,14 @@ struct vmc_cache {
     uint64_t default_ttl_ns;
     int fd;
     char *path;                   /* for messages */
+    uint64_t pid;                 /* the process whose liveness lock `fd` holds: a
+                                     handle inherited by fork() is usable in the
+                                     child only once vmc_after_fork gave it its own */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;
+    pthread_mutex_t rids_lock;    /* guards the next three (process-local) */
+    uint64_t *rids;               /* reservations open on this handle: vmc_close */
+    uint32_t n_rids, cap_rids;    /* cancels those the caller did not */
 };
 
 /* vmc_now_ns -- CLOCK_REALTIME in nanoseconds (expiry deadlines, access times). */

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #include "vmc_pool.h"
 
@@ -296,6 +297,26 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
     if (next)
         next->link_prev = e->link_prev;
     e->link_prev = e->link_next = 0;
+}
+
+static uint64_t self_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void refresh_pid(void)
+{
+    __atomic_store_n(&self_pid, (uint64_t)getpid(), __ATOMIC_RELAXED);
+}
+
+static void pid_init(void)
+{
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+uint64_t vmc_self_pid(void)
+{
+    pthread_once(&pid_once, pid_init);
+    return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
 }
 
 bool vmc_pid_alive(uint64_t pid)

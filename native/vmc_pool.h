@@ -26,6 +26,9 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
 /* vmc_reclaim_dead -- free reservations whose owner process has died
  * (rate-limited unless forced); returns the units freed. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
+/* vmc_self_pid -- this process's id, cached (refreshed in a fork()ed child):
+ * the owner recorded in its reservations. */
+uint64_t vmc_self_pid(void);
 /* vmc_pid_alive -- whether a process with this id exists. */
 bool vmc_pid_alive(uint64_t pid);
 

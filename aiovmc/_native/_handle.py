@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._convert import encode_key, ttl_to_ns, value_buffer
-from .._errors import CacheClosedError
 from ._status import raise_for
 from ._vmc import ffi, lib
 
@@ -419,11 +418,9 @@ class Handle:
 
     # ---- reservations ----
 
-    def _reserve(
-        self, key: bytes, size: int, ttl_ns: int
-    ) -> tuple[int, memoryview, list[bytes]]:
-        """Reserve room: (id, writable view of the value, keys evicted for it).
-        The caller owns the reservation before it notifies the evictions."""
+    def _reserve(self, key: bytes, size: int, ttl_ns: int) -> tuple[int, int, list[bytes]]:
+        """Reserve room: (id, offset of the value in the file, keys evicted for
+        it). The caller owns the reservation before it notifies the evictions."""
         offset = ffi.new("uint64_t *")
         reserve = lib.vmc_reserve
         evicted: list[bytes] = []
@@ -435,10 +432,39 @@ class Handle:
             )
         if rid < 0:
             self._stored(rid, evicted)
-        mapping = self._mmap
-        if mapping is None:
-            raise CacheClosedError("the cache handle is closed")
-        return int(rid), memoryview(mapping)[offset[0] : offset[0] + size], evicted
+        return int(rid), int(offset[0]), evicted
+
+    def _map_view(self, offset: int, size: int) -> tuple[mmap.mmap | None, memoryview]:
+        """A writable view of file bytes [offset, offset+size) through a mapping
+        of its own, which `_detach_view` later swaps for private memory: views
+        of the buffer that outlive the reservation then write nowhere in the
+        file (the core's main mapping is never handed out for writing)."""
+        if size == 0:
+            return None, memoryview(bytearray())
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        fd = lib.vmc_dup_fd(self._h)
+        if fd < 0:
+            raise_for(fd)
+        try:
+            mapping = mmap.mmap(fd, offset + size - start, mmap.MAP_SHARED, offset=start)
+        finally:
+            os.close(fd)
+        return mapping, memoryview(mapping)[offset - start : offset - start + size]
+
+    @staticmethod
+    def _detach_view(mapping: mmap.mmap | None) -> None:
+        """Swap a `_map_view` mapping for private memory, then let it go (at
+        once, or when the last view of it is released)."""
+        if mapping is None or mapping.closed:
+            return
+        with ffi.from_buffer(mapping) as address:
+            status = lib.vmc_detach_view(address, len(mapping))
+        if status < 0:
+            raise_for(status)
+        try:
+            mapping.close()
+        except BufferError:
+            pass  # views remain: they see private memory, unmapped with the last of them
 
     def _publish(self, rid: int) -> int:
         ts = lib.vmc_publish(self._h, rid)
@@ -486,9 +512,12 @@ class Handle:
         self._base = None
 
     def _after_fork(self) -> None:
-        status = lib.vmc_after_fork(self._h)
-        if status < 0:
-            raise_for(status)
+        """In a fork()ed child: give the handle a liveness lock of the child's
+        own. If that fails, the core has closed the handle in this process
+        (without touching the parent's lock); it then reports closed here too."""
+        if lib.vmc_after_fork(self._h) < 0:
+            self._mmap = None
+            self._base = None
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,205 @@
+"""Regression tests for the defects of issue 10 (hardening), one or more per defect.
+
+Each test failed before its fix. Multi-process ones run real processes on a
+real file; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import anyio
+import pytest
+
+import aiovmc
+from aiovmc._async_cache import _limiter
+
+from .helpers import WAIT
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run_python(code: str, *args: str, timeout: float = WAIT) -> str:
+    """Run `code` in a fresh interpreter; its stdout (it must exit with 0)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return proc.stdout.decode()
+
+
+# ---- 1. a child whose after-fork re-lock fails ------------------------------------
+
+_FORK_WITHOUT_DESCRIPTORS = """
+import os, resource, sys
+import aiovmc
+
+paths = sys.argv[1:]
+caches = [aiovmc.Cache(p, size="1MiB") for p in paths]
+for cache in caches:
+    cache.put(b"k", b"v")
+# No descriptor left: the child's re-open through /proc/self/fd fails for
+# every handle.
+holes = []
+while True:
+    fd = os.open("/dev/null", os.O_RDONLY)
+    holes.append(fd)
+    if fd >= 64:
+        break
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (65, hard))
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # The first handle's re-open fails (its inherited descriptor is closed,
+    # which frees a slot for the next ones): a handle is closed exactly when
+    # it cannot be used.
+    seen = []
+    for c in caches:
+        closed = c.closed
+        try:
+            usable = c.get(b"k") == b"v"
+        except aiovmc.CacheClosedError:
+            usable = False
+        seen.append((closed, usable))
+        c.close()  # must not unlock the parent's liveness lock
+    print("child", sorted(seen), flush=True)
+    os._exit(0)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+for fd in holes:
+    os.close(fd)
+# The parent still uses both files: a third opener must not recover them.
+import subprocess
+third = "import aiovmc, sys; c = aiovmc.Cache(sys.argv[1]); print(c.info.recovered, c.get(b'k'))"
+out = [
+    subprocess.run([sys.executable, "-c", third, p], capture_output=True, check=True)
+    .stdout.decode().strip()
+    for p in paths
+]
+print("third", out, flush=True)
+for cache in caches:
+    assert cache.get(b"k") == b"v"
+    cache.close()
+"""
+
+
+def test_failed_after_fork_relock_closes_every_handle_and_keeps_the_parents_lock(
+    tmp_path: Any,
+) -> None:
+    paths = [str(tmp_path / "a.cache"), str(tmp_path / "b.cache")]
+    out = _run_python(_FORK_WITHOUT_DESCRIPTORS, *paths).splitlines()
+    assert out[0] == "child [(False, True), (True, False)]", out
+    assert out[1] == "third [\"False b'v'\", \"False b'v'\"]", out
+
+
+# ---- 5. views of a reservation's buffer outliving it ----------------------------
+
+
+@pytest.mark.parametrize("end", ["publish", "cancel", "close"])
+def test_views_of_a_finished_reservation_write_nowhere_in_the_file(
+    tmp_path: Any, end: str
+) -> None:
+    import numpy as np
+
+    path = str(tmp_path / "views.cache")
+    with aiovmc.Cache(path, size="1MiB") as cache:
+        r = cache.reserve(b"mine", 8192)
+        r.buffer[:] = b"m" * 8192
+        piece = r.buffer[100:200]
+        array = np.frombuffer(r.buffer, dtype=np.uint8)
+        if end == "publish":
+            r.publish()
+        elif end == "cancel":
+            r.cancel()
+        else:
+            cache.close()
+            cache = aiovmc.Cache(path)
+        # the room is reused by other keys (a cancelled or closed one), or holds ours
+        others = {b"other-%d" % i: bytes([65 + i % 26]) * 4000 for i in range(40)}
+        for key, value in others.items():
+            cache.put(key, value)
+        piece[:] = b"x" * 100
+        array[:] = 7
+        for key, value in others.items():
+            assert cache.get(key) == value
+        if end == "publish":
+            assert cache.get(b"mine") == b"m" * 8192
+        else:
+            assert cache.get(b"mine") is None
+        cache.close()
+
+
+def test_a_reservation_buffer_is_released_when_it_ends(cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="1MiB") as cache:
+        r = cache.reserve(b"k", 10)
+        r.buffer[:] = b"0123456789"
+        r.publish()
+        with pytest.raises(ValueError, match="released"):
+            r.buffer[0]
+        assert cache.get(b"k") == b"0123456789"
+
+
+# ---- 6. close() racing reserve() ------------------------------------------------
+
+
+def test_close_between_the_core_reserving_and_python_registering_leaks_nothing(
+    tmp_path: Any,
+) -> None:
+    """A close() that runs right after the core made a reservation, before the
+    Reservation object exists (another thread, a signal handler): the room is
+    freed, not held for the life of the process. The profiler hook stands for
+    that thread: it runs close() on the return of the core call."""
+    path = str(tmp_path / "race.cache")
+    cache = aiovmc.Cache(path, size="1MiB")
+
+    def close_after_reserve(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and getattr(arg, "__name__", "") == "vmc_reserve":
+            sys.setprofile(None)
+            cache.close()
+
+    sys.setprofile(close_after_reserve)
+    try:
+        with pytest.raises(aiovmc.CacheClosedError):
+            cache.reserve(b"k", 100_000)
+    finally:
+        sys.setprofile(None)
+    assert cache.closed
+    with aiovmc.Cache(path) as other:
+        assert other.statistics().used_bytes == 0
+
+
+# ---- 7. AsyncCache.get_many with a repeated key deleted meanwhile ---------------
+
+
+@pytest.mark.anyio
+async def test_get_many_with_a_repeated_large_key_deleted_before_the_copy(
+    cache_path: str,
+) -> None:
+    async with aiovmc.AsyncCache(cache_path, size="4MiB", offload_threshold=1024) as cache:
+        await cache.put(b"big", b"b" * 4096)
+        await cache.put(b"small", b"s")
+        limiter = _limiter()
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:  # every off-loop copy waits until released below
+            await limiter.acquire_on_behalf_of(holder)
+        result: dict[bytes, bytes] = {}
+
+        async def run() -> None:
+            result.update(await cache.get_many([b"big", b"small", b"big"]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await anyio.wait_all_tasks_blocked()
+            await cache.delete(b"big")
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert result == {b"small": b"s"}
