@@ -385,7 +385,7 @@ class Reservation:
         self._require_open("publish")
         self._detach()  # no write through `buffer` may land in the published value
         try:
-            self.timestamp = self._cache._publish(self._id)
+            self.timestamp = self._cache._publish(self._id, self.key, self.size)
         except BaseException:
             self._finish("cancelled")  # the core freed it: a failed publication cancels
             raise

@@ -177,11 +177,14 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
  * VMC_E_VALUE_TOO_LARGE; VMC_E_FULL; VMC_E_NEED_ROOM (VMC_F_NO_EVICT). */
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset);
-/* vmc_publish -- make a reservation visible, replacing its key's value. The
- * publication timestamp (> 0); VMC_E_STATE (not an open reservation of this
- * process); VMC_E_FULL (policy "none" and the key's shard index is full: the
- * reservation is freed). */
-int64_t vmc_publish(vmc_cache *c, uint64_t reservation);
+/* vmc_publish -- make a reservation visible, replacing its key's value. `key`
+ * and `size` are those it was made with (what the checksum seals is checked
+ * against them). The publication timestamp (> 0); VMC_E_STATE (not an open
+ * reservation of this process); VMC_E_FULL (policy "none" and the key's shard
+ * index is full); VMC_E_CORRUPT (the reservation was damaged). On any failure
+ * but VMC_E_STATE the reservation is freed. */
+int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t klen,
+                    uint64_t size);
 /* vmc_cancel -- free a reservation without publishing it. VMC_OK; VMC_E_STATE. */
 int vmc_cancel(vmc_cache *c, uint64_t reservation);
 

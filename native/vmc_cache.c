@@ -91,6 +91,14 @@ static uint64_t expiry(const vmc_cache *c, int64_t ttl_ns, uint64_t now)
     return ttl_ns == 0 ? 0 : now + (uint64_t)ttl_ns;
 }
 
+/* miss_unsure -- a lookup missed, but met damage on its way: no answer
+ * (the key may sit past the damage). The caller unlocks and looks again;
+ * the next lock repairs first. Bounded by `round`. */
+static bool miss_unsure(vmc_cache *c, uint32_t u, int round)
+{
+    return u == 0 && round < 4 && vmc_damaged(c);
+}
+
 /* ---- removal and eviction ---- */
 
 /* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
@@ -336,25 +344,40 @@ void vmc_cache_drop_reservations(vmc_cache *c)
     pthread_mutex_unlock(&c->rids_lock);
 }
 
+/* clocks_sane -- repair first if the clock or the persisted watermark is
+ * too large to be real (damage: no publication could have got there). */
+static int clocks_sane(vmc_cache *c)
+{
+    if (VMC_LOAD(c->hdr->clock) < VMC_MAX_CLOCK && VMC_LOAD(c->hdr->persisted) < VMC_MAX_CLOCK)
+        return VMC_OK;
+    vmc_mark_damaged(c);
+    return vmc_repair(c);
+}
+
 /* publish -- link a filled RESERVED head into its shard, replacing an older
  * value of its key. Returns the timestamp, or 0 when `add` finds the key
  * present. On any failure the reservation is freed: it never outlives a
  * publication that did not happen. */
-static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add)
+static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add,
+                       const char *key, size_t klen, uint64_t vlen)
 {
     struct vmc_entry *e = vmc_unit(c, head);
     uint64_t data = vmc_entry_data_hash(c, head); /* before locking: values may be large */
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
-    for (;;) {
-        if ((rc = vmc_shard_lock(c, s)) < 0) {
+    for (int round = 0;; round++) {
+        if ((rc = clocks_sane(c)) < 0 || (rc = vmc_shard_lock(c, s)) < 0) {
             drop_reservation(c, head, nonce);
             return rc;
         }
         uint64_t now = vmc_now_ns();
         uint32_t slot = 0;
-        uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
+        uint32_t old = vmc_index_find(c, s, hash, key, klen, &slot);
+        if (miss_unsure(c, old, round)) { /* the key may be past the damage: no duplicate */
+            vmc_shard_unlock(c, s);
+            continue;
+        }
         struct vmc_entry *oe = old ? vmc_unit(c, old) : NULL;
         bool old_expired = oe && vmc_expired(oe, now);
         if (add && oe && !old_expired) {
@@ -388,6 +411,20 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             vmc_shard_unlock(c, s);
             return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
                             head);
+        }
+        /* What the checksum seals must be what the owner wrote: sizes changed
+         * under us, or a clock too large to be real, are damage. */
+        if (e->key_len != klen || e->value_len != vlen ||
+            memcmp(vmc_entry_key(e), key, klen) != 0 ||
+            VMC_LOAD(c->hdr->clock) >= VMC_MAX_CLOCK) {
+            vmc_mark_damaged(c);
+            vmc_reserved_unlink(c, head);
+            vmc_release_entry(c, head);
+            vmc_pool_unlock(c);
+            vmc_shard_unlock(c, s);
+            return vmc_fail(VMC_E_CORRUPT, "the reservation of a %llu-byte value was damaged "
+                                           "before its publication; the file will be repaired",
+                            (unsigned long long)vlen);
         }
         vmc_reserved_unlink(c, head);
         /* The new value is published before the old one goes: a crash in
@@ -456,6 +493,10 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
         uint64_t now = vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+        if (miss_unsure(c, u, round)) {
+            vmc_shard_unlock(c, s);
+            continue;
+        }
         struct vmc_entry *e = u ? vmc_unit(c, u) : NULL;
         if (e && vmc_expired(e, now)) {
             rc = remove_locked(c, s, u, slot);
@@ -487,15 +528,28 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
             from = offset;
             len = cap < vlen - offset ? cap : vlen - offset;
         }
+        /* A whole value is verified against its checksum as it is copied; a
+         * part (get_into) or a size only is checked against the extents. */
+        bool whole = from == 0 && len == vlen;
+        uint64_t data = hash;
+        int copied;
         if (len < VMC_UNLOCKED_COPY || round >= 4) { /* the last rounds never livelock */
-            int copied = len ? vmc_entry_copy(c, u, dst, from, len) : VMC_OK;
+            copied = len || whole ? vmc_entry_copy(c, u, dst, from, len, whole ? &data : NULL)
+                                  : vmc_entry_check(c, u);
+            if (copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
+                copied = VMC_E_CORRUPT;
             if (copied < 0)
                 vmc_mark_damaged(c);
             vmc_shard_unlock(c, s);
-            rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be "
-                                                      "repaired")
-                            : (int64_t)vlen;
-            goto out;
+            if (copied == VMC_OK) {
+                rc = (int64_t)vlen;
+                goto out;
+            }
+            if (round >= 8) {
+                rc = vmc_fail(VMC_E_CORRUPT, "an entry stays damaged after repair");
+                goto out;
+            }
+            continue; /* the next lock repairs: the entry is dropped */
         }
         /* A large copy runs without the shard lock, optimistically: the
          * mapping stays valid whatever happens to the entry, and if it is
@@ -505,18 +559,18 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
          * so the copy is thrown away and the key looked up again. */
         uint64_t stamp = e->stamp;
         vmc_shard_unlock(c, s);
-        int copied = vmc_entry_copy(c, u, dst, from, len);
+        copied = vmc_entry_copy(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
+        if (same && copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
+            copied = VMC_E_CORRUPT;
         if (same && copied < 0)
             vmc_mark_damaged(c);
         vmc_shard_unlock(c, s);
-        if (same) {
-            rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be "
-                                                      "repaired")
-                            : (int64_t)vlen;
+        if (same && copied == VMC_OK) {
+            rc = (int64_t)vlen;
             goto out;
         }
         /* removed or replaced while we copied: look the key up again */
@@ -563,11 +617,13 @@ int vmc_contains(vmc_cache *c, const char *key, size_t klen)
     int rc = check_key(klen);
     if (rc == VMC_OK) {
         uint64_t hash = vmc_hash_key(c, key, klen);
-        uint32_t s = vmc_shard_of(c, hash), slot;
-        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
-            uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+        uint32_t s = vmc_shard_of(c, hash), slot, u = 0;
+        for (int round = 0; (rc = vmc_shard_lock(c, s)) == VMC_OK; round++) {
+            u = vmc_index_find(c, s, hash, key, klen, &slot);
             rc = u && !vmc_expired(vmc_unit(c, u), vmc_now_ns());
             vmc_shard_unlock(c, s);
+            if (!miss_unsure(c, u, round))
+                break;
         }
     }
     leave(c);
@@ -603,7 +659,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
         rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
         goto out;
     }
-    rc = publish(c, head, 0, hash, add);
+    rc = publish(c, head, 0, hash, add, key, klen, vlen);
 out:
     leave(c);
     return rc;
@@ -618,12 +674,14 @@ static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
     uint64_t hash = vmc_hash_key(c, key, klen);
     uint32_t s = vmc_shard_of(c, hash), slot;
     struct vmc_shard *sh = &c->shards[s];
-    for (;;) {
+    for (int round = 0;; round++) {
         if ((rc = vmc_shard_lock(c, s)) < 0)
             return rc;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
         if (u == 0) {
             vmc_shard_unlock(c, s);
+            if (miss_unsure(c, u, round))
+                continue;
             return 0;
         }
         bool expired = vmc_expired(vmc_unit(c, u), vmc_now_ns());
@@ -671,8 +729,20 @@ int64_t vmc_count(vmc_cache *c)
 {
     ENTER(c);
     int64_t n = 0;
-    for (uint32_t i = 0; i < c->n_shards; i++)
-        n += VMC_LOAD(c->shards[i].count);
+    for (int round = 0; round < 2; round++) {
+        bool sound = true;
+        n = 0;
+        for (uint32_t i = 0; i < c->n_shards; i++) {
+            uint32_t count = VMC_LOAD(c->shards[i].count);
+            sound = sound && count <= c->max_load;
+            n += count;
+        }
+        if (sound)
+            break;
+        vmc_mark_damaged(c); /* a count no shard can hold: repair, then count again */
+        if ((n = vmc_repair(c)) < 0)
+            break;
+    }
     leave(c);
     return n;
 }
@@ -714,6 +784,12 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
             struct vmc_entry *e = slots[i] ? slot_entry(c, slots[i]) : NULL;
             if (e == NULL || vmc_expired(e, now))
                 continue;
+            /* a key whose hash does not lead to this slot's shard and tag is damage */
+            uint64_t h = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
+            if (vmc_shard_of(c, h) != (uint32_t)shard || (uint32_t)(h >> 32) != VMC_SLOT_TAG(slots[i])) {
+                vmc_mark_damaged(c);
+                continue;
+            }
             uint64_t need = 2 + (uint64_t)e->key_len;
             if (used + need <= cap) {
                 uint16_t klen = e->key_len;
@@ -779,9 +855,24 @@ int vmc_clear_shard(vmc_cache *c, int shard)
     uint32_t s = (uint32_t)shard;
     struct vmc_shard *sh = &c->shards[s];
     uint64_t *slots = c->index + (uint64_t)s * c->slots;
-    while (rc == VMC_OK) {
+    for (int attempt = 0; rc == VMC_OK; attempt++) {
         if ((rc = vmc_shard_lock(c, s)) < 0)
             break;
+        /* An entry the index lost would survive the clear and come back at
+         * the next repair: an index that does not account for every entry is
+         * repaired first. */
+        uint32_t sound = 0;
+        for (uint32_t i = 0; i < c->slots; i++)
+            if (slots[i] && slot_entry(c, slots[i]))
+                sound++;
+        if (sound != sh->count || vmc_damaged(c)) {
+            vmc_mark_damaged(c);
+            vmc_shard_unlock(c, s);
+            if (attempt >= 2)
+                rc = vmc_fail(VMC_E_CORRUPT, "the index of shard %u stays damaged after "
+                                             "repair", s);
+            continue;
+        }
         rc = vmc_pool_lock_nested(c);
         if (rc == VMC_RETRY) {
             vmc_shard_unlock(c, s);
@@ -790,7 +881,7 @@ int vmc_clear_shard(vmc_cache *c, int shard)
         }
         if (rc == VMC_OK) {
             for (uint32_t i = 0; i < c->slots; i++)
-                if (slots[i] && slot_entry(c, slots[i]))
+                if (slots[i])
                     vmc_release_entry(c, VMC_SLOT_UNIT(slots[i]));
             memset(slots, 0, (uint64_t)c->slots * sizeof *slots);
             sh->heap_len = 0;
@@ -868,14 +959,19 @@ static struct vmc_entry *owned_reservation(vmc_cache *c, uint64_t rid)
 }
 
 /* vmc_publish -- make a reservation visible; returns its timestamp. */
-int64_t vmc_publish(vmc_cache *c, uint64_t reservation)
+int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t klen,
+                    uint64_t size)
 {
     ENTER(c);
-    int64_t rc = VMC_E_STATE;
-    struct vmc_entry *e = owned_reservation(c, reservation);
+    int64_t rc = check_key(klen);
+    struct vmc_entry *e = rc == VMC_OK ? owned_reservation(c, reservation) : NULL;
     if (e) {
-        uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), VMC_LOAD(e->key_len));
-        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false);
+        /* the key as the owner gave it: the copy in the file may have been damaged */
+        uint64_t hash = vmc_hash_key(c, key, klen);
+        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false, key, klen,
+                     size);
+    } else if (rc == VMC_OK) {
+        rc = VMC_E_STATE;
     }
     untrack_rid(c, reservation);
     leave(c);
@@ -911,6 +1007,9 @@ int vmc_dup_fd(vmc_cache *c)
  * first have finished. */
 static int64_t committed(vmc_cache *c)
 {
+    int rc = clocks_sane(c);
+    if (rc < 0)
+        return rc;
     uint64_t t = __atomic_load_n(&c->hdr->clock, __ATOMIC_SEQ_CST);
     for (uint32_t s = 0; s < c->n_shards; s++) {
         int rc = vmc_shard_lock(c, s);
@@ -932,7 +1031,9 @@ int64_t vmc_committed_timestamp(vmc_cache *c)
 int64_t vmc_persisted_timestamp(vmc_cache *c)
 {
     ENTER(c);
-    int64_t rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+    int64_t rc = clocks_sane(c);
+    if (rc == VMC_OK)
+        rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
     leave(c);
     return rc;
 }

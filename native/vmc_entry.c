@@ -4,6 +4,16 @@
 /* Visit the value's pieces in order: fn(ctx, piece, offset_in_value, len). */
 typedef void (*piece_fn)(void *ctx, const char *piece, uint64_t at, uint64_t len);
 
+/* last_piece_fits -- an extent that ends a value is the smallest that holds
+ * its part: the allocator takes exactly that many units for it (every other
+ * extent of the chain is used to the end), so a tag or a value_len that
+ * disagrees with the other is damage. */
+static bool last_piece_fits(const vmc_cache *c, uint32_t units, uint64_t bytes)
+{
+    uint64_t need = (bytes + c->unit_size - 1) >> c->shift;
+    return units == (need ? need : 1);
+}
+
 /* walk_value -- call fn on each piece of head's value; VMC_E_CORRUPT if a
  * link is unsound. Every field is read once into a local, checked, and only
  * the checked copy is used: a reader copying without the shard lock may see
@@ -22,6 +32,8 @@ static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
         sizeof *e + klen > (uint64_t)units << c->shift)
         return VMC_E_CORRUPT;
     uint64_t room = ((uint64_t)units << c->shift) - sizeof *e - klen;
+    if (room >= vlen && !last_piece_fits(c, units, sizeof *e + klen + vlen))
+        return VMC_E_CORRUPT;
     uint64_t n = room < vlen ? room : vlen;
     fn(ctx, vmc_entry_key(e) + klen, 0, n);
     uint64_t at = n;
@@ -35,6 +47,8 @@ static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
             units > c->pool_units - next + 1 || VMC_LOAD(b->head) != head)
             return VMC_E_CORRUPT;
         room = ((uint64_t)units << c->shift) - sizeof *b;
+        if (room >= vlen - at && !last_piece_fits(c, units, sizeof *b + (vlen - at)))
+            return VMC_E_CORRUPT;
         n = room < vlen - at ? room : vlen - at;
         fn(ctx, (const char *)(b + 1), at, n);
         at += n;
@@ -46,6 +60,8 @@ static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
 struct copy_ctx {
     char *dst;
     uint64_t from, to; /* value range wanted */
+    uint64_t *data;    /* NULL, or the data hash of what was copied (whole values) */
+    bool whole;        /* every piece fell inside [from, to) */
 };
 
 static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
@@ -55,12 +71,34 @@ static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
     uint64_t hi = at + len < x->to ? at + len : x->to;
     if (lo < hi)
         memcpy(x->dst + (lo - x->from), piece + (lo - at), hi - lo);
+    if (x->data == NULL)
+        return;
+    if (at + len > x->to) /* a longer value than the caller saw: not a whole copy */
+        x->whole = false;
+    else /* the copy, not the mapping: what is verified is what is returned */
+        *x->data = vmc_fold(*x->data ^ vmc_hash(x->dst + at, len, VMC_K2), VMC_K0);
 }
 
-int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
+int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
+                   uint64_t *data)
 {
-    struct copy_ctx x = {dst, offset, offset + len};
-    return walk_value(c, head, copy_piece, &x);
+    struct copy_ctx x = {dst, offset, offset + len, offset == 0 ? data : NULL, true};
+    int rc = walk_value(c, head, copy_piece, &x);
+    if (x.data && x.whole && rc == VMC_OK)
+        *data |= 1;
+    else if (data)
+        *data = 0;
+    return rc;
+}
+
+static void no_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    (void)ctx, (void)piece, (void)at, (void)len;
+}
+
+int vmc_entry_check(vmc_cache *c, uint32_t head)
+{
+    return walk_value(c, head, no_piece, NULL);
 }
 
 struct fill_ctx {

@@ -36,8 +36,15 @@ static inline bool vmc_expired(const struct vmc_entry *e, uint64_t now)
 }
 
 /* vmc_entry_copy -- copy value[offset, offset+len) of head into dst; VMC_OK
- * or VMC_E_CORRUPT (no message set) if the chain is damaged. */
-int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len);
+ * or VMC_E_CORRUPT (no message set) if the chain is damaged. With `data`,
+ * which holds the hash of the entry's key (vmc_hash_key), and a copy of the
+ * whole value: *data becomes the data hash of the bytes copied (compare
+ * vmc_entry_seal(e, *data) with the checksum), else 0. */
+int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
+                   uint64_t *data);
+/* vmc_entry_check -- walk the chain without reading the value: VMC_OK or
+ * VMC_E_CORRUPT (sizes and extents disagree). */
+int vmc_entry_check(vmc_cache *c, uint32_t head);
 /* vmc_entry_fill -- copy value_len bytes from src into the entry's chain
  * (its owner, no lock); VMC_OK or VMC_E_CORRUPT. */
 int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src);

@@ -87,7 +87,13 @@ static void remove_at(vmc_cache *c, uint32_t shard, uint32_t i)
 {
     struct vmc_shard *sh = &c->shards[shard];
     struct vmc_heap_item *h = heap_of(c, shard);
-    uint32_t last = --sh->heap_len;
+    uint32_t len = sh->heap_len;
+    if (len == 0 || len > c->slots || i >= len) { /* checked at lock time: a writer raced */
+        vmc_mark_damaged(c);
+        return;
+    }
+    uint32_t last = len - 1;
+    sh->heap_len = last;
     if (i < last) {
         h[i] = h[last];
         if (i > 0 && before(&h[i], &h[(i - 1) / ARITY]))

@@ -196,10 +196,12 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
      * are verified in both modes: a repair follows a crash, and a crash may
      * leave any half-written entry behind. */
     uint64_t now = vmc_now_ns(), newest = 0;
-    if (c->hdr->fresh) {
+    /* `fresh` is believed only where it can be true: at the first recovery of
+     * a file no publication ever reached (a live repair, or a clock that has
+     * moved, means the flag was damaged, and the pool holds entries). */
+    if (c->hdr->fresh && mode == VMC_REBUILD_RECOVER && VMC_LOAD(c->hdr->clock) == 0)
         VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, 1), VMC_TAG(units, VMC_KIND_FREE));
-        c->hdr->fresh = 0;
-    }
+    c->hdr->fresh = 0;
     for (uint32_t u = 1; u <= units;) {
         uint64_t tag = vmc_tag_at(c, u);
         set_bit(m.start, u);

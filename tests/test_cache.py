@@ -877,7 +877,7 @@ def test_concurrent_publish_of_one_reservation(cache_path: str) -> None:
             ) -> None:
                 barrier.wait()
                 try:
-                    outcomes.append(c._publish(r._id))
+                    outcomes.append(c._publish(r._id, r.key, r.size))
                 except AiovmcError as exc:
                     outcomes.append(exc)
 

@@ -466,8 +466,8 @@ class Handle:
         except BufferError:
             pass  # views remain: they see private memory, unmapped with the last of them
 
-    def _publish(self, rid: int) -> int:
-        ts = lib.vmc_publish(self._h, rid)
+    def _publish(self, rid: int, key: bytes, size: int) -> int:
+        ts = lib.vmc_publish(self._h, rid, key, len(key), size)
         if ts < 0:
             raise_for(ts)
         return int(ts)
