@@ -19,12 +19,13 @@ from types import TracebackType
 from typing import Any
 
 from ._convert import encode_key, parse_size, ttl_to_ns
-from ._errors import AiovmcError, CacheClosedError, CacheConfigError
+from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
 from ._native import Handle
 
 __all__ = ["Cache", "CacheStatistics", "Reservation"]
 
 _POLICIES = ("lru", "none")
+_MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +97,12 @@ class Cache(Handle):
         ttl_ns = ttl_to_ns(ttl) or 0
         if isinstance(mode, bool) or not isinstance(mode, int):
             raise TypeError(f"mode is an int such as 0o600, not {type(mode).__name__}")
+        if not 0 <= mode <= 0o7777:
+            raise CacheConfigError(f"mode {mode!r} is not a permission mode (0 to 0o7777)")
+        if not _MIN_EXTENT <= unit <= _MAX_EXTENT or unit & (unit - 1):
+            raise CacheConfigError(
+                f"extent_size {extent_size!r} must be a power of two between 256 and 2**31"
+            )
         for name, callback in (("on_evict", on_evict), ("on_miss", on_miss)):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable or None")
@@ -105,6 +112,8 @@ class Cache(Handle):
                 raise CacheConfigError("size is required to create a private cache (path=None)")
             path = _private_path()
         self._path = os.fspath(path)
+        if "\0" in self._path:
+            raise CacheConfigError(f"path {self._path!r} contains a NUL character")
         if reset and size_bytes is None:
             raise CacheConfigError(f"reset=True needs a size to recreate {self._path} with")
         self._open(
@@ -264,6 +273,11 @@ class Cache(Handle):
         """Room for a `size`-byte value that no reader sees until published."""
         encoded = encode_key(key)
         nbytes = parse_size(size)
+        if nbytes > self.info.max_value_size:  # checked here: the core takes a size_t
+            raise ValueTooLargeError(
+                f"a reservation of {nbytes} bytes can never fit this cache (at most "
+                f"{self.info.max_value_size} bytes)"
+            )
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         assert ttl_ns is not None
         rid, offset, evicted = self._reserve(encoded, nbytes, ttl_ns)

@@ -123,6 +123,9 @@ static int validate_config(const struct vmc_config *cfg, const char *path)
     if (cfg->size < VMC_MIN_FILE)
         return vmc_fail(VMC_E_CONFIG, "size %llu is below the minimum of 1 MiB (%s)",
                         (unsigned long long)cfg->size, path);
+    if (cfg->size > VMC_MAX_FILE)
+        return vmc_fail(VMC_E_CONFIG, "size %llu is above the maximum of 2^62 bytes (%s)",
+                        (unsigned long long)cfg->size, path);
     uint32_t u = cfg->extent_size;
     if (u < VMC_MIN_UNIT || (u & (u - 1)) != 0 || u > cfg->size)
         return vmc_fail(VMC_E_CONFIG,

@@ -203,3 +203,78 @@ async def test_get_many_with_a_repeated_large_key_deleted_before_the_copy(
             for holder in holders:
                 limiter.release_on_behalf_of(holder)
         assert result == {b"small": b"s"}
+
+
+# ---- 8. out-of-range integers, surrogates, NUL in paths ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"size": 2**64}, "too large"),
+        ({"size": 2**64 - 1}, "too large"),
+        ({"size": "17179869184T"}, "too large"),
+        ({"size": "1MiB", "extent_size": 2**32}, "extent_size"),
+        ({"size": "1MiB", "extent_size": 300}, "extent_size"),
+        ({"size": "1MiB", "mode": -1}, "mode"),
+        ({"size": "1MiB", "mode": 0o10000}, "mode"),
+    ],
+)
+def test_out_of_range_parameters_are_config_errors(
+    cache_path: str, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(aiovmc.CacheConfigError, match=match):
+        aiovmc.Cache(cache_path, **kwargs)
+
+
+def test_a_path_with_a_nul_is_refused_not_truncated(tmp_path: Any) -> None:
+    path = str(tmp_path / "a.cache") + "\0suffix"
+    with pytest.raises(ValueError, match="NUL"):
+        aiovmc.Cache(path, size="1MiB")
+    assert not os.path.exists(str(tmp_path / "a.cache"))
+
+
+def test_out_of_range_sizes_and_offsets_on_an_open_cache(cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="1MiB") as cache:
+        with pytest.raises(aiovmc.ValueTooLargeError, match="can never fit"):
+            cache.reserve(b"k", 2**40)
+        with pytest.raises(aiovmc.CacheConfigError, match="too large"):
+            cache.reserve(b"k", 2**64)
+        cache.put(b"k", b"value")
+        assert cache.get_into(b"k", bytearray(4), offset=2**64) == 5
+        with pytest.raises(aiovmc.CacheConfigError, match="UTF-8"):
+            cache.put("bad \udc80 key", b"v")
+        with pytest.raises(aiovmc.CacheConfigError, match="UTF-8"):
+            cache.get("bad \udc80 key")
+
+
+# ---- 11. the failing call's message, not a callback's ----------------------------
+
+
+def test_the_error_message_is_the_failing_calls_even_if_a_callback_fails_too(
+    cache_path: str,
+) -> None:
+    def on_evict(key: bytes) -> None:
+        try:  # a callback's own failing call sets a message of its own
+            cache.put(b"huge", b"x" * (2 << 20))
+        except aiovmc.ValueTooLargeError:
+            pass
+
+    cache = aiovmc.Cache(cache_path, size="1MiB", on_evict=on_evict)
+    try:
+        held = cache.reserve(b"held", cache.capacity // 2)
+        for i in range(20):
+            cache.put(b"k%d" % i, b"v" * 1000)
+        with pytest.raises(aiovmc.CacheFullError, match="open reservations hold the rest"):
+            cache.reserve(b"big", cache.capacity * 6 // 10)
+        held.cancel()
+    finally:
+        cache.close()
+
+
+def test_unmendable_damage_is_a_format_error() -> None:
+    from aiovmc._native._vmc import lib
+
+    from aiovmc._native import ERRORS
+
+    assert ERRORS[lib.VMC_E_CORRUPT] is aiovmc.CacheFormatError

@@ -21,8 +21,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._convert import encode_key, ttl_to_ns, value_buffer
-from ._status import raise_for
+from .._convert import MAX_SIZE, encode_key, ttl_to_ns, value_buffer
+from ._status import error_for, raise_for
 from ._vmc import ffi, lib
 
 __all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo"]
@@ -246,6 +246,7 @@ class Handle:
             key = encode_key(key)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        offset = min(offset, MAX_SIZE)  # past any value: nothing to copy
         try:
             dst = ffi.from_buffer(buffer, require_writable=True)
         except (TypeError, BufferError):
@@ -345,13 +346,15 @@ class Handle:
             evicted.append(victim)
 
     def _stored(self, status: int, evicted: list[bytes]) -> int:
-        """Notify evictions, then raise for a failed status (which wins)."""
+        """Notify evictions, then raise for a failed status (which wins, with
+        the message of the call that failed, taken before any callback ran)."""
+        error = error_for(status) if status < 0 else None
         try:
             if evicted:
                 self._notify_evicted(evicted)
         finally:
-            if status < 0:
-                raise_for(status)
+            if error is not None:
+                raise error
         return status
 
     def _notify_evicted(self, keys: list[bytes]) -> None:
