@@ -13,7 +13,15 @@ from typing import Union
 
 from ._errors import CacheConfigError, KeyTooLargeError
 
-__all__ = ["MAX_KEY_SIZE", "MAX_SIZE", "Key", "encode_key", "parse_size", "ttl_to_ns", "value_buffer"]
+__all__ = [
+    "MAX_KEY_SIZE",
+    "MAX_SIZE",
+    "Key",
+    "encode_key",
+    "parse_size",
+    "ttl_to_ns",
+    "value_buffer",
+]
 
 MAX_KEY_SIZE = 65535
 MAX_SIZE = 1 << 62  # any size or offset: far from the C core's 64-bit arithmetic limits

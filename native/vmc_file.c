@@ -12,6 +12,7 @@
  * (cleanly closed or killed alike: the kernel drops OFD locks with the last
  * descriptor) and recovers it before anyone else can attach.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -31,6 +32,7 @@
 
 #define OPENING_BYTE 0
 #define LIVENESS_BYTE 1
+#define TEMP_BYTE 2      /* locked by a creator on its temporary file */
 
 static int ofd_lock(int fd, short type, off_t byte, bool wait)
 {
@@ -236,6 +238,45 @@ static int reserve_space(int fd, uint64_t size, const char *path)
     return VMC_OK;
 }
 
+/* sweep_dead_temporaries -- remove the temporary files (<path>.<pid>.<hex>.tmp)
+ * of creators that died before linking them: full size, and in RAM on tmpfs.
+ * A live creator holds a lock on TEMP_BYTE of its temporary; a temporary whose
+ * lock can be taken has no creator left (the kernel dropped the lock with it,
+ * in whatever pid namespace it ran). */
+static void sweep_dead_temporaries(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    size_t blen = strlen(base);
+    char *dir = slash ? strndup(path, (size_t)(slash - path) + 1) : strdup(".");
+    DIR *d = dir ? opendir(dir) : NULL;
+    free(dir);
+    if (d == NULL)
+        return; /* best effort: creation goes on */
+    struct dirent *ent;
+    while ((ent = readdir(d)) != NULL) {
+        const char *name = ent->d_name, *p = name + blen;
+        size_t nlen = strlen(name);
+        if (nlen <= blen + 5 || strncmp(name, base, blen) != 0 || *p++ != '.' ||
+            strcmp(name + nlen - 4, ".tmp") != 0)
+            continue;
+        size_t digits = strspn(p, "0123456789");
+        const char *hex = p + digits + 1, *end = name + nlen - 4;
+        if (digits == 0 || p[digits] != '.' || hex >= end ||
+            strspn(hex, "0123456789abcdef") != (size_t)(end - hex))
+            continue;
+        int fd = openat(dirfd(d), name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0)
+            continue;
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
+            ofd_lock(fd, F_WRLCK, TEMP_BYTE, false) == 0)
+            unlinkat(dirfd(d), name, 0);
+        close(fd);
+    }
+    closedir(d);
+}
+
 /* create_file -- create path atomically. Returns 1 if this call created it,
  * 0 if another process did first, or a failure. */
 static int create_file(const char *path, const struct vmc_config *cfg)
@@ -252,13 +293,17 @@ static int create_file(const char *path, const struct vmc_config *cfg)
     if (getrandom(&token, sizeof token, 0) != sizeof token)
         token = vmc_now_ns();
     snprintf(tmp, n, "%s.%d.%llx.tmp", path, (int)getpid(), (unsigned long long)token);
+    sweep_dead_temporaries(path);
     int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cfg->mode);
     if (fd < 0) {
         rc = vmc_fail_errno("open", tmp);
         free(tmp);
         return rc;
     }
-    if (fchmod(fd, cfg->mode) != 0)
+    /* Held until the end: a sweeper that can take it knows this creator died. */
+    if (ofd_lock(fd, F_WRLCK, TEMP_BYTE, false) != 0)
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLK)", tmp);
+    else if (fchmod(fd, cfg->mode) != 0)
         rc = vmc_fail_errno("fchmod", tmp);
     else if ((rc = reserve_space(fd, h.file_size, path)) == VMC_OK &&
              pwrite(fd, &h, sizeof h, 0) != (ssize_t)sizeof h)
@@ -266,7 +311,8 @@ static int create_file(const char *path, const struct vmc_config *cfg)
     if (rc == VMC_OK) {
         if (link(tmp, path) == 0)
             rc = 1;
-        else if (errno == EEXIST)
+        else if (errno == EEXIST || errno == ENOENT) /* ENOENT: swept in the instant before
+                                                        the lock; the caller tries again */
             rc = 0;
         else
             rc = vmc_fail_errno("link", path);

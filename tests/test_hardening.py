@@ -278,3 +278,33 @@ def test_unmendable_damage_is_a_format_error() -> None:
     from aiovmc._native import ERRORS
 
     assert ERRORS[lib.VMC_E_CORRUPT] is aiovmc.CacheFormatError
+
+
+# ---- 9. temporaries of creators killed before linking ------------------------------
+
+
+def _ofd_lock(fd: int, byte: int) -> None:
+    import fcntl
+    import struct
+
+    flock = struct.pack("hhxxxxqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+
+
+def test_creators_sweep_the_temporaries_of_dead_creators(tmp_path: Any) -> None:
+    path = str(tmp_path / "swept.cache")
+    dead = f"{path}.{os.getpid() + 1}.deadbeef.tmp"  # as a SIGKILLed creator leaves it
+    with open(dead, "wb") as f:
+        f.truncate(1 << 20)
+    live = f"{path}.{os.getpid()}.c0ffee.tmp"  # a creator still at work holds its lock
+    live_fd = os.open(live, os.O_RDWR | os.O_CREAT, 0o600)
+    unrelated = str(tmp_path / "swept.cache.notes.tmp")
+    open(unrelated, "wb").close()
+    try:
+        _ofd_lock(live_fd, 2)
+        with aiovmc.Cache(path, size="1MiB"):
+            pass
+        assert not os.path.exists(dead)
+        assert os.path.exists(live) and os.path.exists(unrelated)
+    finally:
+        os.close(live_fd)
