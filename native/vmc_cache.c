@@ -204,12 +204,13 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
         rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
         if (rc == VMC_OK) {
             struct vmc_entry *e = vmc_unit(c, *head);
-            e->key_len = (uint16_t)klen;
-            e->value_len = (uint32_t)vlen;
-            e->expires_ns = expires;
-            e->atime_ns = vmc_self_pid();
-            e->checksum = nonce; /* 0 for a put's own reservation */
-            e->state = VMC_RESERVED;
+            /* relaxed stores: a reader copying without a lock may read these */
+            VMC_STORE(e->key_len, (uint16_t)klen);
+            VMC_STORE(e->value_len, (uint32_t)vlen);
+            VMC_STORE(e->expires_ns, expires);
+            VMC_STORE(e->atime_ns, vmc_self_pid());
+            VMC_STORE(e->checksum, nonce); /* 0 for a put's own reservation */
+            VMC_STORE(e->state, VMC_RESERVED);
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
             return VMC_OK;
@@ -431,8 +432,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
          * between leaves both, and recovery keeps the newer. */
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
-        e->checksum = vmc_entry_seal(e, data);
-        e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
+        VMC_STORE(e->checksum, vmc_entry_seal(e, data));
+        VMC_STORE(e->atime_ns, now); /* replaces the owner pid: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
             vmc_index_set(c, s, slot, hash, head);
@@ -518,7 +519,7 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
         uint64_t vlen = e->value_len;
         if (!quiet) {
             VMC_COUNT(sh->hits);
-            e->atime_ns = now; /* the LRU heap re-keys lazily */
+            VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
             quiet = true; /* counted once, whatever happens next */
         }
         uint64_t from = 0, len = 0;
@@ -559,7 +560,7 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
          * so the copy is thrown away and the key looked up again. */
         uint64_t stamp = e->stamp;
         vmc_shard_unlock(c, s);
-        copied = vmc_entry_copy(c, u, dst, from, len, whole ? &data : NULL);
+        copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
@@ -884,7 +885,7 @@ int vmc_clear_shard(vmc_cache *c, int shard)
                 if (slots[i])
                     vmc_release_entry(c, VMC_SLOT_UNIT(slots[i]));
             memset(slots, 0, (uint64_t)c->slots * sizeof *slots);
-            sh->heap_len = 0;
+            VMC_STORE(sh->heap_len, 0);
             VMC_STORE(sh->count, 0);
             VMC_STORE(sh->top_atime, UINT64_MAX);
             vmc_pool_unlock(c);

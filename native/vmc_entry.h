@@ -42,6 +42,13 @@ static inline bool vmc_expired(const struct vmc_entry *e, uint64_t now)
  * vmc_entry_seal(e, *data) with the checksum), else 0. */
 int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
                    uint64_t *data);
+/* vmc_entry_copy_unlocked -- vmc_entry_copy with no lock held, optimistically:
+ * the entry may be freed and its room rewritten meanwhile, so the caller
+ * throws the copy away unless the entry is the same afterwards (a seqlock's
+ * read side). Its reads race with a writer reusing the room by design: under
+ * the thread sanitizer they are annotated as such, and only they are. */
+int vmc_entry_copy_unlocked(vmc_cache *c, uint32_t head, char *dst, uint64_t offset,
+                            uint64_t len, uint64_t *data);
 /* vmc_entry_check -- walk the chain without reading the value: VMC_OK or
  * VMC_E_CORRUPT (sizes and extents disagree). */
 int vmc_entry_check(vmc_cache *c, uint32_t head);

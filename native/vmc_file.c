@@ -447,6 +447,10 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     c->path = copy;
     pthread_mutex_init(&c->rids_lock, NULL);
     c->file_size = h.file_size;
+    c->shards_off = h.shards_off;
+    c->index_off = h.index_off;
+    c->heap_off = h.heap_off;
+    c->pool_off = h.pool_off;
     c->seed = h.hash_seed;
     c->shift = h.unit_shift;
     c->unit_size = h.unit_size;
@@ -477,10 +481,11 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
 {
     c->base = base;
     c->hdr = base;
-    c->shards = (struct vmc_shard *)(c->base + c->hdr->shards_off);
-    c->index = (uint64_t *)(c->base + c->hdr->index_off);
-    c->heaps = (struct vmc_heap_item *)(c->base + c->hdr->heap_off);
-    c->pool = c->base + c->hdr->pool_off;
+    /* The offsets validated at open, never the mapping's: it may have changed since. */
+    c->shards = (struct vmc_shard *)(c->base + c->shards_off);
+    c->index = (uint64_t *)(c->base + c->index_off);
+    c->heaps = (struct vmc_heap_item *)(c->base + c->heap_off);
+    c->pool = c->base + c->pool_off;
     c->pid = vmc_self_pid();
     int rc = VMC_OK;
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {

@@ -40,6 +40,7 @@ struct vmc_cache {
     struct vmc_heap_item *heaps;  /* n_shards * slots_per_shard items */
     char *pool;                   /* address of unit 1 */
     uint64_t file_size;
+    uint64_t shards_off, index_off, heap_off, pool_off; /* from the validated header copy */
     uint64_t seed;
     uint32_t shift;               /* log2(unit_size) */
     uint32_t unit_size;

@@ -54,16 +54,16 @@ static void list_remove(vmc_cache *c, uint32_t unit, struct vmc_free *f)
     struct vmc_free *p = f->prev ? free_at(c, f->prev) : NULL;
     struct vmc_free *n = f->next ? free_at(c, f->next) : NULL;
     if (p)
-        p->next = f->next;
+        VMC_STORE(p->next, f->next);
     else if (c->hdr->pool.free_head[k] == unit)
         c->hdr->pool.free_head[k] = f->next;
     else
         vmc_mark_damaged(c);
     if (n)
-        n->prev = f->prev;
+        VMC_STORE(n->prev, f->prev);
     else if (f->next)
         vmc_mark_damaged(c);
-    c->hdr->pool.free_units -= VMC_TAG_UNITS(f->tag);
+    VMC_STORE(c->hdr->pool.free_units, c->hdr->pool.free_units - VMC_TAG_UNITS(f->tag));
 }
 
 /* list_add -- make [unit, unit+units) a free extent (whose left neighbour is
@@ -75,14 +75,16 @@ static void list_add(vmc_cache *c, uint32_t unit, uint32_t units)
     uint32_t head = c->hdr->pool.free_head[k];
     struct vmc_free *h = head ? free_at(c, head) : NULL;
     set_footer(c, unit, units);
-    f->prev = 0;
-    f->next = h ? head : 0;
+    /* relaxed stores: these words were an entry's, which a reader copying
+     * without a lock may still be reading */
+    VMC_STORE(f->prev, 0);
+    VMC_STORE(f->next, h ? head : 0);
     VMC_STORE_TAG(f->tag, VMC_TAG(units, VMC_KIND_FREE));
     set_prev_free(c, unit + units, true);
     if (h)
-        h->prev = unit;
+        VMC_STORE(h->prev, unit);
     c->hdr->pool.free_head[k] = unit;
-    c->hdr->pool.free_units += units;
+    VMC_STORE(c->hdr->pool.free_units, c->hdr->pool.free_units + units);
 }
 
 /* take -- carve the first `units` units of free extent `unit` as `kind`; the
@@ -97,7 +99,7 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
         list_add(c, unit + units, have - units);
     }
     if (kind == VMC_KIND_HEAD) /* no stale state byte may outlive the tag store */
-        ((struct vmc_entry *)f)->state = VMC_DEAD;
+        VMC_STORE(((struct vmc_entry *)f)->state, VMC_DEAD);
     VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
     if (have == units)
         set_prev_free(c, unit + units, false);
@@ -162,7 +164,7 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
     uint32_t head = alloc_contiguous(c, units, VMC_KIND_HEAD);
     if (head) {
         struct vmc_entry *e = vmc_unit(c, head);
-        e->next = 0;
+        VMC_STORE(e->next, 0);
         *head_out = head;
         return VMC_OK;
     }
@@ -180,7 +182,7 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
         hunits = units; /* a fit the bounded first-fit probe missed */
     take(c, first, f, hunits, VMC_KIND_HEAD);
     struct vmc_entry *e = vmc_unit(c, first);
-    e->next = 0;
+    VMC_STORE(e->next, 0);
     uint64_t have = ((uint64_t)hunits << c->shift) - sizeof *e - key_len;
     uint32_t *link = &e->next;
     while (have < value_len) {
@@ -196,9 +198,9 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
             bunits = fit;
         take(c, u, b, bunits, VMC_KIND_BODY);
         struct vmc_body *body = vmc_unit(c, u);
-        body->next = 0;
-        body->head = first;
-        *link = u;
+        VMC_STORE(body->next, 0);
+        VMC_STORE(body->head, first);
+        VMC_STORE(*link, u);
         link = &body->next;
         have += ((uint64_t)bunits << c->shift) - sizeof *body;
     }
@@ -265,7 +267,7 @@ static void free_chain(vmc_cache *c, uint32_t head)
 /* An entry leaves the cache: REMOVED tells readers copying it without a lock. */
 void vmc_release_entry(vmc_cache *c, uint32_t head)
 {
-    ((struct vmc_entry *)vmc_unit(c, head))->state = VMC_REMOVED;
+    VMC_STORE(((struct vmc_entry *)vmc_unit(c, head))->state, VMC_REMOVED);
     free_chain(c, head);
 }
 
