@@ -4,6 +4,7 @@ The cdef is `vmc.h` itself, minus its preprocessor lines, so the declarations
 the compiler checks and the ones cffi binds cannot drift apart.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -19,6 +20,18 @@ def _cdef() -> str:
     return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
 
+# AIOVMC_SANITIZE=address,undefined (or thread) builds the core with those
+# sanitizers and its debug assertions (VMC_DEBUG), for .ci/run; the interpreter
+# then needs the sanitizer's runtime preloaded (LD_PRELOAD=$(gcc
+# -print-file-name=libasan.so)). Unset: the normal optimised build.
+SANITIZE = os.environ.get("AIOVMC_SANITIZE", "")
+DEBUG_FLAGS = (
+    [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined",
+     "-O1", "-g", "-DVMC_DEBUG"]
+    if SANITIZE
+    else []
+)
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
@@ -29,14 +42,13 @@ ffibuilder.set_source(
     include_dirs=["native"],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-fvisibility=hidden"],
+                        "-fvisibility=hidden", *DEBUG_FLAGS],
+    extra_link_args=DEBUG_FLAGS[:1],
     libraries=["pthread"],
     # The full C API: the limited one turns Py_TYPE and friends into calls on the hot path.
     py_limited_api=False,
 )
 
 if __name__ == "__main__":  # a developer's in-place build: python native/build_ffi.py
-    import os
-
     os.chdir(HERE.parent)
     ffibuilder.compile(verbose=True)

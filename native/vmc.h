@@ -46,7 +46,8 @@ enum vmc_flags {
     VMC_F_QUIET = 8,             /* get: count no statistics, leave the LRU order alone */
     VMC_F_CREATE = 16,           /* open: create the file if it does not exist */
     VMC_F_RESET = 32,            /* open: reinitialise an existing cache file */
-    VMC_F_ANY_OWNER = 64         /* open: accept a file owned by another user */
+    VMC_F_ANY_OWNER = 64,        /* open: accept a file owned by another user */
+    VMC_F_CONTIGUOUS = 128       /* evict_for: room for a reservation (one extent) */
 };
 
 enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };
@@ -155,6 +156,15 @@ int vmc_delete(vmc_cache *c, const char *key, size_t klen);
  * (its key copied to kout when it fits kcap). The evicted key's length;
  * VMC_MISS (nothing evicted); VMC_E_KEY_TOO_LARGE. */
 int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap);
+/* vmc_evict_for -- with VMC_F_NO_EVICT, evict what a put (VMC_F_CONTIGUOUS:
+ * a reservation) of klen + vlen bytes still needs: the least recently used
+ * entry while free room falls short, else the entries of the stretch of the
+ * pool that makes a long enough run at the least cost. Their keys go to kout
+ * as (u16 length, bytes) records while they fit. The bytes of records (> 0:
+ * something was evicted; 0: nothing was needed, try again); VMC_MISS (nothing
+ * evictable, or policy "none"); VMC_E_KEY_TOO_LARGE. */
+int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, char *kout,
+                      size_t kcap);
 /* vmc_count -- the number of entries (expired ones until removed), >= 0. */
 int64_t vmc_count(vmc_cache *c);
 /* vmc_shard_count -- the number of shards (> 0); never fails. */

@@ -190,6 +190,129 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
 
 static int64_t purge_shard(vmc_cache *c, uint32_t shard);
 
+/* evict_victim -- evict the entry at head if it is still the one chosen
+ * (same stamp), copying its key as a (u16 length, bytes) record to
+ * kout[*used..] if kout is given. 1 if evicted, 0 if gone meanwhile, -1 if
+ * its record does not fit (nothing done), or a failure. */
+static int evict_victim(vmc_cache *c, uint32_t head, uint64_t stamp, uint64_t hash, char *kout,
+                        size_t kcap, size_t *used)
+{
+    uint32_t s = vmc_shard_of(c, hash);
+    struct vmc_shard *sh = &c->shards[s];
+    for (;;) {
+        int rc = vmc_shard_lock(c, s);
+        if (rc < 0)
+            return rc;
+        uint32_t slot = vmc_index_slot_of(c, s, head);
+        struct vmc_entry *e = slot == UINT32_MAX ? NULL : vmc_unit(c, head);
+        if (e == NULL || e->stamp != stamp) {
+            vmc_shard_unlock(c, s);
+            return 0;
+        }
+        size_t klen = e->key_len;
+        if (kout && *used + 2 + klen > kcap) {
+            vmc_shard_unlock(c, s);
+            return -1;
+        }
+        if (kout) {
+            uint16_t k16 = (uint16_t)klen;
+            memcpy(kout + *used, &k16, 2);
+            memcpy(kout + *used + 2, vmc_entry_key(e), klen);
+        }
+        bool expired = vmc_expired(e, vmc_now_ns());
+        rc = remove_locked(c, s, head, slot);
+        if (rc == VMC_OK) {
+            if (expired)
+                VMC_COUNT(sh->expirations);
+            else
+                VMC_COUNT(sh->evictions);
+        }
+        vmc_shard_unlock(c, s);
+        if (rc == VMC_RETRY)
+            continue;
+        if (rc < 0)
+            return rc;
+        *used += kout ? 2 + klen : 1;
+        return 1;
+    }
+}
+
+#define WINDOW_VICTIMS 4096
+
+/* evict_for -- evict what an entry of klen + vlen bytes still lacks room for.
+ * A put, which may scatter: the least recently used entry while the pool has
+ * fewer free units than it takes. Otherwise no run is long enough for it
+ * (contiguous: the whole entry, a reservation; else its HEAD, which holds the
+ * key): the entries of the stretch vmc_pool_window picks -- so what is
+ * evicted is about the room needed, not every older entry until a run
+ * appears by chance, and a run that open reservations make impossible is
+ * reported at once (VMC_MISS) with nothing evicted. Evicted keys
+ * go to kout as (u16 length, bytes) records while they fit. Returns the bytes
+ * of records written (with kout NULL, the number evicted): 0 when nothing had
+ * to be evicted (the room is there), VMC_MISS when nothing evictable is left. */
+static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguous, char *kout,
+                         size_t kcap)
+{
+    uint64_t need = sizeof(struct vmc_entry) + klen + (contiguous ? vlen : 0);
+    uint64_t total = sizeof(struct vmc_entry) + klen + vlen;
+    uint32_t run = (uint32_t)((need + c->unit_size - 1) >> c->shift);
+    int rc = vmc_pool_lock(c);
+    if (rc < 0)
+        return rc;
+    if (!contiguous && VMC_LOAD(c->hdr->pool.free_units) < (total + c->unit_size - 1) >> c->shift) {
+        vmc_pool_unlock(c);
+        rc = evict_lru(c, kout ? kout + 2 : NULL, kout && kcap >= 2 ? kcap - 2 : 0, false);
+        if (rc < 0)
+            return rc;
+        if (kout && (size_t)rc + 2 <= kcap) {
+            uint16_t k16 = (uint16_t)rc;
+            memcpy(kout, &k16, 2);
+            return 2 + rc;
+        }
+        return kout ? 0 : 1; /* a key longer than kout: evicted, not reported */
+    }
+    uint32_t *heads = malloc(WINDOW_VICTIMS * (sizeof *heads + 16));
+    if (heads == NULL) {
+        vmc_pool_unlock(c);
+        return vmc_fail(VMC_E_OS, "out of memory while choosing where to evict");
+    }
+    uint64_t *stamps = (uint64_t *)(heads + WINDOW_VICTIMS), *hashes = stamps + WINDOW_VICTIMS;
+    uint32_t n = vmc_pool_window(c, run, heads, WINDOW_VICTIMS);
+    for (uint32_t i = 0; i < n; i++) { /* entries cannot go while the pool lock is held */
+        struct vmc_entry *e = heads[i] ? vmc_head(c, heads[i]) : NULL;
+        stamps[i] = e ? e->stamp : 0;
+        hashes[i] = e ? vmc_hash_key(c, vmc_entry_key(e), e->key_len) : 0;
+    }
+    vmc_pool_unlock(c);
+    int64_t out = n == 0 ? VMC_MISS : 0;
+    size_t used = 0;
+    for (uint32_t i = 0; i < n && out >= 0; i++) {
+        if (heads[i] == 0)
+            continue;
+        rc = evict_victim(c, heads[i], stamps[i], hashes[i], kout, kcap, &used);
+        if (rc == -1)
+            break; /* kout is full: the caller comes back for the rest */
+        if (rc < 0)
+            out = rc;
+    }
+    free(heads);
+    return out < 0 ? out : (int64_t)used;
+}
+
+int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, char *kout,
+                      size_t kcap)
+{
+    ENTER(c);
+    int64_t rc = check_key(klen);
+    if (rc == VMC_OK && c->policy == VMC_POLICY_NONE)
+        rc = VMC_MISS;
+    else if (rc == VMC_OK)
+        rc = evict_for(c, klen, vlen, flags & VMC_F_CONTIGUOUS, kout, kcap);
+    leave(c);
+    return rc;
+}
+
+
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
  * owned by this process), evicting as the policy allows. Everything recovery
  * reads of a reservation is written here, under the pool lock. */
@@ -197,6 +320,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
                      uint32_t flags, uint32_t nonce, uint32_t *head)
 {
     bool purged = false;
+    int stalled = 0;
     for (;;) {
         int rc = vmc_pool_lock(c);
         if (rc < 0)
@@ -239,7 +363,10 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
                             (unsigned long long)(klen + vlen));
         if (flags & VMC_F_NO_EVICT)
             return VMC_E_NEED_ROOM;
-        rc = evict_lru(c, NULL, 0, false);
+        int64_t evicted = evict_for(c, klen, vlen, contiguous, NULL, 0);
+        /* A run the allocator's bounded search does not find, twice: plain LRU. */
+        stalled = evicted == 0 ? stalled + 1 : 0;
+        rc = stalled > 2 ? evict_lru(c, NULL, 0, false) : (int)(evicted < 0 ? evicted : 0);
         if (rc == VMC_MISS) {
             if ((rc = vmc_pool_lock(c)) < 0)
                 return rc;

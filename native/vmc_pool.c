@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -356,4 +357,104 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
         u = next;
     }
     return p->free_units - before;
+}
+
+/* ---- where to evict for a contiguous need ---- */
+
+struct span {
+    uint32_t units;
+    uint32_t head; /* 0: free; else the HEAD of the entry owning the extent */
+};
+
+/* scan_spans -- the extents from `unit` on, up to `limit` units (and at most
+ * `max` extents), as spans; UINT32_MAX as head marks what cannot be evicted
+ * (a reservation's, or damage). Returns how many. */
+static uint32_t scan_spans(vmc_cache *c, uint32_t unit, uint64_t limit, struct span *out,
+                           uint32_t max)
+{
+    uint32_t n = 0;
+    for (uint64_t seen = 0; unit <= c->pool_units && seen < limit && n < max;) {
+        uint64_t tag = vmc_tag_at(c, unit);
+        uint32_t units = VMC_TAG_UNITS(tag), kind = VMC_TAG_KIND(tag), head = UINT32_MAX;
+        if (units == 0 || units > c->pool_units - unit + 1) {
+            vmc_mark_damaged(c);
+            break;
+        }
+        if (kind == VMC_KIND_FREE) {
+            head = 0;
+        } else if (kind == VMC_KIND_HEAD) {
+            struct vmc_entry *e = vmc_head(c, unit);
+            head = e && e->state == VMC_PUBLISHED ? unit : UINT32_MAX;
+        } else if (kind == VMC_KIND_BODY) {
+            struct vmc_entry *e = vmc_head(c, ((struct vmc_body *)vmc_unit(c, unit))->head);
+            head = e && e->state == VMC_PUBLISHED ? ((struct vmc_body *)vmc_unit(c, unit))->head
+                                                  : UINT32_MAX;
+        }
+        out[n++] = (struct span){units, head};
+        seen += units;
+        unit += units;
+    }
+    return n;
+}
+
+uint32_t vmc_pool_window(vmc_cache *c, uint32_t units, uint32_t *victims, uint32_t max)
+{
+    /* Start where a free extent starts (a known extent boundary, and free room
+     * is what a window wants), the largest one, and look at a bounded stretch:
+     * a few times the room needed, at least 64 Ki units. */
+    uint32_t start = 0;
+    for (int k = VMC_NCLASSES - 1; k >= 0 && start == 0; k--)
+        start = c->hdr->pool.free_head[k];
+    if (free_at(c, start) == NULL)
+        start = 1;
+    uint64_t limit = (uint64_t)units * 8 < 65536 ? 65536 : (uint64_t)units * 8;
+    uint32_t cap = limit > c->pool_units ? c->pool_units : (uint32_t)limit;
+    struct span *s = malloc((size_t)cap * sizeof *s);
+    if (s == NULL)
+        return 0;
+    uint32_t n = 0, found = 0;
+    for (int pass = 0; pass < 2 && found == 0; pass++) {
+        if (pass == 1) {
+            if (start == 1)
+                break;
+            start = 1; /* the stretch ran into the end of the pool: from the start */
+        }
+        n = scan_spans(c, start, limit, s, cap);
+        /* the window [l, r] holding `units` units with the fewest owned extents */
+        uint64_t have = 0, best_cost = UINT64_MAX;
+        uint32_t cost = 0, l = 0, best_l = 0, best_r = 0;
+        for (uint32_t r = 0; r < n; r++) {
+            if (s[r].head == UINT32_MAX) { /* a wall: start after it */
+                l = r + 1;
+                have = cost = 0;
+                continue;
+            }
+            have += s[r].units;
+            cost += s[r].head != 0;
+            while (l < r && have - s[l].units >= units) {
+                have -= s[l].units;
+                cost -= s[l].head != 0;
+                l++;
+            }
+            if (have >= units && cost < best_cost) {
+                best_cost = cost;
+                best_l = l;
+                best_r = r;
+            }
+        }
+        if (best_cost == UINT64_MAX)
+            continue;
+        for (uint32_t i = best_l; i <= best_r && found < max; i++) {
+            uint32_t h = s[i].head;
+            bool seen = h == 0;
+            for (uint32_t j = 0; j < found && !seen; j++)
+                seen = victims[j] == h;
+            if (!seen)
+                victims[found++] = h;
+        }
+        if (found == 0) /* the room is free already: nothing to evict */
+            victims[found++] = 0;
+    }
+    free(s);
+    return found;
 }

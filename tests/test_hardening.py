@@ -159,7 +159,8 @@ def test_close_between_the_core_reserving_and_python_registering_leaks_nothing(
     freed, not held for the life of the process. The profiler hook stands for
     that thread: it runs close() on the return of the core call."""
     path = str(tmp_path / "race.cache")
-    cache = aiovmc.Cache(path, size="1MiB")
+    keeper = aiovmc.Cache(path, size="1MiB")  # no recovery at the next open
+    cache = aiovmc.Cache(path)
 
     def close_after_reserve(frame: Any, event: str, arg: Any) -> None:
         if event == "c_return" and getattr(arg, "__name__", "") == "vmc_reserve":
@@ -173,8 +174,8 @@ def test_close_between_the_core_reserving_and_python_registering_leaks_nothing(
     finally:
         sys.setprofile(None)
     assert cache.closed
-    with aiovmc.Cache(path) as other:
-        assert other.statistics().used_bytes == 0
+    assert keeper.statistics().used_bytes == 0
+    keeper.close()
 
 
 # ---- 7. AsyncCache.get_many with a repeated key deleted meanwhile ---------------
@@ -308,3 +309,66 @@ def test_creators_sweep_the_temporaries_of_dead_creators(tmp_path: Any) -> None:
         assert os.path.exists(live) and os.path.exists(unrelated)
     finally:
         os.close(live_fd)
+
+
+# ---- 4. contiguous room is made where it costs least ------------------------------
+
+
+def _full(cache: aiovmc.Cache) -> int:
+    """Fill with ~300-byte entries until evictions start, then read them in a
+    random order, so that least recently used is nowhere near contiguous; the
+    number of entries."""
+    import random
+
+    i = 0
+    while cache.statistics().evictions == 0:
+        cache.put(b"fill-%06d" % i, b"v" * 300)
+        i += 1
+    keys = cache.keys()
+    random.Random(1).shuffle(keys)
+    for key in keys:
+        cache.get(key)
+    return len(cache)
+
+
+@pytest.mark.parametrize("callbacks", [False, True])
+def test_a_reservation_in_a_full_cache_evicts_about_the_room_it_needs(
+    cache_path: str, callbacks: bool
+) -> None:
+    called: list[bytes] = []
+    with aiovmc.Cache(
+        cache_path, size="4MiB", on_evict=called.append if callbacks else None
+    ) as cache:
+        entries = _full(cache)
+        before = cache.statistics().evictions
+        room = cache.capacity // 10
+        cache.reserve(b"big", room).cancel()
+        evicted = cache.statistics().evictions - before
+        per_entry = cache.capacity / entries
+        assert evicted <= 2 * room / per_entry + 16, (evicted, entries)
+        if callbacks:
+            assert len(called) == cache.statistics().evictions
+
+
+def test_a_long_key_in_a_full_cache_evicts_about_the_room_it_needs(cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="4MiB") as cache:
+        entries = _full(cache)
+        before = cache.statistics().evictions
+        cache.put(b"k" * 60000, b"v")
+        evicted = cache.statistics().evictions - before
+        assert evicted <= 2 * 60000 / (cache.capacity / entries) + 16, (evicted, entries)
+
+
+def test_a_reservation_that_open_reservations_make_impossible_evicts_nothing(
+    cache_path: str,
+) -> None:
+    with aiovmc.Cache(cache_path, size="4MiB") as cache:
+        first = cache.reserve(b"a", cache.capacity * 45 // 100)
+        middle = cache.reserve(b"b", 1000)  # between the free halves
+        first.cancel()
+        _full(cache)
+        before = cache.statistics().evictions
+        with pytest.raises(aiovmc.CacheFullError):
+            cache.reserve(b"c", cache.capacity * 6 // 10)
+        assert cache.statistics().evictions == before
+        middle.cancel()

@@ -33,6 +33,8 @@ _WHOLE = lib.VMC_F_WHOLE
 _QUIET = lib.VMC_F_QUIET
 _ADD = lib.VMC_F_ADD
 _NO_EVICT = lib.VMC_F_NO_EVICT
+_CONTIGUOUS = lib.VMC_F_CONTIGUOUS
+_RECORDS = 1 << 20  # evicted keys reported per vmc_evict_for call, at most (>= one key)
 _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
@@ -311,7 +313,10 @@ class Handle:
             raise_for(ts)
         return self._stored(
             *self._evicting_for(
-                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), 0
+                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags),
+                0,
+                len(key),
+                size,
             )
         )
 
@@ -327,23 +332,48 @@ class Handle:
                 raise_for(ts)
             return ts > 0
         status, evicted = self._evicting_for(
-            lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), _ADD
+            lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags),
+            _ADD,
+            len(key),
+            size,
         )
         return self._stored(status, evicted) > 0
 
-    def _evicting_for(self, call: Callable[[int], int], flags: int) -> tuple[int, list[bytes]]:
-        """Run a core call that may need room, evicting one entry at a time from
-        here so that the caller can hand the evicted keys to on_evict once no
-        lock is held. Returns the call's final status and the evicted keys."""
+    def _evicting_for(
+        self, call: Callable[[int], int], flags: int, klen: int, size: int
+    ) -> tuple[int, list[bytes]]:
+        """Run a core call that may need room (flags: _CONTIGUOUS for a
+        reservation), evicting from here what the core says the entry lacks
+        room for (`vmc_evict_for`), so that the caller can hand the evicted
+        keys to on_evict once no lock is held. Returns the call's final status
+        and the evicted keys."""
         evicted: list[bytes] = []
+        records = None
+        stalled = 0
         while True:
-            status = call(flags | _NO_EVICT)
+            status = call((flags & ~_CONTIGUOUS) | _NO_EVICT)
             if status != _NEED_ROOM:
                 return status, evicted
-            victim = self._evict_lru()
-            if victim is None:  # nothing left to evict: let the core conclude
-                return call(flags), evicted
-            evicted.append(victim)
+            if stalled > 2:  # a run the allocator's bounded search keeps missing
+                victim = self._evict_lru()
+                if victim is None:
+                    return call(flags & ~_CONTIGUOUS), evicted
+                evicted.append(victim)
+                continue
+            if records is None:
+                records = ffi.new("char[]", _RECORDS)
+            n = lib.vmc_evict_for(self._h, klen, size, flags & _CONTIGUOUS, records, _RECORDS)
+            if n == _MISS:  # nothing left to evict: let the core conclude
+                return call(flags & ~_CONTIGUOUS), evicted
+            if n < 0:
+                raise_for(n)
+            stalled = stalled + 1 if n == 0 else 0
+            data = ffi.buffer(records, n)[:]
+            at = 0
+            while at < n:
+                length = int.from_bytes(data[at : at + 2], "little")
+                evicted.append(data[at + 2 : at + 2 + length])
+                at += 2 + length
 
     def _stored(self, status: int, evicted: list[bytes]) -> int:
         """Notify evictions, then raise for a failed status (which wins, with
@@ -431,7 +461,10 @@ class Handle:
             rid = reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
         else:
             rid, evicted = self._evicting_for(
-                lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset), 0
+                lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset),
+                _CONTIGUOUS,
+                len(key),
+                size,
             )
         if rid < 0:
             self._stored(rid, evicted)
