@@ -208,6 +208,10 @@ int vmc_dup_fd(vmc_cache *c);
  * then write nowhere in the file. VMC_OK; VMC_E_CONFIG; VMC_E_OS. */
 int vmc_detach_view(void *addr, size_t len);
 
+/* vmc_set_clock_offset -- for tests: this process sees CLOCK_REALTIME + ns
+ * (TTL deadlines, expiry checks, access times). Other processes do not. */
+void vmc_set_clock_offset(int64_t ns);
+
 /* vmc_committed_timestamp -- T such that every publication up to T is
  * visible (>= 0). */
 int64_t vmc_committed_timestamp(vmc_cache *c);

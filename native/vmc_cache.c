@@ -188,7 +188,7 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
     return VMC_MISS;
 }
 
-static int64_t purge_shard(vmc_cache *c, uint32_t shard);
+static int64_t purge_some(vmc_cache *c);
 
 /* evict_victim -- evict the entry at head if it is still the one chosen
  * (same stamp), copying its key as a (u16 length, bytes) record to
@@ -345,13 +345,9 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             continue;
         if (c->policy == VMC_POLICY_NONE && !purged) {
             /* Never evict, but expired entries are not entries any more: a
-             * scan of every shard, paid only by a put that found no room. */
+             * bounded scan for them, paid only by a put that found no room. */
             purged = true;
-            int64_t n = 0;
-            for (uint32_t sh = 0; sh < c->n_shards && n >= 0; sh++) {
-                int64_t k = purge_shard(c, sh);
-                n = k < 0 ? k : n + k;
-            }
+            int64_t n = purge_some(c);
             if (n < 0)
                 return (int)n;
             if (n > 0)
@@ -933,8 +929,10 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
     return rc;
 }
 
-/* purge_shard -- remove the expired entries of one shard; returns how many. */
-static int64_t purge_shard(vmc_cache *c, uint32_t shard)
+/* ---- expired entries ---- */
+/* purge_range -- remove the expired entries among slots [from, to) of one
+ * shard; returns how many. */
+static int64_t purge_range(vmc_cache *c, uint32_t shard, uint32_t from, uint32_t to)
 {
     struct vmc_shard *sh = &c->shards[shard];
     const uint64_t *slots = c->index + (uint64_t)shard * c->slots;
@@ -945,7 +943,7 @@ restart:
     uint64_t now = vmc_now_ns();
     /* A deletion shifts later slots back into the hole: look at slot i again.
      * (A slot wrapped around from the front may be seen twice: harmless.) */
-    for (uint32_t i = 0; i < c->slots;) {
+    for (uint32_t i = from; i < to;) {
         struct vmc_entry *e = slots[i] ? slot_entry(c, slots[i]) : NULL;
         if (e == NULL || !vmc_expired(e, now)) {
             i++;
@@ -963,6 +961,36 @@ restart:
     }
     vmc_shard_unlock(c, shard);
     return rc < 0 ? rc : purged;
+}
+
+static int64_t purge_shard(vmc_cache *c, uint32_t shard)
+{
+    return purge_range(c, shard, 0, c->slots);
+}
+
+/* Slots a put that finds no room under policy "none" looks at for expired
+ * entries: a bounded share of the index per call (as redis's dict.c bounds a
+ * rehash step), resumed where the previous call stopped. */
+#define PURGE_BUDGET 8192u
+
+/* purge_some -- remove expired entries from the next PURGE_BUDGET slots of
+ * the whole index (all of it, if smaller); returns how many. */
+static int64_t purge_some(vmc_cache *c)
+{
+    uint64_t total = (uint64_t)c->n_shards * c->slots, purged = 0;
+    uint64_t left = total < PURGE_BUDGET ? total : PURGE_BUDGET;
+    uint64_t at = __atomic_fetch_add(&c->purge_cursor, left, __ATOMIC_RELAXED) % total;
+    while (left > 0) {
+        uint32_t shard = (uint32_t)(at / c->slots), from = (uint32_t)(at % c->slots);
+        uint32_t to = left < c->slots - from ? from + (uint32_t)left : c->slots;
+        int64_t n = purge_range(c, shard, from, to);
+        if (n < 0)
+            return n;
+        purged += (uint64_t)n;
+        left -= to - from;
+        at = (at + (to - from)) % total;
+    }
+    return (int64_t)purged;
 }
 
 int64_t vmc_purge_shard(vmc_cache *c, int shard)
@@ -1125,6 +1153,15 @@ int vmc_dup_fd(vmc_cache *c)
     int rc = fd >= 0 ? fd : vmc_fail_errno("fcntl(F_DUPFD_CLOEXEC)", c->path);
     leave(c);
     return rc;
+}
+
+/* ---- time ---- */
+
+int64_t vmc_clock_offset_ns;
+
+void vmc_set_clock_offset(int64_t ns)
+{
+    __atomic_store_n(&vmc_clock_offset_ns, ns, __ATOMIC_RELAXED);
 }
 
 /* ---- timestamps ---- */

@@ -55,6 +55,7 @@ struct vmc_cache {
     uint64_t pid;                 /* the process whose liveness lock `fd` holds: a
                                      handle inherited by fork() is usable in the
                                      child only once vmc_after_fork gave it its own */
+    uint64_t purge_cursor;        /* where the next bounded purge starts (atomic) */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;
     pthread_mutex_t rids_lock;    /* guards the next three (process-local) */
@@ -62,12 +63,16 @@ struct vmc_cache {
     uint32_t n_rids, cap_rids;    /* cancels those the caller did not */
 };
 
+/* Added to this process's clock: 0 except in tests (vmc_set_clock_offset). */
+extern int64_t vmc_clock_offset_ns;
+
 /* vmc_now_ns -- CLOCK_REALTIME in nanoseconds (expiry deadlines, access times). */
 static inline uint64_t vmc_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec +
+           (uint64_t)__atomic_load_n(&vmc_clock_offset_ns, __ATOMIC_RELAXED);
 }
 
 #define VMC_LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)

@@ -24,6 +24,8 @@ from aiovmc import (
 )
 from aiovmc._convert import parse_size
 
+from .conftest import Clock
+
 MiB = 1 << 20
 
 
@@ -476,34 +478,36 @@ def test_utilisation_random_sizes(cache_path: str) -> None:
 # ---- TTL ----
 
 
-def test_ttl(cache_path: str) -> None:
+def test_ttl(cache_path: str, clock: Clock) -> None:
     with Cache(cache_path, size=MiB, ttl=0.2) as c:
         c.put(b"default", b"v")
         c.put(b"short", b"v", ttl=0.05)
         c.put(b"long", b"v", ttl=60)
-        time.sleep(0.08)
+        assert c.get(b"short") == b"v"
+        clock.advance(0.08)
         assert c.get(b"short") is None and b"short" not in c
         assert c.get(b"default") == b"v"
-        time.sleep(0.15)
+        clock.advance(0.15)
         assert c.get(b"default") is None
         assert c.keys() == [b"long"]
         assert c.statistics().expirations == 2
 
 
-def test_purge_expired(cache: Cache) -> None:
+def test_purge_expired(cache: Cache, clock: Clock) -> None:
     for i in range(50):
         cache.put(f"t{i}", b"v", ttl=0.01)
     cache.put(b"keep", b"v")
-    time.sleep(0.03)
+    clock.advance(0.03)
     assert len(cache) == 51  # expired entries still hold room until purged or looked up
     assert cache.purge_expired() == 50
     assert len(cache) == 1 and cache.statistics().expirations == 50
     assert cache.purge_expired() == 0
 
 
-def test_add_over_expired_entry(cache: Cache) -> None:
+def test_add_over_expired_entry(cache: Cache, clock: Clock) -> None:
     cache.put(b"k", b"old", ttl=0.01)
-    time.sleep(0.03)
+    assert cache.add(b"k", b"new") is False
+    clock.advance(0.03)
     assert cache.add(b"k", b"new") is True
     assert cache.get(b"k") == b"new"
 
@@ -892,25 +896,25 @@ def test_concurrent_publish_of_one_reservation(cache_path: str) -> None:
         assert stats.entries == len(c.keys()) == 1 and stats.puts == 50
 
 
-def test_evict_skips_any_number_of_expired_entries(cache_path: str) -> None:
+def test_evict_skips_any_number_of_expired_entries(cache_path: str, clock: Clock) -> None:
     evicted: list[bytes] = []
     with Cache(cache_path, size=4 * MiB, on_evict=evicted.append) as c:
         for i in range(1000):
             c.put(f"t{i}", b"v", ttl=0.01)
-        time.sleep(0.05)
+        clock.advance(0.05)
         c.put(b"live", b"v")
         assert c.evict() is True and evicted == [b"live"]
         assert c.statistics().expirations == 1000
 
 
-def test_policy_none_reuses_the_room_of_expired_entries(cache_path: str) -> None:
+def test_policy_none_reuses_the_room_of_expired_entries(cache_path: str, clock: Clock) -> None:
     with Cache(cache_path, size=MiB, policy="none") as c:
         i = 0
         with pytest.raises(CacheFullError):
             while True:
                 c.put(f"k{i}", bytes(1000), ttl=0.05)
                 i += 1
-        time.sleep(0.1)
+        clock.advance(0.1)
         assert c.keys() == []
         c.put(b"after", bytes(1000))  # the expired entries' room is reused
         assert c.get(b"after") == bytes(1000)

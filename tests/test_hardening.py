@@ -18,6 +18,7 @@ import pytest
 import aiovmc
 from aiovmc._async_cache import _limiter
 
+from .conftest import Clock
 from .helpers import WAIT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -372,3 +373,24 @@ def test_a_reservation_that_open_reservations_make_impossible_evicts_nothing(
             cache.reserve(b"c", cache.capacity * 6 // 10)
         assert cache.statistics().evictions == before
         middle.cancel()
+
+
+# ---- 10. bounded work per call under policy "none" ---------------------------------
+
+
+def test_a_put_under_policy_none_purges_a_bounded_share_of_the_index(
+    cache_path: str, clock: Clock
+) -> None:
+    with aiovmc.Cache(cache_path, size="16MiB", policy="none") as cache:
+        n = 0
+        with pytest.raises(aiovmc.CacheFullError):
+            while True:
+                cache.put(b"k%d" % n, bytes(900), ttl=1)
+                n += 1
+        clock.advance(2)  # every entry has expired
+        cache.put(b"after", bytes(900))  # reuses room found by a bounded scan
+        purged = cache.statistics().expirations
+        assert 0 < purged < n // 2, (purged, n)
+        for i in range(20):  # later puts go on where the last scan stopped
+            cache.put(b"more%d" % i, bytes(900))
+        assert cache.get(b"after") == bytes(900)

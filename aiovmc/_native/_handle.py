@@ -25,7 +25,7 @@ from .._convert import MAX_SIZE, encode_key, ttl_to_ns, value_buffer
 from ._status import error_for, raise_for
 from ._vmc import ffi, lib
 
-__all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo"]
+__all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo", "set_clock_offset"]
 
 SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come back here too
 
@@ -41,6 +41,12 @@ _NULL = ffi.NULL
 _get = lib.vmc_get
 _get_scratch = lib.vmc_get_scratch
 _put = lib.vmc_put
+
+
+def set_clock_offset(seconds: float) -> None:
+    """For tests: shift this process's view of the clock (TTL deadlines, expiry,
+    access times) by `seconds`, so that TTL tests need no sleeps."""
+    lib.vmc_set_clock_offset(round(seconds * 1e9))
 
 
 class _Scratch(threading.local):
