@@ -16,6 +16,7 @@ import something small; they report through plain multiprocessing primitives.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -423,19 +424,19 @@ def _attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[str, Any]
             f.seek(flip[0])
             f.write(bytes([byte[0] ^ flip[1]]))
     for key in expect:
-        judge(key, guarded("get", lambda key=key: cache.get(key)))
+        judge(key, guarded("get", functools.partial(cache.get, key)))
     for key in guarded("keys", cache.keys) or []:
-        judge(key, guarded("get", lambda key=key: cache.get(key)))
+        judge(key, guarded("get", functools.partial(cache.get, key)))
     if spec.get("work"):  # the cache must keep working: writes, reads, evictions
         rng = random.Random(1)
         for i in range(200):
             key = b"work-%d" % rng.randrange(40)
             if rng.random() < 0.6:
-                guarded("put", lambda key=key, i=i: cache.put(key, make_value(key, i, 3000)))
+                guarded("put", functools.partial(cache.put, key, make_value(key, i, 3000)))
             elif rng.random() < 0.8:
-                judge(key, guarded("get", lambda key=key: cache.get(key)))
+                judge(key, guarded("get", functools.partial(cache.get, key)))
             else:
-                guarded("delete", lambda key=key: cache.delete(key))
+                guarded("delete", functools.partial(cache.delete, key))
         guarded("evict", cache.evict)
         guarded("purge", cache.purge_expired)
         stats = guarded("statistics", cache.statistics)
@@ -494,6 +495,7 @@ def attempts_main() -> None:
             chunks.append(chunk)
         os.close(r)
         _, status = os.waitpid(pid, 0)
+        res: dict[str, Any]
         if hung:
             res = {"outcome": "hang"}
         elif os.WIFSIGNALED(status):
@@ -619,7 +621,10 @@ def resolve_target(data: bytes, target: list[Any]) -> tuple[int, int] | None:
     """The (file offset, size) of a field named by `target`, or None if the
     file has no such field now (e.g. no free extent)."""
     hdr = read_header(data)
-    unit_off = lambda u: hdr["pool_off"] + ((u - 1) << hdr["unit_shift"])  # noqa: E731
+
+    def unit_off(u: int) -> int:
+        return int(hdr["pool_off"] + ((u - 1) << hdr["unit_shift"]))
+
     kind = target[0]
     if kind == "header":
         return HEADER_FIELDS[target[1]]
@@ -716,14 +721,14 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
             for i, key in enumerate(keys[: len(keys) // 2]):
                 new = make_value(key, 1000 + i, len(expect[key]))
                 ever += 1
-                if guarded("put", lambda key=key, new=new: cache.put(key, new)) is None:
+                if guarded("put", functools.partial(cache.put, key, new)) is None:
                     allowed[key] = allowed[key] | {None}
                 else:
                     allowed[key] = {new, None}
                 look(key, "after put")
         elif op == "delete":
             for key in keys[::3]:
-                if guarded("delete", lambda key=key: cache.delete(key)) is not None:
+                if guarded("delete", functools.partial(cache.delete, key)) is not None:
                     allowed[key] = {None}
                 look(key, "after delete")
         elif op == "clear":
@@ -739,7 +744,7 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
                 look(key, "after clear and repair")
         elif op == "reserve":
             key = keys[-1]
-            r = guarded("reserve", lambda key=key: cache.reserve(key, 5000))
+            r = guarded("reserve", functools.partial(cache.reserve, key, 5000))
             if r is not None:
                 new = make_value(key, 2000, 5000)
                 r.buffer[:] = new
@@ -765,7 +770,7 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
             guarded("purge", cache.purge_expired)
         elif op == "timestamps":
             for name in ("committed_timestamp", "persisted_timestamp"):
-                ts = guarded(name, lambda name=name: getattr(cache, name))
+                ts = guarded(name, functools.partial(getattr, cache, name))
                 if ts is not None and not 0 <= ts < 1 << 62:
                     wrong.append(f"{name} is {ts}")
             guarded("persist", cache.persist)

@@ -90,7 +90,7 @@ def test_attached_mutations_give_no_signal_no_hang_no_wrong_value(tmp_path: Any)
     expect, small, chained = _build(pristine)
     slow = os.environ.get("AIOVMC_SLOW") == "1"
     pairs = list(itertools.product(_targets(small, chained), MUTATIONS))
-    specs = []
+    specs: list[dict[str, Any]] = []
     for i, (target, mutation) in enumerate(pairs):
         sequences = OP_SEQUENCES if slow else [OP_SEQUENCES[i % len(OP_SEQUENCES)]]
         for ops in sequences:
