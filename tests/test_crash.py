@@ -684,7 +684,10 @@ def test_repair_keeps_a_reservation_that_is_being_set_up(tmp_path: Path, cache_p
         cache.delete(b"f900")
         cache.delete(b"f010")
 
-        env = dict(os.environ, LD_PRELOAD=so, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        # after any library already preloaded (the ASan runtime, in .ci/run's sanitizer pass)
+        preload = f"{os.environ.get('LD_PRELOAD', '')} {so}".strip()
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, LD_PRELOAD=preload, PYTHONPATH=root)
         with subprocess.Popen(
             [sys.executable, "-c", _PAUSED_RESERVER, so, cache_path],
             stdin=subprocess.PIPE,
