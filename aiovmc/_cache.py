@@ -71,7 +71,6 @@ class Cache(Handle):
         "_loader_calls",
         "_on_evict",
         "_path",
-        "_remove_private_file",
         "_reservations",
         "on_miss",
     )
@@ -127,13 +126,12 @@ class Cache(Handle):
             reset=reset,
             any_owner=allow_other_owner,
         )
-        # A private cache's file goes with the handle that created it: at close,
-        # or when the handle is collected, or at interpreter exit.
-        self._remove_private_file = (
-            weakref.finalize(self, _remove_private_file, self._path, os.getpid())
-            if private
-            else None
-        )
+        if private:
+            # Nobody else may open a private cache, and its file must not outlive its
+            # processes even when they are killed: unlink it at once. The mapping and
+            # the descriptor (inherited by forked children) keep it alive until the
+            # last of them exits.
+            os.unlink(self._path)
         self._on_evict = on_evict
         self.on_miss = on_miss
         self._loader_calls = 0
@@ -150,23 +148,26 @@ class Cache(Handle):
         info = self.info
         conflicts = []
         if extent_size != 256 and unit != info.extent_size:
-            conflicts.append(f"extent_size={info.extent_size}")
+            conflicts.append(f"extent_size={info.extent_size}, not extent_size={extent_size!r}")
         if policy != "lru" and policy != info.policy:
-            conflicts.append(f"policy={info.policy!r}")
+            conflicts.append(f"policy={info.policy!r}, not policy={policy!r}")
         if ttl is not None and ttl_ns != info.default_ttl_ns:
-            conflicts.append(f"ttl={info.default_ttl_ns / 1e9:g}")
+            created = f"{info.default_ttl_ns / 1e9:g}" if info.default_ttl_ns else "None"
+            conflicts.append(f"ttl={created}, not ttl={ttl!r}")
         if conflicts:
             self.close()
             raise CacheConfigError(
-                f"{self._path} was created with {', '.join(conflicts)}; geometry and policy "
-                "belong to the file (pass reset=True to recreate it)"
+                f"{self._path} was created with {'; '.join(conflicts)}: geometry and policy "
+                "belong to the file (open it without them, or pass reset=True to recreate it)"
             )
 
     # ---- properties ----
 
     @property
     def path(self) -> str:
-        """The cache file."""
+        """The cache file. A private cache (``path=None``) was created under this name
+        and unlinked at once: no other process can open it, and its memory goes back
+        to the system when the last process using it exits, even if killed."""
         return self._path
 
     @property
@@ -329,8 +330,6 @@ class Cache(Handle):
             reservation._abandon()
         _open_caches.discard(self)
         self._close_native()
-        if self._remove_private_file is not None:
-            self._remove_private_file()
 
     def __enter__(self) -> Cache:
         return self
@@ -478,17 +477,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _remove_private_file(path: str, creator_pid: int) -> None:
-    if os.getpid() == creator_pid:  # not in a forked child
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+def cache_directory() -> str:
+    """Where a cache file lives when nobody says: /dev/shm (memory) if usable, else the temp dir."""
+    directory = "/dev/shm"
+    if os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK):
+        return directory
+    return tempfile.gettempdir()
 
 
 def _private_path() -> str:
-    """A fresh file name for a private cache: /dev/shm if usable, else the temp dir."""
-    directory = "/dev/shm"
-    if not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
-        directory = tempfile.gettempdir()
-    return os.path.join(directory, f"aiovmc-{os.getpid()}-{secrets.token_hex(8)}.cache")
+    """A fresh file name for a private cache."""
+    return os.path.join(cache_directory(), f"aiovmc-{os.getpid()}-{secrets.token_hex(8)}.cache")

@@ -31,6 +31,13 @@ enum members, and ``datetime``/``date``/``time``/``timedelta``, ``Decimal``,
 `MAX_READABLE_KEY` bytes keep their readable prefix and end in a SHA-256 digest of
 the arguments.
 
+**Versions.** ``version=`` (a ``str`` or an ``int``) starts every key of the
+function with ``v{version}:``, e.g. ``"v2:app.users:user_profile(user_id=42)"``,
+with the default key builder or your own. Change it whenever a deploy changes
+what the function returns (its shape, its meaning, its serializer): the new code
+then never reads a result the old code stored in the shared file — during a
+rolling restart both run at once — and the old entries leave by LRU or TTL.
+
 **Serializers.** ``"pickle"`` (default: any picklable result), ``"json"`` (results
 made of JSON types; tuples come back as lists), ``"raw"`` (the function returns a
 bytes-like object and callers get ``bytes``; a result of None is not cached) or any
@@ -210,6 +217,26 @@ def _default_key_builder(func: Callable[..., Any]) -> Callable[..., str]:
     return make_key
 
 
+def _version_prefix(version: object) -> str | None:
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, (str, int)):
+        raise TypeError(f"cached(): version must be a str or an int, not {type(version).__name__}")
+    if version == "":
+        raise ValueError("cached(): version must not be empty (None means no version)")
+    return f"v{version}:"
+
+
+def _prefixed(prefix: str, build_key: Callable[..., str | bytes]) -> Callable[..., str | bytes]:
+    encoded = prefix.encode()
+
+    def make_key(*args: Any, **kwargs: Any) -> str | bytes:
+        built = build_key(*args, **kwargs)
+        return prefix + built if isinstance(built, str) else encoded + bytes(built)
+
+    return make_key
+
+
 class _Missing(enum.Enum):
     MISSING = enum.auto()
 
@@ -252,14 +279,16 @@ def cached(
     ttl: float | None = None,
     key: Callable[..., str | bytes] | None = None,
     serializer: str | Serializer = "pickle",
+    version: str | int | None = None,
 ) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], CachedFunction[P, T]]:
     """Decorate an async function so that its results are cached in ``cache``.
 
     ``cache`` is an `AsyncCache` or a `Cache` (wrapped with
     `AsyncCache.from_cache`). ``ttl`` is the results' time-to-live in seconds (None:
     the cache's default). ``key(*args, **kwargs)`` builds a call's key (default:
-    module, qualified name and arguments; see the module docstring), and
-    ``serializer`` turns results into bytes and back.
+    module, qualified name and arguments; see the module docstring),
+    ``serializer`` turns results into bytes and back, and ``version`` starts every
+    key with ``v{version}:`` (change it when the function's results change shape).
 
     A call waits exactly as `AsyncCache.get` does: a hit on a small result returns
     without a checkpoint; a miss runs the function, coalesced with concurrent calls
@@ -275,11 +304,13 @@ def cached(
         )
     codec = _serializer(serializer)
     dumps, loads = codec.dumps, codec.loads
+    prefix = _version_prefix(version)
 
     def decorate(func: Callable[P, Coroutine[Any, Any, T]]) -> CachedFunction[P, T]:
         if not inspect.iscoroutinefunction(func):
             raise TypeError(f"cached() decorates async functions; {func!r} is not one")
-        make_key: Callable[..., str | bytes] = key or _default_key_builder(func)
+        build_key: Callable[..., str | bytes] = key or _default_key_builder(func)
+        make_key = build_key if prefix is None else _prefixed(prefix, build_key)
         get = acache.get
 
         @functools.wraps(func)

@@ -1,4 +1,7 @@
-"""aiovmc with trio: a coalesced read-through loader, then a reserved write."""
+"""aiovmc with trio: a coalesced read-through loader, then a reserved write.
+
+Needs trio (`pip install "aiovmc[trio]"`).
+"""
 
 import trio
 
@@ -15,7 +18,9 @@ async def load_page(key: bytes) -> bytes:
 
 
 async def main() -> None:
-    async with AsyncCache(size="16MiB", on_miss=load_page) as cache:
+    path = "/dev/shm/aiovmc-example-pages.cache"  # shared by every process that opens it
+    async with AsyncCache(path, size="16MiB", on_miss=load_page) as cache:
+        await cache.clear()  # start cold, even if an earlier run left entries
         async with trio.open_nursery() as nursery:
             for _ in range(50):
                 nursery.start_soon(cache.get, "/index")

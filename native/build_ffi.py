@@ -1,15 +1,30 @@
-"""Build the `aiovmc._native._vmc` extension (cffi out-of-line API mode).
+"""Build the compiled core, the top-level module `_aiovmc_native` (cffi out-of-line API mode).
 
 The cdef is `vmc.h` itself, minus its preprocessor lines, so the declarations
 the compiler checks and the ones cffi binds cannot drift apart.
+
+The module is top-level, not `aiovmc._native._vmc`: Python run from the
+repository root imports the source folder `aiovmc/` ahead of the installed
+package, and a compiled submodule would be missing there. A top-level module is
+found in site-packages (or, after `pip install -e .`, beside this repository's
+`aiovmc/`) whichever `aiovmc/` is imported. The module carries a digest of the
+sources it was built from, so a source checkout whose C code changed since the
+last build refuses to run the stale core (`aiovmc/_native/_binding.py`).
 """
 
 import os
+import runpy
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+# The digest function is shared with the runtime check: one definition, loaded by path
+# because aiovmc itself is not importable while it is being built.
+source_digest = runpy.run_path(str(HERE.parent / "aiovmc" / "_native" / "_source.py"))[
+    "source_digest"
+]
+MODULE = "_aiovmc_native"
 # One .c/.h pair per concern; the call graph is in vmc_handle.h.
 SOURCES = ["vmc_cache.c", "vmc_entry.c", "vmc_error.c", "vmc_file.c", "vmc_index.c",
            "vmc_lru.c", "vmc_mutex.c", "vmc_pool.c", "vmc_recover.c", "vmc_repair.c"]
@@ -34,9 +49,11 @@ DEBUG_FLAGS = (
 
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
+ffibuilder.cdef("const char *vmc_source_digest(void);")
 ffibuilder.set_source(
-    "aiovmc._native._vmc",
-    '#include "vmc.h"',
+    MODULE,
+    '#include "vmc.h"\n'
+    f'const char *vmc_source_digest(void) {{ return "{source_digest(HERE)}"; }}\n',
     # setuptools wants source paths relative to setup.py, the repository root.
     sources=[f"native/{name}" for name in SOURCES],
     include_dirs=["native"],

@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -120,14 +121,14 @@ static uint64_t tables_bytes(uint32_t slots)
     return index_bytes(slots) + heap_bytes(slots);
 }
 
-static int validate_config(const struct vmc_config *cfg, const char *path)
+static int validate_config(const struct vmc_config *cfg)
 {
     if (cfg->size < VMC_MIN_FILE)
-        return vmc_fail(VMC_E_CONFIG, "size %llu is below the minimum of 1 MiB (%s)",
-                        (unsigned long long)cfg->size, path);
+        return vmc_fail(VMC_E_CONFIG, "size %llu is below the minimum of 1 MiB",
+                        (unsigned long long)cfg->size);
     if (cfg->size > VMC_MAX_FILE)
-        return vmc_fail(VMC_E_CONFIG, "size %llu is above the maximum of 2^62 bytes (%s)",
-                        (unsigned long long)cfg->size, path);
+        return vmc_fail(VMC_E_CONFIG, "size %llu is above the maximum of 2^62 bytes",
+                        (unsigned long long)cfg->size);
     uint32_t u = cfg->extent_size;
     if (u < VMC_MIN_UNIT || (u & (u - 1)) != 0 || u > cfg->size)
         return vmc_fail(VMC_E_CONFIG,
@@ -141,7 +142,7 @@ static int validate_config(const struct vmc_config *cfg, const char *path)
 }
 
 /* layout -- the geometry of a file of cfg->size bytes (rounded up to a page). */
-static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char *path)
+static int layout(struct vmc_header *h, const struct vmc_config *cfg)
 {
     uint64_t size = round_up(cfg->size, VMC_PAGE);
     uint32_t shift = (uint32_t)__builtin_ctz(cfg->extent_size);
@@ -161,9 +162,9 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg, const char
     if (units == 0 || (units << shift) * 5 < size * 4)
         return vmc_fail(VMC_E_CONFIG,
                         "extent_size %u is too large for a file of %llu bytes: the usable pool "
-                        "would be %llu bytes, less than 80%% of it (%s)",
+                        "would be %llu bytes, less than 80%% of it",
                         cfg->extent_size, (unsigned long long)size,
-                        (unsigned long long)(units << shift), path);
+                        (unsigned long long)(units << shift));
     memset(h, 0, sizeof *h);
     memcpy(h->magic, VMC_MAGIC, 8);
     h->format_version = VMC_FORMAT_VERSION;
@@ -282,7 +283,7 @@ static void sweep_dead_temporaries(const char *path)
 static int create_file(const char *path, const struct vmc_config *cfg)
 {
     struct vmc_header h;
-    int rc = layout(&h, cfg, path);
+    int rc = layout(&h, cfg);
     if (rc < 0)
         return rc;
     size_t n = strlen(path) + 64;
@@ -296,7 +297,12 @@ static int create_file(const char *path, const struct vmc_config *cfg)
     sweep_dead_temporaries(path);
     int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cfg->mode);
     if (fd < 0) {
-        rc = vmc_fail_errno("open", tmp);
+        /* Name the file the caller asked for, not our temporary. */
+        int err = errno;
+        if (err == ENOENT)
+            rc = vmc_fail(VMC_E_OS, "cannot create %s: its directory does not exist", path);
+        else
+            rc = vmc_fail(VMC_E_OS, "cannot create %s: %s (errno %d)", path, strerror(err), err);
         free(tmp);
         return rc;
     }
@@ -333,7 +339,7 @@ static int reset_file(int fd, const char *path, const struct vmc_config *cfg)
         return vmc_fail(VMC_E_FORMAT, "refusing to reset %s: it is not an aiovmc cache file",
                         path);
     struct vmc_header h;
-    int rc = layout(&h, cfg, path);
+    int rc = layout(&h, cfg);
     if (rc < 0)
         return rc;
     /* Keep the old header page (its magic) until the new header replaces it:
@@ -373,7 +379,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     memset(info, 0, sizeof *info);
     info->fd = -1;
     int rc;
-    if ((flags & (VMC_F_CREATE | VMC_F_RESET)) && (rc = validate_config(cfg, path)) < 0)
+    if ((flags & (VMC_F_CREATE | VMC_F_RESET)) && (rc = validate_config(cfg)) < 0)
         return rc;
     int fd = -1;
     for (int attempt = 0; fd < 0; attempt++) {

@@ -20,9 +20,13 @@ import functools
 import hashlib
 import os
 import random
+import re
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 _MAGIC = b"AVv1"
@@ -36,6 +40,40 @@ WAIT = 30.0
 
 class CorruptValue(AssertionError):
     """A value read from the cache failed its self-check."""
+
+
+def run_program(program: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a Python program (a file, or source text) in a fresh interpreter, as a user would.
+
+    The cache files it names under /dev/shm are removed before and after: a file left
+    by an earlier run (or by an older aiovmc, in another format) must not change what
+    it prints."""
+    source = program.read_text() if isinstance(program, Path) else program
+    files = [Path(name) for name in re.findall(r'"(/dev/shm/[\w.-]+)"', source)]
+    for path in files:
+        path.unlink(missing_ok=True)
+    try:
+        command = [str(program)] if isinstance(program, Path) else ["-c", program]
+        return subprocess.run([sys.executable, *command], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+
+
+def private_file_stats(path: str, pid: int | None = None) -> list[os.stat_result]:
+    """The stat of every descriptor of process `pid` (default: this one) open on the
+    unlinked file that was created as `path` (how a private cache's file is reached)."""
+    fd_dir = f"/proc/{os.getpid() if pid is None else pid}/fd"
+    found = []
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+            if target == f"{path} (deleted)":
+                found.append(os.stat(f"{fd_dir}/{name}"))
+        except FileNotFoundError:
+            continue  # closed meanwhile (the listing's own descriptor, say)
+    return found
 
 
 def _payload(key: bytes, seq: int, size: int) -> bytes:

@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from aiovmc import (
 from aiovmc._convert import parse_size
 
 from .conftest import Clock
+from .helpers import private_file_stats
 
 MiB = 1 << 20
 
@@ -75,8 +77,9 @@ def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
 
 @pytest.mark.parametrize(
     "options, text",
-    [({"extent_size": 512}, "extent_size=256"), ({"policy": "none"}, "policy='lru'"),
-     ({"ttl": 5}, "ttl=")],
+    [({"extent_size": 512}, "extent_size=256, not extent_size=512"),
+     ({"policy": "none"}, "policy='lru', not policy='none'"),
+     ({"ttl": 5}, r"ttl=None, not ttl=5:")],
 )
 def test_attach_with_other_geometry_is_config_error(
     cache_path: str, options: dict[str, object], text: str
@@ -84,6 +87,19 @@ def test_attach_with_other_geometry_is_config_error(
     Cache(cache_path, size=2 * MiB).close()
     with pytest.raises(CacheConfigError, match=text):
         Cache(cache_path, **options)  # type: ignore[arg-type]
+
+
+def test_creating_in_a_missing_directory_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-dir" / "app.cache"
+    with pytest.raises(FileNotFoundError, match=f"cannot create {path}: its directory does not"):
+        Cache(path, size=MiB)
+    assert os.listdir(tmp_path) == []
+
+
+def test_private_cache_errors_name_no_path() -> None:
+    """The user gave no path: the message must not show the private file's name."""
+    with pytest.raises(CacheConfigError, match=r"^size 1000 is below the minimum of 1 MiB$"):
+        Cache(size=1000)
 
 
 def test_missing_file_without_size(cache_path: str) -> None:
@@ -131,14 +147,15 @@ def test_parse_size(text: object, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-def test_private_cache_is_removed_on_close() -> None:
-    c = Cache(size=MiB)
-    path = c.path
-    assert os.path.exists(path)
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    c.put(b"a", b"b")
-    c.close()
-    assert not os.path.exists(path)
+def test_private_cache_file_is_unlinked_at_once() -> None:
+    """A private cache has no name anyone could open, so nothing can leak it."""
+    with Cache(size=MiB) as c:
+        assert not os.path.exists(c.path)
+        opened = private_file_stats(c.path)  # the core's descriptor and mmap's copy
+        assert opened and all(st.st_mode & 0o777 == 0o600 for st in opened)
+        c.put(b"a", b"b")
+        assert c.get(b"a") == b"b"
+    assert private_file_stats(c.path) == []
     with pytest.raises(CacheConfigError, match="size is required"):
         Cache()
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiovmc._native._vmc import ffi
 
 import aiovmc
+from aiovmc._native._binding import ffi
 
 from .helpers import (
     KIND_FREE,
@@ -567,7 +567,7 @@ int pthread_mutex_unlock(pthread_mutex_t *m)
 _PAUSED_RESERVER = r"""
 import ctypes, os, sys
 import aiovmc
-from aiovmc._native._vmc import ffi
+from aiovmc._native._binding import ffi
 from tests.helpers import make_value
 
 so, path = sys.argv[1], sys.argv[2]

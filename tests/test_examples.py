@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from .helpers import run_program
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 EXPECTED = {
-    "asyncio_example.py": ["101 calls, 1 backend call", "coalesced=99"],
+    "asyncio_example.py": ["101 calls, 1 backend call"],
+    "rendered_pages.py": [
+        "2 pages cached, rendered 2 times in all, <h1>About</h1><p>We cache &lt;rendered&gt;"
+    ],
     "trio_example.py": ["50 gets, 1 load: b'<html>/index</html>'", "report=b'ready'"],
 }
 
@@ -22,13 +25,7 @@ def test_examples_exist() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example(name: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_program(EXAMPLES / name)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     for line in EXPECTED[name]:

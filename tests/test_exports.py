@@ -5,10 +5,9 @@ from __future__ import annotations
 import ast
 import pathlib
 
-from aiovmc._native._vmc import lib
-
 import aiovmc
 from aiovmc._native import ERRORS
+from aiovmc._native._binding import lib
 
 PACKAGE = pathlib.Path(aiovmc.__file__).parent
 
@@ -36,10 +35,11 @@ def test_only_the_native_package_touches_the_compiled_core() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 names = {alias.name for alias in node.names}
-                if "_vmc" in (node.module or "") or names & {"ffi", "lib", "_vmc"}:
+                module = node.module or ""
+                if "_aiovmc_native" in module or "_binding" in module or names & {"ffi", "lib"}:
                     offenders.append(f"{path.name}:{node.lineno}")
             elif isinstance(node, ast.Import) and any(
-                "_vmc" in alias.name or alias.name == "cffi" for alias in node.names
+                alias.name in ("_aiovmc_native", "cffi") for alias in node.names
             ):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []

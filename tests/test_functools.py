@@ -177,6 +177,33 @@ async def test_custom_key_and_invalidate(acache: AsyncCache) -> None:
     assert calls == 2
 
 
+async def test_version_keeps_old_results_apart(acache: AsyncCache) -> None:
+    """A deploy that changes a function's result shape bumps `version`: the new code
+    never reads what the old code stored, even while both run on one file."""
+
+    def build(version: int | None, shape: str) -> Any:
+        @cached(acache, serializer="json", version=version)
+        async def profile(user_id: int) -> object:  # one qualified name for every build
+            return [user_id, "name"] if shape == "list" else {"id": user_id, "name": "name"}
+
+        return profile
+
+    old, same_version, new = build(None, "list"), build(None, "dict"), build(2, "dict")
+    assert await old(7) == [7, "name"]
+    assert await same_version(7) == [7, "name"]  # without a bump: the old shape comes back
+    assert await new(7) == {"id": 7, "name": "name"}
+    assert str(new.cache_key(7)).startswith("v2:") and new.cache_key(7)[3:] == old.cache_key(7)
+    assert await old(7) == [7, "name"]  # old code still reads its own entries
+
+    @cached(acache, key=lambda n: b"item:%d" % n, version="2026-11")
+    async def item(n: int) -> int:
+        return n
+
+    assert item.cache_key(3) == b"v2026-11:item:3"
+    assert await item(3) == 3
+    assert b"v2026-11:item:3" in acache.cache
+
+
 async def test_serializers(acache: AsyncCache) -> None:
     @cached(acache, serializer="json")
     async def as_json(x: int) -> Any:
@@ -271,3 +298,7 @@ def test_decorator_checks(acache: AsyncCache) -> None:
 
     with pytest.raises(TypeError, match="async"):
         cached(acache)(sync_fn)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="version must be a str or an int"):
+        cached(acache, version=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="version must not be empty"):
+        cached(acache, version="")

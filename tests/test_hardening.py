@@ -275,9 +275,8 @@ def test_the_error_message_is_the_failing_calls_even_if_a_callback_fails_too(
 
 
 def test_unmendable_damage_is_a_format_error() -> None:
-    from aiovmc._native._vmc import lib
-
     from aiovmc._native import ERRORS
+    from aiovmc._native._binding import lib
 
     assert ERRORS[lib.VMC_E_CORRUPT] is aiovmc.CacheFormatError
 

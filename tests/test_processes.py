@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import queue
 import random
+import signal
 import time
 from typing import Any
 
@@ -21,7 +22,16 @@ import pytest
 
 import aiovmc
 
-from .helpers import WAIT, check_value, join_all, make_value, rw_worker, verify_get
+from .helpers import (
+    WAIT,
+    check_value,
+    join_all,
+    make_value,
+    private_file_stats,
+    rw_worker,
+    verify_get,
+    wait_for,
+)
 
 # Python 3.12+ warns when fork() is called while threads run (other test files
 # may leave worker threads alive); the children here use no inherited thread.
@@ -147,6 +157,19 @@ def _hold_open(path: str, ready: Any, release: Any) -> None:
 def _attach_report(path: str, out: Any) -> None:
     with aiovmc.Cache(path) as cache:
         out.put((cache.info.recovered, sorted(cache.keys())))
+
+
+def _private_cache_then_wait(out: Any, release: Any) -> None:
+    """Create a private cache (a forked grandchild shares it), report, and wait to be killed."""
+    cache = aiovmc.Cache(size="4MiB")
+    cache.put(b"k", make_value(b"k", 1, 100))
+    pid = os.fork()
+    if pid == 0:  # the grandchild keeps using the inherited private cache
+        check_value(b"k", cache.get(b"k"))
+        release.wait(WAIT)
+        os._exit(0)
+    out.put((cache.path, pid))
+    release.wait(WAIT)
 
 
 # ---------------------------------------------------------------------------
@@ -466,3 +489,21 @@ def test_many_processes_large_values(ctx: Any, cache_path: str) -> None:
         results = _results(out, 3)
         join_all(procs)
         assert not [r[3] for r in results if r[3]], results
+
+
+def test_private_cache_of_killed_processes_leaves_no_file(ctx: Any) -> None:
+    """A private cache's file is unlinked as soon as it is open: SIGKILL of its
+    creator and of a forked child sharing it leaves nothing in /dev/shm, and the
+    memory is released with the last descriptor."""
+    out, release = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=_private_cache_then_wait, args=(out, release))
+    p.start()
+    path, grandchild = out.get(timeout=WAIT)
+    directory, name = os.path.split(path)
+    assert not os.path.exists(path)
+    assert private_file_stats(path, p.pid) and private_file_stats(path, grandchild)
+    p.kill()
+    os.kill(grandchild, signal.SIGKILL)
+    join_all([p])
+    wait_for(lambda: not os.path.exists(f"/proc/{grandchild}/fd"), what="grandchild gone")
+    assert [n for n in os.listdir(directory) if n.startswith(name)] == []

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._convert import MAX_SIZE, encode_key, ttl_to_ns, value_buffer
+from ._binding import ffi, lib
 from ._status import error_for, raise_for
-from ._vmc import ffi, lib
 
 __all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo", "set_clock_offset"]
 

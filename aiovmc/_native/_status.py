@@ -13,7 +13,7 @@ from .._errors import (
     KeyTooLargeError,
     ValueTooLargeError,
 )
-from ._vmc import ffi, lib
+from ._binding import ffi, lib
 
 __all__ = ["ERRORS", "error_for", "raise_for"]
 
