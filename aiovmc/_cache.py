@@ -16,11 +16,14 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._convert import encode_key, parse_size, ttl_to_ns
+from ._convert import TTL, Key, encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
 from ._native import Handle
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["Cache", "CacheStatistics", "Reservation"]
 
@@ -86,7 +89,7 @@ class Cache(Handle):
         reset: bool = False,
         mode: int = 0o600,
         on_evict: Callable[[bytes], object] | None = None,
-        on_miss: Callable[[bytes], Any] | None = None,
+        on_miss: Callable[[bytes], Buffer | None] | None = None,
         allow_other_owner: bool = False,
     ) -> None:
         size_bytes = None if size is None else parse_size(size)
@@ -215,7 +218,7 @@ class Cache(Handle):
 
     # ---- operations beyond one C call ----
 
-    def evict(self, key: Any = None) -> bool:
+    def evict(self, key: Key | None = None) -> bool:
         """Evict `key`, or with None the least recently used entry, and call
         on_evict. True if something was evicted."""
         if key is None:
@@ -233,7 +236,7 @@ class Cache(Handle):
         """A snapshot list of the unexpired keys."""
         return list(self._shard_keys())
 
-    def get_many(self, keys: Iterable[Any]) -> dict[bytes, bytes]:
+    def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
         """``{key: value}`` for the keys present; never calls the loader."""
         found: dict[bytes, bytes] = {}
         get = Handle.get
@@ -245,7 +248,7 @@ class Cache(Handle):
         return found
 
     def put_many(
-        self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *, ttl: Any = None
+        self, items: Mapping[Any, Buffer] | Iterable[tuple[Any, Buffer]], *, ttl: TTL = None
     ) -> int:
         """Store every (key, value) pair; returns the last timestamp (0 if none)."""
         pairs = items.items() if isinstance(items, Mapping) else items
@@ -270,7 +273,7 @@ class Cache(Handle):
             loader_calls=self._loader_calls,
         )
 
-    def reserve(self, key: Any, size: int | str, *, ttl: Any = None) -> Reservation:
+    def reserve(self, key: Key, size: int | str, *, ttl: TTL = None) -> Reservation:
         """Room for a `size`-byte value that no reader sees until published."""
         encoded = encode_key(key)
         nbytes = parse_size(size)
@@ -307,16 +310,16 @@ class Cache(Handle):
 
     # ---- mapping protocol (no loader: a miss is a KeyError) ----
 
-    def __getitem__(self, key: Any) -> bytes:
+    def __getitem__(self, key: Key) -> bytes:
         value = Handle.get(self, key, _ABSENT)
         if value is _ABSENT:
             raise KeyError(key)
         return value  # type: ignore[no-any-return]
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def __setitem__(self, key: Key, value: Buffer) -> None:
         self.put(key, value)
 
-    def __delitem__(self, key: Any) -> None:
+    def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
             raise KeyError(key)
 

@@ -36,8 +36,9 @@ def _cdef() -> str:
 
 
 # AIOVMC_SANITIZE=address,undefined (or thread) builds the core with those
-# sanitizers and its debug assertions (VMC_DEBUG), for .ci/run; the interpreter
-# then needs the sanitizer's runtime preloaded (LD_PRELOAD=$(gcc
+# sanitizers and its debug assertions (VMC_DEBUG), as .ci/run does with
+# `AIOVMC_SANITIZE=address,undefined pip install -e .`; the interpreter then
+# needs the sanitizer's runtime preloaded (LD_PRELOAD=$(gcc
 # -print-file-name=libasan.so)). Unset: the normal optimised build.
 SANITIZE = os.environ.get("AIOVMC_SANITIZE", "")
 DEBUG_FLAGS = (

@@ -731,7 +731,7 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
             errors.append(f"{what} get: {type(exc).__name__}: {exc}")
             return
         if value not in allowed.get(key, {None}):
-            wrong.append(f"{what}: {key!r} -> {value[:40]!r}")
+            wrong.append(f"{what}: {key!r} -> {(value or b'')[:40]!r}")
 
     def guarded(what: str, fn: Callable[[], Any]) -> Any:
         try:

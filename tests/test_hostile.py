@@ -90,7 +90,7 @@ class Template:
                     make_value(key, j, rng.choice((60, 500, 3000, 9000))),
                     ttl=3600 if j % 3 == 0 else None,
                 )
-            self.expect = {key: cache.get(key) for key in list(cache.keys())}
+            self.expect = {key: cache[key] for key in list(cache.keys())}
         self.data = self.path.read_bytes()
         self.hdr = read_header(self.data)
         self.extents = extents(self.data, self.hdr)

@@ -19,11 +19,16 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from .._convert import MAX_SIZE, encode_key, ttl_to_ns, value_buffer
+from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
 from ._binding import ffi, lib
 from ._status import error_for, raise_for
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+D = TypeVar("D")
 
 __all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo", "set_clock_offset"]
 
@@ -164,7 +169,13 @@ class Handle:
 
     # ---- lookups ----
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    @overload
+    def get(self, key: Key, default: None = None) -> bytes | None: ...
+
+    @overload
+    def get(self, key: Key, default: D) -> bytes | D: ...
+
+    def get(self, key: Key, default: Any = None) -> Any:
         """The value of `key` as bytes; on a miss the loader's result (see
         `Cache`), else `default`."""
         if type(key) is not bytes:
@@ -247,7 +258,7 @@ class Handle:
             return None
         raise_for(n)
 
-    def get_into(self, key: Any, buffer: Any, *, offset: int = 0) -> int | None:
+    def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
         total size, or None on a miss. Never calls a loader."""
         if type(key) is not bytes:
@@ -303,7 +314,7 @@ class Handle:
 
     # ---- writes ----
 
-    def put(self, key: Any, value: Any, *, ttl: Any = None) -> int:
+    def put(self, key: Key, value: Buffer, *, ttl: TTL = None) -> int:
         """Insert or replace; returns the publication timestamp."""
         if type(key) is not bytes:
             key = encode_key(key)
@@ -326,7 +337,7 @@ class Handle:
             )
         )
 
-    def add(self, key: Any, value: Any, *, ttl: Any = None) -> bool:
+    def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
         """Insert only if absent: True if stored; evicts nothing when the key exists."""
         if type(key) is not bytes:
             key = encode_key(key)
@@ -422,7 +433,7 @@ class Handle:
             return False
         raise_for(n)
 
-    def delete(self, key: Any) -> bool:
+    def delete(self, key: Key) -> bool:
         """Remove `key`; True if it was there. No on_evict."""
         if type(key) is not bytes:
             key = encode_key(key)
