@@ -106,6 +106,10 @@ static bool miss_unsure(vmc_cache *c, uint32_t u, int round)
  * shard as it was. */
 static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot)
 {
+    if (!vmc_lru_sound(c, shard)) { /* counts that cannot be trusted: repair first */
+        vmc_mark_damaged(c);
+        return VMC_RETRY;
+    }
     int rc = vmc_pool_lock_nested(c);
     if (rc < 0)
         return rc;
@@ -499,6 +503,11 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         uint32_t slot = 0;
         uint32_t old = vmc_index_find(c, s, hash, key, klen, &slot);
         if (miss_unsure(c, old, round)) { /* the key may be past the damage: no duplicate */
+            vmc_shard_unlock(c, s);
+            continue;
+        }
+        if (!vmc_lru_sound(c, s) && round < 8) { /* counts that cannot be trusted */
+            vmc_mark_damaged(c);
             vmc_shard_unlock(c, s);
             continue;
         }

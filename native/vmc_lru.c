@@ -121,6 +121,13 @@ void vmc_lru_heapify(vmc_cache *c, uint32_t shard)
     publish_top(c, sh, h);
 }
 
+bool vmc_lru_sound(const vmc_cache *c, uint32_t shard)
+{
+    const struct vmc_shard *sh = &c->shards[shard];
+    uint32_t count = VMC_LOAD(sh->count);
+    return sh->heap_len == count && count <= c->max_load;
+}
+
 void vmc_lru_append(vmc_cache *c, uint32_t shard, uint32_t unit)
 {
     struct vmc_shard *sh = &c->shards[shard];

@@ -55,29 +55,10 @@ static int lock_outer(vmc_cache *c, pthread_mutex_t *m)
     }
 }
 
-/* shard_sound -- the shard's counts are consistent: as many heap items as
- * indexed entries, and no more than the index may hold. Every operation
- * under the lock then trusts them; damage is repaired first. */
-static bool shard_sound(const vmc_cache *c, const struct vmc_shard *sh)
-{
-    uint32_t count = sh->count;
-    return sh->heap_len == count && count <= c->max_load;
-}
-
 int vmc_shard_lock(vmc_cache *c, uint32_t shard)
 {
     VMC_ASSERT(shard < c->n_shards, "shard %u of %u", shard, c->n_shards);
-    struct vmc_shard *sh = &c->shards[shard];
-    for (int attempt = 0;; attempt++) {
-        int rc = lock_outer(c, &sh->lock);
-        if (rc < 0 || shard_sound(c, sh))
-            return rc;
-        vmc_mark_damaged(c);
-        vmc_shard_unlock(c, shard);
-        if (attempt >= 2)
-            return vmc_fail(VMC_E_CORRUPT, "the counts of shard %u stay inconsistent after "
-                                           "repair", shard);
-    }
+    return lock_outer(c, &c->shards[shard].lock);
 }
 
 int vmc_pool_lock(vmc_cache *c)
