@@ -919,7 +919,8 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
                 continue;
             /* a key whose hash does not lead to this slot's shard and tag is damage */
             uint64_t h = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
-            if (vmc_shard_of(c, h) != (uint32_t)shard || (uint32_t)(h >> 32) != VMC_SLOT_TAG(slots[i])) {
+            if (vmc_shard_of(c, h) != (uint32_t)shard ||
+                (uint32_t)(h >> 32) != VMC_SLOT_TAG(slots[i])) {
                 vmc_mark_damaged(c);
                 continue;
             }

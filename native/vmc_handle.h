@@ -6,7 +6,7 @@
  * addresses; those taking a unit read from the file check it first.
  *
  * Call graph of the core (each module calls only those listed after it):
- *   vmc_file    -- open, attach, fork, close        -> recover, repair, pool, mutex
+ *   vmc_file    -- open, attach, fork, close        -> cache, recover, repair, pool, mutex
  *   vmc_cache   -- the operations of vmc.h          -> repair, entry, pool, index, lru, mutex
  *   vmc_repair  -- stop-the-world repair, outer locks -> recover, mutex
  *   vmc_recover -- rebuild derived state from the pool -> entry, pool, index, lru, mutex

@@ -170,7 +170,8 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         vmc_reserved_push(c, u);
         return;
     }
-    VMC_STORE(e->state, VMC_DEAD); /* the sweep frees it; its header may outlive it in a free extent */
+    /* the sweep frees it; its header may outlive it in a free extent */
+    VMC_STORE(e->state, VMC_DEAD);
 }
 
 int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64_t *dropped)
