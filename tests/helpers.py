@@ -613,7 +613,7 @@ ENTRY_FIELDS_AT = {
     "atime_ns": (48, 8),
 }
 BODY_FIELDS = {"tag": (0, 8), "next": (8, 4), "head": (12, 4)}
-FREE_FIELDS = {"tag": (0, 8), "prev": (8, 4), "next": (12, 4)}
+FREE_FIELDS = {"tag": (0, 8), "prev": (8, 4), "next": (12, 4), "footer": (-8, 8)}
 SLOT_FIELDS = {"unit": (0, 4), "tag": (4, 4)}
 HEAP_FIELDS = {"key": (0, 8), "unit": (8, 4), "gen": (12, 4)}
 MUTATIONS = ["bit0", "bit7", "bit_mid", "bit_top", "zero", "ones", "plus1", "minus1"]
@@ -671,6 +671,9 @@ def resolve_target(data: bytes, target: list[Any]) -> tuple[int, int] | None:
             u = int.from_bytes(data[168 + 4 * k : 172 + 4 * k], "little")
             if u:
                 off, size = FREE_FIELDS[target[1]]
+                if off < 0:  # from the end of the extent
+                    tag = int.from_bytes(data[unit_off(u) : unit_off(u) + 8], "little")
+                    off += (tag & 0xFFFFFFFF) << hdr["unit_shift"]
                 return unit_off(u) + off, size
         return None
     if kind == "reserved":
