@@ -210,6 +210,7 @@ class AsyncCache:
         "_fetch",
         "_flushes",
         "_get_inline",
+        "_internals",
         "_limit",
         "_loads",
         "_threshold",
@@ -255,8 +256,9 @@ class AsyncCache:
         self._threshold = threshold
         # _get_inline returns values of at most `_limit` bytes, sizes beyond.
         self._limit = max(threshold - 1, 0)
-        self._get_inline = cache._get_inline
-        self._fetch = cache._fetch
+        self._internals = internals = cache._internals()
+        self._get_inline = internals.get_inline  # the hot path: one attribute lookup
+        self._fetch = internals.fetch
         self._loads: SingleFlight[bytes | None] = SingleFlight()
         self._flushes: SingleFlight[int] = SingleFlight()
 
@@ -336,9 +338,9 @@ class AsyncCache:
 
         First look again, quietly: a leader taking over from a cancelled one, or
         one whose key another process loaded meanwhile, may find it stored."""
-        size = self._cache._size(key)
+        size = self._internals.size(key)
         if size is not None:
-            copy = functools.partial(self._cache._copy_whole, key, size)
+            copy = functools.partial(self._internals.copy_whole, key, size)
             found = copy() if size < self._threshold else await _offload(copy)
             if found is not None:
                 return found
@@ -347,7 +349,7 @@ class AsyncCache:
             result = await result
         if result is None:
             return None
-        store = self._cache._store_loaded
+        store = self._internals.store_loaded
         if _nbytes(result) < self._threshold:
             store(key, result, ttl)
             return result if result.__class__ is bytes else bytes(result)

@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._convert import TTL, Key, encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
@@ -25,7 +25,7 @@ from ._native import Handle
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Cache", "CacheStatistics", "Reservation"]
+__all__ = ["Cache", "CacheInternals", "CacheStatistics", "Reservation"]
 
 _POLICIES = ("lru", "none")
 _MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
@@ -58,6 +58,26 @@ class CacheStatistics:
     """Loader (on_miss) calls made by this handle."""
     coalesced_gets: int = 0
     """Gets of this handle served by joining another task's load."""
+
+
+class CacheInternals(NamedTuple):
+    """What the async layer uses of a `Cache` beyond its public API: the one
+    named interface between the two layers (`Cache._internals()`). Each is a
+    call that never waits; `AsyncCache` decides which of them run on the event
+    loop and which in a worker thread."""
+
+    get_inline: Callable[[bytes, int], bytes | int | None]
+    """A hit of at most `limit` bytes as bytes, a larger hit as its size (not
+    copied), a miss as None; counts the get."""
+    fetch: Callable[[bytes], bytes | None]
+    """A whole value, or None; counts nothing, touches no LRU order (the copy
+    after `get_inline` returned a size)."""
+    size: Callable[[bytes], int | None]
+    """A value's size, or None; counts nothing, touches nothing."""
+    copy_whole: Callable[[bytes, int], bytes | None]
+    """A value whose size is known, or None if it has gone meanwhile."""
+    store_loaded: Callable[[bytes, Any, TTL], int]
+    """Store a loader's result (a put); returns the timestamp."""
 
 
 class Cache(Handle):
@@ -195,6 +215,12 @@ class Cache(Handle):
             return default
         self._store_loaded(key, value, None)
         return value if type(value) is bytes else bytes(value)
+
+    def _internals(self) -> CacheInternals:
+        """The calls `AsyncCache` builds on (not part of the public API)."""
+        return CacheInternals(
+            self._get_inline, self._fetch, self._size, self._copy_whole, self._store_loaded
+        )
 
     def _store_loaded(self, key: bytes, value: Any, ttl: Any) -> int:
         """Store a loader's result (counts as a put); returns the timestamp."""
