@@ -8,6 +8,7 @@ from . import functools as functools
 from ._async_cache import AsyncCache as AsyncCache
 from ._async_cache import AsyncReservation as AsyncReservation
 from ._cache import Cache as Cache
+from ._cache import CacheEntry as CacheEntry
 from ._cache import CacheStatistics as CacheStatistics
 from ._cache import Reservation as Reservation
 from ._errors import AiovmcError as AiovmcError
@@ -25,6 +26,7 @@ __all__ = [
     "Cache",
     "CacheClosedError",
     "CacheConfigError",
+    "CacheEntry",
     "CacheFormatError",
     "CacheFullError",
     "CacheStatistics",

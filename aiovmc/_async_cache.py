@@ -18,7 +18,6 @@ docs/cancellation.md.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
@@ -31,8 +30,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._cache import Cache, CacheStatistics, Reservation
-from ._coalesce import SingleFlight
+from ._cache import Cache, CacheEntry, CacheStatistics, Reservation, entry_of
+from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
 
 if TYPE_CHECKING:
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_OFFLOAD_THRESHOLD",
     "OFFLOAD_CONCURRENCY",
+    "WAIT_CONCURRENCY",
     "AsyncCache",
     "AsyncReservation",
     "Loader",
@@ -86,6 +86,16 @@ _copy_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.Run
     "aiovmc.copy_limiter"
 )
 
+#: At most this many threads per event loop wait for loads led by other
+#: processes (one per key being waited for); further waits queue for a thread.
+#: A thread sleeps in the kernel (a futex) and wakes for the wave's end, or every
+#: 200 ms (``VMC_FLIGHT_PROBE_MS`` in ``native/vmc.h``) to check on the leader.
+WAIT_CONCURRENCY: Final = 64
+
+_wait_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "aiovmc.wait_limiter"
+)
+
 
 def _limiter() -> anyio.CapacityLimiter:
     """The running loop's limiter for off-loop copies (made on first use)."""
@@ -94,6 +104,21 @@ def _limiter() -> anyio.CapacityLimiter:
         limiter = anyio.CapacityLimiter(OFFLOAD_CONCURRENCY)
         _copy_limiter.set(limiter)
     return limiter
+
+
+async def _wait_for_wave(wave: HostWave) -> None:
+    """Sleep in a worker thread until the wave changes (or a probe interval
+    passes). Cancellable at once: the task leaves, and its thread is woken so
+    that it returns to the pool rather than sleep on."""
+    limiter = _wait_limiter.get(None)
+    if limiter is None:
+        limiter = anyio.CapacityLimiter(WAIT_CONCURRENCY)
+        _wait_limiter.set(limiter)
+    try:
+        await anyio.to_thread.run_sync(wave.wait, abandon_on_cancel=True, limiter=limiter)
+    except BaseException:
+        wave.kick()
+        raise
 
 
 async def _offload(func: Callable[[], T]) -> T:
@@ -210,8 +235,9 @@ class AsyncCache:
         "_fetch",
         "_flushes",
         "_get_inline",
-        "_internals",
+        "_host",
         "_limit",
+        "_load_timeout_ns",
         "_loads",
         "_threshold",
         "on_miss",
@@ -256,9 +282,10 @@ class AsyncCache:
         self._threshold = threshold
         # _get_inline returns values of at most `_limit` bytes, sizes beyond.
         self._limit = max(threshold - 1, 0)
-        self._internals = internals = cache._internals()
-        self._get_inline = internals.get_inline  # the hot path: one attribute lookup
-        self._fetch = internals.fetch
+        self._get_inline = cache._get_inline
+        self._fetch = cache._fetch
+        self._host = cache.coalesce == "host"
+        self._load_timeout_ns = cache._load_timeout_ns
         self._loads: SingleFlight[bytes | None] = SingleFlight()
         self._flushes: SingleFlight[int] = SingleFlight()
 
@@ -330,26 +357,58 @@ class AsyncCache:
         loader = on_miss if on_miss is not None else self.on_miss
         if loader is None:
             return default
-        loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl))
+        ran = LoadMark()
+        try:
+            loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl, ran))
+        except Exception:
+            ran.count_answer(self._cache, k, None)
+            raise
+        ran.count_answer(self._cache, k, loaded)
         return default if loaded is None else loaded
 
-    async def _load(self, key: bytes, loader: Loader, ttl: TTL) -> bytes | None:
-        """Call the loader and store what it returns (the leader's part of a miss).
+    async def _peek(self, key: bytes) -> bytes | None:
+        """The value of `key` if stored, read quietly (no statistics, no LRU
+        touch); a large one is copied in a worker thread."""
+        size = self._cache._size(key)
+        if size is None:
+            return None
+        copy = functools.partial(self._cache._copy_whole, key, size)
+        return copy() if size < self._threshold else await _offload(copy)
 
-        First look again, quietly: a leader taking over from a cancelled one, or
-        one whose key another process loaded meanwhile, may find it stored."""
-        size = self._internals.size(key)
-        if size is not None:
-            copy = functools.partial(self._internals.copy_whole, key, size)
-            found = copy() if size < self._threshold else await _offload(copy)
-            if found is not None:
-                return found
+    async def _load(self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark) -> bytes | None:
+        """Carry out `aiovmc._coalesce.load_steps` on the loop (the part of a miss
+        played by the task leading this loop's load): waits for other processes
+        in a worker thread."""
+        steps = load_steps(self._cache, key, self._host, self._load_timeout_ns)
+        reply: bytes | None = None
+        while True:
+            try:
+                step = steps.send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Peek):
+                reply = await self._peek(key)
+            elif isinstance(step, Wait):
+                await _wait_for_wave(step.wave)
+                reply = None
+            else:
+                try:
+                    reply = await self._call_loader(key, loader, ttl, ran, takeover=step.takeover)
+                except BaseException as exc:
+                    steps.throw(exc)  # ends the wave as failed, then re-raises
+                    raise
+
+    async def _call_loader(
+        self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark, *, takeover: bool
+    ) -> bytes | None:
+        """Call the loader (counted) and store what it returns; None if nothing."""
+        ran.mark(self._cache, key, takeover)
         result = loader(key)
         if inspect.isawaitable(result):
             result = await result
         if result is None:
             return None
-        store = self._internals.store_loaded
+        store = self._cache._store_loaded
         if _nbytes(result) < self._threshold:
             store(key, result, ttl)
             return result if result.__class__ is bytes else bytes(result)
@@ -370,6 +429,16 @@ class AsyncCache:
         k = key if key.__class__ is bytes else encode_key(key)
         found = self._get_inline(k, sys.maxsize)
         return default if found is None else found  # type: ignore[return-value]
+
+    async def get_entry(self, key: Key) -> CacheEntry | None:
+        """As `Cache.get_entry`: the value with its timestamp and expiry, or None.
+        Never loads; a value of at least ``offload_threshold`` bytes is copied in
+        a worker thread."""
+        k = key if key.__class__ is bytes else encode_key(key)
+        found = self._cache._get_entry(k, self._limit)
+        if isinstance(found, int):  # large: counted, copied by a worker thread
+            found = await _offload(functools.partial(self._cache._get_entry, k, sys.maxsize))
+        return entry_of(found)
 
     async def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """As `Cache.get_into`: copy ``value[offset:offset+len(buffer)]`` into
@@ -525,15 +594,9 @@ class AsyncCache:
     # -- statistics and lifetime ---------------------------------------------------
 
     def statistics(self) -> CacheStatistics:
-        """The file's `CacheStatistics`, plus this handle's loader calls and the gets
-        served by another task's load (``coalesced_gets``). Never waits."""
-        stats = self._cache.statistics()
-        loads = self._loads
-        return dataclasses.replace(
-            stats,
-            loader_calls=stats.loader_calls + loads.loader_calls,
-            coalesced_gets=stats.coalesced_gets + loads.coalesced_gets,
-        )
+        """The file's `CacheStatistics`, shared by every process (loader counts
+        included: see `CacheStatistics`). Never waits."""
+        return self._cache.statistics()
 
     async def aclose(self) -> None:
         """Close the underlying `Cache` (idempotent). A checkpoint; the handle is

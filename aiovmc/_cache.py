@@ -8,16 +8,18 @@ eviction callback, statistics records, reservations and the mapping protocol.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 import os
 import secrets
+import sys
 import tempfile
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
+from ._coalesce import LoadMark, Peek, ThreadFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size, ttl_to_ns
 from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
 from ._native import Handle
@@ -25,19 +27,45 @@ from ._native import Handle
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Cache", "CacheInternals", "CacheStatistics", "Reservation"]
+__all__ = [
+    "Cache",
+    "CacheEntry",
+    "CacheStatistics",
+    "Reservation",
+    "entry_of",
+]
 
 _POLICIES = ("lru", "none")
 _MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
+_COALESCE = ("host", "process")
+
+
+_MAX_LOAD_TIMEOUT = 1e9  # ~31 years: int64 nanoseconds stay far from overflow
+
+
+def _load_timeout_ns(seconds: object) -> int:
+    """``load_timeout`` in nanoseconds for the core; -1 for None (wait for ever)."""
+    if seconds is None:
+        return -1
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        kind = type(seconds).__name__
+        raise TypeError(f"load_timeout is a number of seconds or None, not {kind}")
+    if not 0 < seconds < _MAX_LOAD_TIMEOUT:
+        raise CacheConfigError(
+            f"load_timeout must be positive seconds below {_MAX_LOAD_TIMEOUT:g} (or None), "
+            f"not {seconds!r}"
+        )
+    return int(seconds * 1e9)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheStatistics:
-    """A snapshot of a cache's counters.
+    """A snapshot of a cache file's counters, shared by every process using it.
 
-    The first nine fields belong to the file and are shared by every process
-    using it; `loader_calls` and `coalesced_gets` belong to the handle that
-    produced the snapshot.
+    ``gets == hits + misses`` always. A get answered by a load that another task,
+    thread or process ran counts in `coalesced_gets`, and as a hit if it received
+    a value (a miss if the load ended with none); the get that ran the loader is
+    a miss. So ``hits / gets`` is the share of gets that did not pay for a load.
     """
 
     puts: int
@@ -54,44 +82,45 @@ class CacheStatistics:
     """Pool bytes held by entries and open reservations, overhead included."""
     capacity: int
     """Usable pool bytes."""
-    loader_calls: int = 0
-    """Loader (on_miss) calls made by this handle."""
-    coalesced_gets: int = 0
-    """Gets of this handle served by joining another task's load."""
+    loader_calls: int
+    """Loader (on_miss) calls made on the host."""
+    coalesced_gets: int
+    """Gets answered by a load that another task, thread or process ran."""
+    load_takeovers: int
+    """Loads started because the previous leader of the key failed, was cancelled,
+    closed its handle, died or ran past a waiter's load_timeout."""
 
 
-class CacheInternals(NamedTuple):
-    """What the async layer uses of a `Cache` beyond its public API: the one
-    named interface between the two layers (`Cache._internals()`). Each is a
-    call that never waits; `AsyncCache` decides which of them run on the event
-    loop and which in a worker thread."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A stored value with what the file knows about it (`Cache.get_entry`)."""
 
-    get_inline: Callable[[bytes, int], bytes | int | None]
-    """A hit of at most `limit` bytes as bytes, a larger hit as its size (not
-    copied), a miss as None; counts the get."""
-    fetch: Callable[[bytes], bytes | None]
-    """A whole value, or None; counts nothing, touches no LRU order (the copy
-    after `get_inline` returned a size)."""
-    size: Callable[[bytes], int | None]
-    """A value's size, or None; counts nothing, touches nothing."""
-    copy_whole: Callable[[bytes, int], bytes | None]
-    """A value whose size is known, or None if it has gone meanwhile."""
-    store_loaded: Callable[[bytes, Any, TTL], int]
-    """Store a loader's result (a put); returns the timestamp."""
+    value: bytes
+    timestamp: int
+    """The publication timestamp (`put`'s return value)."""
+    expires_at: float | None
+    """When the entry expires, in UNIX seconds; None if it never does."""
 
 
 class Cache(Handle):
     """A cache in a memory-mapped file, shared by every process that opens it.
 
     ``Cache(path=None, *, size=None, extent_size=256, policy="lru", ttl=None,
-    reset=False, mode=0o600, on_evict=None, on_miss=None)``
+    reset=False, mode=0o600, on_evict=None, on_miss=None, coalesce="host",
+    load_timeout=30.0)``
 
-    Every operation is safe from many threads and many processes at once.
+    Every operation is safe from many threads and many processes at once. A miss
+    in `get` calls ``on_miss`` once for all the threads missing the key at once
+    and, with ``coalesce="host"``, for every process using the file
+    (`aiovmc._coalesce`); ``load_timeout`` (seconds, or None for ever) is how long
+    a waiter lets a live leader load before loading too.
     """
 
     __slots__ = (
-        "_load_lock",
-        "_loader_calls",
+        "_coalesce",
+        "_load_timeout",
+        "_load_timeout_ns",
+        "_loads",
         "_on_evict",
         "_path",
         "_reservations",
@@ -111,7 +140,12 @@ class Cache(Handle):
         on_evict: Callable[[bytes], object] | None = None,
         on_miss: Callable[[bytes], Buffer | None] | None = None,
         allow_other_owner: bool = False,
+        coalesce: str = "host",
+        load_timeout: float | None = 30.0,
     ) -> None:
+        if coalesce not in _COALESCE:
+            raise CacheConfigError(f"coalesce must be 'host' or 'process', not {coalesce!r}")
+        load_timeout_ns = _load_timeout_ns(load_timeout)
         size_bytes = None if size is None else parse_size(size)
         unit = parse_size(extent_size, "extent_size")
         if policy not in _POLICIES:
@@ -157,8 +191,10 @@ class Cache(Handle):
             os.unlink(self._path)
         self._on_evict = on_evict
         self.on_miss = on_miss
-        self._loader_calls = 0
-        self._load_lock = threading.Lock()
+        self._coalesce = coalesce
+        self._load_timeout = load_timeout
+        self._load_timeout_ns = load_timeout_ns
+        self._loads: ThreadFlight[bytes | None] = ThreadFlight()
         self._reservations: weakref.WeakSet[Reservation] = weakref.WeakSet()
         if not self.info.created:
             self._check_attached_config(unit, policy, ttl_ns, extent_size, ttl)
@@ -198,6 +234,16 @@ class Cache(Handle):
         """Usable pool bytes."""
         return self.info.capacity
 
+    @property
+    def coalesce(self) -> str:
+        """"host" (loads coalesced across every process) or "process"."""
+        return self._coalesce
+
+    @property
+    def load_timeout(self) -> float | None:
+        """Seconds a waiter lets a live leader load before loading too (None: ever)."""
+        return self._load_timeout
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
         return f"<aiovmc.Cache {self._path!r} {state}>"
@@ -208,19 +254,52 @@ class Cache(Handle):
         loader = self.on_miss
         if loader is None or default is _ABSENT:  # _ABSENT: a lookup that never loads
             return default
-        with self._load_lock:
-            self._loader_calls += 1
+        ran = LoadMark()
+        try:
+            value = self._loads.run(key, functools.partial(self._load, key, loader, ran))
+        except Exception:
+            ran.count_answer(self, key, None)
+            raise
+        ran.count_answer(self, key, value)
+        return default if value is None else value
+
+    def _load(self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark) -> bytes | None:
+        """Carry out `aiovmc._coalesce.load_steps` on this thread (the part of a
+        miss played by the thread leading this process's load)."""
+        steps = load_steps(self, key, self._coalesce == "host", self._load_timeout_ns)
+        reply: bytes | None = None
+        while True:
+            try:
+                step = steps.send(reply)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if isinstance(step, Peek):
+                reply = self._peek(key)
+            elif isinstance(step, Wait):
+                step.wave.wait()
+                reply = None
+            else:
+                try:
+                    reply = self._call_loader(key, loader, ran, takeover=step.takeover)
+                except BaseException as exc:
+                    steps.throw(exc)  # ends the wave as failed, then re-raises
+                    raise
+
+    def _peek(self, key: bytes) -> bytes | None:
+        """The value of `key` if stored, read quietly (no statistics, no LRU touch)."""
+        size = self._size(key)
+        return None if size is None else self._copy_whole(key, size)
+
+    def _call_loader(
+        self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark, *, takeover: bool
+    ) -> bytes | None:
+        """Call the loader (counted) and store its result; None if it gave none."""
+        ran.mark(self, key, takeover)
         value = loader(key)
         if value is None:
-            return default
+            return None
         self._store_loaded(key, value, None)
         return value if type(value) is bytes else bytes(value)
-
-    def _internals(self) -> CacheInternals:
-        """The calls `AsyncCache` builds on (not part of the public API)."""
-        return CacheInternals(
-            self._get_inline, self._fetch, self._size, self._copy_whole, self._store_loaded
-        )
 
     def _store_loaded(self, key: bytes, value: Any, ttl: Any) -> int:
         """Store a loader's result (counts as a put); returns the timestamp."""
@@ -258,6 +337,11 @@ class Cache(Handle):
         self._notify_evicted([victim])
         return True
 
+    def get_entry(self, key: Key) -> CacheEntry | None:
+        """The value of `key` with its publication timestamp and expiry, read in
+        one core call; None on a miss. Counts a get like `get`; never loads."""
+        return entry_of(self._get_entry(encode_key(key), sys.maxsize))
+
     def keys(self) -> list[bytes]:
         """A snapshot list of the unexpired keys."""
         return list(self._shard_keys())
@@ -284,7 +368,7 @@ class Cache(Handle):
         return ts
 
     def statistics(self) -> CacheStatistics:
-        """A frozen snapshot of the file's counters and this handle's loader calls."""
+        """A frozen snapshot of the file's counters (shared by every process)."""
         raw = self._raw_statistics()
         return CacheStatistics(
             puts=raw.puts,
@@ -296,7 +380,9 @@ class Cache(Handle):
             entries=raw.entries,
             used_bytes=raw.used_bytes,
             capacity=raw.capacity,
-            loader_calls=self._loader_calls,
+            loader_calls=raw.loader_calls,
+            coalesced_gets=raw.coalesced_gets,
+            load_takeovers=raw.load_takeovers,
         )
 
     def reserve(self, key: Key, size: int | str, *, ttl: TTL = None) -> Reservation:
@@ -492,13 +578,23 @@ class Reservation:
 
 _ABSENT: Any = object()
 
+
+def entry_of(found: tuple[bytes, int, int] | int | None) -> CacheEntry | None:
+    """A CacheEntry from what `Handle._get_entry` found (None for a miss)."""
+    if found is None or isinstance(found, int):
+        return None
+    value, timestamp, expires_ns = found
+    return CacheEntry(value, timestamp, expires_ns / 1e9 if expires_ns else None)
+
 _open_caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # The child shares its parent's liveness lock through the inherited
-    # descriptor; give every open handle a lock of its own.
+    # The child shares its parent's liveness and owner locks through the inherited
+    # descriptor; give every open handle locks of its own. The parent's threads
+    # are gone: so are their loads (one may have held the flight's lock).
     for cache in list(_open_caches):
+        cache._loads = ThreadFlight()
         if not cache.closed:
             cache._after_fork()
 

@@ -1,6 +1,39 @@
-"""Per-key single-flight for async loaders, on anyio (asyncio and trio alike).
+"""Single-flight: one loader call per cold key, within a process and across the host.
 
-`SingleFlight.run(key, loader)` awaits ``loader()`` for tasks that missed ``key``,
+Three layers, each relying on the one below it:
+
+- `SingleFlight` coalesces the tasks of one event loop (rules 1-6 below);
+- `ThreadFlight` coalesces the threads of one process calling a sync `Cache`;
+- `HostWave` is one handle's part in the host-wide wave of a key, through the
+  flight table in the file (DESIGN.md §9, ``native/vmc_flight.h``). Only the
+  task or thread that leads its process's load joins the host-wide wave, so a
+  process has at most one waiter per key (and event loop) on the table.
+
+The host-wide rules, as `AsyncCache` and `Cache` drive `HostWave` (tested with
+real processes in ``tests/test_host_flight.py``):
+
+A. **One leader on the host.** The first handle to join the wave of a key leads:
+   it looks in the cache once more, then calls its loader, stores the value and
+   ends the wave. Every other handle waits (in a worker thread for `AsyncCache`,
+   on the calling thread for `Cache`) without polling: the end wakes it through
+   a futex, and it reads the value from the file.
+B. **No value.** A loader returning None ends the wave with no value: every
+   waiter on the host returns its own ``default``; nobody loads again for that
+   wave.
+C. **Errors stay home.** A loader exception ends the wave as failed. It reaches
+   the tasks coalesced with the leader in its process only; a waiter of another
+   process takes over and calls its own loader, so a failing key costs at most
+   one call per process per wave, one after another.
+D. **Takeover.** A leader that is cancelled, or whose handle closes, ends the
+   wave as failed at once and a waiter takes over. A leader whose process died
+   holds no owner lock any more: a waiter notices within 200 ms (a probe) and
+   takes over. A leader alive but loading for longer than a waiter's
+   ``load_timeout`` gets a second leader, that waiter; the value published last
+   stays. Each takeover that calls a loader counts in ``load_takeovers``.
+E. **Table full.** With no room near the key's home slot, the load is coalesced
+   within the process only: never blocked, never failed.
+
+Per event loop, `SingleFlight.run(key, loader)` awaits ``loader()`` for tasks that missed ``key``,
 making sure concurrent callers share one call. The rules, each covered by
 ``tests/test_coalesce.py`` on both backends:
 
@@ -40,20 +73,53 @@ waits for itself forever: don't.
 `run` is a checkpoint only when it waits: the leader's first checkpoint is whatever
 its loader awaits; a waiter always waits on an event.
 
-Counters (`loader_calls`, `coalesced_gets`) are plain integers updated on the loop
-thread; they are exact for one loop at a time.
+`SingleFlight`'s counters (`loader_calls`, `coalesced_gets`) are plain integers
+updated on the loop thread, exact for one loop at a time; the cache's own
+counters are file-wide and kept by `AsyncCache` and `Cache` (docs/api.md).
+
+`ThreadFlight` follows rules 1-5 for threads: one call per key among the threads
+of a process; errors reach every waiting thread; a leader interrupted by a
+`BaseException` that is not an `Exception` (KeyboardInterrupt) hands over to a
+waiting thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable
+import dataclasses
+import threading
+from collections.abc import Awaitable, Callable, Generator, Hashable
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar
 
-__all__ = ["SingleFlight", "current_loop_tag"]
+from ._errors import CacheClosedError
+from ._native import (
+    END_FAILED,
+    END_NONE,
+    END_VALUE,
+    FLIGHT_FULL,
+    FLIGHT_NONE,
+    FLIGHT_TAKEOVER,
+    FLIGHT_VALUE,
+    FLIGHT_WAIT,
+    Handle,
+    new_ticket,
+)
+
+__all__ = [
+    "HostWave",
+    "Load",
+    "LoadMark",
+    "Peek",
+    "SingleFlight",
+    "Step",
+    "ThreadFlight",
+    "Wait",
+    "current_loop_tag",
+    "load_steps",
+]
 
 T = TypeVar("T")
 
@@ -193,3 +259,205 @@ class SingleFlight(Generic[T]):
     def _forget(self, fkey: tuple[object, Hashable], flight: _Flight[T]) -> None:
         if self._flights.get(fkey) is flight:
             del self._flights[fkey]
+
+
+class _ThreadCall(Generic[T]):
+    """One load of one key among the threads of a process."""
+
+    __slots__ = ("done", "error", "handed_over", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.handed_over = False  # the leader left without an outcome
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+
+class ThreadFlight(Generic[T]):
+    """Coalesces concurrent loads of the same key among threads (module docstring)."""
+
+    __slots__ = ("_calls", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, _ThreadCall[T]] = {}
+
+    def run(self, key: Hashable, loader: Callable[[], T]) -> T:
+        """Return ``loader()``, sharing one call among concurrent threads; its
+        errors reach them all."""
+        while True:
+            with self._lock:
+                call = self._calls.get(key)
+                leading = call is None
+                if call is None:
+                    call = self._calls[key] = _ThreadCall()
+            if leading:
+                return self._lead(key, call, loader)
+            call.done.wait()
+            if call.handed_over:
+                continue  # the leader was interrupted: the first thread here leads
+            if call.error is not None:
+                raise call.error
+            return call.value  # type: ignore[return-value]  # set with `done`
+
+    def _lead(self, key: Hashable, call: _ThreadCall[T], loader: Callable[[], T]) -> T:
+        try:
+            call.value = value = loader()
+        except Exception as exc:
+            call.error = exc
+            raise
+        except BaseException:
+            call.handed_over = True
+            raise
+        finally:
+            with self._lock:
+                del self._calls[key]
+            call.done.set()
+        return value
+
+
+class LoadMark:
+    """Whether one get ran the loader itself; counts the get once it is answered.
+
+    Each get passes its own mark with its loader; only the leader's loader runs,
+    so only the leader's mark is set. Counting (file-wide, DESIGN.md §9): a get
+    that ran the loader counts a loader call (and a takeover if it took over);
+    any other get answered by the load counts as coalesced, and as a hit if it
+    received a value (it was counted as a miss when it looked the key up)."""
+
+    __slots__ = ("ran",)
+
+    def __init__(self) -> None:
+        self.ran = False
+
+    def mark(self, handle: Handle, key: bytes, takeover: bool) -> None:
+        """The loader is about to be called by the get owning this mark."""
+        self.ran = True
+        handle._count_loads(key, loader_calls=1, takeovers=int(takeover))
+
+    def count_answer(self, handle: Handle, key: bytes, value: object) -> None:
+        """The get owning this mark was answered with `value` (None: no value)."""
+        if not self.ran:
+            handle._count_loads(key, coalesced=1, coalesced_hits=int(value is not None))
+
+
+class HostWave:
+    """One handle's part in the host-wide wave of one key (module docstring, A-E).
+
+    `join` answers a ``FLIGHT_*`` status: LEAD or TAKEOVER (load, then `finish`
+    or `fail`), WAIT (`wait`, then `join` again), VALUE or NONE (the wave waited
+    for ended with or without a value), FULL (no slot: load without the table).
+    """
+
+    __slots__ = ("_handle", "_key", "_ticket", "_timeout_ns", "takeover")
+
+    def __init__(self, handle: Handle, key: bytes, load_timeout_ns: int) -> None:
+        self._handle = handle
+        self._key = key
+        self._timeout_ns = load_timeout_ns
+        self._ticket: Any = new_ticket()
+        self.takeover = False  # the last LEAD was a takeover
+
+    def join(self) -> int:
+        """Join (or rejoin) the wave; never waits beyond a short lock."""
+        status = self._handle._flight_join(self._key, self._timeout_ns, self._ticket)
+        self.takeover = status == FLIGHT_TAKEOVER
+        return status
+
+    def restart(self) -> None:
+        """Forget the wave joined: the next `join` treats us as a new arrival."""
+        self._ticket.slot = 0
+
+    def wait(self) -> None:
+        """Block this thread until the wave changes, or for a probe interval."""
+        self._handle._flight_wait(self._ticket)
+
+    def kick(self) -> None:
+        """Wake the thread sleeping in `wait` (it joins again and finds nothing
+        to do for a cancelled task); the other sleepers on the slot rejoin too."""
+        try:
+            self._handle._flight_kick(self._ticket)
+        except CacheClosedError:
+            pass  # closed: the sleeper's next join fails and ends it
+
+    def finish(self, value: object) -> None:
+        """End the wave we lead with the loader's result (None: no value)."""
+        self._end(END_NONE if value is None else END_VALUE)
+
+    def fail(self) -> None:
+        """End the wave we lead without an outcome: the loader raised, or we
+        were cancelled. A waiter takes over."""
+        self._end(END_FAILED)
+
+    def _end(self, outcome: int) -> None:
+        try:
+            self._handle._flight_end(self._ticket, outcome)
+        except CacheClosedError:
+            pass  # closing the handle orphaned the wave already
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Peek:
+    """Step: look the key up quietly; send back the stored value or None."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wait:
+    """Step: call ``wave.wait()`` (in a worker thread, from async code); send None."""
+
+    wave: HostWave
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Load:
+    """Step: call the loader and store its result; send back what it returned
+    (None: no value), or throw its exception into the generator."""
+
+    takeover: bool
+
+
+Step = Peek | Wait | Load
+
+
+def load_steps(
+    handle: Handle, key: bytes, host: bool, load_timeout_ns: int
+) -> Generator[Step, bytes | None, bytes | None]:
+    """The part of a miss played by the task or thread leading its process's load,
+    as steps that its driver carries out (`Cache` blocking, `AsyncCache` awaiting),
+    so that the protocol is written once. Returns the value (None: no value).
+
+    First look again: a leader taking over from a cancelled one, or one whose key
+    another process loaded meanwhile, may find it stored. Then, with ``host``,
+    lead, join or wait for the host-wide wave (rules A-E)."""
+    found = yield Peek()
+    if found is not None:
+        return found
+    if not host:
+        return (yield Load(takeover=False))
+    wave = HostWave(handle, key, load_timeout_ns)
+    while True:
+        status = wave.join()
+        if status == FLIGHT_WAIT:
+            yield Wait(wave)
+            continue
+        if status == FLIGHT_FULL:
+            return (yield Load(takeover=False))
+        if status == FLIGHT_NONE:
+            return None
+        found = yield Peek()
+        if status == FLIGHT_VALUE:
+            if found is not None:
+                return found
+            wave.restart()  # stored, then removed already: a new wave
+            continue
+        # FLIGHT_LEAD or FLIGHT_TAKEOVER
+        if found is not None:
+            wave.finish(found)
+            return found
+        try:
+            value = yield Load(takeover=wave.takeover)
+        except BaseException:
+            wave.fail()
+            raise
+        wave.finish(value)
+        return value

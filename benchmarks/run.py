@@ -51,6 +51,7 @@ FAMILIES: dict[str, str] = {
     "pool": "bench_pool",
     "async": "bench_async",
     "persist": "bench_persist",
+    "flight": "bench_flight",
 }
 
 

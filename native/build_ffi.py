@@ -26,7 +26,7 @@ source_digest = runpy.run_path(str(HERE.parent / "aiovmc" / "_native" / "_source
 ]
 MODULE = "_aiovmc_native"
 # One .c/.h pair per concern; the call graph is in vmc_handle.h.
-SOURCES = ["vmc_cache.c", "vmc_entry.c", "vmc_error.c", "vmc_file.c", "vmc_index.c",
+SOURCES = ["vmc_cache.c", "vmc_entry.c", "vmc_error.c", "vmc_file.c", "vmc_flight.c", "vmc_index.c",
            "vmc_lru.c", "vmc_mutex.c", "vmc_pool.c", "vmc_recover.c", "vmc_repair.c"]
 
 

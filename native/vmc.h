@@ -84,6 +84,34 @@ struct vmc_info {
 struct vmc_stats {
     uint64_t puts, gets, hits, misses, evictions, expirations;
     uint64_t entries, used_bytes, capacity;
+    uint64_t loader_calls, coalesced_gets, load_takeovers;
+};
+
+/* Host-wide single-flight (vmc_flight.h). vmc_flight_join answers a positive
+ * enum vmc_flight_status (or a failure); the ticket carries the caller's place
+ * in the wave from one call to the next. */
+enum vmc_flight_status {
+    VMC_FLIGHT_LEAD = 1,         /* lead a new wave: load, store, then vmc_flight_end */
+    VMC_FLIGHT_TAKEOVER = 2,     /* lead a wave whose leader failed, left, died or timed out */
+    VMC_FLIGHT_WAIT = 3,         /* another handle leads: vmc_flight_wait, then join again */
+    VMC_FLIGHT_VALUE = 4,        /* the wave waited for stored a value: read it */
+    VMC_FLIGHT_NONE = 5,         /* the wave waited for ended with no value */
+    VMC_FLIGHT_FULL = 6          /* the table has no room: coalesce in this process only */
+};
+
+/* A waiter rejoins at least this often, to see whether its leader died or timed out. */
+enum { VMC_FLIGHT_PROBE_MS = 200 };
+
+enum vmc_flight_end {
+    VMC_END_VALUE = 1,           /* a value was stored */
+    VMC_END_NONE = 2,            /* the loader returned no value */
+    VMC_END_FAILED = 3           /* the loader raised, or the leader was cancelled */
+};
+
+struct vmc_ticket {
+    uint32_t slot;               /* 1-based slot of the flight joined; 0 before the first join */
+    uint32_t gen;                /* the slot's generation when it was joined or led */
+    int64_t wait_ns;             /* after VMC_FLIGHT_WAIT: sleep at most this long, then join */
 };
 
 typedef struct vmc_cache vmc_cache;
@@ -136,6 +164,11 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
  * the caller a conversion. As vmc_get, and VMC_E_OS if the scratch buffer
  * cannot be allocated. */
 int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen);
+/* vmc_get_entry -- vmc_get with VMC_F_WHOLE that also reports, on a hit, the
+ * entry's publication timestamp (meta[0]) and its expiry (meta[1],
+ * CLOCK_REALTIME ns, 0 = never). Returns as vmc_get. */
+int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                      uint32_t flags, uint64_t *meta);
 /* vmc_scratch -- this thread's scratch buffer (VMC_SCRATCH_SIZE bytes; NULL
  * if out of memory). */
 char *vmc_scratch(void);
@@ -180,6 +213,13 @@ int vmc_clear_shard(vmc_cache *c, int shard);
 int64_t vmc_purge_shard(vmc_cache *c, int shard);
 /* vmc_statistics -- fill *out with the file-wide counters. VMC_OK. */
 int vmc_statistics(vmc_cache *c, struct vmc_stats *out);
+/* vmc_peek -- read a cache file's statistics without changing a byte of it:
+ * no recovery, no reclaim, no liveness lock (a shared lock on the opening
+ * byte waits out an opener that is recovering or resetting the file); opened
+ * O_RDONLY and mapped PROT_READ. Also the last timestamp handed out (times[0]) and the persisted
+ * one (times[1]). VMC_OK; VMC_E_CONFIG (no such file); VMC_E_FORMAT (as
+ * vmc_open); VMC_E_OS. */
+int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times);
 
 /* vmc_reserve -- room for a value of `size` bytes in one extent, invisible
  * until published; *data_offset is where the value goes, as an offset in the
@@ -198,6 +238,20 @@ int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t 
 /* vmc_cancel -- free a reservation without publishing it. VMC_OK; VMC_E_STATE. */
 int vmc_cancel(vmc_cache *c, uint64_t reservation);
 
+/* load_timeout_ns < 0: wait for a live leader forever. */
+int vmc_flight_join(vmc_cache *c, const char *key, size_t klen, int64_t load_timeout_ns,
+                    struct vmc_ticket *ticket);
+/* Sleep until the wave changes or ticket->wait_ns pass (never counted as a call
+ * in flight: closing the handle does not wait for it). */
+int vmc_flight_wait(vmc_cache *c, const struct vmc_ticket *ticket);
+/* Wake every waiter of the ticket's slot (a cancelled waiter frees its thread). */
+int vmc_flight_kick(vmc_cache *c, const struct vmc_ticket *ticket);
+/* End the wave the ticket leads: 1 if it ended it, 0 if it had been taken over. */
+int vmc_flight_end(vmc_cache *c, const struct vmc_ticket *ticket, int outcome);
+int64_t vmc_flights_in_use(vmc_cache *c);
+/* Add to the file-wide counters; coalesced_hits gets of `key` turn from misses into hits. */
+int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
 /* vmc_dup_fd -- a new descriptor (close-on-exec) of the handle's file, for a
  * mapping of the caller's own; the caller closes it. The descriptor (>= 0);
  * VMC_E_OS. */

@@ -336,7 +336,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             VMC_STORE(e->key_len, (uint16_t)klen);
             VMC_STORE(e->value_len, (uint32_t)vlen);
             VMC_STORE(e->expires_ns, expires);
-            VMC_STORE(e->atime_ns, vmc_self_pid());
+            VMC_STORE(e->atime_ns, c->owner);
             VMC_STORE(e->checksum, nonce); /* 0 for a put's own reservation */
             VMC_STORE(e->state, VMC_RESERVED);
             vmc_reserved_push(c, *head);
@@ -408,7 +408,7 @@ static uint32_t next_nonce(void)
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     struct vmc_entry *e = vmc_head(c, head);
-    return e && VMC_LOAD(e->state) == VMC_RESERVED && VMC_LOAD(e->atime_ns) == vmc_self_pid() &&
+    return e && VMC_LOAD(e->state) == VMC_RESERVED && VMC_LOAD(e->atime_ns) == c->owner &&
            VMC_LOAD(e->checksum) == nonce;
 }
 
@@ -606,11 +606,11 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
 
 /* ---- the operations ---- */
 
-/* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
- * (with VMC_F_WHOLE: the whole value, only if it fits) and return the value's
- * total length; VMC_MISS if absent or expired. */
-int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
-                uint64_t offset, uint32_t flags)
+/* get -- vmc_get, and on a hit (if meta is not NULL) the entry's publication
+ * timestamp and expiry in meta[0] and meta[1], read under the same lock as
+ * the value. */
+static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                   uint64_t offset, uint32_t flags, uint64_t *meta)
 {
     ENTER(c);
     int64_t rc = check_key(klen);
@@ -649,6 +649,10 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
             goto out;
         }
         uint64_t vlen = e->value_len;
+        if (meta) {
+            meta[0] = e->stamp;
+            meta[1] = e->expires_ns;
+        }
         if (!quiet) {
             VMC_COUNT(sh->hits);
             VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
@@ -711,6 +715,23 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
 out:
     leave(c);
     return rc;
+}
+
+/* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
+ * (with VMC_F_WHOLE: the whole value, only if it fits) and return the value's
+ * total length; VMC_MISS if absent or expired. */
+int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                uint64_t offset, uint32_t flags)
+{
+    return get(c, key, klen, dst, cap, offset, flags, NULL);
+}
+
+/* vmc_get_entry -- vmc_get with VMC_F_WHOLE, plus the entry's publication
+ * timestamp (meta[0]) and expiry (meta[1], CLOCK_REALTIME ns, 0 = never). */
+int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
+                      uint32_t flags, uint64_t *meta)
+{
+    return get(c, key, klen, dst, cap, 0, flags | VMC_F_WHOLE, meta);
 }
 
 /* ---- the per-thread scratch buffer ---- */
@@ -1076,11 +1097,45 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
         out->entries += VMC_LOAD(sh->count);
     }
     out->gets = out->hits + out->misses;
+    struct vmc_header *h = c->hdr;
+    out->loader_calls = __atomic_load_n(&h->loader_calls, __ATOMIC_RELAXED);
+    out->coalesced_gets = __atomic_load_n(&h->coalesced_gets, __ATOMIC_RELAXED);
+    out->load_takeovers = __atomic_load_n(&h->load_takeovers, __ATOMIC_RELAXED);
     uint64_t free_units = VMC_LOAD(c->hdr->pool.free_units);
     out->capacity = (uint64_t)c->pool_units << c->shift;
     out->used_bytes = free_units >= c->pool_units ? 0 : (c->pool_units - free_units) << c->shift;
     leave(c);
     return VMC_OK;
+}
+
+int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits)
+{
+    int rc = check_key(klen);
+    if (rc < 0)
+        return rc;
+    if (coalesced_hits > coalesced)
+        return vmc_fail(VMC_E_CONFIG, "%u coalesced hits out of %u coalesced gets",
+                        coalesced_hits, coalesced);
+    ENTER(c);
+    struct vmc_header *h = c->hdr;
+    __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    if (coalesced_hits) {
+        /* Those gets were counted as misses when they looked the key up; they
+         * were answered with a value, so they become hits (gets unchanged). */
+        uint32_t s = vmc_shard_of(c, vmc_hash_key(c, key, klen));
+        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
+            struct vmc_shard *sh = &c->shards[s];
+            uint64_t n = coalesced_hits < sh->misses ? coalesced_hits : sh->misses;
+            VMC_STORE(sh->misses, sh->misses - n);
+            VMC_STORE(sh->hits, sh->hits + n);
+            vmc_shard_unlock(c, s);
+        }
+    }
+    leave(c);
+    return rc;
 }
 
 /* ---- reservations ---- */

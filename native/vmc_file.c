@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "vmc_cache.h"
+#include "vmc_flight.h"
 #include "vmc_mutex.h"
 #include "vmc_pool.h"
 #include "vmc_recover.h"
@@ -66,6 +67,7 @@ static uint32_t abi_signature(void)
         sizeof(struct vmc_entry),      sizeof(struct vmc_body),
         sizeof(struct vmc_header),     offsetof(struct vmc_header, pool),
         offsetof(struct vmc_header, clock),
+        offsetof(struct vmc_header, flight_lock), sizeof(struct vmc_flight),
     };
     return (uint32_t)vmc_hash(parts, sizeof parts, 0x61696f766d63ull);
 }
@@ -78,6 +80,11 @@ static uint64_t geometry_check(const struct vmc_header *h)
 static uint64_t shards_bytes(void)
 {
     return round_up(VMC_SHARDS * sizeof(struct vmc_shard), VMC_PAGE);
+}
+
+static uint64_t flights_bytes(uint32_t flights)
+{
+    return round_up((uint64_t)flights * sizeof(struct vmc_flight), VMC_PAGE);
 }
 
 static uint64_t isqrt(uint64_t n)
@@ -141,19 +148,34 @@ static int validate_config(const struct vmc_config *cfg)
     return VMC_OK;
 }
 
-/* layout -- the geometry of a file of cfg->size bytes (rounded up to a page). */
+/* pool_units_for -- the units that fit after index_off, and their slots. */
+static uint64_t pool_units_for(uint64_t size, uint64_t index_off, uint32_t shift, uint32_t *slots)
+{
+    uint64_t avail = size - index_off;
+    uint64_t units = avail >> shift;
+    *slots = slots_for(units);
+    while (units > 0 && tables_bytes(*slots) + (units << shift) > avail) {
+        uint64_t idx = tables_bytes(*slots);
+        units = idx < avail ? (avail - idx) >> shift : 0;
+        *slots = slots_for(units);
+    }
+    return units;
+}
+
+/* layout -- the geometry of a file of cfg->size bytes (rounded up to a page).
+ * The flight table has VMC_MAX_FLIGHTS slots unless that would leave the pool
+ * under 80% of the file (files under 2 MiB): then the most that fit. */
 static int layout(struct vmc_header *h, const struct vmc_config *cfg)
 {
     uint64_t size = round_up(cfg->size, VMC_PAGE);
     uint32_t shift = (uint32_t)__builtin_ctz(cfg->extent_size);
-    uint64_t index_off = VMC_PAGE + shards_bytes();
-    uint64_t avail = size - index_off;
-    uint64_t units = avail >> shift;
-    uint32_t slots = slots_for(units);
-    while (units > 0 && tables_bytes(slots) + (units << shift) > avail) {
-        uint64_t idx = tables_bytes(slots);
-        units = idx < avail ? (avail - idx) >> shift : 0;
-        slots = slots_for(units);
+    uint32_t flights = VMC_MAX_FLIGHTS, slots;
+    uint64_t index_off, units;
+    for (;; flights /= 2) {
+        index_off = VMC_PAGE + shards_bytes() + flights_bytes(flights);
+        units = pool_units_for(size, index_off, shift, &slots);
+        if (flights == VMC_MIN_FLIGHTS || (units > 0 && (units << shift) * 5 >= size * 4))
+            break;
     }
     if (units > VMC_MAX_UNITS)
         return vmc_fail(VMC_E_CONFIG, "size %llu needs more than 2^32 extents of %u bytes: "
@@ -181,6 +203,8 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg)
     h->slots_per_shard = slots;
     h->policy = cfg->policy;
     h->default_ttl_ns = cfg->default_ttl_ns;
+    h->flights_off = VMC_PAGE + shards_bytes();
+    h->n_flights = flights;
     if (getrandom(&h->hash_seed, sizeof h->hash_seed, 0) != sizeof h->hash_seed)
         h->hash_seed = vmc_now_ns() ^ ((uint64_t)getpid() << 32);
     h->geometry_check = geometry_check(h);
@@ -188,14 +212,16 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg)
     return VMC_OK;
 }
 
-/* validate_header -- refuse anything that is not a sound version-1 header for
+/* validate_header -- refuse anything that is not a sound header of this version for
  * a file of `size` bytes. */
 static int validate_header(const struct vmc_header *h, uint64_t size, const char *path)
 {
     if (memcmp(h->magic, VMC_MAGIC, 8) != 0)
         return vmc_fail(VMC_E_FORMAT, "%s is not an aiovmc cache file (no aiovmc magic)", path);
     if (h->format_version != VMC_FORMAT_VERSION)
-        return vmc_fail(VMC_E_FORMAT, "%s has format version %u; this aiovmc reads version %u",
+        return vmc_fail(VMC_E_FORMAT,
+                        "%s has format version %u; this aiovmc reads version %u only (recreate "
+                        "the file with reset=True once no process of the older version uses it)",
                         path, h->format_version, VMC_FORMAT_VERSION);
     if (h->abi_signature != abi_signature())
         return vmc_fail(VMC_E_FORMAT,
@@ -211,7 +237,10 @@ static int validate_header(const struct vmc_header *h, uint64_t size, const char
     uint32_t u = h->unit_size;
     bool sound = u >= VMC_MIN_UNIT && (u & (u - 1)) == 0 && h->unit_shift < 32 &&
                  (1u << h->unit_shift) == u && h->n_shards == VMC_SHARDS &&
-                 h->shards_off == VMC_PAGE && h->index_off == VMC_PAGE + shards_bytes() &&
+                 h->shards_off == VMC_PAGE && h->flights_off == VMC_PAGE + shards_bytes() &&
+                 h->n_flights >= VMC_MIN_FLIGHTS && h->n_flights <= VMC_MAX_FLIGHTS &&
+                 (h->n_flights & (h->n_flights - 1)) == 0 &&
+                 h->index_off == h->flights_off + flights_bytes(h->n_flights) &&
                  h->slots_per_shard >= 1 && h->slots_per_shard == slots_for(h->pool_units) &&
                  h->heap_off == h->index_off + index_bytes(h->slots_per_shard) &&
                  h->pool_off == h->heap_off + heap_bytes(h->slots_per_shard) &&
@@ -463,6 +492,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     c->pool_units = h.pool_units;
     c->n_shards = h.n_shards;
     c->slots = h.slots_per_shard;
+    c->n_flights = h.n_flights;
     c->max_load = (uint32_t)((uint64_t)h.slots_per_shard * 8 / 9);
     c->policy = h.policy;
     c->default_ttl_ns = h.default_ttl_ns;
@@ -497,6 +527,8 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {
         rc = vmc_rebuild(c, VMC_REBUILD_RECOVER, &info->recovered_entries,
                          &info->dropped_entries);
+        if (rc == VMC_OK && (rc = vmc_flight_init_lock(c)) == VMC_OK)
+            vmc_flight_recover(c);
         if (rc == VMC_OK) {
             c->hdr->needs_repair = 0;
             info->recovered = 1;
@@ -504,6 +536,8 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
     }
     if (rc == VMC_OK && ofd_lock(c->fd, F_RDLCK, LIVENESS_BYTE, true) != 0)
         rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", c->path);
+    if (rc == VMC_OK)
+        rc = vmc_owner_take(c);
     if (rc == VMC_OK && !info->recovered && (rc = vmc_pool_lock(c)) == VMC_OK) {
         vmc_reclaim_dead(c, true);
         vmc_pool_unlock(c);
@@ -542,45 +576,58 @@ int vmc_after_fork(vmc_cache *c)
         c->fd = -1;
         return rc;
     }
-    /* The inherited descriptor shares the parent's lock: close it, never unlock it. */
+    /* The inherited descriptor shares the parent's locks: close it, never unlock it. */
     close(c->fd);
     c->fd = fd;
     c->pid = vmc_self_pid();
-    return VMC_OK;
+    c->owner = 0; /* the parent's loads and reservations are not the child's */
+    rc = vmc_owner_take(c);
+    if (rc < 0) {
+        atomic_store(&c->closed, 1);
+        close(c->fd);
+        c->fd = -1;
+    }
+    return rc;
 }
 
-/* close_handle -- vmc_close; `mapped`: the caller's mapping is still there,
- * so this handle's open reservations can be cancelled. Only the process that
- * took the handle's liveness lock unlocks it: a handle inherited by fork()
- * shares its parent's lock, which closing the descriptor leaves alone. */
-static int close_handle(vmc_cache *c, bool mapped)
+/* detach -- close the handle once: wait for calls in flight; if the file is
+ * still mapped, cancel the reservations still open on this handle and orphan
+ * the loads it leads; drop its locks with its descriptor. Only the process
+ * that took the handle's locks does any of that: a handle inherited by fork()
+ * (and never given locks of its own) shares its parent's, which closing the
+ * descriptor leaves alone. */
+static void detach(vmc_cache *c, bool mapped)
 {
     if (atomic_exchange(&c->closed, 1))
-        return VMC_OK;
+        return;
     while (atomic_load(&c->active) > 0)
         sched_yield();
     bool ours = c->pid == vmc_self_pid();
     if (ours && mapped && c->hdr)
         vmc_cache_drop_reservations(c);
     if (c->fd >= 0) {
+        if (ours && mapped)
+            vmc_flight_release_owner(c);
         if (ours)
             ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
         close(c->fd);
         c->fd = -1;
     }
-    return VMC_OK;
 }
 
 int vmc_close(vmc_cache *c)
 {
-    return close_handle(c, true);
+    detach(c, true);
+    return VMC_OK;
 }
 
 void vmc_free(vmc_cache *c)
 {
     if (c == NULL)
         return;
-    close_handle(c, false); /* the garbage collector may have unmapped already */
+    /* The garbage collector may have unmapped the file already: touch nothing
+     * in it. Loads this handle led are taken over once its owner lock is gone. */
+    detach(c, false);
     pthread_mutex_destroy(&c->rids_lock);
     free(c->rids);
     free(c->path);
@@ -596,4 +643,76 @@ int vmc_detach_view(void *addr, size_t len)
     if (p == MAP_FAILED)
         return vmc_fail_errno("mmap", "a reservation's view");
     return VMC_OK;
+}
+
+/* vmc_peek -- a cache file's statistics, read without writing anything: the
+ * file is opened O_RDONLY and mapped PROT_READ (a write would fault), its
+ * header validated like vmc_open's, and the counters summed by
+ * vmc_statistics on a handle that exists only for this call. No liveness lock
+ * is taken and nothing is run on the file: no recovery, no reclaim. A shared
+ * lock on the opening byte, held for the call, waits out an opener that is
+ * recovering or resetting the file (a reset may resize it under the mapping)
+ * and delays the next opener by as long as the read takes. */
+int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
+{
+    memset(out, 0, sizeof *out);
+    times[0] = times[1] = 0;
+    /* O_NONBLOCK: a FIFO planted at `path` must not block the open. */
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return errno == ENOENT ? vmc_fail(VMC_E_CONFIG, "%s does not exist", path)
+                               : open_failure(path);
+    struct stat st;
+    struct vmc_header h;
+    void *base = MAP_FAILED;
+    int rc;
+    if (fstat(fd, &st) != 0) {
+        rc = vmc_fail_errno("fstat", path);
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = vmc_fail(VMC_E_FORMAT, "%s is not a regular file", path);
+        goto out;
+    }
+    if (ofd_lock(fd, F_RDLCK, OPENING_BYTE, true) != 0 || fstat(fd, &st) != 0) {
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", path);
+        goto out;
+    }
+    if ((uint64_t)st.st_size < sizeof h) {
+        rc = vmc_fail(VMC_E_FORMAT, "%s is too small (%lld bytes) to be an aiovmc cache file",
+                      path, (long long)st.st_size);
+        goto out;
+    }
+    if (pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
+        rc = vmc_fail_errno("pread", path);
+        goto out;
+    }
+    if ((rc = validate_header(&h, (uint64_t)st.st_size, path)) < 0)
+        goto out;
+    base = mmap(NULL, h.file_size, PROT_READ, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        rc = vmc_fail_errno("mmap", path);
+        goto out;
+    }
+    /* Only what vmc_statistics reads: the header, the shard table, the geometry. */
+    vmc_cache view = {0};
+    view.base = base;
+    view.hdr = base;
+    view.shards = (struct vmc_shard *)((char *)base + h.shards_off);
+    view.file_size = h.file_size;
+    view.shift = h.unit_shift;
+    view.unit_size = h.unit_size;
+    view.pool_units = h.pool_units;
+    view.n_shards = h.n_shards;
+    view.fd = -1;
+    view.pid = vmc_self_pid(); /* a handle of this process, for the call's checks */
+    view.path = (char *)path;
+    rc = vmc_statistics(&view, out);
+    times[0] = __atomic_load_n(&view.hdr->clock, __ATOMIC_ACQUIRE);
+    times[1] = __atomic_load_n(&view.hdr->persisted, __ATOMIC_ACQUIRE);
+out:
+    if (base != MAP_FAILED)
+        munmap(base, h.file_size);
+    close(fd); /* drops the lock with the descriptor */
+    return rc;
 }

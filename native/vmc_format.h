@@ -1,9 +1,9 @@
-/* vmc_format.h -- the layout of an aiovmc cache file (format version 1).
+/* vmc_format.h -- the layout of an aiovmc cache file (format version 2).
  *
  * docs/format.md mirrors this header; change both together and bump
  * VMC_FORMAT_VERSION whenever a byte moves.
  *
- *   [ header page | shard table | index | LRU heaps | pool ]
+ *   [ header page | shard table | flight table | index | LRU heaps | pool ]
  *
  * Every reference stored in the file is an offset or a unit number, never a
  * pointer, so processes may map the file at different addresses. Every number
@@ -49,7 +49,7 @@
 #include <stdint.h>
 
 #define VMC_MAGIC "AIOVMC\x00\x01"
-#define VMC_FORMAT_VERSION 1u
+#define VMC_FORMAT_VERSION 2u
 #define VMC_PAGE 4096u
 #define VMC_SHARDS 64u               /* power of two */
 #define VMC_NCLASSES 32              /* free-list size classes: [2^k, 2^(k+1)) units */
@@ -146,6 +146,36 @@ struct vmc_shard {
      * relaxed atomic loads, so such a reader sees a slightly stale value. */
 } __attribute__((aligned(64)));
 
+/* ---- the flight table (vmc_flight.h) ---- */
+
+#define VMC_MAX_FLIGHTS 1024u                /* slots in the table of a file of >= 2 MiB */
+#define VMC_MIN_FLIGHTS 64u                  /* a smaller file has fewer (a power of two) */
+#define VMC_OWNER_BASE (1ull << 40)          /* owner id n holds byte VMC_OWNER_BASE + n */
+#define VMC_OWNER_LIMIT (1ull << 40)         /* ids at or above this name no owner */
+
+/* Slot states. */
+#define VMC_SLOT_FREE 0u                     /* never used since the last recovery */
+#define VMC_SLOT_LOADING 1u                  /* `owner` is running the loader */
+#define VMC_SLOT_DONE 2u                     /* the wave ended; `outcome` says how */
+#define VMC_SLOT_ORPHANED 3u                 /* the leader failed or left: the next joiner leads */
+
+/* One load in flight: 32 bytes, every field written under hdr->flight_lock.
+ * A key is known by its 64-bit seeded hash and its length: two keys that agree
+ * on both (chance 2^-64 per pair, the seed being secret) share one flight. */
+struct vmc_flight {
+    uint32_t gen;           /* futex word: +1 (release store) whenever the leader changes or the
+                               wave ends; read without the lock by the futex */
+    uint8_t state;          /* VMC_SLOT_* */
+    uint8_t outcome;        /* DONE: VMC_END_VALUE or VMC_END_NONE */
+    uint16_t key_len;       /* the key's full length */
+    uint64_t hash;          /* vmc_hash of the key (the file's seed) */
+    uint64_t owner;         /* LOADING: the leader's owner id */
+    uint64_t started_ns;    /* LOADING: CLOCK_MONOTONIC start of this leader's load;
+                               DONE/ORPHANED: when it ended */
+};
+
+_Static_assert(sizeof(struct vmc_flight) == 32, "a flight slot is half a cache line");
+
 struct vmc_pool {
     pthread_mutex_t lock;
     uint32_t free_head[VMC_NCLASSES];  /* lock */
@@ -174,6 +204,9 @@ struct vmc_header {
     uint32_t policy;
     uint64_t default_ttl_ns;
     uint64_t hash_seed;
+    uint64_t flights_off;     /* the flight table: n_flights slots (vmc_flight.h) */
+    uint32_t n_flights;       /* a power of two in [VMC_MIN_FLIGHTS, VMC_MAX_FLIGHTS] */
+    uint32_t reserved0;
     uint64_t geometry_check;  /* hash of every field above */
 
     struct vmc_pool pool;
@@ -184,6 +217,13 @@ struct vmc_header {
     uint32_t needs_repair;    /* set by whoever finds a dead lock owner or damage */
     uint32_t fresh;           /* set by the creator: the pool is all zeros, so the first
                                  recovery need not read it; cleared by that recovery */
+
+    /* Single-flight and owners (vmc_flight.c). */
+    pthread_mutex_t flight_lock __attribute__((aligned(64)));  /* guards the flight table */
+    uint64_t next_owner;      /* last owner id handed out (atomic fetch_add); never reused */
+    uint64_t loader_calls;    /* file-wide load counters: atomic adds, read relaxed */
+    uint64_t coalesced_gets;
+    uint64_t load_takeovers;
 };
 
 _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");

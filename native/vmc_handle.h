@@ -6,11 +6,13 @@
  * addresses; those taking a unit read from the file check it first.
  *
  * Call graph of the core (each module calls only those listed after it):
- *   vmc_file    -- open, attach, fork, close        -> cache, recover, repair, pool, mutex
+ *   vmc_file    -- open, attach, fork, close        -> cache, recover, repair, pool, flight, mutex
  *   vmc_cache   -- the operations of vmc.h          -> repair, entry, pool, index, lru, mutex
  *   vmc_repair  -- stop-the-world repair, outer locks -> recover, mutex
- *   vmc_recover -- rebuild derived state from the pool -> entry, pool, index, lru, mutex
- *   vmc_index, vmc_lru, vmc_pool, vmc_entry          -> mutex
+ *   vmc_recover -- rebuild derived state from the pool -> entry, pool, index, lru, flight, mutex
+ *   vmc_index, vmc_lru, vmc_entry                    -> mutex
+ *   vmc_pool    -- the allocator, reserved list      -> entry, flight, mutex
+ *   vmc_flight  -- owner ids and locks, the flight table -> mutex
  *   vmc_mutex   -- robust process-shared locks, the damage flag
  *   vmc_error   -- failure messages, debug assertions
  */
@@ -47,10 +49,12 @@ struct vmc_cache {
     uint32_t pool_units;
     uint32_t n_shards;
     uint32_t slots;               /* per shard */
+    uint32_t n_flights;           /* slots in the flight table (a power of two) */
     uint32_t max_load;            /* entries a shard may hold before it must evict */
     uint32_t policy;
     uint64_t default_ttl_ns;
     int fd;
+    uint64_t owner;               /* this handle's owner id (vmc_flight.h); 0 until attached */
     char *path;                   /* for messages */
     uint64_t pid;                 /* the process whose liveness lock `fd` holds: a
                                      handle inherited by fork() is usable in the

@@ -5,8 +5,6 @@
  * every free unit is usable without compaction; a reservation needs one
  * contiguous extent.
  */
-#include <errno.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -14,6 +12,7 @@
 #include "vmc_pool.h"
 
 #include "vmc_entry.h"
+#include "vmc_flight.h"
 #include "vmc_mutex.h"
 
 #define FIRST_FIT_PROBES 16
@@ -322,13 +321,6 @@ uint64_t vmc_self_pid(void)
     return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
 }
 
-bool vmc_pid_alive(uint64_t pid)
-{
-    if (pid == 0 || pid > (uint64_t)INT32_MAX)
-        return false;
-    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
-}
-
 #define RECLAIM_INTERVAL_NS 100000000u /* look for dead owners at most every 100 ms */
 
 /* Bounded by the number of open reservations. */
@@ -350,7 +342,7 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
             break;
         }
         uint32_t next = e->link_next;
-        if (!vmc_pid_alive(e->atime_ns)) {
+        if (!vmc_owner_alive(c, e->atime_ns)) {
             vmc_reserved_unlink(c, u);
             vmc_release_entry(c, u);
         }

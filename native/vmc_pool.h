@@ -23,8 +23,9 @@ void vmc_free_run(vmc_cache *c, uint32_t unit, uint32_t units);
 void vmc_reserved_push(vmc_cache *c, uint32_t head);
 /* vmc_reserved_unlink -- take a head off the reserved list. */
 void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
-/* vmc_reclaim_dead -- free reservations whose owner process has died
- * (rate-limited unless forced); returns the units freed. */
+/* vmc_reclaim_dead -- free reservations whose owner handle is gone (closed,
+ * or its process dead: vmc_owner_alive); rate-limited unless forced; returns
+ * the units freed. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
 /* vmc_pool_window -- where to make a run of `units` contiguous units: the
  * stretch of the pool, near the largest free extent, that holds that many
@@ -34,9 +35,7 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
  * found. The work is bounded by about eight times the units needed. */
 uint32_t vmc_pool_window(vmc_cache *c, uint32_t units, uint32_t *victims, uint32_t max);
 /* vmc_self_pid -- this process's id, cached (refreshed in a fork()ed child):
- * the owner recorded in its reservations. */
+ * tells a handle inherited by fork() from one of this process's own. */
 uint64_t vmc_self_pid(void);
-/* vmc_pid_alive -- whether a process with this id exists. */
-bool vmc_pid_alive(uint64_t pid);
 
 #endif

@@ -23,6 +23,7 @@
 #include "vmc_recover.h"
 
 #include "vmc_entry.h"
+#include "vmc_flight.h"
 #include "vmc_index.h"
 #include "vmc_lru.h"
 #include "vmc_mutex.h"
@@ -166,7 +167,7 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         }
         (*dropped)++;
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
-               vmc_pid_alive(e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
+               vmc_owner_alive(c, e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
         vmc_reserved_push(c, u);
         return;
     }

@@ -258,9 +258,17 @@ def chaos_worker(
 # The file layout (native/vmc_format.h), for tests that damage files on purpose
 # ---------------------------------------------------------------------------
 
-# The header's first block. The format is young: two layouts exist (without and
-# with `heap_off`); read_header() tells them apart by the geometry checksum.
+# The header's first block. The format is young: three layouts exist (without
+# `heap_off`, with it, and format version 2 with the flight table's
+# `flights_off` and `n_flights`); read_header() tells them apart by the geometry
+# checksum.
 _LAYOUTS = [
+    (
+        struct.Struct("<8sIIQQQQQIIIIIIQQQIIQ"),
+        "magic format_version abi_signature file_size shards_off index_off heap_off pool_off "
+        "unit_size unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns "
+        "hash_seed flights_off n_flights reserved0 geometry_check",
+    ),
     (
         struct.Struct("<8sIIQQQQIIIIIIQQQ"),
         "magic format_version abi_signature file_size shards_off index_off pool_off "

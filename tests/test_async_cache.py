@@ -200,7 +200,8 @@ async def test_500_concurrent_misses_make_one_loader_call(acache: AsyncCache) ->
     assert results == [b"loaded"] * 500
     stats = acache.statistics()
     assert (stats.loader_calls, stats.coalesced_gets) == (1, 499)
-    assert (stats.misses, stats.puts) == (500, 1)
+    # The leader's get is a miss; the 499 answered by its load are hits.
+    assert (stats.gets, stats.misses, stats.hits, stats.puts) == (500, 1, 499, 1)
     assert await acache.get("cold") == b"loaded"  # stored: now a hit without a loader
 
 
@@ -520,10 +521,8 @@ async def test_cancelled_persist_waiter_does_not_disturb_others(acache: AsyncCac
 # -- statistics, lifetime, construction ------------------------------------------
 
 
-async def test_statistics_add_this_handles_loader_counts(acache: AsyncCache) -> None:
-    sync = acache.cache.statistics()
-    stats = acache.statistics()
-    assert (stats.loader_calls, stats.coalesced_gets) == (sync.loader_calls, 0)
+async def test_statistics_count_loads_file_wide(acache: AsyncCache) -> None:
+    assert acache.statistics() == acache.cache.statistics()
     loader = Loader()
     async with anyio.create_task_group() as tg:
         for _ in range(3):
@@ -531,8 +530,9 @@ async def test_statistics_add_this_handles_loader_counts(acache: AsyncCache) -> 
         await anyio.wait_all_tasks_blocked()
         loader.release.set()
     stats = acache.statistics()
-    assert (stats.loader_calls, stats.coalesced_gets) == (1, 2)
-    assert (stats.gets, stats.misses, stats.puts, stats.entries) == (3, 3, 1, 1)
+    assert (stats.loader_calls, stats.coalesced_gets, stats.load_takeovers) == (1, 2, 0)
+    assert (stats.gets, stats.hits, stats.misses, stats.puts, stats.entries) == (3, 2, 1, 1, 1)
+    assert acache.statistics() == acache.cache.statistics()
 
 
 async def test_aclose_and_context_manager() -> None:

@@ -446,7 +446,8 @@ def test_exact_statistics(cache_path: str) -> None:
     with Cache(cache_path, size=MiB) as c:
         assert c.statistics() == aiovmc.CacheStatistics(
             puts=0, gets=0, hits=0, misses=0, evictions=0, expirations=0, entries=0,
-            used_bytes=0, capacity=c.capacity,
+            used_bytes=0, capacity=c.capacity, loader_calls=0, coalesced_gets=0,
+            load_takeovers=0,
         )
         c.put(b"a", b"1")
         c.put(b"b", b"2")

@@ -503,11 +503,10 @@ def test_dead_lock_owner_never_blocks_and_loses_nothing(lock: str, cache_path: s
             cache.put(key, make_value(key, i, 500))
         hdr = read_header(Path(cache_path).read_bytes()[:4096])
         base = int(ffi.cast("uintptr_t", cache._base))
-        shard_size = (hdr["index_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
+        shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
 
         def shard(i: int) -> int:
             return int(hdr["shards_off"] + i * shard_size)
-
         offsets = {
             "shard-0": [shard(0)],
             "shard-37": [shard(37)],
@@ -629,7 +628,7 @@ def _race_a_repair(cache: aiovmc.Cache, cache_path: str, hdr: dict[str, Any], a:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         libc = ctypes.CDLL(None)
-        shard_size = (hdr["index_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
+        shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
         libc.pthread_mutex_lock(ctypes.c_void_p(base + hdr["shards_off"] + 5 * shard_size))
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)

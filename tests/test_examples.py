@@ -16,6 +16,13 @@ EXPECTED = {
         "2 pages cached, rendered 2 times in all, <h1>About</h1><p>We cache &lt;rendered&gt;"
     ],
     "trio_example.py": ["50 gets, 1 load: b'<html>/index</html>'", "report=b'ready'"],
+    "fastapi_app.py": ["20 concurrent requests, 1 handler call: ['COALESCED', 'MISS']",
+                       "then: HIT", "with If-None-Match: 304", "after: MISS",
+                       'aiovmc_entries{cache="pages"}'],
+    "aiohttp_app.py": ["20 concurrent requests, 1 handler call: ['COALESCED', 'MISS']",
+                       "then: HIT, max-age=300", "invalidated: 1", "after: MISS"],
+    "litestar_app.py": ["3 requests, 1 handler call: [{'report': 1}, {'report': 1}, {'report': 1}]",
+                        "a session from any worker: b'logged in'"],
 }
 
 

@@ -18,8 +18,9 @@ def test_public_names_report_the_public_module() -> None:
 
 
 def test_no_private_name_leaks() -> None:
+    # Subpackages appear once imported (aiovmc.integrations, by the web tests).
     public = {n for n in vars(aiovmc) if not n.startswith("_")}
-    assert public == set(aiovmc.__all__) | {"functools"}
+    assert public - {"integrations"} == set(aiovmc.__all__) | {"functools"}
 
 
 def test_import_aiovmc_makes_functools_available() -> None:

@@ -53,6 +53,7 @@ from .helpers import (
 POOL_OFF, POOL_MUTEX_SIZE = 128, 40
 CLOCK_OFF, PERSISTED_OFF, NEEDS_REPAIR_OFF = 320, 328, 336
 SHARD_MUTEX_SIZE = 40  # the mutex opens every struct vmc_shard
+FLIGHT_LOCK_OFF, FLIGHT_LOCK_SIZE = 384, 40  # the flight table's mutex, in the header page
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ def test_other_format_version_and_abi_are_refused_untouched(
     with a correct geometry checksum: refused, untouched."""
     specs, digests = [], []
     for i, fields in enumerate(
-        [{"format_version": 2}, {"format_version": 0}, {"abi_signature": 0x12345678}]
+        [{"format_version": 1}, {"format_version": 3}, {"abi_signature": 0x12345678}]
     ):
         data = bytearray(template.data)
         forge_header(data, **fields)
@@ -490,9 +491,11 @@ def _attached_specs(template: Template, directory: Path, n: int, seed: int) -> l
         for _ in range(rng.choice((1, 3, 10, 50))):
             if region == "header":
                 pos = rng.randrange(POOL_OFF + POOL_MUTEX_SIZE, PAGE)
+                if FLIGHT_LOCK_OFF <= pos < FLIGHT_LOCK_OFF + FLIGHT_LOCK_SIZE:
+                    pos += FLIGHT_LOCK_SIZE
             elif region == "shards":
-                pos = rng.randrange(hdr["shards_off"], hdr["index_off"])
-                shard_size = (hdr["index_off"] - hdr["shards_off"]) // 64
+                pos = rng.randrange(hdr["shards_off"], hdr["flights_off"])
+                shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64
                 if (pos - hdr["shards_off"]) % shard_size < SHARD_MUTEX_SIZE:
                     pos += SHARD_MUTEX_SIZE
             else:

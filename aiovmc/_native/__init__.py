@@ -1,6 +1,40 @@
 """The binding to the C core. Only this package touches cffi's `ffi` and `lib`."""
 
-from ._handle import SCRATCH_SIZE, Handle, NativeInfo, set_clock_offset
+from ._handle import (
+    END_FAILED,
+    END_NONE,
+    END_VALUE,
+    FLIGHT_FULL,
+    FLIGHT_LEAD,
+    FLIGHT_NONE,
+    FLIGHT_TAKEOVER,
+    FLIGHT_VALUE,
+    FLIGHT_WAIT,
+    SCRATCH_SIZE,
+    Handle,
+    NativeInfo,
+    new_ticket,
+    peek,
+    set_clock_offset,
+)
 from ._status import ERRORS, raise_for
 
-__all__ = ["ERRORS", "SCRATCH_SIZE", "Handle", "NativeInfo", "raise_for", "set_clock_offset"]
+__all__ = [
+    "END_FAILED",
+    "END_NONE",
+    "END_VALUE",
+    "ERRORS",
+    "FLIGHT_FULL",
+    "FLIGHT_LEAD",
+    "FLIGHT_NONE",
+    "FLIGHT_TAKEOVER",
+    "FLIGHT_VALUE",
+    "FLIGHT_WAIT",
+    "SCRATCH_SIZE",
+    "Handle",
+    "NativeInfo",
+    "new_ticket",
+    "peek",
+    "raise_for",
+    "set_clock_offset",
+]

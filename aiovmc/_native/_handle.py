@@ -30,7 +30,23 @@ if TYPE_CHECKING:
 
 D = TypeVar("D")
 
-__all__ = ["SCRATCH_SIZE", "Handle", "NativeInfo", "set_clock_offset"]
+__all__ = [
+    "END_FAILED",
+    "END_NONE",
+    "END_VALUE",
+    "FLIGHT_FULL",
+    "FLIGHT_LEAD",
+    "FLIGHT_NONE",
+    "FLIGHT_TAKEOVER",
+    "FLIGHT_VALUE",
+    "FLIGHT_WAIT",
+    "SCRATCH_SIZE",
+    "Handle",
+    "NativeInfo",
+    "new_ticket",
+    "peek",
+    "set_clock_offset",
+]
 
 SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come back here too
 
@@ -44,6 +60,22 @@ _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
 _get = lib.vmc_get
+
+# What vmc_flight_join answers, and how a leader ends its wave.
+FLIGHT_LEAD: int = lib.VMC_FLIGHT_LEAD
+FLIGHT_TAKEOVER: int = lib.VMC_FLIGHT_TAKEOVER
+FLIGHT_WAIT: int = lib.VMC_FLIGHT_WAIT
+FLIGHT_VALUE: int = lib.VMC_FLIGHT_VALUE
+FLIGHT_NONE: int = lib.VMC_FLIGHT_NONE
+FLIGHT_FULL: int = lib.VMC_FLIGHT_FULL
+END_VALUE: int = lib.VMC_END_VALUE
+END_NONE: int = lib.VMC_END_NONE
+END_FAILED: int = lib.VMC_END_FAILED
+
+
+def new_ticket() -> Any:
+    """A fresh ticket for joining a wave (slot 0: none joined yet)."""
+    return ffi.new("struct vmc_ticket *")
 _get_scratch = lib.vmc_get_scratch
 _put = lib.vmc_put
 
@@ -109,6 +141,17 @@ def _as_char_pointer(value: object) -> tuple[Any, int]:
         return value, len(value)
     view = value_buffer(value)
     return ffi.from_buffer(view), view.nbytes
+
+
+def peek(path: str) -> tuple[Any, int, int]:
+    """A cache file's raw statistics, its last timestamp and its persisted
+    timestamp, read without changing a byte of the file (see vmc_peek)."""
+    stats = ffi.new("struct vmc_stats *")
+    times = ffi.new("uint64_t[2]")
+    status = lib.vmc_peek(os.fsencode(path), stats, times)
+    if status < 0:
+        raise_for(status)
+    return stats, int(times[0]), int(times[1])
 
 
 class Handle:
@@ -202,6 +245,39 @@ class Handle:
 
     def _missed(self, key: bytes, default: Any) -> Any:
         return default
+
+    def _get_entry(self, key: bytes, limit: int) -> tuple[bytes, int, int] | int | None:
+        """(value, publication timestamp, expiry in ns or 0) of a hit, read in
+        one core call; a hit larger than `limit` as its size, not copied (the
+        caller fetches it with `_get_entry(key, sys.maxsize)` from a worker
+        thread, which takes a second call for values past the scratch buffer);
+        None on a miss. Counts the get like `get`; never loads."""
+        meta = ffi.new("uint64_t[2]")
+        s = _scratch
+        cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
+        if s.busy:  # re-entered: see _Scratch
+            n = lib.vmc_get_entry(self._h, key, len(key), _NULL, 0, 0, meta)
+            cap = -1
+        else:
+            s.busy = True
+            try:
+                n = lib.vmc_get_entry(self._h, key, len(key), s.ptr, cap, 0, meta)
+                if 0 <= n <= cap:
+                    return s.view[0:n], int(meta[0]), int(meta[1])
+            finally:
+                s.busy = False
+        if n > limit:
+            return int(n)
+        while n >= 0:  # counted, not copied: copy into a result of the right size
+            out = bytes(n)
+            size = n
+            n = lib.vmc_get_entry(self._h, key, len(key), ffi.from_buffer(out), size, _QUIET,
+                                  meta)
+            if n == size:
+                return out, int(meta[0]), int(meta[1])
+        if n == _MISS:
+            return None
+        raise_for(n)
 
     def _copy_whole(self, key: bytes, size: int) -> bytes | None:
         """Copy a value whose size is already known (no statistics, no LRU touch)
@@ -465,6 +541,57 @@ class Handle:
         if status < 0:
             raise_for(status)
         return stats
+
+    # ---- host-wide single-flight (vmc_flight.h) ----
+
+    def _flight_join(self, key: bytes, load_timeout_ns: int, ticket: Any) -> int:
+        """Join the wave of `key`: a FLIGHT_* status; `ticket` carries our place."""
+        status = lib.vmc_flight_join(self._h, key, len(key), load_timeout_ns, ticket)
+        if status < 0:
+            raise_for(status)
+        return int(status)
+
+    def _flight_wait(self, ticket: Any) -> None:
+        """Sleep (GIL released) until the ticket's wave changes or its wait_ns pass."""
+        status = lib.vmc_flight_wait(self._h, ticket)
+        if status < 0:
+            raise_for(status)
+
+    def _flight_kick(self, ticket: Any) -> None:
+        """Wake every sleeper on the ticket's slot (they join again)."""
+        status = lib.vmc_flight_kick(self._h, ticket)
+        if status < 0:
+            raise_for(status)
+
+    def _flight_end(self, ticket: Any, outcome: int) -> bool:
+        """End the wave the ticket leads; False if it had been taken over."""
+        status = lib.vmc_flight_end(self._h, ticket, outcome)
+        if status < 0:
+            raise_for(status)
+        return status == 1
+
+    def _flights_in_use(self) -> int:
+        """Loads in flight on the host that hold a slot of the table."""
+        n = lib.vmc_flights_in_use(self._h)
+        if n < 0:
+            raise_for(n)
+        return int(n)
+
+    def _count_loads(
+        self,
+        key: bytes,
+        *,
+        loader_calls: int = 0,
+        takeovers: int = 0,
+        coalesced: int = 0,
+        coalesced_hits: int = 0,
+    ) -> None:
+        """Add to the file-wide load counters (see vmc_count_loads)."""
+        status = lib.vmc_count_loads(
+            self._h, key, len(key), loader_calls, takeovers, coalesced, coalesced_hits
+        )
+        if status < 0:
+            raise_for(status)
 
     # ---- reservations ----
 

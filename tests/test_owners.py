@@ -1,0 +1,146 @@
+"""Reservation owners are decided by the kernel (DESIGN.md §9), not by pids.
+
+A reservation records the owner id of the handle that made it; the handle holds
+an open-file-description lock on a byte of the file named by that id, which the
+kernel releases when the handle closes or its process dies. So a dead owner
+whose pid still answers `kill(pid, 0)` (a zombie, or a pid reused by another
+process) is dead, and a live owner in another pid namespace (whose pid means
+nothing here) is alive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiovmc import Cache
+
+from .helpers import WAIT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Reserve 64 KiB, say so, then obey stdin: "publish" or "exit" (without
+# cancelling: the reservation is left behind as by a crash).
+_RESERVER = """
+import os, sys
+from aiovmc import Cache
+cache = Cache(sys.argv[1])
+r = cache.reserve(b"owned", 65536)
+r.buffer[:5] = b"hello"
+print("reserved", os.getpid(), flush=True)
+if sys.stdin.readline().strip() == "publish":
+    r.publish()
+    print("published", flush=True)
+    cache.close()
+else:
+    os._exit(0)
+"""
+
+
+def _used(path: str) -> int:
+    """used_bytes after a fresh attach (which reclaims dead owners' reservations)."""
+    with Cache(path) as cache:
+        return cache.statistics().used_bytes
+
+
+def test_reservation_of_a_zombie_is_reclaimed(cache_path: str) -> None:
+    """The owner has exited but is not reaped: its pid answers kill(pid, 0),
+    yet its reservation is reclaimed (the kernel dropped its owner lock)."""
+    with Cache(cache_path, size="4MiB") as keeper:  # keeps the file from being recovered
+        empty = keeper.statistics().used_bytes
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read)
+            child = Cache(cache_path)
+            kept = child.reserve(b"owned", 65536)  # referenced: not cancelled by __del__
+            os.write(write, b"R")
+            os._exit(0 if kept else 1)  # no cleanup: the reservation stays behind
+        os.close(write)
+        assert os.read(read, 1) == b"R"
+        os.close(read)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        os.kill(pid, 0)  # a zombie still answers: the old pid test called it alive
+        assert keeper.statistics().used_bytes > empty
+        assert _used(cache_path) == empty
+        os.waitpid(pid, 0)
+
+
+def _in_new_pid_namespace() -> list[str]:
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to make a pid namespace")
+    probe = subprocess.run(
+        [unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid failed here: {probe.stderr.decode().strip()}")
+    return [unshare, "--pid", "--fork", "--mount-proc"]
+
+
+def test_reservation_owned_from_another_pid_namespace(cache_path: str) -> None:
+    """A live owner in another pid namespace (pid 1 there: our init here) keeps
+    its reservation, can publish it, and its reservation is reclaimed once it
+    is gone."""
+    prefix = _in_new_pid_namespace()
+    with Cache(cache_path, size="4MiB") as keeper:
+        empty = keeper.statistics().used_bytes
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        for ending in ("publish", "exit"):
+            with subprocess.Popen(
+                [*prefix, sys.executable, "-c", _RESERVER, cache_path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                text=True,
+            ) as child:
+                assert child.stdin is not None and child.stdout is not None
+                said = child.stdout.readline().split()
+                assert said[0] == "reserved" and said[1] == "1"  # pid 1 in its namespace
+                reserved = keeper.statistics().used_bytes
+                assert reserved > empty
+                assert _used(cache_path) == reserved  # alive: kept by a fresh attach's reclaim
+                child.stdin.write(ending + "\n")
+                child.stdin.flush()
+                if ending == "publish":
+                    assert child.stdout.readline().strip() == "published"
+                assert child.wait(WAIT) == 0
+            if ending == "publish":
+                assert keeper.get(b"owned", b"")[:5] == b"hello"
+                assert keeper.delete(b"owned")
+            assert _used(cache_path) == empty  # gone: its reservation is reclaimed
+
+
+def test_reservation_naming_a_live_pid_is_reclaimed(cache_path: str) -> None:
+    """A dead owner's record rewritten to hold the pid of a live process (this
+    one), as if the owner's pid had been reused: reclaimed all the same, since
+    liveness is the owner's lock, not a pid."""
+    from .helpers import read_header
+
+    with Cache(cache_path, size="4MiB") as keeper:
+        empty = keeper.statistics().used_bytes
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read)
+            child = Cache(cache_path)
+            kept = child.reserve(b"owned", 65536)
+            os.write(write, (kept._id & 0xFFFFFFFF).to_bytes(4, "little"))
+            os._exit(0)
+        os.close(write)
+        head = int.from_bytes(os.read(read, 4), "little")
+        os.close(read)
+        os.waitpid(pid, 0)
+        mapping = keeper._mmap
+        assert mapping is not None
+        hdr = read_header(mapping[:4096])
+        owner_at = hdr["pool_off"] + ((head - 1) << hdr["unit_shift"]) + 48  # atime_ns
+        assert int.from_bytes(mapping[owner_at : owner_at + 8], "little") != 0
+        mapping[owner_at : owner_at + 8] = os.getpid().to_bytes(8, "little")
+        assert keeper.statistics().used_bytes > empty
+        assert _used(cache_path) == empty
