@@ -3,7 +3,8 @@
  * Built from the core's sources by tests/test_native_stress.py (and .ci/run)
  * with -fsanitize=thread, or address,undefined; run as
  *     stress PATH THREADS SECONDS_x100
- * Every operation of vmc.h runs concurrently on a few keys, with values large
+ * Every operation of vmc.h (host-wide single-flight included) runs
+ * concurrently on a few keys, with values large
  * enough to take the unlocked copy path and the scattered allocation. Values
  * verify themselves: [key id u64][seq u64] then bytes derived from both; a get
  * that returns anything else fails the run. Exit status 0: clean.
@@ -138,9 +139,30 @@ static void *worker(void *arg)
             if (vmc_statistics(cache, &st) < 0 || vmc_count(cache) < 0 ||
                 vmc_contains(cache, key, (size_t)klen) < 0)
                 fail("statistics", id, 0);
-        } else if (op < 99) {
+        } else if (op < 97) {
             if (vmc_purge_shard(cache, (int)(id % 64)) < 0)
                 fail("purge", id, 0);
+        } else if (op < 99) { /* a host-wide single-flight load */
+            struct vmc_ticket t = {0};
+            for (int round = 0; round < 4; round++) {
+                int j = vmc_flight_join(cache, key, (size_t)klen, 1000000000, &t);
+                if (j == VMC_FLIGHT_LEAD || j == VMC_FLIGHT_TAKEOVER) {
+                    size_t size = 16 + rand_r(&r) % 1000;
+                    fill(val, size, id, (uint64_t)atomic_fetch_add(&seq_counter, 1));
+                    int64_t ts = vmc_put(cache, key, (size_t)klen, val, size, -1, 0);
+                    if (vmc_flight_end(cache, &t, ts > 0 ? VMC_END_VALUE : VMC_END_FAILED) < 0)
+                        fail("flight end", id, 0);
+                    break;
+                }
+                if (j == VMC_FLIGHT_WAIT) {
+                    if (vmc_flight_wait(cache, &t) < 0)
+                        fail("flight wait", id, 0);
+                    continue;
+                }
+                if (j < 0)
+                    fail("flight join", id, j);
+                break; /* VALUE, NONE, FULL */
+            }
         } else {
             if (vmc_clear_shard(cache, (int)(id % 64)) < 0 || vmc_committed_timestamp(cache) < 0)
                 fail("clear", id, 0);
