@@ -604,6 +604,10 @@ HEADER_FIELDS = {  # name: (offset, size)
     "reserved_head": (296, 4),
     "free_units": (304, 8),
     "last_reclaim_ns": (312, 8),
+    "next_owner": (424, 8),
+    "loader_calls": (432, 8),
+    "coalesced_gets": (440, 8),
+    "load_takeovers": (448, 8),
     **{f"free_head[{k}]": (168 + 4 * k, 4) for k in range(32)},
 }
 SHARD_FIELDS = {"heap_len": (40, 4), "count": (72, 4), "top_atime": (64, 8)}
@@ -624,6 +628,15 @@ BODY_FIELDS = {"tag": (0, 8), "next": (8, 4), "head": (12, 4)}
 FREE_FIELDS = {"tag": (0, 8), "prev": (8, 4), "next": (12, 4), "footer": (-8, 8)}
 SLOT_FIELDS = {"unit": (0, 4), "tag": (4, 4)}
 HEAP_FIELDS = {"key": (0, 8), "unit": (8, 4), "gen": (12, 4)}
+FLIGHT_FIELDS = {
+    "gen": (0, 4),
+    "state": (4, 1),
+    "outcome": (5, 1),
+    "key_len": (6, 2),
+    "hash": (8, 8),
+    "owner": (16, 8),
+    "started_ns": (24, 8),
+}
 MUTATIONS = ["bit0", "bit7", "bit_mid", "bit_top", "zero", "ones", "plus1", "minus1"]
 
 
@@ -690,6 +703,11 @@ def resolve_target(data: bytes, target: list[Any]) -> tuple[int, int] | None:
             return None
         off, size = ENTRY_FIELDS_AT[target[1]]
         return unit_off(u) + off, size
+    if kind == "flight":  # the home slot of the key's flight
+        h = vmc_hash(bytes.fromhex(target[1]), hdr["hash_seed"])
+        slot = (h >> 40) & (hdr["n_flights"] - 1)
+        off, size = FLIGHT_FIELDS[target[2]]
+        return hdr["flights_off"] + 32 * slot + off, size
     found = _find_head(data, hdr, bytes.fromhex(target[1]))
     if found is None:
         return None
@@ -810,6 +828,18 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
                 0 <= stats.entries <= ever and 0 <= stats.used_bytes <= stats.capacity
             ):
                 wrong.append(f"statistics {stats}")
+        elif op == "load":  # a miss that loads, host-wide single flight included
+            for i, key in enumerate(keys[:3]):
+                new = make_value(key, 3000 + i, len(expect[key]))
+                guarded("delete", functools.partial(cache.delete, key))
+                cache.on_miss = lambda _key, new=new: new
+                ever += 1
+                got = guarded("load", functools.partial(cache.get, key))
+                cache.on_miss = None
+                if got is not None and got != new:
+                    wrong.append(f"load: {key!r} -> {got[:40]!r}")
+                allowed[key] = {new, None}
+                look(key, "after load")
         elif op == "keys":
             for key in guarded("keys", cache.keys) or []:
                 if key not in allowed:

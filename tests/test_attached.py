@@ -22,6 +22,7 @@ import aiovmc
 
 from .helpers import (
     ENTRY_FIELDS_AT,
+    FLIGHT_FIELDS,
     FREE_FIELDS,
     HEADER_FIELDS,
     MUTATIONS,
@@ -37,6 +38,7 @@ OP_SEQUENCES = [
     ["delete", "get", "len"],
     ["clear"],
     ["reserve", "evict", "timestamps", "get"],
+    ["load", "get", "len"],
 ]
 
 
@@ -62,7 +64,7 @@ def _build(path: str) -> tuple[dict[bytes, bytes], bytes, bytes]:
     hdr = read_header(data)
     heads = {off: n for off, n, kind in extents(data, hdr) if kind == 0x44414548}
     assert len(heads) == len(expect)
-    return expect, sorted(expect)[0], chained
+    return expect, min(k for k in expect if k != chained), chained
 
 
 def _targets(small: bytes, chained: bytes) -> list[list[Any]]:
@@ -78,6 +80,7 @@ def _targets(small: bytes, chained: bytes) -> list[list[Any]]:
     out += [["entry", c, name] for name in ("tag", "next", "value_len", "key_len")]
     out += [["body", c, name] for name in ("tag", "next", "head")]
     out += [["free", name] for name in FREE_FIELDS]
+    out += [["flight", s, name] for name in FLIGHT_FIELDS]
     out += [
         ["reserved", name]
         for name in ("tag", "state", "link_prev", "link_next", "atime_ns", "value_len")
