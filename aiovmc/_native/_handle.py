@@ -55,7 +55,7 @@ _QUIET = lib.VMC_F_QUIET
 _ADD = lib.VMC_F_ADD
 _NO_EVICT = lib.VMC_F_NO_EVICT
 _CONTIGUOUS = lib.VMC_F_CONTIGUOUS
-_RECORDS = 1 << 20  # evicted keys reported per vmc_evict_for call, at most (>= one key)
+_RECORDS = SCRATCH_SIZE + 2  # room for the record of any one evicted key, and more
 _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
