@@ -56,6 +56,7 @@
 #define VMC_MAX_KEY 65535u
 #define VMC_MIN_UNIT 256u
 #define VMC_MIN_FILE (1u << 20)
+#define VMC_MAX_FILE (1ull << 62)      /* sizes stay far from 64-bit overflow */
 #define VMC_MAX_UNITS 0xfffffff0u    /* unit numbers are 32-bit */
 #define VMC_MAX_CLOCK (1ull << 62)   /* timestamps stay far from int64 overflow */
 
