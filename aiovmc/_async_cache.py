@@ -474,7 +474,7 @@ class AsyncCache:
         (a checkpoint); the others on the loop.
         """
         result: dict[bytes, bytes] = {}
-        large: list[bytes] = []
+        large: dict[bytes, None] = {}  # each key copied once, however often it is asked
         get_inline, limit = self._get_inline, self._limit
         for key in keys:
             k = key if key.__class__ is bytes else encode_key(key)
@@ -482,7 +482,7 @@ class AsyncCache:
             if isinstance(found, bytes):
                 result[k] = found
             elif found is not None:
-                large.append(k)
+                large[k] = None
                 result[k] = b""  # keeps the order
         for k in large:
             value = await _offload(functools.partial(self._fetch, k))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 import os
 import secrets
 import sys
@@ -16,16 +17,26 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._coalesce import LoadMark, Peek, ThreadFlight, Wait, load_steps
-from ._convert import encode_key, parse_size, ttl_to_ns
-from ._errors import AiovmcError, CacheConfigError
+from ._convert import TTL, Key, encode_key, parse_size, ttl_to_ns
+from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
 from ._native import Handle
 
-__all__ = ["Cache", "CacheEntry", "CacheStatistics", "Reservation", "entry_of"]
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = [
+    "Cache",
+    "CacheEntry",
+    "CacheStatistics",
+    "Reservation",
+    "entry_of",
+]
 
 _POLICIES = ("lru", "none")
+_MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
 _COALESCE = ("host", "process")
 
 
@@ -127,7 +138,7 @@ class Cache(Handle):
         reset: bool = False,
         mode: int = 0o600,
         on_evict: Callable[[bytes], object] | None = None,
-        on_miss: Callable[[bytes], Any] | None = None,
+        on_miss: Callable[[bytes], Buffer | None] | None = None,
         allow_other_owner: bool = False,
         coalesce: str = "host",
         load_timeout: float | None = 30.0,
@@ -142,6 +153,12 @@ class Cache(Handle):
         ttl_ns = ttl_to_ns(ttl) or 0
         if isinstance(mode, bool) or not isinstance(mode, int):
             raise TypeError(f"mode is an int such as 0o600, not {type(mode).__name__}")
+        if not 0 <= mode <= 0o7777:
+            raise CacheConfigError(f"mode {mode!r} is not a permission mode (0 to 0o7777)")
+        if not _MIN_EXTENT <= unit <= _MAX_EXTENT or unit & (unit - 1):
+            raise CacheConfigError(
+                f"extent_size {extent_size!r} must be a power of two between 256 and 2**31"
+            )
         for name, callback in (("on_evict", on_evict), ("on_miss", on_miss)):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable or None")
@@ -151,6 +168,8 @@ class Cache(Handle):
                 raise CacheConfigError("size is required to create a private cache (path=None)")
             path = _private_path()
         self._path = os.fspath(path)
+        if "\0" in self._path:
+            raise CacheConfigError(f"path {self._path!r} contains a NUL character")
         if reset and size_bytes is None:
             raise CacheConfigError(f"reset=True needs a size to recreate {self._path} with")
         self._open(
@@ -304,7 +323,7 @@ class Cache(Handle):
 
     # ---- operations beyond one C call ----
 
-    def evict(self, key: Any = None) -> bool:
+    def evict(self, key: Key | None = None) -> bool:
         """Evict `key`, or with None the least recently used entry, and call
         on_evict. True if something was evicted."""
         if key is None:
@@ -318,7 +337,7 @@ class Cache(Handle):
         self._notify_evicted([victim])
         return True
 
-    def get_entry(self, key: Any) -> CacheEntry | None:
+    def get_entry(self, key: Key) -> CacheEntry | None:
         """The value of `key` with its publication timestamp and expiry, read in
         one core call; None on a miss. Counts a get like `get`; never loads."""
         return entry_of(self._get_entry(encode_key(key), sys.maxsize))
@@ -327,7 +346,7 @@ class Cache(Handle):
         """A snapshot list of the unexpired keys."""
         return list(self._shard_keys())
 
-    def get_many(self, keys: Iterable[Any]) -> dict[bytes, bytes]:
+    def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
         """``{key: value}`` for the keys present; never calls the loader."""
         found: dict[bytes, bytes] = {}
         get = Handle.get
@@ -339,7 +358,7 @@ class Cache(Handle):
         return found
 
     def put_many(
-        self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *, ttl: Any = None
+        self, items: Mapping[Any, Buffer] | Iterable[tuple[Any, Buffer]], *, ttl: TTL = None
     ) -> int:
         """Store every (key, value) pair; returns the last timestamp (0 if none)."""
         pairs = items.items() if isinstance(items, Mapping) else items
@@ -366,15 +385,33 @@ class Cache(Handle):
             load_takeovers=raw.load_takeovers,
         )
 
-    def reserve(self, key: Any, size: int | str, *, ttl: Any = None) -> Reservation:
+    def reserve(self, key: Key, size: int | str, *, ttl: TTL = None) -> Reservation:
         """Room for a `size`-byte value that no reader sees until published."""
         encoded = encode_key(key)
         nbytes = parse_size(size)
+        if nbytes > self.info.max_value_size:  # checked here: the core takes a size_t
+            raise ValueTooLargeError(
+                f"a reservation of {nbytes} bytes can never fit this cache (at most "
+                f"{self.info.max_value_size} bytes)"
+            )
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         assert ttl_ns is not None
-        rid, buffer, evicted = self._reserve(encoded, nbytes, ttl_ns)
-        reservation = Reservation(self, rid, encoded, buffer)
+        rid, offset, evicted = self._reserve(encoded, nbytes, ttl_ns)
+        reservation = Reservation(self, rid, encoded, nbytes)
         self._reservations.add(reservation)
+        # A close() (another thread, a signal handler) may run at any point
+        # here: the core cancels, at close, what was not registered yet, and
+        # close() cancels what was; the view must outlive neither.
+        if self.closed:
+            reservation._finish("cancelled")
+            raise CacheClosedError("the cache handle is closed")
+        try:
+            reservation._attach(*self._map_view(offset, nbytes))
+        except BaseException:
+            reservation._abandon()
+            raise
+        if reservation.state != "open":
+            raise CacheClosedError("the cache handle was closed while reserving")
         if evicted:  # if a callback raises, the unreturned reservation is cancelled
             try:
                 self._notify_evicted(evicted)
@@ -385,16 +422,16 @@ class Cache(Handle):
 
     # ---- mapping protocol (no loader: a miss is a KeyError) ----
 
-    def __getitem__(self, key: Any) -> bytes:
+    def __getitem__(self, key: Key) -> bytes:
         value = Handle.get(self, key, _ABSENT)
         if value is _ABSENT:
             raise KeyError(key)
         return value  # type: ignore[no-any-return]
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def __setitem__(self, key: Key, value: Buffer) -> None:
         self.put(key, value)
 
-    def __delitem__(self, key: Any) -> None:
+    def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
             raise KeyError(key)
 
@@ -428,18 +465,38 @@ class Reservation:
     `buffer` is a writable memoryview of exactly `size` bytes inside the cache
     file: what is written there is the value, with no further copy. As a
     context manager it publishes on success and cancels on an exception.
+    Once the reservation is published or cancelled, `buffer` is released, and
+    any view taken from it (a slice, a numpy array) writes into private memory
+    of this process, never into the file.
     """
 
-    __slots__ = ("__weakref__", "_cache", "_id", "_state", "buffer", "key", "size", "timestamp")
+    __slots__ = (
+        "__weakref__",
+        "_cache",
+        "_id",
+        "_mapping",
+        "_state",
+        "buffer",
+        "key",
+        "size",
+        "timestamp",
+    )
 
-    def __init__(self, cache: Cache, rid: int, key: bytes, buffer: memoryview) -> None:
+    def __init__(self, cache: Cache, rid: int, key: bytes, size: int) -> None:
         self._cache = cache
         self._id = rid
         self._state = "open"
+        self._mapping: mmap.mmap | None = None
         self.key = key
-        self.size = buffer.nbytes
-        self.buffer = buffer
+        self.size = size
+        self.buffer = memoryview(b"")
         self.timestamp: int | None = None
+
+    def _attach(self, mapping: mmap.mmap | None, buffer: memoryview) -> None:
+        self._mapping = mapping
+        self.buffer = buffer
+        if self._state != "open":  # finished meanwhile (a close from a signal handler)
+            self._detach()
 
     @property
     def state(self) -> str:
@@ -454,8 +511,9 @@ class Reservation:
         """Make the value visible atomically, replacing any older value of the
         key; returns its timestamp (also kept as `timestamp`)."""
         self._require_open("publish")
+        self._detach()  # no write through `buffer` may land in the published value
         try:
-            self.timestamp = self._cache._publish(self._id)
+            self.timestamp = self._cache._publish(self._id, self.key, self.size)
         except BaseException:
             self._finish("cancelled")  # the core freed it: a failed publication cancels
             raise
@@ -467,25 +525,32 @@ class Reservation:
         if self._state == "cancelled":
             return
         self._require_open("cancel")
+        self._detach()
         self._cache._cancel(self._id)
         self._finish("cancelled")
 
     def _abandon(self) -> None:
         """Cancel quietly (the handle is closing)."""
         if self._state == "open":
+            self._finish("cancelled")
             try:
                 self._cache._cancel(self._id)
             except AiovmcError:
                 pass
-            self._finish("cancelled")
+
+    def _detach(self) -> None:
+        """Point `buffer` and every view of it at private memory, then release it."""
+        mapping, self._mapping = self._mapping, None
+        self._cache._detach_view(mapping)
+        try:
+            self.buffer.release()
+        except BufferError:
+            pass  # views of it remain; they see private memory now
 
     def _finish(self, state: str) -> None:
         self._state = state
         self._cache._reservations.discard(self)
-        try:
-            self.buffer.release()  # later writes through `buffer` fail loudly
-        except BufferError:
-            pass  # something still exports it; the mapping stays valid regardless
+        self._detach()
 
     def __enter__(self) -> Reservation:
         return self

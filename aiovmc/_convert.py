@@ -13,9 +13,18 @@ from typing import Union
 
 from ._errors import CacheConfigError, KeyTooLargeError
 
-__all__ = ["MAX_KEY_SIZE", "Key", "encode_key", "parse_size", "ttl_to_ns", "value_buffer"]
+__all__ = [
+    "MAX_KEY_SIZE",
+    "MAX_SIZE",
+    "Key",
+    "encode_key",
+    "parse_size",
+    "ttl_to_ns",
+    "value_buffer",
+]
 
 MAX_KEY_SIZE = 65535
+MAX_SIZE = 1 << 62  # any size or offset: far from the C core's 64-bit arithmetic limits
 
 Key = Union[bytes, bytearray, memoryview, str]  # noqa: UP007 - evaluated at runtime
 TTL = Union[int, float, datetime.timedelta, None]  # noqa: UP007
@@ -30,7 +39,13 @@ def encode_key(key: object) -> bytes:
     if type(key) is bytes:
         encoded = key
     elif isinstance(key, str):
-        encoded = key.encode()
+        try:
+            encoded = key.encode()
+        except UnicodeEncodeError as exc:
+            raise CacheConfigError(
+                f"key {key[:40]!r} cannot be encoded as UTF-8 ({exc.reason} at position "
+                f"{exc.start}): pass bytes, or a str without lone surrogates"
+            ) from None
     elif isinstance(key, (bytes, bytearray, memoryview)):
         encoded = bytes(key)
     else:
@@ -74,6 +89,8 @@ def parse_size(value: object, what: str = "size") -> int:
         number = math.ceil(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if number < 0:
         raise CacheConfigError(f"{what} must not be negative, got {value!r}")
+    if number > MAX_SIZE:
+        raise CacheConfigError(f"{what} {value!r} is too large: at most 2**62 bytes")
     return number
 
 

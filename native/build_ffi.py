@@ -12,6 +12,7 @@ sources it was built from, so a source checkout whose C code changed since the
 last build refuses to run the stale core (`aiovmc/_native/_binding.py`).
 """
 
+import os
 import runpy
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def _cdef() -> str:
     return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
 
+# AIOVMC_SANITIZE=address,undefined (or thread) builds the core with those
+# sanitizers and its debug assertions (VMC_DEBUG), as .ci/run does with
+# `AIOVMC_SANITIZE=address,undefined pip install -e .`; the interpreter then
+# needs the sanitizer's runtime preloaded (LD_PRELOAD=$(gcc
+# -print-file-name=libasan.so)). Unset: the normal optimised build.
+SANITIZE = os.environ.get("AIOVMC_SANITIZE", "")
+DEBUG_FLAGS = (
+    [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined",
+     "-O1", "-g", "-DVMC_DEBUG"]
+    if SANITIZE
+    else []
+)
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.cdef("const char *vmc_source_digest(void);")
@@ -46,14 +60,13 @@ ffibuilder.set_source(
     include_dirs=["native"],
     define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-fvisibility=hidden"],
+                        "-fvisibility=hidden", *DEBUG_FLAGS],
+    extra_link_args=DEBUG_FLAGS[:1],
     libraries=["pthread"],
     # The full C API: the limited one turns Py_TYPE and friends into calls on the hot path.
     py_limited_api=False,
 )
 
 if __name__ == "__main__":  # a developer's in-place build: python native/build_ffi.py
-    import os
-
     os.chdir(HERE.parent)
     ffibuilder.compile(verbose=True)

@@ -11,7 +11,7 @@
  *
  * The comment above each entry point lists what it returns. Besides those,
  * every call on a handle (all but vmc_open, vmc_abort, vmc_close, vmc_free,
- * vmc_scratch, vmc_shard_count and the error accessors) returns
+ * vmc_scratch, vmc_shard_count, vmc_detach_view and the error accessors) returns
  * VMC_E_CLOSED once the handle is closed, and every call that takes a lock in
  * the file may return VMC_E_OS (a lock or a repair failed: out of memory) or
  * VMC_E_CORRUPT (damage that repair could not mend).
@@ -46,7 +46,8 @@ enum vmc_flags {
     VMC_F_QUIET = 8,             /* get: count no statistics, leave the LRU order alone */
     VMC_F_CREATE = 16,           /* open: create the file if it does not exist */
     VMC_F_RESET = 32,            /* open: reinitialise an existing cache file */
-    VMC_F_ANY_OWNER = 64         /* open: accept a file owned by another user */
+    VMC_F_ANY_OWNER = 64,        /* open: accept a file owned by another user */
+    VMC_F_CONTIGUOUS = 128       /* evict_for: room for a reservation (one extent) */
 };
 
 enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };
@@ -143,9 +144,9 @@ void vmc_abort(vmc_cache *c);
  * own. VMC_OK; VMC_E_OS, and the handle is then closed (without unlocking
  * the parent's lock). */
 int vmc_after_fork(vmc_cache *c);
-/* vmc_close -- detach: wait for calls in flight on other threads, release
- * the locks. Always VMC_OK (closing twice is harmless). The caller unmaps
- * afterwards. */
+/* vmc_close -- detach: wait for calls in flight on other threads, cancel
+ * the reservations still open on this handle, release the locks. Always
+ * VMC_OK (closing twice is harmless). The caller unmaps afterwards. */
 int vmc_close(vmc_cache *c);
 /* vmc_free -- release the handle's memory (closing it first if needed): call
  * once, when no thread can use the handle any more (Python: its garbage
@@ -188,6 +189,15 @@ int vmc_delete(vmc_cache *c, const char *key, size_t klen);
  * (its key copied to kout when it fits kcap). The evicted key's length;
  * VMC_MISS (nothing evicted); VMC_E_KEY_TOO_LARGE. */
 int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap);
+/* vmc_evict_for -- with VMC_F_NO_EVICT, evict what a put (VMC_F_CONTIGUOUS:
+ * a reservation) of klen + vlen bytes still needs: the least recently used
+ * entry while free room falls short, else the entries of the stretch of the
+ * pool that makes a long enough run at the least cost. Their keys go to kout
+ * as (u16 length, bytes) records while they fit. The bytes of records (> 0:
+ * something was evicted; 0: nothing was needed, try again); VMC_MISS (nothing
+ * evictable, or policy "none"); VMC_E_KEY_TOO_LARGE. */
+int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, char *kout,
+                      size_t kcap);
 /* vmc_count -- the number of entries (expired ones until removed), >= 0. */
 int64_t vmc_count(vmc_cache *c);
 /* vmc_shard_count -- the number of shards (> 0); never fails. */
@@ -217,11 +227,14 @@ int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times);
  * VMC_E_VALUE_TOO_LARGE; VMC_E_FULL; VMC_E_NEED_ROOM (VMC_F_NO_EVICT). */
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset);
-/* vmc_publish -- make a reservation visible, replacing its key's value. The
- * publication timestamp (> 0); VMC_E_STATE (not an open reservation of this
- * process); VMC_E_FULL (policy "none" and the key's shard index is full: the
- * reservation is freed). */
-int64_t vmc_publish(vmc_cache *c, uint64_t reservation);
+/* vmc_publish -- make a reservation visible, replacing its key's value. `key`
+ * and `size` are those it was made with (what the checksum seals is checked
+ * against them). The publication timestamp (> 0); VMC_E_STATE (not an open
+ * reservation of this process); VMC_E_FULL (policy "none" and the key's shard
+ * index is full); VMC_E_CORRUPT (the reservation was damaged). On any failure
+ * but VMC_E_STATE the reservation is freed. */
+int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t klen,
+                    uint64_t size);
 /* vmc_cancel -- free a reservation without publishing it. VMC_OK; VMC_E_STATE. */
 int vmc_cancel(vmc_cache *c, uint64_t reservation);
 
@@ -239,6 +252,19 @@ int64_t vmc_flights_in_use(vmc_cache *c);
 /* Add to the file-wide counters; coalesced_hits gets of `key` turn from misses into hits. */
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
                     uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
+/* vmc_dup_fd -- a new descriptor (close-on-exec) of the handle's file, for a
+ * mapping of the caller's own; the caller closes it. The descriptor (>= 0);
+ * VMC_E_OS. */
+int vmc_dup_fd(vmc_cache *c);
+/* vmc_detach_view -- replace [addr, addr+len) (page aligned), a separate
+ * mapping the caller made of a reservation's pages to hand out its buffer, by
+ * private anonymous memory: views of that buffer that outlive the reservation
+ * then write nowhere in the file. VMC_OK; VMC_E_CONFIG; VMC_E_OS. */
+int vmc_detach_view(void *addr, size_t len);
+
+/* vmc_set_clock_offset -- for tests: this process sees CLOCK_REALTIME + ns
+ * (TTL deadlines, expiry checks, access times). Other processes do not. */
+void vmc_set_clock_offset(int64_t ns);
 
 /* vmc_committed_timestamp -- T such that every publication up to T is
  * visible (>= 0). */

@@ -7,12 +7,14 @@
  * the key's shard, looks up, touches the LRU order and copies, in one call.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "vmc_cache.h"
 #include "vmc_entry.h"
 #include "vmc_index.h"
 #include "vmc_lru.h"
@@ -25,14 +27,23 @@
 
 /* ---- calls in flight: vmc_close waits for them ---- */
 
-static bool enter(vmc_cache *c)
+/* enter -- count a call in flight, unless the handle is closed (or was
+ * inherited across fork() and never got a liveness lock of its own). */
+static int enter(vmc_cache *c)
 {
     atomic_fetch_add(&c->active, 1);
     if (atomic_load(&c->closed)) {
         atomic_fetch_sub(&c->active, 1);
-        return false;
+        return vmc_fail(VMC_E_CLOSED, "the cache handle is closed");
     }
-    return true;
+    if (c->pid != vmc_self_pid()) {
+        atomic_fetch_sub(&c->active, 1);
+        return vmc_fail(VMC_E_CLOSED, "the cache handle was opened by process %llu and this "
+                                      "process has no liveness lock of its own on it "
+                                      "(vmc_after_fork was not called, or failed)",
+                        (unsigned long long)c->pid);
+    }
+    return VMC_OK;
 }
 
 static void leave(vmc_cache *c)
@@ -42,8 +53,9 @@ static void leave(vmc_cache *c)
 
 #define ENTER(c)                                                                  \
     do {                                                                          \
-        if (!enter(c))                                                            \
-            return vmc_fail(VMC_E_CLOSED, "the cache handle is closed");          \
+        int enter_rc_ = enter(c);                                                 \
+        if (enter_rc_ < 0)                                                        \
+            return enter_rc_;                                                     \
     } while (0)
 
 static int check_key(size_t klen)
@@ -79,6 +91,14 @@ static uint64_t expiry(const vmc_cache *c, int64_t ttl_ns, uint64_t now)
     return ttl_ns == 0 ? 0 : now + (uint64_t)ttl_ns;
 }
 
+/* miss_unsure -- a lookup missed, but met damage on its way: no answer
+ * (the key may sit past the damage). The caller unlocks and looks again;
+ * the next lock repairs first. Bounded by `round`. */
+static bool miss_unsure(vmc_cache *c, uint32_t u, int round)
+{
+    return u == 0 && round < 4 && vmc_damaged(c);
+}
+
 /* ---- removal and eviction ---- */
 
 /* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
@@ -86,6 +106,10 @@ static uint64_t expiry(const vmc_cache *c, int64_t ttl_ns, uint64_t now)
  * shard as it was. */
 static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot)
 {
+    if (!vmc_lru_sound(c, shard)) { /* counts that cannot be trusted: repair first */
+        vmc_mark_damaged(c);
+        return VMC_RETRY;
+    }
     int rc = vmc_pool_lock_nested(c);
     if (rc < 0)
         return rc;
@@ -168,15 +192,139 @@ static int evict_lru(vmc_cache *c, char *kout, size_t kcap, bool want_live)
     return VMC_MISS;
 }
 
-static int64_t purge_shard(vmc_cache *c, uint32_t shard);
+static int64_t purge_some(vmc_cache *c);
+
+/* evict_victim -- evict the entry at head if it is still the one chosen
+ * (same stamp), copying its key as a (u16 length, bytes) record to
+ * kout[*used..] if kout is given. 1 if evicted, 0 if gone meanwhile, -1 if
+ * its record does not fit (nothing done), or a failure. */
+static int evict_victim(vmc_cache *c, uint32_t head, uint64_t stamp, uint64_t hash, char *kout,
+                        size_t kcap, size_t *used)
+{
+    uint32_t s = vmc_shard_of(c, hash);
+    struct vmc_shard *sh = &c->shards[s];
+    for (;;) {
+        int rc = vmc_shard_lock(c, s);
+        if (rc < 0)
+            return rc;
+        uint32_t slot = vmc_index_slot_of(c, s, head);
+        struct vmc_entry *e = slot == UINT32_MAX ? NULL : vmc_unit(c, head);
+        if (e == NULL || e->stamp != stamp) {
+            vmc_shard_unlock(c, s);
+            return 0;
+        }
+        size_t klen = e->key_len;
+        if (kout && *used + 2 + klen > kcap) {
+            vmc_shard_unlock(c, s);
+            return -1;
+        }
+        if (kout) {
+            uint16_t k16 = (uint16_t)klen;
+            memcpy(kout + *used, &k16, 2);
+            memcpy(kout + *used + 2, vmc_entry_key(e), klen);
+        }
+        bool expired = vmc_expired(e, vmc_now_ns());
+        rc = remove_locked(c, s, head, slot);
+        if (rc == VMC_OK) {
+            if (expired)
+                VMC_COUNT(sh->expirations);
+            else
+                VMC_COUNT(sh->evictions);
+        }
+        vmc_shard_unlock(c, s);
+        if (rc == VMC_RETRY)
+            continue;
+        if (rc < 0)
+            return rc;
+        *used += kout ? 2 + klen : 1;
+        return 1;
+    }
+}
+
+#define WINDOW_VICTIMS 4096
+
+/* evict_for -- evict what an entry of klen + vlen bytes still lacks room for.
+ * A put, which may scatter: the least recently used entry while the pool has
+ * fewer free units than it takes. Otherwise no run is long enough for it
+ * (contiguous: the whole entry, a reservation; else its HEAD, which holds the
+ * key): the entries of the stretch vmc_pool_window picks -- so what is
+ * evicted is about the room needed, not every older entry until a run
+ * appears by chance, and a run that open reservations make impossible is
+ * reported at once (VMC_MISS) with nothing evicted. Evicted keys
+ * go to kout as (u16 length, bytes) records while they fit. Returns the bytes
+ * of records written (with kout NULL, the number evicted): 0 when nothing had
+ * to be evicted (the room is there), VMC_MISS when nothing evictable is left. */
+static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguous, char *kout,
+                         size_t kcap)
+{
+    uint64_t need = sizeof(struct vmc_entry) + klen + (contiguous ? vlen : 0);
+    uint64_t total = sizeof(struct vmc_entry) + klen + vlen;
+    uint32_t run = (uint32_t)((need + c->unit_size - 1) >> c->shift);
+    int rc = vmc_pool_lock(c);
+    if (rc < 0)
+        return rc;
+    if (!contiguous && VMC_LOAD(c->hdr->pool.free_units) < (total + c->unit_size - 1) >> c->shift) {
+        vmc_pool_unlock(c);
+        rc = evict_lru(c, kout ? kout + 2 : NULL, kout && kcap >= 2 ? kcap - 2 : 0, false);
+        if (rc < 0)
+            return rc;
+        if (kout && (size_t)rc + 2 <= kcap) {
+            uint16_t k16 = (uint16_t)rc;
+            memcpy(kout, &k16, 2);
+            return 2 + rc;
+        }
+        return kout ? 0 : 1; /* a key longer than kout: evicted, not reported */
+    }
+    uint32_t *heads = malloc(WINDOW_VICTIMS * (sizeof *heads + 16));
+    if (heads == NULL) {
+        vmc_pool_unlock(c);
+        return vmc_fail(VMC_E_OS, "out of memory while choosing where to evict");
+    }
+    uint64_t *stamps = (uint64_t *)(heads + WINDOW_VICTIMS), *hashes = stamps + WINDOW_VICTIMS;
+    uint32_t n = vmc_pool_window(c, run, heads, WINDOW_VICTIMS);
+    for (uint32_t i = 0; i < n; i++) { /* entries cannot go while the pool lock is held */
+        struct vmc_entry *e = heads[i] ? vmc_head(c, heads[i]) : NULL;
+        stamps[i] = e ? e->stamp : 0;
+        hashes[i] = e ? vmc_hash_key(c, vmc_entry_key(e), e->key_len) : 0;
+    }
+    vmc_pool_unlock(c);
+    int64_t out = n == 0 ? VMC_MISS : 0;
+    size_t used = 0;
+    for (uint32_t i = 0; i < n && out >= 0; i++) {
+        if (heads[i] == 0)
+            continue;
+        rc = evict_victim(c, heads[i], stamps[i], hashes[i], kout, kcap, &used);
+        if (rc == -1)
+            break; /* kout is full: the caller comes back for the rest */
+        if (rc < 0)
+            out = rc;
+    }
+    free(heads);
+    return out < 0 ? out : (int64_t)used;
+}
+
+int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, char *kout,
+                      size_t kcap)
+{
+    ENTER(c);
+    int64_t rc = check_key(klen);
+    if (rc == VMC_OK && c->policy == VMC_POLICY_NONE)
+        rc = VMC_MISS;
+    else if (rc == VMC_OK)
+        rc = evict_for(c, klen, vlen, flags & VMC_F_CONTIGUOUS, kout, kcap);
+    leave(c);
+    return rc;
+}
+
 
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
  * owned by this process), evicting as the policy allows. Everything recovery
  * reads of a reservation is written here, under the pool lock. */
 static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
-                     uint32_t flags, uint32_t *head)
+                     uint32_t flags, uint32_t nonce, uint32_t *head)
 {
     bool purged = false;
+    int stalled = 0;
     for (;;) {
         int rc = vmc_pool_lock(c);
         if (rc < 0)
@@ -184,12 +332,13 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
         rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
         if (rc == VMC_OK) {
             struct vmc_entry *e = vmc_unit(c, *head);
-            e->key_len = (uint16_t)klen;
-            e->value_len = (uint32_t)vlen;
-            e->expires_ns = expires;
-            e->atime_ns = c->owner;
-            e->checksum = 0; /* the nonce of a put's own reservation */
-            e->state = VMC_RESERVED;
+            /* relaxed stores: a reader copying without a lock may read these */
+            VMC_STORE(e->key_len, (uint16_t)klen);
+            VMC_STORE(e->value_len, (uint32_t)vlen);
+            VMC_STORE(e->expires_ns, expires);
+            VMC_STORE(e->atime_ns, c->owner);
+            VMC_STORE(e->checksum, nonce); /* 0 for a put's own reservation */
+            VMC_STORE(e->state, VMC_RESERVED);
             vmc_reserved_push(c, *head);
             vmc_pool_unlock(c);
             return VMC_OK;
@@ -200,13 +349,9 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             continue;
         if (c->policy == VMC_POLICY_NONE && !purged) {
             /* Never evict, but expired entries are not entries any more: a
-             * scan of every shard, paid only by a put that found no room. */
+             * bounded scan for them, paid only by a put that found no room. */
             purged = true;
-            int64_t n = 0;
-            for (uint32_t sh = 0; sh < c->n_shards && n >= 0; sh++) {
-                int64_t k = purge_shard(c, sh);
-                n = k < 0 ? k : n + k;
-            }
+            int64_t n = purge_some(c);
             if (n < 0)
                 return (int)n;
             if (n > 0)
@@ -218,7 +363,10 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
                             (unsigned long long)(klen + vlen));
         if (flags & VMC_F_NO_EVICT)
             return VMC_E_NEED_ROOM;
-        rc = evict_lru(c, NULL, 0, false);
+        int64_t evicted = evict_for(c, klen, vlen, contiguous, NULL, 0);
+        /* A run the allocator's bounded search does not find, twice: plain LRU. */
+        stalled = evicted == 0 ? stalled + 1 : 0;
+        rc = stalled > 2 ? evict_lru(c, NULL, 0, false) : (int)(evicted < 0 ? evicted : 0);
         if (rc == VMC_MISS) {
             if ((rc = vmc_pool_lock(c)) < 0)
                 return rc;
@@ -260,8 +408,8 @@ static uint32_t next_nonce(void)
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     struct vmc_entry *e = vmc_head(c, head);
-    return e && e->state == VMC_RESERVED && e->atime_ns == c->owner &&
-           e->checksum == nonce;
+    return e && VMC_LOAD(e->state) == VMC_RESERVED && VMC_LOAD(e->atime_ns) == c->owner &&
+           VMC_LOAD(e->checksum) == nonce;
 }
 
 static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
@@ -280,25 +428,89 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
     return VMC_OK;
 }
 
+/* ---- the reservations open on this handle (vmc_close cancels them) ---- */
+
+/* track_rid -- remember an open reservation; false if out of memory. */
+static bool track_rid(vmc_cache *c, uint64_t rid)
+{
+    bool ok = true;
+    pthread_mutex_lock(&c->rids_lock);
+    if (c->n_rids == c->cap_rids) {
+        uint32_t cap = c->cap_rids ? c->cap_rids * 2 : 16;
+        uint64_t *more = cap > c->cap_rids ? realloc(c->rids, (size_t)cap * sizeof *more) : NULL;
+        if (more) {
+            c->rids = more;
+            c->cap_rids = cap;
+        } else {
+            ok = false;
+        }
+    }
+    if (ok)
+        c->rids[c->n_rids++] = rid;
+    pthread_mutex_unlock(&c->rids_lock);
+    return ok;
+}
+
+/* untrack_rid -- forget a reservation (published, cancelled, or never ours). */
+static void untrack_rid(vmc_cache *c, uint64_t rid)
+{
+    pthread_mutex_lock(&c->rids_lock);
+    for (uint32_t i = 0; i < c->n_rids; i++)
+        if (c->rids[i] == rid) {
+            c->rids[i] = c->rids[--c->n_rids];
+            break;
+        }
+    pthread_mutex_unlock(&c->rids_lock);
+}
+
+void vmc_cache_drop_reservations(vmc_cache *c)
+{
+    pthread_mutex_lock(&c->rids_lock);
+    for (uint32_t i = 0; i < c->n_rids; i++)
+        drop_reservation(c, RID_HEAD(c->rids[i]), RID_NONCE(c->rids[i])); /* gone: harmless */
+    c->n_rids = 0;
+    pthread_mutex_unlock(&c->rids_lock);
+}
+
+/* clocks_sane -- repair first if the clock or the persisted watermark is
+ * too large to be real (damage: no publication could have got there). */
+static int clocks_sane(vmc_cache *c)
+{
+    if (VMC_LOAD(c->hdr->clock) < VMC_MAX_CLOCK && VMC_LOAD(c->hdr->persisted) < VMC_MAX_CLOCK)
+        return VMC_OK;
+    vmc_mark_damaged(c);
+    return vmc_repair(c);
+}
+
 /* publish -- link a filled RESERVED head into its shard, replacing an older
  * value of its key. Returns the timestamp, or 0 when `add` finds the key
  * present. On any failure the reservation is freed: it never outlives a
  * publication that did not happen. */
-static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add)
+static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add,
+                       const char *key, size_t klen, uint64_t vlen)
 {
     struct vmc_entry *e = vmc_unit(c, head);
     uint64_t data = vmc_entry_data_hash(c, head); /* before locking: values may be large */
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
-    for (;;) {
-        if ((rc = vmc_shard_lock(c, s)) < 0) {
+    for (int round = 0;; round++) {
+        if ((rc = clocks_sane(c)) < 0 || (rc = vmc_shard_lock(c, s)) < 0) {
             drop_reservation(c, head, nonce);
             return rc;
         }
         uint64_t now = vmc_now_ns();
         uint32_t slot = 0;
-        uint32_t old = vmc_index_find(c, s, hash, vmc_entry_key(e), e->key_len, &slot);
+        uint32_t old = vmc_index_find(c, s, hash, key, klen, &slot);
+        if (miss_unsure(c, old, round)) { /* the key may be past the damage: no duplicate */
+            vmc_shard_unlock(c, s);
+            continue;
+        }
+        if (!vmc_lru_sound(c, s) && round < 8) { /* counts that cannot be trusted */
+            vmc_mark_damaged(c);
+            vmc_shard_unlock(c, s);
+            continue;
+        }
         struct vmc_entry *oe = old ? vmc_unit(c, old) : NULL;
         bool old_expired = oe && vmc_expired(oe, now);
         if (add && oe && !old_expired) {
@@ -333,13 +545,27 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
                             head);
         }
+        /* What the checksum seals must be what the owner wrote: sizes changed
+         * under us, or a clock too large to be real, are damage. */
+        if (e->key_len != klen || e->value_len != vlen ||
+            memcmp(vmc_entry_key(e), key, klen) != 0 ||
+            VMC_LOAD(c->hdr->clock) >= VMC_MAX_CLOCK) {
+            vmc_mark_damaged(c);
+            vmc_reserved_unlink(c, head);
+            vmc_release_entry(c, head);
+            vmc_pool_unlock(c);
+            vmc_shard_unlock(c, s);
+            return vmc_fail(VMC_E_CORRUPT, "the reservation of a %llu-byte value was damaged "
+                                           "before its publication; the file will be repaired",
+                            (unsigned long long)vlen);
+        }
         vmc_reserved_unlink(c, head);
         /* The new value is published before the old one goes: a crash in
          * between leaves both, and recovery keeps the newer. */
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
-        e->checksum = vmc_entry_seal(e, data);
-        e->atime_ns = now; /* replaces the owner pid: see struct vmc_entry */
+        VMC_STORE(e->checksum, vmc_entry_seal(e, data));
+        VMC_STORE(e->atime_ns, now); /* replaces the owner id: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
             vmc_index_set(c, s, slot, hash, head);
@@ -400,6 +626,10 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         uint64_t now = vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+        if (miss_unsure(c, u, round)) {
+            vmc_shard_unlock(c, s);
+            continue;
+        }
         struct vmc_entry *e = u ? vmc_unit(c, u) : NULL;
         if (e && vmc_expired(e, now)) {
             rc = remove_locked(c, s, u, slot);
@@ -425,7 +655,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         }
         if (!quiet) {
             VMC_COUNT(sh->hits);
-            e->atime_ns = now; /* the LRU heap re-keys lazily */
+            VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
             quiet = true; /* counted once, whatever happens next */
         }
         uint64_t from = 0, len = 0;
@@ -435,15 +665,28 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
             from = offset;
             len = cap < vlen - offset ? cap : vlen - offset;
         }
+        /* A whole value is verified against its checksum as it is copied; a
+         * part (get_into) or a size only is checked against the extents. */
+        bool whole = from == 0 && len == vlen;
+        uint64_t data = hash;
+        int copied;
         if (len < VMC_UNLOCKED_COPY || round >= 4) { /* the last rounds never livelock */
-            int copied = len ? vmc_entry_copy(c, u, dst, from, len) : VMC_OK;
+            copied = len || whole ? vmc_entry_copy(c, u, dst, from, len, whole ? &data : NULL)
+                                  : vmc_entry_check(c, u);
+            if (copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
+                copied = VMC_E_CORRUPT;
             if (copied < 0)
                 vmc_mark_damaged(c);
             vmc_shard_unlock(c, s);
-            rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be "
-                                                      "repaired")
-                            : (int64_t)vlen;
-            goto out;
+            if (copied == VMC_OK) {
+                rc = (int64_t)vlen;
+                goto out;
+            }
+            if (round >= 8) {
+                rc = vmc_fail(VMC_E_CORRUPT, "an entry stays damaged after repair");
+                goto out;
+            }
+            continue; /* the next lock repairs: the entry is dropped */
         }
         /* A large copy runs without the shard lock, optimistically: the
          * mapping stays valid whatever happens to the entry, and if it is
@@ -453,18 +696,18 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
          * so the copy is thrown away and the key looked up again. */
         uint64_t stamp = e->stamp;
         vmc_shard_unlock(c, s);
-        int copied = vmc_entry_copy(c, u, dst, from, len);
+        copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock(c, s)) < 0)
             goto out;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
+        if (same && copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
+            copied = VMC_E_CORRUPT;
         if (same && copied < 0)
             vmc_mark_damaged(c);
         vmc_shard_unlock(c, s);
-        if (same) {
-            rc = copied < 0 ? vmc_fail(VMC_E_CORRUPT, "a damaged entry was found; it will be "
-                                                      "repaired")
-                            : (int64_t)vlen;
+        if (same && copied == VMC_OK) {
+            rc = (int64_t)vlen;
             goto out;
         }
         /* removed or replaced while we copied: look the key up again */
@@ -528,11 +771,13 @@ int vmc_contains(vmc_cache *c, const char *key, size_t klen)
     int rc = check_key(klen);
     if (rc == VMC_OK) {
         uint64_t hash = vmc_hash_key(c, key, klen);
-        uint32_t s = vmc_shard_of(c, hash), slot;
-        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
-            uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
+        uint32_t s = vmc_shard_of(c, hash), slot, u = 0;
+        for (int round = 0; (rc = vmc_shard_lock(c, s)) == VMC_OK; round++) {
+            u = vmc_index_find(c, s, hash, key, klen, &slot);
             rc = u && !vmc_expired(vmc_unit(c, u), vmc_now_ns());
             vmc_shard_unlock(c, s);
+            if (!miss_unsure(c, u, round))
+                break;
         }
     }
     leave(c);
@@ -558,7 +803,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     }
     uint32_t head;
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
-    if ((rc = make_room(c, klen, vlen, expires, false, flags, &head)) < 0)
+    if ((rc = make_room(c, klen, vlen, expires, false, flags, 0, &head)) < 0)
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
     memcpy(vmc_entry_key(e), key, klen);
@@ -568,7 +813,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
         rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
         goto out;
     }
-    rc = publish(c, head, 0, hash, add);
+    rc = publish(c, head, 0, hash, add, key, klen, vlen);
 out:
     leave(c);
     return rc;
@@ -583,12 +828,14 @@ static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
     uint64_t hash = vmc_hash_key(c, key, klen);
     uint32_t s = vmc_shard_of(c, hash), slot;
     struct vmc_shard *sh = &c->shards[s];
-    for (;;) {
+    for (int round = 0;; round++) {
         if ((rc = vmc_shard_lock(c, s)) < 0)
             return rc;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
         if (u == 0) {
             vmc_shard_unlock(c, s);
+            if (miss_unsure(c, u, round))
+                continue;
             return 0;
         }
         bool expired = vmc_expired(vmc_unit(c, u), vmc_now_ns());
@@ -636,8 +883,20 @@ int64_t vmc_count(vmc_cache *c)
 {
     ENTER(c);
     int64_t n = 0;
-    for (uint32_t i = 0; i < c->n_shards; i++)
-        n += VMC_LOAD(c->shards[i].count);
+    for (int round = 0; round < 2; round++) {
+        bool sound = true;
+        n = 0;
+        for (uint32_t i = 0; i < c->n_shards; i++) {
+            uint32_t count = VMC_LOAD(c->shards[i].count);
+            sound = sound && count <= c->max_load;
+            n += count;
+        }
+        if (sound)
+            break;
+        vmc_mark_damaged(c); /* a count no shard can hold: repair, then count again */
+        if ((n = vmc_repair(c)) < 0)
+            break;
+    }
     leave(c);
     return n;
 }
@@ -679,6 +938,13 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
             struct vmc_entry *e = slots[i] ? slot_entry(c, slots[i]) : NULL;
             if (e == NULL || vmc_expired(e, now))
                 continue;
+            /* a key whose hash does not lead to this slot's shard and tag is damage */
+            uint64_t h = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
+            if (vmc_shard_of(c, h) != (uint32_t)shard ||
+                (uint32_t)(h >> 32) != VMC_SLOT_TAG(slots[i])) {
+                vmc_mark_damaged(c);
+                continue;
+            }
             uint64_t need = 2 + (uint64_t)e->key_len;
             if (used + need <= cap) {
                 uint16_t klen = e->key_len;
@@ -694,8 +960,10 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
     return rc;
 }
 
-/* purge_shard -- remove the expired entries of one shard; returns how many. */
-static int64_t purge_shard(vmc_cache *c, uint32_t shard)
+/* ---- expired entries ---- */
+/* purge_range -- remove the expired entries among slots [from, to) of one
+ * shard; returns how many. */
+static int64_t purge_range(vmc_cache *c, uint32_t shard, uint32_t from, uint32_t to)
 {
     struct vmc_shard *sh = &c->shards[shard];
     const uint64_t *slots = c->index + (uint64_t)shard * c->slots;
@@ -706,7 +974,7 @@ restart:
     uint64_t now = vmc_now_ns();
     /* A deletion shifts later slots back into the hole: look at slot i again.
      * (A slot wrapped around from the front may be seen twice: harmless.) */
-    for (uint32_t i = 0; i < c->slots;) {
+    for (uint32_t i = from; i < to;) {
         struct vmc_entry *e = slots[i] ? slot_entry(c, slots[i]) : NULL;
         if (e == NULL || !vmc_expired(e, now)) {
             i++;
@@ -724,6 +992,36 @@ restart:
     }
     vmc_shard_unlock(c, shard);
     return rc < 0 ? rc : purged;
+}
+
+static int64_t purge_shard(vmc_cache *c, uint32_t shard)
+{
+    return purge_range(c, shard, 0, c->slots);
+}
+
+/* Slots a put that finds no room under policy "none" looks at for expired
+ * entries: a bounded share of the index per call (as redis's dict.c bounds a
+ * rehash step), resumed where the previous call stopped. */
+#define PURGE_BUDGET 8192u
+
+/* purge_some -- remove expired entries from the next PURGE_BUDGET slots of
+ * the whole index (all of it, if smaller); returns how many. */
+static int64_t purge_some(vmc_cache *c)
+{
+    uint64_t total = (uint64_t)c->n_shards * c->slots, purged = 0;
+    uint64_t left = total < PURGE_BUDGET ? total : PURGE_BUDGET;
+    uint64_t at = __atomic_fetch_add(&c->purge_cursor, left, __ATOMIC_RELAXED) % total;
+    while (left > 0) {
+        uint32_t shard = (uint32_t)(at / c->slots), from = (uint32_t)(at % c->slots);
+        uint32_t to = left < c->slots - from ? from + (uint32_t)left : c->slots;
+        int64_t n = purge_range(c, shard, from, to);
+        if (n < 0)
+            return n;
+        purged += (uint64_t)n;
+        left -= to - from;
+        at = (at + (to - from)) % total;
+    }
+    return (int64_t)purged;
 }
 
 int64_t vmc_purge_shard(vmc_cache *c, int shard)
@@ -744,9 +1042,24 @@ int vmc_clear_shard(vmc_cache *c, int shard)
     uint32_t s = (uint32_t)shard;
     struct vmc_shard *sh = &c->shards[s];
     uint64_t *slots = c->index + (uint64_t)s * c->slots;
-    while (rc == VMC_OK) {
+    for (int attempt = 0; rc == VMC_OK; attempt++) {
         if ((rc = vmc_shard_lock(c, s)) < 0)
             break;
+        /* An entry the index lost would survive the clear and come back at
+         * the next repair: an index that does not account for every entry is
+         * repaired first. */
+        uint32_t sound = 0;
+        for (uint32_t i = 0; i < c->slots; i++)
+            if (slots[i] && slot_entry(c, slots[i]))
+                sound++;
+        if (sound != sh->count || vmc_damaged(c)) {
+            vmc_mark_damaged(c);
+            vmc_shard_unlock(c, s);
+            if (attempt >= 2)
+                rc = vmc_fail(VMC_E_CORRUPT, "the index of shard %u stays damaged after "
+                                             "repair", s);
+            continue;
+        }
         rc = vmc_pool_lock_nested(c);
         if (rc == VMC_RETRY) {
             vmc_shard_unlock(c, s);
@@ -755,10 +1068,10 @@ int vmc_clear_shard(vmc_cache *c, int shard)
         }
         if (rc == VMC_OK) {
             for (uint32_t i = 0; i < c->slots; i++)
-                if (slots[i] && slot_entry(c, slots[i]))
+                if (slots[i])
                     vmc_release_entry(c, VMC_SLOT_UNIT(slots[i]));
             memset(slots, 0, (uint64_t)c->slots * sizeof *slots);
-            sh->heap_len = 0;
+            VMC_STORE(sh->heap_len, 0);
             VMC_STORE(sh->count, 0);
             VMC_STORE(sh->top_atime, UINT64_MAX);
             vmc_pool_unlock(c);
@@ -837,15 +1150,18 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     int64_t rc = check_key(klen);
     if (rc == VMC_OK)
         rc = check_value(c, klen, size);
-    uint32_t head;
+    uint32_t head, nonce = next_nonce();
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
-    if (rc == VMC_OK && (rc = make_room(c, klen, size, expires, true, flags, &head)) == VMC_OK) {
+    if (rc == VMC_OK &&
+        (rc = make_room(c, klen, size, expires, true, flags, nonce, &head)) == VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
-        uint32_t nonce = next_nonce();
-        e->checksum = nonce;
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
         rc = (int64_t)RID(head, nonce);
+        if (!track_rid(c, (uint64_t)rc)) {
+            drop_reservation(c, head, nonce);
+            rc = vmc_fail(VMC_E_OS, "out of memory for the list of open reservations");
+        }
     }
     leave(c);
     return rc;
@@ -864,15 +1180,21 @@ static struct vmc_entry *owned_reservation(vmc_cache *c, uint64_t rid)
 }
 
 /* vmc_publish -- make a reservation visible; returns its timestamp. */
-int64_t vmc_publish(vmc_cache *c, uint64_t reservation)
+int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t klen,
+                    uint64_t size)
 {
     ENTER(c);
-    int64_t rc = VMC_E_STATE;
-    struct vmc_entry *e = owned_reservation(c, reservation);
+    int64_t rc = check_key(klen);
+    struct vmc_entry *e = rc == VMC_OK ? owned_reservation(c, reservation) : NULL;
     if (e) {
-        uint64_t hash = vmc_hash_key(c, vmc_entry_key(e), e->key_len);
-        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false);
+        /* the key as the owner gave it: the copy in the file may have been damaged */
+        uint64_t hash = vmc_hash_key(c, key, klen);
+        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false, key, klen,
+                     size);
+    } else if (rc == VMC_OK) {
+        rc = VMC_E_STATE;
     }
+    untrack_rid(c, reservation);
     leave(c);
     return rc;
 }
@@ -884,8 +1206,27 @@ int vmc_cancel(vmc_cache *c, uint64_t reservation)
     int rc = owned_reservation(c, reservation)
                  ? drop_reservation(c, RID_HEAD(reservation), RID_NONCE(reservation))
                  : VMC_E_STATE;
+    untrack_rid(c, reservation);
     leave(c);
     return rc;
+}
+
+int vmc_dup_fd(vmc_cache *c)
+{
+    ENTER(c); /* vmc_close waits: the descriptor cannot be closed (and reused) meanwhile */
+    int fd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
+    int rc = fd >= 0 ? fd : vmc_fail_errno("fcntl(F_DUPFD_CLOEXEC)", c->path);
+    leave(c);
+    return rc;
+}
+
+/* ---- time ---- */
+
+int64_t vmc_clock_offset_ns;
+
+void vmc_set_clock_offset(int64_t ns)
+{
+    __atomic_store_n(&vmc_clock_offset_ns, ns, __ATOMIC_RELAXED);
 }
 
 /* ---- timestamps ---- */
@@ -896,6 +1237,9 @@ int vmc_cancel(vmc_cache *c, uint64_t reservation)
  * first have finished. */
 static int64_t committed(vmc_cache *c)
 {
+    int rc = clocks_sane(c);
+    if (rc < 0)
+        return rc;
     uint64_t t = __atomic_load_n(&c->hdr->clock, __ATOMIC_SEQ_CST);
     for (uint32_t s = 0; s < c->n_shards; s++) {
         int rc = vmc_shard_lock(c, s);
@@ -917,7 +1261,9 @@ int64_t vmc_committed_timestamp(vmc_cache *c)
 int64_t vmc_persisted_timestamp(vmc_cache *c)
 {
     ENTER(c);
-    int64_t rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
+    int64_t rc = clocks_sane(c);
+    if (rc == VMC_OK)
+        rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
     leave(c);
     return rc;
 }

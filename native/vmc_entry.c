@@ -4,28 +4,55 @@
 /* Visit the value's pieces in order: fn(ctx, piece, offset_in_value, len). */
 typedef void (*piece_fn)(void *ctx, const char *piece, uint64_t at, uint64_t len);
 
+/* last_piece_fits -- an extent that ends a value is the smallest that holds
+ * its part: the allocator takes exactly that many units for it (every other
+ * extent of the chain is used to the end), so a tag or a value_len that
+ * disagrees with the other is damage. */
+static bool last_piece_fits(const vmc_cache *c, uint32_t units, uint64_t bytes)
+{
+    uint64_t need = (bytes + c->unit_size - 1) >> c->shift;
+    return units == (need ? need : 1);
+}
+
 /* walk_value -- call fn on each piece of head's value; VMC_E_CORRUPT if a
- * link is unsound. */
+ * link is unsound. Every field is read once into a local, checked, and only
+ * the checked copy is used: a reader copying without the shard lock may see
+ * the extents freed and reused under it, and each piece must still lie inside
+ * its extent, hence inside the pool. */
 static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
 {
-    struct vmc_entry *e = vmc_head(c, head);
-    if (e == NULL)
+    if (!vmc_unit_ok(c, head))
         return VMC_E_CORRUPT;
-    uint64_t vlen = e->value_len;
-    uint64_t room = vmc_extent_bytes(c, e->tag) - sizeof *e - e->key_len;
+    struct vmc_entry *e = vmc_unit(c, head);
+    uint64_t tag = VMC_LOAD(e->tag);
+    uint64_t klen = VMC_LOAD(e->key_len), vlen = VMC_LOAD(e->value_len);
+    uint32_t next = VMC_LOAD(e->next);
+    uint32_t units = VMC_TAG_UNITS(tag);
+    if (VMC_TAG_KIND(tag) != VMC_KIND_HEAD || units == 0 || units > c->pool_units - head + 1 ||
+        sizeof *e + klen > (uint64_t)units << c->shift)
+        return VMC_E_CORRUPT;
+    uint64_t room = ((uint64_t)units << c->shift) - sizeof *e - klen;
+    if (room >= vlen && !last_piece_fits(c, units, sizeof *e + klen + vlen))
+        return VMC_E_CORRUPT;
     uint64_t n = room < vlen ? room : vlen;
-    fn(ctx, vmc_entry_key(e) + e->key_len, 0, n);
+    fn(ctx, vmc_entry_key(e) + klen, 0, n);
     uint64_t at = n;
-    uint32_t next = e->next;
     for (uint32_t steps = 0; at < vlen; steps++) {
-        struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
-        if (b == NULL || b->head != head || steps >= c->pool_units)
+        if (!vmc_unit_ok(c, next) || steps >= c->pool_units)
             return VMC_E_CORRUPT;
-        room = vmc_extent_bytes(c, b->tag) - sizeof *b;
+        struct vmc_body *b = vmc_unit(c, next);
+        tag = VMC_LOAD(b->tag);
+        units = VMC_TAG_UNITS(tag);
+        if (VMC_TAG_KIND(tag) != VMC_KIND_BODY || units == 0 ||
+            units > c->pool_units - next + 1 || VMC_LOAD(b->head) != head)
+            return VMC_E_CORRUPT;
+        room = ((uint64_t)units << c->shift) - sizeof *b;
+        if (room >= vlen - at && !last_piece_fits(c, units, sizeof *b + (vlen - at)))
+            return VMC_E_CORRUPT;
         n = room < vlen - at ? room : vlen - at;
         fn(ctx, (const char *)(b + 1), at, n);
         at += n;
-        next = b->next;
+        next = VMC_LOAD(b->next);
     }
     return VMC_OK;
 }
@@ -33,6 +60,8 @@ static int walk_value(vmc_cache *c, uint32_t head, piece_fn fn, void *ctx)
 struct copy_ctx {
     char *dst;
     uint64_t from, to; /* value range wanted */
+    uint64_t *data;    /* NULL, or the data hash of what was copied (whole values) */
+    bool whole;        /* every piece fell inside [from, to) */
 };
 
 static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
@@ -42,12 +71,53 @@ static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
     uint64_t hi = at + len < x->to ? at + len : x->to;
     if (lo < hi)
         memcpy(x->dst + (lo - x->from), piece + (lo - at), hi - lo);
+    if (x->data == NULL)
+        return;
+    if (at + len > x->to) /* a longer value than the caller saw: not a whole copy */
+        x->whole = false;
+    else /* the copy, not the mapping: what is verified is what is returned */
+        *x->data = vmc_fold(*x->data ^ vmc_hash(x->dst + at, len, VMC_K2), VMC_K0);
 }
 
-int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len)
+int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
+                   uint64_t *data)
 {
-    struct copy_ctx x = {dst, offset, offset + len};
-    return walk_value(c, head, copy_piece, &x);
+    struct copy_ctx x = {dst, offset, offset + len, offset == 0 ? data : NULL, true};
+    int rc = walk_value(c, head, copy_piece, &x);
+    if (x.data && x.whole && rc == VMC_OK)
+        *data |= 1;
+    else if (data)
+        *data = 0;
+    return rc;
+}
+
+#ifdef __SANITIZE_THREAD__ /* the thread sanitizer's annotations (libtsan) */
+void AnnotateIgnoreReadsBegin(const char *file, int line);
+void AnnotateIgnoreReadsEnd(const char *file, int line);
+#define IGNORE_READS_BEGIN() AnnotateIgnoreReadsBegin(__FILE__, __LINE__)
+#define IGNORE_READS_END() AnnotateIgnoreReadsEnd(__FILE__, __LINE__)
+#else
+#define IGNORE_READS_BEGIN() ((void)0)
+#define IGNORE_READS_END() ((void)0)
+#endif
+
+int vmc_entry_copy_unlocked(vmc_cache *c, uint32_t head, char *dst, uint64_t offset,
+                            uint64_t len, uint64_t *data)
+{
+    IGNORE_READS_BEGIN();
+    int rc = vmc_entry_copy(c, head, dst, offset, len, data);
+    IGNORE_READS_END();
+    return rc;
+}
+
+static void no_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
+{
+    (void)ctx, (void)piece, (void)at, (void)len;
+}
+
+int vmc_entry_check(vmc_cache *c, uint32_t head)
+{
+    return walk_value(c, head, no_piece, NULL);
 }
 
 struct fill_ctx {
@@ -78,7 +148,7 @@ uint64_t vmc_entry_data_hash(vmc_cache *c, uint32_t head)
     struct vmc_entry *e = vmc_head(c, head);
     if (e == NULL)
         return 0;
-    uint64_t acc = vmc_hash(vmc_entry_key(e), e->key_len, c->seed);
+    uint64_t acc = vmc_hash(vmc_entry_key(e), VMC_LOAD(e->key_len), c->seed);
     if (walk_value(c, head, hash_piece, &acc) != VMC_OK)
         return 0;
     return acc | 1;

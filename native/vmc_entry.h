@@ -14,11 +14,14 @@
 /* vmc_head -- the HEAD at `unit` if its key fits its extent; NULL (damage) otherwise. */
 static inline struct vmc_entry *vmc_head(const vmc_cache *c, uint32_t unit)
 {
-    struct vmc_entry *e = vmc_extent(c, unit, VMC_KIND_HEAD);
-    if (e == NULL)
+    if (!vmc_unit_ok(c, unit))
         return NULL;
-    uint64_t bytes = (uint64_t)VMC_TAG_UNITS(e->tag) << c->shift;
-    if (sizeof *e + (uint64_t)e->key_len > bytes)
+    struct vmc_entry *e = vmc_unit(c, unit);
+    uint64_t tag = VMC_LOAD(e->tag); /* one load: checked and used */
+    uint32_t n = VMC_TAG_UNITS(tag);
+    if (VMC_TAG_KIND(tag) != VMC_KIND_HEAD || n == 0 || n > c->pool_units - unit + 1)
+        return NULL;
+    if (sizeof *e + (uint64_t)VMC_LOAD(e->key_len) > (uint64_t)n << c->shift)
         return NULL;
     return e;
 }
@@ -33,8 +36,22 @@ static inline bool vmc_expired(const struct vmc_entry *e, uint64_t now)
 }
 
 /* vmc_entry_copy -- copy value[offset, offset+len) of head into dst; VMC_OK
- * or VMC_E_CORRUPT (no message set) if the chain is damaged. */
-int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len);
+ * or VMC_E_CORRUPT (no message set) if the chain is damaged. With `data`,
+ * which holds the hash of the entry's key (vmc_hash_key), and a copy of the
+ * whole value: *data becomes the data hash of the bytes copied (compare
+ * vmc_entry_seal(e, *data) with the checksum), else 0. */
+int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
+                   uint64_t *data);
+/* vmc_entry_copy_unlocked -- vmc_entry_copy with no lock held, optimistically:
+ * the entry may be freed and its room rewritten meanwhile, so the caller
+ * throws the copy away unless the entry is the same afterwards (a seqlock's
+ * read side). Its reads race with a writer reusing the room by design: under
+ * the thread sanitizer they are annotated as such, and only they are. */
+int vmc_entry_copy_unlocked(vmc_cache *c, uint32_t head, char *dst, uint64_t offset,
+                            uint64_t len, uint64_t *data);
+/* vmc_entry_check -- walk the chain without reading the value: VMC_OK or
+ * VMC_E_CORRUPT (sizes and extents disagree). */
+int vmc_entry_check(vmc_cache *c, uint32_t head);
 /* vmc_entry_fill -- copy value_len bytes from src into the entry's chain
  * (its owner, no lock); VMC_OK or VMC_E_CORRUPT. */
 int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src);

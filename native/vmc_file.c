@@ -12,6 +12,7 @@
  * (cleanly closed or killed alike: the kernel drops OFD locks with the last
  * descriptor) and recovers it before anyone else can attach.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -24,6 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "vmc_cache.h"
 #include "vmc_flight.h"
 #include "vmc_mutex.h"
 #include "vmc_pool.h"
@@ -32,6 +34,7 @@
 
 #define OPENING_BYTE 0
 #define LIVENESS_BYTE 1
+#define TEMP_BYTE 2      /* locked by a creator on its temporary file */
 
 static int ofd_lock(int fd, short type, off_t byte, bool wait)
 {
@@ -129,6 +132,9 @@ static int validate_config(const struct vmc_config *cfg)
 {
     if (cfg->size < VMC_MIN_FILE)
         return vmc_fail(VMC_E_CONFIG, "size %llu is below the minimum of 1 MiB",
+                        (unsigned long long)cfg->size);
+    if (cfg->size > VMC_MAX_FILE)
+        return vmc_fail(VMC_E_CONFIG, "size %llu is above the maximum of 2^62 bytes",
                         (unsigned long long)cfg->size);
     uint32_t u = cfg->extent_size;
     if (u < VMC_MIN_UNIT || (u & (u - 1)) != 0 || u > cfg->size)
@@ -262,6 +268,45 @@ static int reserve_space(int fd, uint64_t size, const char *path)
     return VMC_OK;
 }
 
+/* sweep_dead_temporaries -- remove the temporary files (<path>.<pid>.<hex>.tmp)
+ * of creators that died before linking them: full size, and in RAM on tmpfs.
+ * A live creator holds a lock on TEMP_BYTE of its temporary; a temporary whose
+ * lock can be taken has no creator left (the kernel dropped the lock with it,
+ * in whatever pid namespace it ran). */
+static void sweep_dead_temporaries(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    size_t blen = strlen(base);
+    char *dir = slash ? strndup(path, (size_t)(slash - path) + 1) : strdup(".");
+    DIR *d = dir ? opendir(dir) : NULL;
+    free(dir);
+    if (d == NULL)
+        return; /* best effort: creation goes on */
+    struct dirent *ent;
+    while ((ent = readdir(d)) != NULL) {
+        const char *name = ent->d_name, *p = name + blen;
+        size_t nlen = strlen(name);
+        if (nlen <= blen + 5 || strncmp(name, base, blen) != 0 || *p++ != '.' ||
+            strcmp(name + nlen - 4, ".tmp") != 0)
+            continue;
+        size_t digits = strspn(p, "0123456789");
+        const char *hex = p + digits + 1, *end = name + nlen - 4;
+        if (digits == 0 || p[digits] != '.' || hex >= end ||
+            strspn(hex, "0123456789abcdef") != (size_t)(end - hex))
+            continue;
+        int fd = openat(dirfd(d), name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0)
+            continue;
+        struct stat st;
+        if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() &&
+            ofd_lock(fd, F_WRLCK, TEMP_BYTE, false) == 0)
+            unlinkat(dirfd(d), name, 0);
+        close(fd);
+    }
+    closedir(d);
+}
+
 /* create_file -- create path atomically. Returns 1 if this call created it,
  * 0 if another process did first, or a failure. */
 static int create_file(const char *path, const struct vmc_config *cfg)
@@ -278,6 +323,7 @@ static int create_file(const char *path, const struct vmc_config *cfg)
     if (getrandom(&token, sizeof token, 0) != sizeof token)
         token = vmc_now_ns();
     snprintf(tmp, n, "%s.%d.%llx.tmp", path, (int)getpid(), (unsigned long long)token);
+    sweep_dead_temporaries(path);
     int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, cfg->mode);
     if (fd < 0) {
         /* Name the file the caller asked for, not our temporary. */
@@ -289,7 +335,10 @@ static int create_file(const char *path, const struct vmc_config *cfg)
         free(tmp);
         return rc;
     }
-    if (fchmod(fd, cfg->mode) != 0)
+    /* Held until the end: a sweeper that can take it knows this creator died. */
+    if (ofd_lock(fd, F_WRLCK, TEMP_BYTE, false) != 0)
+        rc = vmc_fail_errno("fcntl(F_OFD_SETLK)", tmp);
+    else if (fchmod(fd, cfg->mode) != 0)
         rc = vmc_fail_errno("fchmod", tmp);
     else if ((rc = reserve_space(fd, h.file_size, path)) == VMC_OK &&
              pwrite(fd, &h, sizeof h, 0) != (ssize_t)sizeof h)
@@ -297,7 +346,8 @@ static int create_file(const char *path, const struct vmc_config *cfg)
     if (rc == VMC_OK) {
         if (link(tmp, path) == 0)
             rc = 1;
-        else if (errno == EEXIST)
+        else if (errno == EEXIST || errno == ENOENT) /* ENOENT: swept in the instant before
+                                                        the lock; the caller tries again */
             rc = 0;
         else
             rc = vmc_fail_errno("link", path);
@@ -430,7 +480,12 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     }
     c->fd = fd;
     c->path = copy;
+    pthread_mutex_init(&c->rids_lock, NULL);
     c->file_size = h.file_size;
+    c->shards_off = h.shards_off;
+    c->index_off = h.index_off;
+    c->heap_off = h.heap_off;
+    c->pool_off = h.pool_off;
     c->seed = h.hash_seed;
     c->shift = h.unit_shift;
     c->unit_size = h.unit_size;
@@ -462,10 +517,12 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
 {
     c->base = base;
     c->hdr = base;
-    c->shards = (struct vmc_shard *)(c->base + c->hdr->shards_off);
-    c->index = (uint64_t *)(c->base + c->hdr->index_off);
-    c->heaps = (struct vmc_heap_item *)(c->base + c->hdr->heap_off);
-    c->pool = c->base + c->hdr->pool_off;
+    /* The offsets validated at open, never the mapping's: it may have changed since. */
+    c->shards = (struct vmc_shard *)(c->base + c->shards_off);
+    c->index = (uint64_t *)(c->base + c->index_off);
+    c->heaps = (struct vmc_heap_item *)(c->base + c->heap_off);
+    c->pool = c->base + c->pool_off;
+    c->pid = vmc_self_pid();
     int rc = VMC_OK;
     if (ofd_lock(c->fd, F_WRLCK, LIVENESS_BYTE, false) == 0) {
         rc = vmc_rebuild(c, VMC_REBUILD_RECOVER, &info->recovered_entries,
@@ -492,6 +549,8 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info)
 void vmc_abort(vmc_cache *c)
 {
     close(c->fd);
+    pthread_mutex_destroy(&c->rids_lock);
+    free(c->rids);
     free(c->path);
     free(c);
 }
@@ -520,6 +579,7 @@ int vmc_after_fork(vmc_cache *c)
     /* The inherited descriptor shares the parent's locks: close it, never unlock it. */
     close(c->fd);
     c->fd = fd;
+    c->pid = vmc_self_pid();
     c->owner = 0; /* the parent's loads and reservations are not the child's */
     rc = vmc_owner_take(c);
     if (rc < 0) {
@@ -530,18 +590,26 @@ int vmc_after_fork(vmc_cache *c)
     return rc;
 }
 
-/* detach -- close the handle once: wait for calls in flight, orphan the loads it
- * leads (only if the file is still mapped), drop its locks with its descriptor. */
+/* detach -- close the handle once: wait for calls in flight; if the file is
+ * still mapped, cancel the reservations still open on this handle and orphan
+ * the loads it leads; drop its locks with its descriptor. Only the process
+ * that took the handle's locks does any of that: a handle inherited by fork()
+ * (and never given locks of its own) shares its parent's, which closing the
+ * descriptor leaves alone. */
 static void detach(vmc_cache *c, bool mapped)
 {
     if (atomic_exchange(&c->closed, 1))
         return;
     while (atomic_load(&c->active) > 0)
         sched_yield();
+    bool ours = c->pid == vmc_self_pid();
+    if (ours && mapped && c->hdr)
+        vmc_cache_drop_reservations(c);
     if (c->fd >= 0) {
-        if (mapped)
+        if (ours && mapped)
             vmc_flight_release_owner(c);
-        ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
+        if (ours)
+            ofd_lock(c->fd, F_UNLCK, LIVENESS_BYTE, false);
         close(c->fd);
         c->fd = -1;
     }
@@ -560,8 +628,21 @@ void vmc_free(vmc_cache *c)
     /* The garbage collector may have unmapped the file already: touch nothing
      * in it. Loads this handle led are taken over once its owner lock is gone. */
     detach(c, false);
+    pthread_mutex_destroy(&c->rids_lock);
+    free(c->rids);
     free(c->path);
     free(c);
+}
+
+int vmc_detach_view(void *addr, size_t len)
+{
+    if (((uintptr_t)addr & (VMC_PAGE - 1)) != 0 || len == 0)
+        return vmc_fail(VMC_E_CONFIG, "a view mapping must start on a page and not be empty");
+    void *p = mmap(addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                   -1, 0);
+    if (p == MAP_FAILED)
+        return vmc_fail_errno("mmap", "a reservation's view");
+    return VMC_OK;
 }
 
 /* vmc_peek -- a cache file's statistics, read without writing anything: the
@@ -624,6 +705,7 @@ int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
     view.pool_units = h.pool_units;
     view.n_shards = h.n_shards;
     view.fd = -1;
+    view.pid = vmc_self_pid(); /* a handle of this process, for the call's checks */
     view.path = (char *)path;
     rc = vmc_statistics(&view, out);
     times[0] = __atomic_load_n(&view.hdr->clock, __ATOMIC_ACQUIRE);

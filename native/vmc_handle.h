@@ -6,7 +6,7 @@
  * addresses; those taking a unit read from the file check it first.
  *
  * Call graph of the core (each module calls only those listed after it):
- *   vmc_file    -- open, attach, fork, close        -> recover, repair, pool, flight, mutex
+ *   vmc_file    -- open, attach, fork, close        -> cache, recover, repair, pool, flight, mutex
  *   vmc_cache   -- the operations of vmc.h          -> repair, entry, pool, index, lru, mutex
  *   vmc_repair  -- stop-the-world repair, outer locks -> recover, mutex
  *   vmc_recover -- rebuild derived state from the pool -> entry, pool, index, lru, flight, mutex
@@ -42,6 +42,7 @@ struct vmc_cache {
     struct vmc_heap_item *heaps;  /* n_shards * slots_per_shard items */
     char *pool;                   /* address of unit 1 */
     uint64_t file_size;
+    uint64_t shards_off, index_off, heap_off, pool_off; /* from the validated header copy */
     uint64_t seed;
     uint32_t shift;               /* log2(unit_size) */
     uint32_t unit_size;
@@ -55,16 +56,27 @@ struct vmc_cache {
     int fd;
     uint64_t owner;               /* this handle's owner id (vmc_flight.h); 0 until attached */
     char *path;                   /* for messages */
+    uint64_t pid;                 /* the process whose liveness lock `fd` holds: a
+                                     handle inherited by fork() is usable in the
+                                     child only once vmc_after_fork gave it its own */
+    uint64_t purge_cursor;        /* where the next bounded purge starts (atomic) */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;
+    pthread_mutex_t rids_lock;    /* guards the next three (process-local) */
+    uint64_t *rids;               /* reservations open on this handle: vmc_close */
+    uint32_t n_rids, cap_rids;    /* cancels those the caller did not */
 };
+
+/* Added to this process's clock: 0 except in tests (vmc_set_clock_offset). */
+extern int64_t vmc_clock_offset_ns;
 
 /* vmc_now_ns -- CLOCK_REALTIME in nanoseconds (expiry deadlines, access times). */
 static inline uint64_t vmc_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec +
+           (uint64_t)__atomic_load_n(&vmc_clock_offset_ns, __ATOMIC_RELAXED);
 }
 
 #define VMC_LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)

@@ -87,7 +87,13 @@ static void remove_at(vmc_cache *c, uint32_t shard, uint32_t i)
 {
     struct vmc_shard *sh = &c->shards[shard];
     struct vmc_heap_item *h = heap_of(c, shard);
-    uint32_t last = --sh->heap_len;
+    uint32_t len = sh->heap_len;
+    if (len == 0 || len > c->slots || i >= len) { /* checked at lock time: a writer raced */
+        vmc_mark_damaged(c);
+        return;
+    }
+    uint32_t last = len - 1;
+    VMC_STORE(sh->heap_len, last);
     if (i < last) {
         h[i] = h[last];
         if (i > 0 && before(&h[i], &h[(i - 1) / ARITY]))
@@ -106,13 +112,20 @@ void vmc_lru_heapify(vmc_cache *c, uint32_t shard)
     for (uint32_t i = 0; i < sh->heap_len && i < c->slots; i++)
         if (live(c, &h[i]))
             h[len++] = h[i];
-    sh->heap_len = len;
+    VMC_STORE(sh->heap_len, len);
     for (uint32_t i = 0; i < len; i++)
         place(c, h, i, h[i]);
     for (uint32_t i = len / ARITY + 1; i-- > 0;)
         if (i < len)
             sift_down(c, h, len, i);
     publish_top(c, sh, h);
+}
+
+bool vmc_lru_sound(const vmc_cache *c, uint32_t shard)
+{
+    const struct vmc_shard *sh = &c->shards[shard];
+    uint32_t count = VMC_LOAD(sh->count);
+    return sh->heap_len == count && count <= c->max_load;
 }
 
 void vmc_lru_append(vmc_cache *c, uint32_t shard, uint32_t unit)
@@ -156,7 +169,7 @@ uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard)
     struct vmc_heap_item *h = heap_of(c, shard);
     if (sh->heap_len > c->slots) {
         vmc_mark_damaged(c);
-        sh->heap_len = 0;
+        VMC_STORE(sh->heap_len, 0);
     }
     for (uint64_t steps = 0; sh->heap_len > 0 && steps <= 2ull * c->slots; steps++) {
         struct vmc_entry *e = live(c, &h[0]);

@@ -8,6 +8,12 @@
 
 #include "vmc_handle.h"
 
+/* vmc_lru_sound -- the shard's counts agree: as many heap items as indexed
+ * entries, and no more than the index may hold. What changes or trusts them
+ * (a removal, a publication) checks first and has the file repaired if not;
+ * a get, which uses neither, does not read them (they are on the shard's
+ * second cache line, which puts write). */
+bool vmc_lru_sound(const vmc_cache *c, uint32_t shard);
 /* vmc_lru_insert -- a newly published entry joins its shard's heap. */
 void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit);
 /* vmc_lru_remove -- an entry leaves its shard: its item goes too. */

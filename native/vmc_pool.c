@@ -5,7 +5,9 @@
  * every free unit is usable without compaction; a reservation needs one
  * contiguous extent.
  */
+#include <stdlib.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #include "vmc_pool.h"
 
@@ -52,16 +54,16 @@ static void list_remove(vmc_cache *c, uint32_t unit, struct vmc_free *f)
     struct vmc_free *p = f->prev ? free_at(c, f->prev) : NULL;
     struct vmc_free *n = f->next ? free_at(c, f->next) : NULL;
     if (p)
-        p->next = f->next;
+        VMC_STORE(p->next, f->next);
     else if (c->hdr->pool.free_head[k] == unit)
         c->hdr->pool.free_head[k] = f->next;
     else
         vmc_mark_damaged(c);
     if (n)
-        n->prev = f->prev;
+        VMC_STORE(n->prev, f->prev);
     else if (f->next)
         vmc_mark_damaged(c);
-    c->hdr->pool.free_units -= VMC_TAG_UNITS(f->tag);
+    VMC_STORE(c->hdr->pool.free_units, c->hdr->pool.free_units - VMC_TAG_UNITS(f->tag));
 }
 
 /* list_add -- make [unit, unit+units) a free extent (whose left neighbour is
@@ -73,14 +75,16 @@ static void list_add(vmc_cache *c, uint32_t unit, uint32_t units)
     uint32_t head = c->hdr->pool.free_head[k];
     struct vmc_free *h = head ? free_at(c, head) : NULL;
     set_footer(c, unit, units);
-    f->prev = 0;
-    f->next = h ? head : 0;
+    /* relaxed stores: these words were an entry's, which a reader copying
+     * without a lock may still be reading */
+    VMC_STORE(f->prev, 0);
+    VMC_STORE(f->next, h ? head : 0);
     VMC_STORE_TAG(f->tag, VMC_TAG(units, VMC_KIND_FREE));
     set_prev_free(c, unit + units, true);
     if (h)
-        h->prev = unit;
+        VMC_STORE(h->prev, unit);
     c->hdr->pool.free_head[k] = unit;
-    c->hdr->pool.free_units += units;
+    VMC_STORE(c->hdr->pool.free_units, c->hdr->pool.free_units + units);
 }
 
 /* take -- carve the first `units` units of free extent `unit` as `kind`; the
@@ -95,7 +99,7 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
         list_add(c, unit + units, have - units);
     }
     if (kind == VMC_KIND_HEAD) /* no stale state byte may outlive the tag store */
-        ((struct vmc_entry *)f)->state = VMC_DEAD;
+        VMC_STORE(((struct vmc_entry *)f)->state, VMC_DEAD);
     VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
     if (have == units)
         set_prev_free(c, unit + units, false);
@@ -160,7 +164,7 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
     uint32_t head = alloc_contiguous(c, units, VMC_KIND_HEAD);
     if (head) {
         struct vmc_entry *e = vmc_unit(c, head);
-        e->next = 0;
+        VMC_STORE(e->next, 0);
         *head_out = head;
         return VMC_OK;
     }
@@ -178,7 +182,7 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
         hunits = units; /* a fit the bounded first-fit probe missed */
     take(c, first, f, hunits, VMC_KIND_HEAD);
     struct vmc_entry *e = vmc_unit(c, first);
-    e->next = 0;
+    VMC_STORE(e->next, 0);
     uint64_t have = ((uint64_t)hunits << c->shift) - sizeof *e - key_len;
     uint32_t *link = &e->next;
     while (have < value_len) {
@@ -194,9 +198,9 @@ int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool con
             bunits = fit;
         take(c, u, b, bunits, VMC_KIND_BODY);
         struct vmc_body *body = vmc_unit(c, u);
-        body->next = 0;
-        body->head = first;
-        *link = u;
+        VMC_STORE(body->next, 0);
+        VMC_STORE(body->head, first);
+        VMC_STORE(*link, u);
         link = &body->next;
         have += ((uint64_t)bunits << c->shift) - sizeof *body;
     }
@@ -263,7 +267,7 @@ static void free_chain(vmc_cache *c, uint32_t head)
 /* An entry leaves the cache: REMOVED tells readers copying it without a lock. */
 void vmc_release_entry(vmc_cache *c, uint32_t head)
 {
-    ((struct vmc_entry *)vmc_unit(c, head))->state = VMC_REMOVED;
+    VMC_STORE(((struct vmc_entry *)vmc_unit(c, head))->state, VMC_REMOVED);
     free_chain(c, head);
 }
 
@@ -297,6 +301,26 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head)
     e->link_prev = e->link_next = 0;
 }
 
+static uint64_t self_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void refresh_pid(void)
+{
+    __atomic_store_n(&self_pid, (uint64_t)getpid(), __ATOMIC_RELAXED);
+}
+
+static void pid_init(void)
+{
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+uint64_t vmc_self_pid(void)
+{
+    pthread_once(&pid_once, pid_init);
+    return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
+}
+
 #define RECLAIM_INTERVAL_NS 100000000u /* look for dead owners at most every 100 ms */
 
 /* Bounded by the number of open reservations. */
@@ -325,4 +349,104 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
         u = next;
     }
     return p->free_units - before;
+}
+
+/* ---- where to evict for a contiguous need ---- */
+
+struct span {
+    uint32_t units;
+    uint32_t head; /* 0: free; else the HEAD of the entry owning the extent */
+};
+
+/* scan_spans -- the extents from `unit` on, up to `limit` units (and at most
+ * `max` extents), as spans; UINT32_MAX as head marks what cannot be evicted
+ * (a reservation's, or damage). Returns how many. */
+static uint32_t scan_spans(vmc_cache *c, uint32_t unit, uint64_t limit, struct span *out,
+                           uint32_t max)
+{
+    uint32_t n = 0;
+    for (uint64_t seen = 0; unit <= c->pool_units && seen < limit && n < max;) {
+        uint64_t tag = vmc_tag_at(c, unit);
+        uint32_t units = VMC_TAG_UNITS(tag), kind = VMC_TAG_KIND(tag), head = UINT32_MAX;
+        if (units == 0 || units > c->pool_units - unit + 1) {
+            vmc_mark_damaged(c);
+            break;
+        }
+        if (kind == VMC_KIND_FREE) {
+            head = 0;
+        } else if (kind == VMC_KIND_HEAD) {
+            struct vmc_entry *e = vmc_head(c, unit);
+            head = e && e->state == VMC_PUBLISHED ? unit : UINT32_MAX;
+        } else if (kind == VMC_KIND_BODY) {
+            struct vmc_entry *e = vmc_head(c, ((struct vmc_body *)vmc_unit(c, unit))->head);
+            head = e && e->state == VMC_PUBLISHED ? ((struct vmc_body *)vmc_unit(c, unit))->head
+                                                  : UINT32_MAX;
+        }
+        out[n++] = (struct span){units, head};
+        seen += units;
+        unit += units;
+    }
+    return n;
+}
+
+uint32_t vmc_pool_window(vmc_cache *c, uint32_t units, uint32_t *victims, uint32_t max)
+{
+    /* Start where a free extent starts (a known extent boundary, and free room
+     * is what a window wants), the largest one, and look at a bounded stretch:
+     * a few times the room needed, at least 64 Ki units. */
+    uint32_t start = 0;
+    for (int k = VMC_NCLASSES - 1; k >= 0 && start == 0; k--)
+        start = c->hdr->pool.free_head[k];
+    if (free_at(c, start) == NULL)
+        start = 1;
+    uint64_t limit = (uint64_t)units * 8 < 65536 ? 65536 : (uint64_t)units * 8;
+    uint32_t cap = limit > c->pool_units ? c->pool_units : (uint32_t)limit;
+    struct span *s = malloc((size_t)cap * sizeof *s);
+    if (s == NULL)
+        return 0;
+    uint32_t n = 0, found = 0;
+    for (int pass = 0; pass < 2 && found == 0; pass++) {
+        if (pass == 1) {
+            if (start == 1)
+                break;
+            start = 1; /* the stretch ran into the end of the pool: from the start */
+        }
+        n = scan_spans(c, start, limit, s, cap);
+        /* the window [l, r] holding `units` units with the fewest owned extents */
+        uint64_t have = 0, best_cost = UINT64_MAX;
+        uint32_t cost = 0, l = 0, best_l = 0, best_r = 0;
+        for (uint32_t r = 0; r < n; r++) {
+            if (s[r].head == UINT32_MAX) { /* a wall: start after it */
+                l = r + 1;
+                have = cost = 0;
+                continue;
+            }
+            have += s[r].units;
+            cost += s[r].head != 0;
+            while (l < r && have - s[l].units >= units) {
+                have -= s[l].units;
+                cost -= s[l].head != 0;
+                l++;
+            }
+            if (have >= units && cost < best_cost) {
+                best_cost = cost;
+                best_l = l;
+                best_r = r;
+            }
+        }
+        if (best_cost == UINT64_MAX)
+            continue;
+        for (uint32_t i = best_l; i <= best_r && found < max; i++) {
+            uint32_t h = s[i].head;
+            bool seen = h == 0;
+            for (uint32_t j = 0; j < found && !seen; j++)
+                seen = victims[j] == h;
+            if (!seen)
+                victims[found++] = h;
+        }
+        if (found == 0) /* the room is free already: nothing to evict */
+            victims[found++] = 0;
+    }
+    free(s);
+    return found;
 }

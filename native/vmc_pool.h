@@ -27,5 +27,15 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
  * or its process dead: vmc_owner_alive); rate-limited unless forced; returns
  * the units freed. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
+/* vmc_pool_window -- where to make a run of `units` contiguous units: the
+ * stretch of the pool, near the largest free extent, that holds that many
+ * units with the fewest entries in it and no reservation. Writes the heads of
+ * those entries (at most `max`) to victims and returns their number; a single
+ * victim 0 means the run is free already, and 0 that no such stretch was
+ * found. The work is bounded by about eight times the units needed. */
+uint32_t vmc_pool_window(vmc_cache *c, uint32_t units, uint32_t *victims, uint32_t max);
+/* vmc_self_pid -- this process's id, cached (refreshed in a fork()ed child):
+ * tells a handle inherited by fork() from one of this process's own. */
+uint64_t vmc_self_pid(void);
 
 #endif

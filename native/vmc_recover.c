@@ -91,9 +91,9 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
         struct vmc_shard *sh = &c->shards[s];
         if (mode == VMC_REBUILD_RECOVER)
             vmc_mutex_init(&sh->lock);
-        sh->heap_len = 0;
-        sh->count = 0;
-        sh->top_atime = UINT64_MAX;
+        VMC_STORE(sh->heap_len, 0);
+        VMC_STORE(sh->count, 0);
+        VMC_STORE(sh->top_atime, UINT64_MAX);
     }
     memset(c->index, 0, (uint64_t)c->n_shards * c->slots * 8);
     struct vmc_pool *p = &c->hdr->pool;
@@ -101,7 +101,7 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
         vmc_mutex_init(&p->lock);
     memset(p->free_head, 0, sizeof p->free_head);
     p->reserved_head = 0;
-    p->free_units = 0;
+    VMC_STORE(p->free_units, 0);
     p->last_reclaim_ns = 0;
 }
 
@@ -127,14 +127,14 @@ static bool keep_published(vmc_cache *c, struct marks *m, uint32_t u, uint64_t n
             return false;
         }
         chain(c, m, old, false);
-        oe->state = VMC_DEAD;
-        sh->count--;
+        VMC_STORE(oe->state, VMC_DEAD);
+        VMC_UNCOUNT(sh->count);
     } else if (sh->count >= c->max_load || slot == UINT32_MAX) {
         chain(c, m, u, false);
         return false;
     }
     vmc_index_set(c, s, slot, hash, u);
-    sh->count++;
+    VMC_COUNT(sh->count);
     vmc_lru_append(c, s, u);
     return true;
 }
@@ -171,7 +171,8 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         vmc_reserved_push(c, u);
         return;
     }
-    e->state = VMC_DEAD; /* the sweep frees it; its header may outlive it in a free extent */
+    /* the sweep frees it; its header may outlive it in a free extent */
+    VMC_STORE(e->state, VMC_DEAD);
 }
 
 int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64_t *dropped)
@@ -197,10 +198,12 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
      * are verified in both modes: a repair follows a crash, and a crash may
      * leave any half-written entry behind. */
     uint64_t now = vmc_now_ns(), newest = 0;
-    if (c->hdr->fresh) {
+    /* `fresh` is believed only where it can be true: at the first recovery of
+     * a file no publication ever reached (a live repair, or a clock that has
+     * moved, means the flag was damaged, and the pool holds entries). */
+    if (c->hdr->fresh && mode == VMC_REBUILD_RECOVER && VMC_LOAD(c->hdr->clock) == 0)
         VMC_STORE_TAG(*(uint64_t *)vmc_unit(c, 1), VMC_TAG(units, VMC_KIND_FREE));
-        c->hdr->fresh = 0;
-    }
+    c->hdr->fresh = 0;
     for (uint32_t u = 1; u <= units;) {
         uint64_t tag = vmc_tag_at(c, u);
         set_bit(m.start, u);

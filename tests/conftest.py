@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from aiovmc._native import set_clock_offset
+
 from .redis_server import RedisServer, redis_available
 
 
@@ -42,6 +44,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.kill()
+
+
+class Clock:
+    """This process's clock as the C core sees it (TTL deadlines, expiry):
+    moved forward by the test instead of waiting for time to pass."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+        set_clock_offset(self.offset)
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """An injectable clock for TTL tests; back to the real one afterwards."""
+    c = Clock()
+    try:
+        yield c
+    finally:
+        set_clock_offset(0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

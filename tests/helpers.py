@@ -16,6 +16,7 @@ import something small; they report through plain multiprocessing primitives.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -469,19 +470,19 @@ def _attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[str, Any]
             f.seek(flip[0])
             f.write(bytes([byte[0] ^ flip[1]]))
     for key in expect:
-        judge(key, guarded("get", lambda key=key: cache.get(key)))
+        judge(key, guarded("get", functools.partial(cache.get, key)))
     for key in guarded("keys", cache.keys) or []:
-        judge(key, guarded("get", lambda key=key: cache.get(key)))
+        judge(key, guarded("get", functools.partial(cache.get, key)))
     if spec.get("work"):  # the cache must keep working: writes, reads, evictions
         rng = random.Random(1)
         for i in range(200):
             key = b"work-%d" % rng.randrange(40)
             if rng.random() < 0.6:
-                guarded("put", lambda key=key, i=i: cache.put(key, make_value(key, i, 3000)))
+                guarded("put", functools.partial(cache.put, key, make_value(key, i, 3000)))
             elif rng.random() < 0.8:
-                judge(key, guarded("get", lambda key=key: cache.get(key)))
+                judge(key, guarded("get", functools.partial(cache.get, key)))
             else:
-                guarded("delete", lambda key=key: cache.delete(key))
+                guarded("delete", functools.partial(cache.delete, key))
         guarded("evict", cache.evict)
         guarded("purge", cache.purge_expired)
         stats = guarded("statistics", cache.statistics)
@@ -515,7 +516,8 @@ def attempts_main() -> None:
         if pid == 0:
             os.close(r)
             try:
-                out = json.dumps(_attempt(spec, expect)).encode()
+                attempt = _attached_attempt if "target" in spec else _attempt
+                out = json.dumps(attempt(spec, expect)).encode()
             except BaseException as exc:  # reported as a failure
                 out = json.dumps(
                     {"outcome": "exception", "type": type(exc).__name__, "message": str(exc)}
@@ -539,6 +541,7 @@ def attempts_main() -> None:
             chunks.append(chunk)
         os.close(r)
         _, status = os.waitpid(pid, 0)
+        res: dict[str, Any]
         if hung:
             res = {"outcome": "hang"}
         elif os.WIFSIGNALED(status):
@@ -585,3 +588,277 @@ def run_attempts(
     results: list[dict[str, Any]] = json.loads(proc.stdout)
     assert len(results) == len(specs)
     return results
+
+
+# ---------------------------------------------------------------------------
+# Attached corruption: a field of the live mapping is mutated, then operations
+# run. The fields come from docs/format.md; offsets are resolved in the child,
+# after it opened (and recovered) the file.
+# ---------------------------------------------------------------------------
+
+HEADER_FIELDS = {  # name: (offset, size)
+    "clock": (320, 8),
+    "persisted": (328, 8),
+    "needs_repair": (336, 4),
+    "fresh": (340, 4),
+    "reserved_head": (296, 4),
+    "free_units": (304, 8),
+    "last_reclaim_ns": (312, 8),
+    "next_owner": (424, 8),
+    "loader_calls": (432, 8),
+    "coalesced_gets": (440, 8),
+    "load_takeovers": (448, 8),
+    **{f"free_head[{k}]": (168 + 4 * k, 4) for k in range(32)},
+}
+SHARD_FIELDS = {"heap_len": (40, 4), "count": (72, 4), "top_atime": (64, 8)}
+ENTRY_FIELDS_AT = {
+    "tag": (0, 8),
+    "next": (8, 4),
+    "value_len": (12, 4),
+    "link_prev": (16, 4),
+    "link_next": (20, 4),
+    "key_len": (24, 2),
+    "state": (26, 1),
+    "checksum": (28, 4),
+    "expires_ns": (32, 8),
+    "stamp": (40, 8),
+    "atime_ns": (48, 8),
+}
+BODY_FIELDS = {"tag": (0, 8), "next": (8, 4), "head": (12, 4)}
+FREE_FIELDS = {"tag": (0, 8), "prev": (8, 4), "next": (12, 4), "footer": (-8, 8)}
+SLOT_FIELDS = {"unit": (0, 4), "tag": (4, 4)}
+HEAP_FIELDS = {"key": (0, 8), "unit": (8, 4), "gen": (12, 4)}
+FLIGHT_FIELDS = {
+    "gen": (0, 4),
+    "state": (4, 1),
+    "outcome": (5, 1),
+    "key_len": (6, 2),
+    "hash": (8, 8),
+    "owner": (16, 8),
+    "started_ns": (24, 8),
+}
+MUTATIONS = ["bit0", "bit7", "bit_mid", "bit_top", "zero", "ones", "plus1", "minus1"]
+
+
+def mutate(old: int, size: int, how: str) -> int:
+    """`old` (a size-byte field) after mutation `how`."""
+    bits = size * 8
+    mask = (1 << bits) - 1
+    return {
+        "bit0": old ^ 1,
+        "bit7": old ^ (1 << min(7, bits - 1)),
+        "bit_mid": old ^ (1 << (bits // 2)),
+        "bit_top": old ^ (1 << (bits - 1)),
+        "zero": 0,
+        "ones": mask,
+        "plus1": (old + 1) & mask,
+        "minus1": (old - 1) & mask,
+    }[how]
+
+
+def _find_head(data: bytes, hdr: dict[str, Any], key: bytes) -> tuple[int, int, int] | None:
+    """(shard, slot index, head unit) of `key` in a live file's index."""
+    h = vmc_hash(key, hdr["hash_seed"])
+    shard, tag, slots = h & 63, h >> 32, hdr["slots_per_shard"]
+    base = hdr["index_off"] + shard * slots * 8
+    i = (tag * slots) >> 32
+    for _ in range(slots):
+        v = int.from_bytes(data[base + 8 * i : base + 8 * i + 8], "little")
+        if v == 0:
+            return None
+        unit = v & 0xFFFFFFFF
+        if v >> 32 == tag and 1 <= unit <= hdr["pool_units"]:
+            off = hdr["pool_off"] + ((unit - 1) << hdr["unit_shift"])
+            e = ENTRY.unpack_from(data, off)
+            if data[off + 56 : off + 56 + e[5]] == key:
+                return shard, i, unit
+        i = (i + 1) % slots
+    return None
+
+
+def resolve_target(data: bytes, target: list[Any]) -> tuple[int, int] | None:
+    """The (file offset, size) of a field named by `target`, or None if the
+    file has no such field now (e.g. no free extent)."""
+    hdr = read_header(data)
+
+    def unit_off(u: int) -> int:
+        return int(hdr["pool_off"] + ((u - 1) << hdr["unit_shift"]))
+
+    kind = target[0]
+    if kind == "header":
+        return HEADER_FIELDS[target[1]]
+    if kind == "free":
+        for k in range(32):
+            u = int.from_bytes(data[168 + 4 * k : 172 + 4 * k], "little")
+            if u:
+                off, size = FREE_FIELDS[target[1]]
+                if off < 0:  # from the end of the extent
+                    tag = int.from_bytes(data[unit_off(u) : unit_off(u) + 8], "little")
+                    off += (tag & 0xFFFFFFFF) << hdr["unit_shift"]
+                return unit_off(u) + off, size
+        return None
+    if kind == "reserved":
+        u = int.from_bytes(data[296:300], "little")
+        if not u:
+            return None
+        off, size = ENTRY_FIELDS_AT[target[1]]
+        return unit_off(u) + off, size
+    if kind == "flight":  # the home slot of the key's flight
+        h = vmc_hash(bytes.fromhex(target[1]), hdr["hash_seed"])
+        slot = (h >> 40) & (hdr["n_flights"] - 1)
+        off, size = FLIGHT_FIELDS[target[2]]
+        return hdr["flights_off"] + 32 * slot + off, size
+    found = _find_head(data, hdr, bytes.fromhex(target[1]))
+    if found is None:
+        return None
+    shard, slot, unit = found
+    if kind == "shard":
+        off, size = SHARD_FIELDS[target[2]]
+        return PAGE + 128 * shard + off, size
+    if kind == "slot":
+        off, size = SLOT_FIELDS[target[2]]
+        return hdr["index_off"] + (shard * hdr["slots_per_shard"] + slot) * 8 + off, size
+    head = unit_off(unit)
+    e = dict(zip(ENTRY_FIELDS, ENTRY.unpack_from(data, head), strict=True))
+    if kind == "entry":
+        off, size = ENTRY_FIELDS_AT[target[2]]
+        return head + off, size
+    if kind == "heap":
+        off, size = HEAP_FIELDS[target[2]]
+        item = hdr["heap_off"] + (shard * hdr["slots_per_shard"] + e["lru_prev"]) * 16
+        return item + off, size
+    if kind == "body":
+        if not e["next"]:
+            return None
+        off, size = BODY_FIELDS[target[2]]
+        return unit_off(e["next"]) + off, size
+    raise ValueError(f"unknown target {target!r}")
+
+
+def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[str, Any]:
+    """Open the file, mutate one field of the live mapping, run `ops`; report
+    every value that was never put, and impossible answers. In a child."""
+    import shutil
+
+    import aiovmc
+
+    path = spec["path"]
+    shutil.copyfile(spec["pristine"], path)
+    cache = aiovmc.Cache(path)
+    pending = cache.reserve(b"pending", 3000) if spec["target"][0] == "reserved" else None
+    wrong: list[str] = []
+    errors: list[str] = []
+    # the values each key may show: its current value, or nothing (damage
+    # found and repaired may drop any entry)
+    allowed = {k: {v, None} for k, v in expect.items()}
+    ever = len(expect)
+
+    def look(key: bytes, what: str) -> None:
+        try:
+            value = cache.get(key)
+        except aiovmc.AiovmcError as exc:
+            errors.append(f"{what} get: {type(exc).__name__}: {exc}")
+            return
+        if value not in allowed.get(key, {None}):
+            wrong.append(f"{what}: {key!r} -> {(value or b'')[:40]!r}")
+
+    def guarded(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except aiovmc.AiovmcError as exc:
+            errors.append(f"{what}: {type(exc).__name__}: {exc}")
+            return None
+
+    with open(path, "r+b") as f:
+        data = f.read()
+        where = resolve_target(data, spec["target"])
+        if where is None:
+            cache.close()
+            return {"outcome": "skipped"}
+        off, size = where
+        old = int.from_bytes(data[off : off + size], "little")
+        f.seek(off)
+        f.write(mutate(old, size, spec["mutation"]).to_bytes(size, "little"))
+    keys = sorted(expect)
+    for op in spec["ops"]:
+        if op == "get":
+            for key in keys:
+                look(key, "get")
+        elif op == "put":
+            for i, key in enumerate(keys[: len(keys) // 2]):
+                new = make_value(key, 1000 + i, len(expect[key]))
+                ever += 1
+                if guarded("put", functools.partial(cache.put, key, new)) is None:
+                    allowed[key] = allowed[key] | {None}
+                else:
+                    allowed[key] = {new, None}
+                look(key, "after put")
+        elif op == "delete":
+            for key in keys[::3]:
+                if guarded("delete", functools.partial(cache.delete, key)) is not None:
+                    allowed[key] = {None}
+                look(key, "after delete")
+        elif op == "clear":
+            if guarded("clear", cache.clear) is not None:
+                allowed = {k: {None} for k in allowed}
+                n = guarded("len", lambda: len(cache))
+                if n not in (0, None):
+                    wrong.append(f"len() is {n} after clear()")
+            with open(path, "r+b") as f:  # a repair must not bring anything back
+                f.seek(HEADER_FIELDS["needs_repair"][0])
+                f.write((1).to_bytes(4, "little"))
+            for key in keys:
+                look(key, "after clear and repair")
+        elif op == "reserve":
+            key = keys[-1]
+            r = guarded("reserve", functools.partial(cache.reserve, key, 5000))
+            if r is not None:
+                new = make_value(key, 2000, 5000)
+                r.buffer[:] = new
+                ever += 1
+                if guarded("publish", r.publish) is not None:
+                    allowed[key] = {new, None}
+                look(key, "after publish")
+        elif op == "len":
+            n = guarded("len", lambda: len(cache))
+            if n is not None and not 0 <= n <= ever:
+                wrong.append(f"len() is {n}, but only {ever} values were ever put")
+            stats = guarded("statistics", cache.statistics)
+            if stats is not None and not (
+                0 <= stats.entries <= ever and 0 <= stats.used_bytes <= stats.capacity
+            ):
+                wrong.append(f"statistics {stats}")
+        elif op == "load":  # a miss that loads, host-wide single flight included
+            for i, key in enumerate(keys[:3]):
+                new = make_value(key, 3000 + i, len(expect[key]))
+                guarded("delete", functools.partial(cache.delete, key))
+                cache.on_miss = lambda _key, new=new: new
+                ever += 1
+                got = guarded("load", functools.partial(cache.get, key))
+                cache.on_miss = None
+                if got is not None and got != new:
+                    wrong.append(f"load: {key!r} -> {got[:40]!r}")
+                allowed[key] = {new, None}
+                look(key, "after load")
+        elif op == "keys":
+            for key in guarded("keys", cache.keys) or []:
+                if key not in allowed:
+                    wrong.append(f"keys() lists {key!r}, never put")
+        elif op == "evict":
+            guarded("evict", cache.evict)
+            guarded("purge", cache.purge_expired)
+        elif op == "timestamps":
+            for name in ("committed_timestamp", "persisted_timestamp"):
+                ts = guarded(name, functools.partial(getattr, cache, name))
+                if ts is not None and not 0 <= ts < 1 << 62:
+                    wrong.append(f"{name} is {ts}")
+            guarded("persist", cache.persist)
+        else:
+            raise ValueError(f"unknown op {op!r}")
+    for key in keys:
+        look(key, "at the end")
+    if pending is not None:
+        pending._abandon()
+    cache.close()
+    os.unlink(path)
+    return {"outcome": "ok", "wrong": wrong, "op_errors": errors}

@@ -24,7 +24,7 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,16 @@ from .helpers import (
 pytestmark = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded:DeprecationWarning"
 )
+
+
+def _progressed(
+    procs: dict[int, Any], progress: Any, marks: dict[int, int], by: int
+) -> Callable[[], bool]:
+    """A wait_for predicate: every worker moved `by` steps past its mark, or
+    one died (which the caller then reports)."""
+    return lambda: all(progress[s] > marks[s] + by for s in procs) or any(
+        not p.is_alive() for p in procs.values()
+    )
 
 
 def _kill(p: Any) -> None:
@@ -108,10 +118,7 @@ def _kill_loop(ctx: Any, path: str, kills: int, nworkers: int, seed: int) -> Non
             # kill one at a random point of whatever it is doing.
             marks = {s: progress[s] for s in procs}
             wait_for(
-                lambda marks=marks: (
-                    all(progress[s] > marks[s] for s in procs)
-                    or any(not p.is_alive() for p in procs.values())
-                ),
+                _progressed(procs, progress, marks, 0),
                 WAIT,
                 "every worker to make progress",
             )
@@ -122,10 +129,7 @@ def _kill_loop(ctx: Any, path: str, kills: int, nworkers: int, seed: int) -> Non
             # The survivors must not be blocked by whatever the victim held.
             marks = {s: progress[s] for s in procs}
             wait_for(
-                lambda marks=marks: (
-                    all(progress[s] > marks[s] + 5 for s in procs)
-                    or any(not p.is_alive() for p in procs.values())
-                ),
+                _progressed(procs, progress, marks, 5),
                 WAIT,
                 "the survivors to keep working after a SIGKILL",
             )
@@ -500,7 +504,9 @@ def test_dead_lock_owner_never_blocks_and_loses_nothing(lock: str, cache_path: s
         hdr = read_header(Path(cache_path).read_bytes()[:4096])
         base = int(ffi.cast("uintptr_t", cache._base))
         shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
-        shard = lambda i: hdr["shards_off"] + i * shard_size  # noqa: E731
+
+        def shard(i: int) -> int:
+            return int(hdr["shards_off"] + i * shard_size)
         offsets = {
             "shard-0": [shard(0)],
             "shard-37": [shard(37)],
@@ -677,7 +683,10 @@ def test_repair_keeps_a_reservation_that_is_being_set_up(tmp_path: Path, cache_p
         cache.delete(b"f900")
         cache.delete(b"f010")
 
-        env = dict(os.environ, LD_PRELOAD=so, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        # after any library already preloaded (the ASan runtime, in .ci/run's sanitizer pass)
+        preload = f"{os.environ.get('LD_PRELOAD', '')} {so}".strip()
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, LD_PRELOAD=preload, PYTHONPATH=root)
         with subprocess.Popen(
             [sys.executable, "-c", _PAUSED_RESERVER, so, cache_path],
             stdin=subprocess.PIPE,

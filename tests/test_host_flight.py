@@ -135,11 +135,12 @@ def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
         answer = conn.recv()
         if answer == "raise":
             raise LoadError(f"loader of {os.getpid()} failed")
-        return None if answer == "none" else answer  # type: ignore[no-any-return]
+        return None if answer == "none" else bytes(answer)
 
     with Cache(path, on_miss=loader) as cache:
 
         def one_get() -> None:
+            value: object
             try:
                 value = cache.get(KEY, DEFAULT)
             except LoadError:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -43,7 +44,7 @@ def samples(text: str) -> dict[str, float]:
             for s in family.samples if not s.name.endswith("_created")}
 
 
-def check_unchanged(path: str) -> dict[str, object]:
+def check_unchanged(path: str) -> dict[str, Any]:
     """Every format, every byte of the file before and after."""
     before = Path(path).read_bytes()
     text = stats(path)
@@ -52,7 +53,7 @@ def check_unchanged(path: str) -> dict[str, object]:
     assert Path(path).read_bytes() == before
     for done in (text, prom, js):
         assert done.returncode == 0 and done.stderr == "", done.stderr
-    record = json.loads(js.stdout)
+    record: dict[str, Any] = json.loads(js.stdout)
     assert f"entries         {record['entries']}" in text.stdout
     for field in aiovmc.CacheStatistics.__dataclass_fields__:
         assert field in record and f"  {field} " in text.stdout

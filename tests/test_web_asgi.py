@@ -4,7 +4,7 @@ ASGI transport), on asyncio and trio. Real servers: tests/test_web_servers.py.""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 import anyio
@@ -372,7 +372,7 @@ async def test_responses_with_trailers_stream_through(cache: aiovmc.AsyncCache) 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b""}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message["type"])
 
     middleware = CacheMiddleware(app, cache=cache)
@@ -429,7 +429,7 @@ async def test_lifespan_shutdown_closes_the_cache_the_middleware_opened(cache_pa
     async def receive() -> dict[str, str]:
         return next(messages)
 
-    async def send(message: dict[str, str]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message["type"])
 
     await middleware({"type": "lifespan"}, receive, send)

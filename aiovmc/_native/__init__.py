@@ -15,6 +15,7 @@ from ._handle import (
     NativeInfo,
     new_ticket,
     peek,
+    set_clock_offset,
 )
 from ._status import ERRORS, raise_for
 
@@ -35,4 +36,5 @@ __all__ = [
     "new_ticket",
     "peek",
     "raise_for",
+    "set_clock_offset",
 ]

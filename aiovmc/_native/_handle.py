@@ -19,12 +19,16 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from .._convert import encode_key, ttl_to_ns, value_buffer
-from .._errors import CacheClosedError
+from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
 from ._binding import ffi, lib
-from ._status import raise_for
+from ._status import error_for, raise_for
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+D = TypeVar("D")
 
 __all__ = [
     "END_FAILED",
@@ -41,6 +45,7 @@ __all__ = [
     "NativeInfo",
     "new_ticket",
     "peek",
+    "set_clock_offset",
 ]
 
 SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come back here too
@@ -49,6 +54,8 @@ _WHOLE = lib.VMC_F_WHOLE
 _QUIET = lib.VMC_F_QUIET
 _ADD = lib.VMC_F_ADD
 _NO_EVICT = lib.VMC_F_NO_EVICT
+_CONTIGUOUS = lib.VMC_F_CONTIGUOUS
+_RECORDS = SCRATCH_SIZE + 2  # room for the record of any one evicted key, and more
 _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
@@ -71,6 +78,12 @@ def new_ticket() -> Any:
     return ffi.new("struct vmc_ticket *")
 _get_scratch = lib.vmc_get_scratch
 _put = lib.vmc_put
+
+
+def set_clock_offset(seconds: float) -> None:
+    """For tests: shift this process's view of the clock (TTL deadlines, expiry,
+    access times) by `seconds`, so that TTL tests need no sleeps."""
+    lib.vmc_set_clock_offset(round(seconds * 1e9))
 
 
 class _Scratch(threading.local):
@@ -199,7 +212,13 @@ class Handle:
 
     # ---- lookups ----
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    @overload
+    def get(self, key: Key, default: None = None) -> bytes | None: ...
+
+    @overload
+    def get(self, key: Key, default: D) -> bytes | D: ...
+
+    def get(self, key: Key, default: Any = None) -> Any:
         """The value of `key` as bytes; on a miss the loader's result (see
         `Cache`), else `default`."""
         if type(key) is not bytes:
@@ -315,13 +334,14 @@ class Handle:
             return None
         raise_for(n)
 
-    def get_into(self, key: Any, buffer: Any, *, offset: int = 0) -> int | None:
+    def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
         total size, or None on a miss. Never calls a loader."""
         if type(key) is not bytes:
             key = encode_key(key)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        offset = min(offset, MAX_SIZE)  # past any value: nothing to copy
         try:
             dst = ffi.from_buffer(buffer, require_writable=True)
         except (TypeError, BufferError):
@@ -370,7 +390,7 @@ class Handle:
 
     # ---- writes ----
 
-    def put(self, key: Any, value: Any, *, ttl: Any = None) -> int:
+    def put(self, key: Key, value: Buffer, *, ttl: TTL = None) -> int:
         """Insert or replace; returns the publication timestamp."""
         if type(key) is not bytes:
             key = encode_key(key)
@@ -386,11 +406,14 @@ class Handle:
             raise_for(ts)
         return self._stored(
             *self._evicting_for(
-                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), 0
+                lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags),
+                0,
+                len(key),
+                size,
             )
         )
 
-    def add(self, key: Any, value: Any, *, ttl: Any = None) -> bool:
+    def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
         """Insert only if absent: True if stored; evicts nothing when the key exists."""
         if type(key) is not bytes:
             key = encode_key(key)
@@ -402,32 +425,59 @@ class Handle:
                 raise_for(ts)
             return ts > 0
         status, evicted = self._evicting_for(
-            lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags), _ADD
+            lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags),
+            _ADD,
+            len(key),
+            size,
         )
         return self._stored(status, evicted) > 0
 
-    def _evicting_for(self, call: Callable[[int], int], flags: int) -> tuple[int, list[bytes]]:
-        """Run a core call that may need room, evicting one entry at a time from
-        here so that the caller can hand the evicted keys to on_evict once no
-        lock is held. Returns the call's final status and the evicted keys."""
+    def _evicting_for(
+        self, call: Callable[[int], int], flags: int, klen: int, size: int
+    ) -> tuple[int, list[bytes]]:
+        """Run a core call that may need room (flags: _CONTIGUOUS for a
+        reservation), evicting from here what the core says the entry lacks
+        room for (`vmc_evict_for`), so that the caller can hand the evicted
+        keys to on_evict once no lock is held. Returns the call's final status
+        and the evicted keys."""
         evicted: list[bytes] = []
+        records = None
+        stalled = 0
         while True:
-            status = call(flags | _NO_EVICT)
+            status = call((flags & ~_CONTIGUOUS) | _NO_EVICT)
             if status != _NEED_ROOM:
                 return status, evicted
-            victim = self._evict_lru()
-            if victim is None:  # nothing left to evict: let the core conclude
-                return call(flags), evicted
-            evicted.append(victim)
+            if stalled > 2:  # a run the allocator's bounded search keeps missing
+                victim = self._evict_lru()
+                if victim is None:
+                    return call(flags & ~_CONTIGUOUS), evicted
+                evicted.append(victim)
+                continue
+            if records is None:
+                records = ffi.new("char[]", _RECORDS)
+            n = lib.vmc_evict_for(self._h, klen, size, flags & _CONTIGUOUS, records, _RECORDS)
+            if n == _MISS:  # nothing left to evict: let the core conclude
+                return call(flags & ~_CONTIGUOUS), evicted
+            if n < 0:
+                raise_for(n)
+            stalled = stalled + 1 if n == 0 else 0
+            data = ffi.buffer(records, n)[:]
+            at = 0
+            while at < n:
+                length = int.from_bytes(data[at : at + 2], "little")
+                evicted.append(data[at + 2 : at + 2 + length])
+                at += 2 + length
 
     def _stored(self, status: int, evicted: list[bytes]) -> int:
-        """Notify evictions, then raise for a failed status (which wins)."""
+        """Notify evictions, then raise for a failed status (which wins, with
+        the message of the call that failed, taken before any callback ran)."""
+        error = error_for(status) if status < 0 else None
         try:
             if evicted:
                 self._notify_evicted(evicted)
         finally:
-            if status < 0:
-                raise_for(status)
+            if error is not None:
+                raise error
         return status
 
     def _notify_evicted(self, keys: list[bytes]) -> None:
@@ -459,7 +509,7 @@ class Handle:
             return False
         raise_for(n)
 
-    def delete(self, key: Any) -> bool:
+    def delete(self, key: Key) -> bool:
         """Remove `key`; True if it was there. No on_evict."""
         if type(key) is not bytes:
             key = encode_key(key)
@@ -545,11 +595,9 @@ class Handle:
 
     # ---- reservations ----
 
-    def _reserve(
-        self, key: bytes, size: int, ttl_ns: int
-    ) -> tuple[int, memoryview, list[bytes]]:
-        """Reserve room: (id, writable view of the value, keys evicted for it).
-        The caller owns the reservation before it notifies the evictions."""
+    def _reserve(self, key: bytes, size: int, ttl_ns: int) -> tuple[int, int, list[bytes]]:
+        """Reserve room: (id, offset of the value in the file, keys evicted for
+        it). The caller owns the reservation before it notifies the evictions."""
         offset = ffi.new("uint64_t *")
         reserve = lib.vmc_reserve
         evicted: list[bytes] = []
@@ -557,17 +605,49 @@ class Handle:
             rid = reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
         else:
             rid, evicted = self._evicting_for(
-                lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset), 0
+                lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset),
+                _CONTIGUOUS,
+                len(key),
+                size,
             )
         if rid < 0:
             self._stored(rid, evicted)
-        mapping = self._mmap
-        if mapping is None:
-            raise CacheClosedError("the cache handle is closed")
-        return int(rid), memoryview(mapping)[offset[0] : offset[0] + size], evicted
+        return int(rid), int(offset[0]), evicted
 
-    def _publish(self, rid: int) -> int:
-        ts = lib.vmc_publish(self._h, rid)
+    def _map_view(self, offset: int, size: int) -> tuple[mmap.mmap | None, memoryview]:
+        """A writable view of file bytes [offset, offset+size) through a mapping
+        of its own, which `_detach_view` later swaps for private memory: views
+        of the buffer that outlive the reservation then write nowhere in the
+        file (the core's main mapping is never handed out for writing)."""
+        if size == 0:
+            return None, memoryview(bytearray())
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        fd = lib.vmc_dup_fd(self._h)
+        if fd < 0:
+            raise_for(fd)
+        try:
+            mapping = mmap.mmap(fd, offset + size - start, mmap.MAP_SHARED, offset=start)
+        finally:
+            os.close(fd)
+        return mapping, memoryview(mapping)[offset - start : offset - start + size]
+
+    @staticmethod
+    def _detach_view(mapping: mmap.mmap | None) -> None:
+        """Swap a `_map_view` mapping for private memory, then let it go (at
+        once, or when the last view of it is released)."""
+        if mapping is None or mapping.closed:
+            return
+        with ffi.from_buffer(mapping) as address:
+            status = lib.vmc_detach_view(address, len(mapping))
+        if status < 0:
+            raise_for(status)
+        try:
+            mapping.close()
+        except BufferError:
+            pass  # views remain: they see private memory, unmapped with the last of them
+
+    def _publish(self, rid: int, key: bytes, size: int) -> int:
+        ts = lib.vmc_publish(self._h, rid, key, len(key), size)
         if ts < 0:
             raise_for(ts)
         return int(ts)
@@ -612,9 +692,12 @@ class Handle:
         self._base = None
 
     def _after_fork(self) -> None:
-        status = lib.vmc_after_fork(self._h)
-        if status < 0:
-            raise_for(status)
+        """In a fork()ed child: give the handle a liveness lock of the child's
+        own. If that fails, the core has closed the handle in this process
+        (without touching the parent's lock); it then reports closed here too."""
+        if lib.vmc_after_fork(self._h) < 0:
+            self._mmap = None
+            self._base = None
 
     @property
     def closed(self) -> bool:
