@@ -7,8 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import redis
 
 
 class RedisServer:
@@ -40,7 +44,7 @@ class RedisServer:
             self.process.wait()
             self.process = None
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> redis.Redis:
         import redis
 
         return redis.Redis(unix_socket_path=self.socket, socket_timeout=5)

@@ -253,7 +253,8 @@ async def test_redis_killed_and_restarted(redis_server: RedisServer, hosts: Any)
         loads.append(key)
         return b"direct:" + key
 
-    options = dict(redis=redis_server.url, namespace="t", timeout=TIMEOUT, size="4MiB")
+    options: dict[str, Any] = dict(redis=redis_server.url, namespace="t", timeout=TIMEOUT,
+                                   size="4MiB")
     async with aiovmc.TieredCache(hosts(), **options) as a, \
             aiovmc.TieredCache(hosts(), **options) as b:
         await listening(a)
@@ -367,7 +368,8 @@ async def test_leader_that_fails_hands_the_lease_over(
     redis_server: RedisServer, hosts: Any, outcome: str
 ) -> None:
     # Leases of 90 s: a waiting host that took over only on expiry would hang here.
-    options = dict(redis=redis_server.url, namespace="t", timeout=30, size="4MiB")
+    options: dict[str, Any] = dict(redis=redis_server.url, namespace="t", timeout=30,
+                                   size="4MiB")
     loading, release = anyio.Event(), anyio.Event()
 
     async def stuck(key: bytes) -> bytes:

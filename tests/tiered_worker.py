@@ -91,7 +91,8 @@ async def _serve(conn: Connection, path: str, url: str, options: dict[str, Any])
                 elif name == "delete":
                     result = await cache.delete(args[0])
                 elif name == "clear":
-                    result = await cache.clear()
+                    await cache.clear()
+                    result = None
                 elif name == "statistics":
                     result = dataclasses.asdict(cache.statistics())
                 elif name == "fork":
