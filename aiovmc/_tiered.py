@@ -837,12 +837,12 @@ class TieredCache:
 
     def _resync(self) -> None:
         """Subscribed (again): forget what L1 may have missed meanwhile."""
+        if self._down_until:
+            self._down_until = 0.0  # misses may use redis again
+            log.warning("redis is reachable again (namespace %r)", self.namespace)
         self._sidecar.touch_all()
         self._l1.cache.clear()
-        self._count.resyncs += 1
-        if self._down_until:
-            log.warning("redis is reachable again (namespace %r)", self.namespace)
-            self._down_until = 0.0
+        self._count.resyncs += 1  # last: whoever sees it sees the resync done
 
     # -- calls to redis --------------------------------------------------------------
 
