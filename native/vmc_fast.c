@@ -121,6 +121,7 @@ static PyTypeObject FastHandleType = {
 /* A sink that allocates the result: a bytes object of the value's length. */
 struct bytes_sink {
     struct vmc_sink base;
+    uint64_t max; /* larger values are not copied here */
     PyObject *result;
     bool no_memory;
 };
@@ -131,8 +132,8 @@ static char *bytes_dst(struct vmc_sink *sink, uint64_t len)
     if (b->result && (uint64_t)PyBytes_GET_SIZE(b->result) == len)
         return PyBytes_AS_STRING(b->result); /* a later round, the same length */
     Py_CLEAR(b->result); /* a bytes object: no finaliser runs */
-    if (len > VMC_SCRATCH_SIZE)
-        return NULL; /* copied later, with the GIL released */
+    if (len > b->max)
+        return NULL; /* copied later with the GIL released, or not at all */
     b->result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
     if (b->result == NULL) {
         b->no_memory = true;
@@ -180,6 +181,45 @@ static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t 
     }
 }
 
+/* lookup -- a counted get of key, as Handle._get_inline: the value as bytes
+ * if it has at most `limit` bytes; else NULL with *status set to its size
+ * (counted, not copied), to VMC_MISS or to a failure; or NULL with an
+ * exception (out of memory). */
+static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit, int64_t *status)
+{
+    uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
+    struct bytes_sink sink = {{bytes_dst}, max, NULL, false};
+    int64_t n = vmc_get_sink(c, k, klen, &sink.base);
+    if (n >= 0 && sink.result) /* the hit, copied and verified under the lock */
+        return sink.result;
+    if (sink.no_memory)
+        return NULL;
+    Py_CLEAR(sink.result);
+    if (n == VMC_BUSY) { /* it would wait: wait without the GIL */
+        Py_BEGIN_ALLOW_THREADS
+        n = vmc_get(c, k, klen, NULL, 0, 0, VMC_F_WHOLE);
+        Py_END_ALLOW_THREADS
+    }
+    if (n >= 0 && n <= limit) { /* counted, not copied: too large for the GIL held */
+        PyObject *result = copy_whole(c, k, klen, n, &n);
+        if (result || PyErr_Occurred())
+            return result;
+    }
+    *status = n;
+    return NULL;
+}
+
+/* handle_of -- the core handle of self (its `_fast` slot), as a new reference. */
+static FastHandle *handle_of(PyObject *self)
+{
+    PyObject *fast = PyObject_GetAttr(self, str_fast);
+    if (fast && !Py_IS_TYPE(fast, &FastHandleType)) {
+        PyErr_Format(PyExc_TypeError, "%R has no fast handle", self);
+        Py_CLEAR(fast);
+    }
+    return (FastHandle *)fast;
+}
+
 /* get(key, default=None): as Handle.get in aiovmc/_native/_handle.py. */
 static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                           PyObject *kwnames)
@@ -205,14 +245,10 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (given[0] == NULL)
         return PyErr_Format(PyExc_TypeError, "get() missing required argument 'key'");
 
-    PyObject *fast = PyObject_GetAttr(self, str_fast);
+    FastHandle *fast = handle_of(self);
     if (fast == NULL)
         return NULL;
-    if (!Py_IS_TYPE(fast, &FastHandleType)) {
-        Py_DECREF(fast);
-        return PyErr_Format(PyExc_TypeError, "%R has no fast handle", self);
-    }
-    vmc_cache *c = ((FastHandle *)fast)->c;
+    vmc_cache *c = fast->c;
     PyObject *key = given[0];
     PyObject *result = NULL;
     if (PyBytes_CheckExact(key))
@@ -222,25 +258,9 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
     const char *k = PyBytes_AS_STRING(key);
     size_t klen = (size_t)PyBytes_GET_SIZE(key);
 
-    struct bytes_sink sink = {{bytes_dst}, NULL, false};
-    int64_t n = vmc_get_sink(c, k, klen, &sink.base);
-    if (n >= 0 && sink.result) { /* the hit, copied and verified under the lock */
-        result = sink.result;
+    int64_t n = 0;
+    if ((result = lookup(c, k, klen, INT64_MAX, &n)) || PyErr_Occurred())
         goto done;
-    }
-    if (sink.no_memory)
-        goto done;
-    Py_CLEAR(sink.result);
-    if (n == VMC_BUSY) { /* it would wait: wait without the GIL */
-        Py_BEGIN_ALLOW_THREADS
-        n = vmc_get(c, k, klen, NULL, 0, 0, VMC_F_WHOLE);
-        Py_END_ALLOW_THREADS
-    }
-    if (n >= 0) { /* counted, not copied: too large to copy with the GIL held */
-        result = copy_whole(c, k, klen, n, &n);
-        if (result || PyErr_Occurred())
-            goto done;
-    }
     if (n == VMC_MISS) {
         PyObject *call[4] = {NULL, self, key, given[1]};
         result = PyObject_VectorcallMethod(str_missed, call + 1,
@@ -253,6 +273,35 @@ done:
     Py_DECREF(fast);
     return result;
 }
+
+/* _get_inline(key, limit): as Handle._get_inline (key: bytes). */
+static PyObject *fast_get_inline(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1]))
+        return PyErr_Format(PyExc_TypeError, "_get_inline(key: bytes, limit: int)");
+    int64_t limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    int64_t n = 0;
+    PyObject *result = lookup(fast->c, PyBytes_AS_STRING(args[0]),
+                              (size_t)PyBytes_GET_SIZE(args[0]), limit, &n);
+    Py_DECREF(fast);
+    if (result || PyErr_Occurred())
+        return result;
+    if (n >= 0)
+        return PyLong_FromLongLong(n);
+    if (n == VMC_MISS)
+        Py_RETURN_NONE;
+    return raise_status(n);
+}
+
+static PyMethodDef get_inline_def = {
+    "_get_inline", (PyCFunction)(void (*)(void))fast_get_inline, METH_FASTCALL,
+    "_get_inline(key, limit)\n--\n\nA hit of at most `limit` bytes as bytes; a larger "
+    "hit as its size (not copied); a miss as None. Counts the get either way."};
 
 static PyMethodDef get_def = {
     "get", (PyCFunction)(void (*)(void))fast_get, METH_FASTCALL | METH_KEYWORDS,
@@ -269,8 +318,12 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
     PyObject *get = PyDescr_NewMethod((PyTypeObject *)args[0], &get_def);
     if (get == NULL)
         return NULL;
-    PyObject *methods = Py_BuildValue("{sN}", "get", get);
-    return methods;
+    PyObject *get_inline = PyDescr_NewMethod((PyTypeObject *)args[0], &get_inline_def);
+    if (get_inline == NULL) {
+        Py_DECREF(get);
+        return NULL;
+    }
+    return Py_BuildValue("{sNsN}", "get", get, "_get_inline", get_inline);
 }
 
 static PyMethodDef fast_bind_def = {

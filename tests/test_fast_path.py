@@ -68,8 +68,12 @@ def test_values_of_every_size_come_back_whole(cache: Cache, size: int) -> None:
     got = cache.get(b"k")
     assert type(got) is bytes and got == value
     assert cache.get(key="k", default=None) == value  # str keys, keyword arguments
+    # What AsyncCache calls on the loop: up to a limit copied, beyond it only sized.
+    assert cache._get_inline(b"k", size) == value
+    assert cache._get_inline(b"k", max(size - 1, 0)) == (size if size else value)
+    assert cache._get_inline(b"absent", size) is None
     stats = cache.statistics()
-    assert (stats.gets, stats.hits, stats.misses) == (2, 2, 0)
+    assert (stats.gets, stats.hits, stats.misses) == (5, 4, 1)
 
 
 def test_arguments_are_checked_like_a_python_method(cache: Cache) -> None:
