@@ -781,15 +781,17 @@ int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen)
     return vmc_get(c, key, klen, dst, VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE);
 }
 
-/* vmc_contains -- 1 if key is present and unexpired; counts nothing, touches nothing. */
-int vmc_contains(vmc_cache *c, const char *key, size_t klen)
+/* contains -- vmc_contains; with no_wait, VMC_BUSY where it would wait. */
+static int contains(vmc_cache *c, const char *key, size_t klen, bool no_wait)
 {
     ENTER(c);
     int rc = check_key(klen);
     if (rc == VMC_OK) {
         uint64_t hash = vmc_hash_key(c, key, klen);
         uint32_t s = vmc_shard_of(c, hash), slot, u = 0;
-        for (int round = 0; (rc = vmc_shard_lock(c, s)) == VMC_OK; round++) {
+        for (int round = 0;
+             (rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) == VMC_OK;
+             round++) {
             u = vmc_index_find(c, s, hash, key, klen, &slot);
             rc = u && !vmc_expired(vmc_unit(c, u), vmc_now_ns());
             vmc_shard_unlock(c, s);
@@ -799,6 +801,17 @@ int vmc_contains(vmc_cache *c, const char *key, size_t klen)
     }
     leave(c);
     return rc;
+}
+
+/* vmc_contains -- 1 if key is present and unexpired; counts nothing, touches nothing. */
+int vmc_contains(vmc_cache *c, const char *key, size_t klen)
+{
+    return contains(c, key, klen, false);
+}
+
+int vmc_contains_now(vmc_cache *c, const char *key, size_t klen)
+{
+    return contains(c, key, klen, true);
 }
 
 /* vmc_put -- store key -> value (VMC_F_ADD: only if absent). Returns the

@@ -28,4 +28,8 @@ struct vmc_sink {
  * length (copied if sink->dst gave a destination), VMC_MISS, or a failure. */
 int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink);
 
+/* vmc_contains_now -- vmc_contains, or VMC_BUSY where it would wait (a shard
+ * lock taken, a repair pending). */
+int vmc_contains_now(vmc_cache *c, const char *key, size_t klen);
+
 #endif

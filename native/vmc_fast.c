@@ -1,4 +1,4 @@
-/* vmc_fast.c -- the CPython fast path: `get` as a method written against the C API.
+/* vmc_fast.c -- the CPython fast path: `get`, `_get_inline` and `in` as C-API methods.
  *
  * The cffi binding pays, per get, a cffi call that releases and retakes the
  * GIL, and a per-thread scratch buffer (with a re-entrancy flag) from which
@@ -14,6 +14,8 @@
  * cffi binding (vmc_get to count and size, then a quiet copy into a bytes
  * object of that size). Values above VMC_SCRATCH_SIZE take that path too, so
  * that no long copy runs with the GIL held.
+ *
+ * `_get_inline` (AsyncCache's get on the loop) and `in` go the same way.
  *
  * Installation goes through the one cffi-declared function vmc_fast_install():
  * cffi cannot declare PyObject, so it adds to this module (_aiovmc_native,
@@ -303,6 +305,36 @@ static PyMethodDef get_inline_def = {
     "_get_inline(key, limit)\n--\n\nA hit of at most `limit` bytes as bytes; a larger "
     "hit as its size (not copied); a miss as None. Counts the get either way."};
 
+/* __contains__(key): as Handle.__contains__. */
+static PyObject *fast_contains(PyObject *self, PyObject *key)
+{
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    if (PyBytes_CheckExact(key))
+        Py_INCREF(key);
+    else if ((key = PyObject_CallOneArg(encode_key, key)) == NULL)
+        goto done;
+    const char *k = PyBytes_AS_STRING(key);
+    size_t klen = (size_t)PyBytes_GET_SIZE(key);
+    int rc = vmc_contains_now(fast->c, k, klen);
+    if (rc == VMC_BUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = vmc_contains(fast->c, k, klen);
+        Py_END_ALLOW_THREADS
+    }
+    result = rc < 0 ? raise_status(rc) : Py_NewRef(rc ? Py_True : Py_False);
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef contains_def = {
+    "__contains__", fast_contains, METH_O,
+    "Whether key is present and unexpired; counts nothing, touches nothing."};
+
 static PyMethodDef get_def = {
     "get", (PyCFunction)(void (*)(void))fast_get, METH_FASTCALL | METH_KEYWORDS,
     "get(key, default=None)\n--\n\nThe value of `key` as bytes; on a miss the loader's "
@@ -315,15 +347,15 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
         return PyErr_Format(PyExc_TypeError, "fast_bind(cls, encode_key, raise_for)");
     Py_XSETREF(encode_key, Py_NewRef(args[1]));
     Py_XSETREF(raise_for, Py_NewRef(args[2]));
-    PyObject *get = PyDescr_NewMethod((PyTypeObject *)args[0], &get_def);
-    if (get == NULL)
-        return NULL;
-    PyObject *get_inline = PyDescr_NewMethod((PyTypeObject *)args[0], &get_inline_def);
-    if (get_inline == NULL) {
-        Py_DECREF(get);
-        return NULL;
+    PyObject *methods = PyDict_New();
+    PyMethodDef *defs[] = {&get_def, &get_inline_def, &contains_def};
+    for (size_t i = 0; methods && i < sizeof defs / sizeof defs[0]; i++) {
+        PyObject *method = PyDescr_NewMethod((PyTypeObject *)args[0], defs[i]);
+        if (method == NULL || PyDict_SetItemString(methods, defs[i]->ml_name, method) < 0)
+            Py_CLEAR(methods);
+        Py_XDECREF(method);
     }
-    return Py_BuildValue("{sNsN}", "get", get, "_get_inline", get_inline);
+    return methods;
 }
 
 static PyMethodDef fast_bind_def = {

@@ -1,4 +1,5 @@
-"""The compiled fast path of `get` (native/vmc_fast.c) and the pure cffi one.
+"""The compiled fast path (native/vmc_fast.c: `get`, `_get_inline`, `in`) and the
+pure cffi one.
 
 The whole suite runs on the path the environment selects (the fast one on
 CPython; the pure cffi binding with AIOVMC_PURE_CFFI=1, as `.ci/run` does for
@@ -72,6 +73,7 @@ def test_values_of_every_size_come_back_whole(cache: Cache, size: int) -> None:
     assert cache._get_inline(b"k", size) == value
     assert cache._get_inline(b"k", max(size - 1, 0)) == (size if size else value)
     assert cache._get_inline(b"absent", size) is None
+    assert b"k" in cache and "k" in cache and b"absent" not in cache  # counts nothing
     stats = cache.statistics()
     assert (stats.gets, stats.hits, stats.misses) == (5, 4, 1)
 
@@ -95,6 +97,7 @@ def test_an_expired_entry_is_removed_and_counted_once(cache: Cache, clock: Clock
     takes the pool lock): one miss, one expiration, nothing counted twice."""
     cache.put(b"k", b"v", ttl=10)
     clock.advance(11)
+    assert b"k" not in cache
     assert cache.get(b"k", b"gone") == b"gone"
     stats = cache.statistics()
     assert (stats.gets, stats.hits, stats.misses, stats.expirations, stats.entries) == (

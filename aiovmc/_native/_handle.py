@@ -12,9 +12,10 @@ value there while holding the shard lock, and slicing the buffer builds the
 into a fresh `bytes` object of the right size, with the GIL released: one copy
 from the mapping to the result.
 
-On CPython, `get` is replaced by the compiled fast path of native/vmc_fast.c
-(one copy, straight into the result, with no scratch buffer), unless the
-environment sets AIOVMC_PURE_CFFI=1; `FAST_PATH` says which path is in use.
+On CPython, `get`, `_get_inline` and `in` are replaced by the compiled fast
+path of native/vmc_fast.c (a result built in one copy, with no scratch
+buffer), unless the environment sets AIOVMC_PURE_CFFI=1; `FAST_PATH` says
+which path is in use. The methods below are the pure cffi binding.
 """
 
 from __future__ import annotations
