@@ -49,7 +49,8 @@ typedef struct {
     PyObject *cdata; /* the cffi pointer, whose ffi.gc finaliser frees c */
 } FastHandle;
 
-/* Set by fast_bind: shared by every handle of the process. */
+/* Shared by every handle of the process: the names set by install(), the
+ * functions by fast_bind() (before any method it returns can run). */
 static PyObject *str_fast;     /* "_fast" */
 static PyObject *str_missed;   /* "_missed" */
 static PyObject *encode_key;   /* aiovmc._convert.encode_key */
