@@ -565,7 +565,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
         VMC_STORE(e->checksum, vmc_entry_seal(e, data));
-        VMC_STORE(e->atime_ns, now); /* replaces the owner pid: see struct vmc_entry */
+        VMC_STORE(e->atime_ns, now); /* replaces the owner id: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
             vmc_index_set(c, s, slot, hash, head);

@@ -79,25 +79,32 @@ static int owner_lock(int fd, short cmd, short type, uint64_t owner, struct floc
     return rc;
 }
 
-/* vmc_owner_take -- a fresh owner id for this handle, and its lock. */
+/* vmc_owner_take -- a fresh owner id for this handle, and its lock. Ids only
+ * grow; a counter found at or beyond VMC_OWNER_LIMIT (2^40 attaches: damage,
+ * in practice) starts again from 1, skipping the ids of live handles (their
+ * locks are held). */
 int vmc_owner_take(vmc_cache *c)
 {
     struct flock fl;
-    for (int attempt = 0; attempt < 16; attempt++) {
+    for (int attempt = 0; attempt < 64; attempt++) {
         uint64_t id = __atomic_add_fetch(&c->hdr->next_owner, 1, __ATOMIC_RELAXED);
-        if (id == 0 || id >= VMC_OWNER_LIMIT)
-            return vmc_fail(VMC_E_CORRUPT, "%s has handed out every owner id (next_owner %llu): "
-                                           "recreate it with reset=True",
-                            c->path, (unsigned long long)id);
+        if (id == 0 || id >= VMC_OWNER_LIMIT) {
+            uint64_t seen = id;
+            __atomic_compare_exchange_n(&c->hdr->next_owner, &seen, 0, false, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED);
+            continue;
+        }
         if (owner_lock(c->fd, F_OFD_SETLK, F_WRLCK, id, &fl) == 0) {
             c->owner = id;
             return VMC_OK;
         }
         if (errno != EAGAIN && errno != EACCES)
             return vmc_fail_errno("fcntl(F_OFD_SETLK)", c->path);
-        /* Held already: next_owner was rolled back (a hostile or restored file). */
+        /* Held already: the counter went back (damage, or a restored file). */
     }
-    return vmc_fail(VMC_E_CORRUPT, "%s: no free owner id after 16 attempts", c->path);
+    return vmc_fail(VMC_E_CORRUPT, "%s: no free owner id after 64 attempts (next_owner %llu)",
+                    c->path, (unsigned long long)__atomic_load_n(&c->hdr->next_owner,
+                                                                 __ATOMIC_RELAXED));
 }
 
 /* vmc_owner_alive -- whether the handle with this owner id is still open. The
@@ -126,10 +133,13 @@ int vmc_flight_init_lock(vmc_cache *c)
     return vmc_mutex_init(&c->hdr->flight_lock);
 }
 
-/* vmc_flight_recover -- the sole user at open: no load is in flight. */
+/* vmc_flight_recover -- the sole user at open: no load is in flight, no owner alive. */
 void vmc_flight_recover(vmc_cache *c)
 {
     memset(slots(c), 0, (size_t)c->n_flights * sizeof(struct vmc_flight));
+    /* Recovery dropped every reservation and the table holds no load: no
+     * record names an owner any more, so ids may start again. */
+    c->hdr->next_owner = 0;
 }
 
 static int table_lock(vmc_cache *c)

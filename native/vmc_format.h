@@ -73,7 +73,7 @@
 #define VMC_TAG_KIND(tag) ((uint32_t)((tag) >> 32) & ~1u)
 
 /* Entry states. */
-#define VMC_RESERVED 1u              /* allocated, invisible; atime_ns = owner pid */
+#define VMC_RESERVED 1u              /* allocated, invisible; atime_ns = owner id */
 #define VMC_PUBLISHED 2u             /* linked in its shard; stamp = timestamp */
 #define VMC_REMOVED 3u               /* unlinked from its shard; its extents are being freed */
 #define VMC_DEAD 0u                  /* freed by recovery (or never an entry) */
@@ -109,9 +109,9 @@ struct vmc_entry {
     uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */
     uint64_t stamp;         /* publication timestamp; shard lock, at publication */
     uint64_t atime_ns;      /* PUBLISHED: last access (CLOCK_REALTIME), shard lock.
-                               RESERVED: the owner's pid, pool lock. Publication overwrites the
-                               pid before changing the state, so a crash in between leaves a
-                               RESERVED entry whose "owner" is no process. */
+                               RESERVED: the owner id (vmc_flight.h), pool lock. Publication
+                               overwrites it before changing the state, so a crash in between
+                               leaves a RESERVED entry whose "owner" (a time, >= 2^40) is none. */
 };
 
 /* At the start of every BODY extent: 16 bytes, then value bytes. */

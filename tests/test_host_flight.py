@@ -135,7 +135,7 @@ def _sync_child(path: str, n_threads: int, conn: Connection) -> None:
         answer = conn.recv()
         if answer == "raise":
             raise LoadError(f"loader of {os.getpid()} failed")
-        return None if answer == "none" else answer
+        return None if answer == "none" else bytes(answer)
 
     with Cache(path, on_miss=loader) as cache:
 

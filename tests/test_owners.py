@@ -144,3 +144,26 @@ def test_reservation_naming_a_live_pid_is_reclaimed(cache_path: str) -> None:
         mapping[owner_at : owner_at + 8] = os.getpid().to_bytes(8, "little")
         assert keeper.statistics().used_bytes > empty
         assert _used(cache_path) == empty
+
+
+NEXT_OWNER = 424  # offset of next_owner in the header (docs/format.md)
+
+
+def test_a_damaged_owner_counter_starts_again(cache_path: str) -> None:
+    """next_owner at the end of its range (a flipped bit): recovery at open
+    starts it again; while others are attached, new handles wrap around and skip
+    the live owners' ids."""
+    Cache(cache_path, size="1MiB").close()
+    with open(cache_path, "r+b") as f:
+        f.seek(NEXT_OWNER)
+        f.write((1 << 58).to_bytes(8, "little"))
+    with Cache(cache_path) as first:  # the only user: recovers
+        mapping = first._mmap
+        assert mapping is not None
+        assert int.from_bytes(mapping[NEXT_OWNER : NEXT_OWNER + 8], "little") == 1
+        mapping[NEXT_OWNER : NEXT_OWNER + 8] = ((1 << 40) - 1).to_bytes(8, "little")
+        with Cache(cache_path) as second:  # wraps: id 1 is first's (held), so 2
+            assert int.from_bytes(mapping[NEXT_OWNER : NEXT_OWNER + 8], "little") == 2
+            r = second.reserve(b"k", 1000)
+            assert _used(cache_path) > 0  # second is alive: its reservation is kept
+            r.cancel()
