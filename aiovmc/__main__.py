@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,14 +23,14 @@ from ._metrics import Snapshot, metric_values, read_snapshot, render_prometheus
 
 def _text(snap: Snapshot, rates: dict[str, float] | None) -> str:
     stats = snap.statistics
-    lines = [f"{snap.path}: {stats.entries} entries, {stats.used_bytes} of {stats.capacity} "
-             "bytes used"]
+    entries = "1 entry" if stats.entries == 1 else f"{stats.entries} entries"
+    lines = [f"{snap.path}: {entries}, {stats.used_bytes} of {stats.capacity} bytes used"]
     for field in dataclasses.fields(stats):
         value = getattr(stats, field.name)
         rate = "" if rates is None or field.name not in rates else f"  {rates[field.name]:.1f}/s"
         lines.append(f"  {field.name:15} {value}{rate}")
-    lines.append(f"  last timestamp {snap.last_timestamp}, "
-                 f"persisted timestamp {snap.persisted_timestamp}")
+    lines.append(f"  timestamps: last publication {snap.last_timestamp}, "
+                 f"persisted up to {snap.persisted_timestamp}")
     return "\n".join(lines)
 
 
@@ -75,6 +76,9 @@ def show_stats(path: str, fmt: str, watch: float | None, count: int | None, name
             previous = (now, snap)
             time.sleep(watch)
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `stats ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (AiovmcError, OSError) as exc:
         print(f"python -m aiovmc stats: {exc}", file=sys.stderr)

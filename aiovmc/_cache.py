@@ -217,7 +217,8 @@ class Cache(Handle):
             self.close()
             raise CacheConfigError(
                 f"{self._path} was created with {'; '.join(conflicts)}: geometry and policy "
-                "belong to the file (open it without them, or pass reset=True to recreate it)"
+                "belong to the file (open it without them; to change them, recreate it once with "
+                "reset=True while no process has it open, e.g. at deploy time, not in every worker)"
             )
 
     # ---- properties ----

@@ -26,8 +26,9 @@ source_digest = runpy.run_path(str(HERE.parent / "aiovmc" / "_native" / "_source
 ]
 MODULE = "_aiovmc_native"
 # One .c/.h pair per concern; the call graph is in vmc_handle.h.
-SOURCES = ["vmc_cache.c", "vmc_entry.c", "vmc_error.c", "vmc_file.c", "vmc_flight.c", "vmc_index.c",
-           "vmc_lru.c", "vmc_mutex.c", "vmc_pool.c", "vmc_recover.c", "vmc_repair.c"]
+# vmc_fast.c is the CPython fast path (C-API code, installed by vmc_fast_install).
+SOURCES = ["vmc_cache.c", "vmc_entry.c", "vmc_error.c", "vmc_fast.c", "vmc_file.c", "vmc_flight.c",
+           "vmc_index.c", "vmc_lru.c", "vmc_mutex.c", "vmc_pool.c", "vmc_recover.c", "vmc_repair.c"]
 
 
 def _cdef() -> str:
@@ -51,6 +52,8 @@ DEBUG_FLAGS = (
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.cdef("const char *vmc_source_digest(void);")
+# Defined in vmc_fast.c; it takes the GIL itself (cffi releases it around calls).
+ffibuilder.cdef("int vmc_fast_install(void);")
 ffibuilder.set_source(
     MODULE,
     '#include "vmc.h"\n'

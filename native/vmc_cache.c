@@ -608,9 +608,9 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
 
 /* get -- vmc_get, and on a hit (if meta is not NULL) the entry's publication
  * timestamp and expiry in meta[0] and meta[1], read under the same lock as
- * the value. */
+ * the value; with a sink (VMC_F_WHOLE), vmc_get_sink. */
 static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
-                   uint64_t offset, uint32_t flags, uint64_t *meta)
+                   uint64_t offset, uint32_t flags, uint64_t *meta, struct vmc_sink *sink)
 {
     ENTER(c);
     int64_t rc = check_key(klen);
@@ -620,8 +620,10 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & VMC_F_QUIET;
+    bool counted = false; /* a sink's get may back off (VMC_BUSY) until it counts */
     for (int round = 0;; round++) {
-        if ((rc = vmc_shard_lock(c, s)) < 0)
+        bool no_wait = sink && !counted;
+        if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) < 0)
             goto out;
         uint64_t now = vmc_now_ns();
         uint32_t slot;
@@ -631,6 +633,11 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
             continue;
         }
         struct vmc_entry *e = u ? vmc_unit(c, u) : NULL;
+        if (e && vmc_expired(e, now) && no_wait) { /* removing it takes the pool lock */
+            vmc_shard_unlock(c, s);
+            rc = VMC_BUSY;
+            goto out;
+        }
         if (e && vmc_expired(e, now)) {
             rc = remove_locked(c, s, u, slot);
             if (rc == VMC_RETRY) {
@@ -657,6 +664,11 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
             VMC_COUNT(sh->hits);
             VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
             quiet = true; /* counted once, whatever happens next */
+        }
+        counted = true;
+        if (sink) {
+            dst = sink->dst(sink, vlen);
+            cap = dst ? vlen : 0;
         }
         uint64_t from = 0, len = 0;
         if (flags & VMC_F_WHOLE) {
@@ -723,7 +735,12 @@ out:
 int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                 uint64_t offset, uint32_t flags)
 {
-    return get(c, key, klen, dst, cap, offset, flags, NULL);
+    return get(c, key, klen, dst, cap, offset, flags, NULL, NULL);
+}
+
+int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink)
+{
+    return get(c, key, klen, NULL, 0, 0, VMC_F_WHOLE, NULL, sink);
 }
 
 /* vmc_get_entry -- vmc_get with VMC_F_WHOLE, plus the entry's publication
@@ -731,7 +748,7 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
 int64_t vmc_get_entry(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                       uint32_t flags, uint64_t *meta)
 {
-    return get(c, key, klen, dst, cap, 0, flags | VMC_F_WHOLE, meta);
+    return get(c, key, klen, dst, cap, 0, flags | VMC_F_WHOLE, meta, NULL);
 }
 
 /* ---- the per-thread scratch buffer ---- */
@@ -764,15 +781,17 @@ int64_t vmc_get_scratch(vmc_cache *c, const char *key, size_t klen)
     return vmc_get(c, key, klen, dst, VMC_SCRATCH_SIZE, 0, VMC_F_WHOLE);
 }
 
-/* vmc_contains -- 1 if key is present and unexpired; counts nothing, touches nothing. */
-int vmc_contains(vmc_cache *c, const char *key, size_t klen)
+/* contains -- vmc_contains; with no_wait, VMC_BUSY where it would wait. */
+static int contains(vmc_cache *c, const char *key, size_t klen, bool no_wait)
 {
     ENTER(c);
     int rc = check_key(klen);
     if (rc == VMC_OK) {
         uint64_t hash = vmc_hash_key(c, key, klen);
         uint32_t s = vmc_shard_of(c, hash), slot, u = 0;
-        for (int round = 0; (rc = vmc_shard_lock(c, s)) == VMC_OK; round++) {
+        for (int round = 0;
+             (rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) == VMC_OK;
+             round++) {
             u = vmc_index_find(c, s, hash, key, klen, &slot);
             rc = u && !vmc_expired(vmc_unit(c, u), vmc_now_ns());
             vmc_shard_unlock(c, s);
@@ -782,6 +801,17 @@ int vmc_contains(vmc_cache *c, const char *key, size_t klen)
     }
     leave(c);
     return rc;
+}
+
+/* vmc_contains -- 1 if key is present and unexpired; counts nothing, touches nothing. */
+int vmc_contains(vmc_cache *c, const char *key, size_t klen)
+{
+    return contains(c, key, klen, false);
+}
+
+int vmc_contains_now(vmc_cache *c, const char *key, size_t klen)
+{
+    return contains(c, key, klen, true);
 }
 
 /* vmc_put -- store key -> value (VMC_F_ADD: only if absent). Returns the

@@ -12,4 +12,24 @@
  * reached its caller (a close racing vmc_reserve) is not leaked. */
 void vmc_cache_drop_reservations(vmc_cache *c);
 
+/* A destination chosen under the shard lock, once the value's length is
+ * known (vmc_fast.c: a bytes object of that length, allocated with the GIL
+ * held). `dst` may be called again, in a later round of the same get, with
+ * another length; it returns NULL to copy nothing. */
+struct vmc_sink {
+    char *(*dst)(struct vmc_sink *sink, uint64_t len);
+};
+
+/* vmc_get_sink -- vmc_get with VMC_F_WHOLE into sink->dst(len), for a caller
+ * that must not wait (it holds the GIL): VMC_BUSY, having counted nothing,
+ * where vmc_get would wait for a shard lock, a repair or the pool lock (to
+ * remove an expired entry); the caller then calls vmc_get. Once it has
+ * counted a hit it finishes as vmc_get does, waiting if it must. The value's
+ * length (copied if sink->dst gave a destination), VMC_MISS, or a failure. */
+int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink);
+
+/* vmc_contains_now -- vmc_contains, or VMC_BUSY where it would wait (a shard
+ * lock taken, a repair pending). */
+int vmc_contains_now(vmc_cache *c, const char *key, size_t klen);
+
 #endif

@@ -362,7 +362,7 @@ static int create_file(const char *path, const struct vmc_config *cfg)
 static int reset_file(int fd, const char *path, const struct vmc_config *cfg)
 {
     if (ofd_lock(fd, F_WRLCK, LIVENESS_BYTE, false) != 0)
-        return vmc_fail(VMC_E_CONFIG, "cannot reset %s: other processes have it open", path);
+        return vmc_fail(VMC_E_CONFIG, "cannot reset %s: it is open (by another process, or another handle of this one)", path);
     char magic[8] = {0};
     if (pread(fd, magic, 8, 0) != 8 || memcmp(magic, VMC_MAGIC, 8) != 0)
         return vmc_fail(VMC_E_FORMAT, "refusing to reset %s: it is not an aiovmc cache file",
@@ -466,7 +466,8 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     if (cfg && cfg->size && round_up(cfg->size, VMC_PAGE) != h.file_size) {
         rc = vmc_fail(VMC_E_CONFIG,
                       "%s holds a cache of %llu bytes, not %llu: geometry belongs to the file "
-                      "(open it without size, or pass reset=True to recreate it)",
+                      "(open it without size; to change it, recreate it once with reset=True while no "
+                      "process has it open, e.g. at deploy time, not in every worker)",
                       path, (unsigned long long)h.file_size, (unsigned long long)cfg->size);
         goto fail;
     }

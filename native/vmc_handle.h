@@ -32,6 +32,9 @@
 /* Internal status: a nested lock found a dead owner; unwind and start again
  * (the outer lock then runs the repair). Never returned to Python. */
 #define VMC_RETRY (-100)
+/* vmc_get_sink: the answer needs a wait (a lock taken, a repair, an expired
+ * entry to remove); nothing was counted. */
+#define VMC_BUSY (-101)
 
 /* The handle: one per Cache object, private to its process. */
 struct vmc_cache {

@@ -8,6 +8,8 @@
  */
 #include "vmc_repair.h"
 
+#include <errno.h>
+
 #include "vmc_mutex.h"
 #include "vmc_recover.h"
 
@@ -59,6 +61,26 @@ int vmc_shard_lock(vmc_cache *c, uint32_t shard)
 {
     VMC_ASSERT(shard < c->n_shards, "shard %u of %u", shard, c->n_shards);
     return lock_outer(c, &c->shards[shard].lock);
+}
+
+int vmc_shard_trylock(vmc_cache *c, uint32_t shard)
+{
+    VMC_ASSERT(shard < c->n_shards, "shard %u of %u", shard, c->n_shards);
+    pthread_mutex_t *m = &c->shards[shard].lock;
+    int rc = pthread_mutex_trylock(m);
+    if (rc == EOWNERDEAD) { /* as vmc_mutex_lock: the blocking lock then repairs */
+        vmc_mark_damaged(c);
+        pthread_mutex_consistent(m);
+        pthread_mutex_unlock(m);
+        return VMC_BUSY;
+    }
+    if (rc != 0) /* taken (or a failure, which the blocking lock reports) */
+        return VMC_BUSY;
+    if (vmc_damaged(c)) {
+        pthread_mutex_unlock(m);
+        return VMC_BUSY;
+    }
+    return VMC_OK;
 }
 
 int vmc_pool_lock(vmc_cache *c)

@@ -14,6 +14,9 @@
 int vmc_repair(vmc_cache *c);
 /* vmc_shard_lock -- lock a shard with no other lock held, repairing first if needed. */
 int vmc_shard_lock(vmc_cache *c, uint32_t shard);
+/* vmc_shard_trylock -- lock a shard only if that takes no wait and no repair:
+ * VMC_OK, or VMC_BUSY (nothing held; a dead owner is noted for the next lock). */
+int vmc_shard_trylock(vmc_cache *c, uint32_t shard);
 /* vmc_pool_lock -- lock the pool with no other lock held, repairing first if needed. */
 int vmc_pool_lock(vmc_cache *c);
 

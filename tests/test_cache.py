@@ -167,7 +167,7 @@ def test_reset_empties_and_changes_geometry(cache_path: str) -> None:
     with Cache(cache_path, size=3 * MiB, extent_size=1024, reset=True) as c:
         assert len(c) == 0 and c.get(b"a") is None
         assert c.info.extent_size == 1024
-        with pytest.raises(CacheConfigError, match="other processes"):
+        with pytest.raises(CacheConfigError, match=r"it is open \(by another process, or another"):
             Cache(cache_path, size=3 * MiB, reset=True)
 
 

@@ -413,25 +413,46 @@ async def test_response_too_large_for_the_cache_is_served_unstored(tmp_path: Any
         assert site.calls == 2
 
 
-async def test_lifespan_shutdown_closes_the_cache_the_middleware_opened(cache_path: str) -> None:
-    async def app(scope: Any, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-
-    middleware = CacheMiddleware(app, path=cache_path, size="1MiB")
-    cache = middleware.rules.open()
+async def _lifespan(middleware: CacheMiddleware) -> list[MutableMapping[str, Any]]:
+    """Run the lifespan protocol through `middleware`; the messages it sent."""
     messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-    sent: list[str] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, str]:
         return next(messages)
 
     async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message["type"])
+        sent.append(message)
 
     await middleware({"type": "lifespan"}, receive, send)
-    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-    assert cache.cache.closed
+    return sent
+
+
+async def _lifespan_app(scope: Any, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+async def test_lifespan_opens_the_cache_at_startup_and_closes_it_at_shutdown(
+    cache_path: str,
+) -> None:
+    middleware = CacheMiddleware(_lifespan_app, path=cache_path, size="1MiB")
+    sent = await _lifespan(middleware)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    created = await anyio.Path(cache_path).stat()  # at startup, before any request
+    assert created.st_size == 1 << 20
+    assert middleware.rules.cache._cache is None  # closed (and forgotten) at shutdown
+
+
+async def test_a_cache_file_that_cannot_be_opened_fails_the_startup(cache_path: str) -> None:
+    """A file created with other settings stops the worker at startup, with the
+    reason, instead of failing every request."""
+    aiovmc.Cache(cache_path, size="2MiB").close()
+    middleware = CacheMiddleware(_lifespan_app, path=cache_path, size="1MiB")
+    startup, _shutdown = await _lifespan(middleware)
+    assert startup["type"] == "lifespan.startup.failed"
+    reason = f"aiovmc CacheMiddleware: {cache_path} holds a cache of 2097152 bytes"
+    assert reason in startup["message"]

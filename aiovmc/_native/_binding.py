@@ -26,7 +26,7 @@ except ModuleNotFoundError as exc:
         "pip builds the core, which needs a C compiler and the Python headers"
     ) from None
 
-__all__ = ["ffi", "lib"]
+__all__ = ["_aiovmc_native", "ffi", "lib"]
 
 
 def _checkout_native_dir() -> Path | None:

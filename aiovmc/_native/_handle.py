@@ -11,6 +11,11 @@ value there while holding the shard lock, and slicing the buffer builds the
 `bytes` result. A value larger than the buffer is copied by the core straight
 into a fresh `bytes` object of the right size, with the GIL released: one copy
 from the mapping to the result.
+
+On CPython, `get`, `_get_inline` and `in` are replaced by the compiled fast
+path of native/vmc_fast.c (a result built in one copy, with no scratch
+buffer), unless the environment sets AIOVMC_PURE_CFFI=1; `FAST_PATH` says
+which path is in use. The methods below are the pure cffi binding.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
-from ._binding import ffi, lib
+from ._binding import _aiovmc_native, ffi, lib
 from ._status import error_for, raise_for
 
 if TYPE_CHECKING:
@@ -34,6 +39,7 @@ __all__ = [
     "END_FAILED",
     "END_NONE",
     "END_VALUE",
+    "FAST_PATH",
     "FLIGHT_FULL",
     "FLIGHT_LEAD",
     "FLIGHT_NONE",
@@ -157,7 +163,7 @@ def peek(path: str) -> tuple[Any, int, int]:
 class Handle:
     """An open cache file, mapped. Thread-safe: the core locks, not the GIL."""
 
-    __slots__ = ("__weakref__", "_base", "_h", "_mmap", "info")
+    __slots__ = ("__weakref__", "_base", "_fast", "_h", "_mmap", "info")
 
     _on_evict: Any  # provided by the subclass: None, or a callable
 
@@ -206,6 +212,7 @@ class Handle:
             lib.vmc_close(handle)
             raise_for(status)
         self._h = handle
+        self._fast = _aiovmc_native.FastHandle(handle) if FAST_PATH else None
         self._mmap: mmap.mmap | None = mapping
         self._base: Any = base
         self.info = NativeInfo(info)
@@ -703,3 +710,25 @@ class Handle:
     def closed(self) -> bool:
         """True once `close()` has been called."""
         return self._mmap is None
+
+
+def _install_fast_path() -> bool:
+    """Put the compiled `get` of native/vmc_fast.c in place of `Handle.get`:
+    True if done; False on PyPy, or when AIOVMC_PURE_CFFI=1 asks for the pure
+    cffi binding (the two paths behave alike; the tests run on both)."""
+    if os.environ.get("AIOVMC_PURE_CFFI") == "1":
+        return False
+    status = lib.vmc_fast_install()
+    if status == 0:  # not CPython
+        return False
+    if status < 0:
+        raise ImportError(
+            "aiovmc's compiled fast path failed to install (the error is printed above); "
+            "AIOVMC_PURE_CFFI=1 runs on the pure cffi binding instead"
+        )
+    for name, method in _aiovmc_native.fast_bind(Handle, encode_key, raise_for).items():
+        setattr(Handle, name, method)
+    return True
+
+
+FAST_PATH = _install_fast_path()

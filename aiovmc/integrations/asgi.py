@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from .._async_cache import AsyncCache
+from .._errors import AiovmcError
 from ._http import (
     DEFAULT_STATUSES,
     UNSAFE_METHODS,
@@ -90,7 +91,7 @@ class CacheMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._closing_at_shutdown(send))
+            await self.app(scope, receive, self._lifespan_send(send))
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -128,16 +129,24 @@ class CacheMiddleware:
                 return
         await self.app(scope, receive, send)  # not found, not storable: the app answers
 
-    def _closing_at_shutdown(self, send: Send) -> Send:
-        """`send` for the lifespan scope: the cache this middleware opened is
-        closed once the app has shut down."""
+    def _lifespan_send(self, send: Send) -> Send:
+        """`send` for the lifespan scope: the cache is opened when the app has started
+        (a file that cannot be opened fails the startup, with the reason, rather than
+        every request), and the cache this middleware opened is closed once the app
+        has shut down."""
 
-        async def closing(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    self.rules.open()
+                except (AiovmcError, OSError) as exc:
+                    message = {"type": "lifespan.startup.failed",
+                               "message": f"aiovmc CacheMiddleware: {exc}"}
+            elif message["type"] == "lifespan.shutdown.complete":
                 await self.rules.cache.aclose()
             await send(message)
 
-        return closing
+        return lifespan_send
 
     async def _reply(self, outcome: Outcome, request: Request, send: Send) -> None:
         assert outcome.entry is not None

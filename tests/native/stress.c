@@ -3,7 +3,8 @@
  * Built from the core's sources by tests/test_native_stress.py (and .ci/run)
  * with -fsanitize=thread, or address,undefined; run as
  *     stress PATH THREADS SECONDS_x100
- * Every operation of vmc.h (host-wide single-flight included) runs
+ * Every operation of vmc.h (host-wide single-flight included), and the
+ * no-wait calls of the CPython fast path (vmc_cache.h), runs
  * concurrently on a few keys, with values large
  * enough to take the unlocked copy path and the scattered allocation. Values
  * verify themselves: [key id u64][seq u64] then bytes derived from both; a get
@@ -21,11 +22,26 @@
 #include <unistd.h>
 
 #include "vmc.h"
+#include "vmc_cache.h" /* vmc_get_sink, vmc_contains_now: the fast path's no-wait calls */
 
 #define KEYS 48
 #define MAX_VALUE (600u * 1024)
 
 static vmc_cache *cache;
+
+/* A sink as vmc_fast.c's: the destination for values of at most 64 KiB. */
+struct buf_sink {
+    struct vmc_sink base;
+    char *buf;
+    bool copied;
+};
+
+static char *buf_dst(struct vmc_sink *sink, uint64_t len)
+{
+    struct buf_sink *b = (struct buf_sink *)sink;
+    b->copied = len <= VMC_SCRATCH_SIZE;
+    return b->copied ? b->buf : NULL;
+}
 static atomic_int failures;
 static atomic_long seq_counter;
 static double deadline;
@@ -92,12 +108,21 @@ static void *worker(void *arg)
         int klen = snprintf(key, sizeof key, "key-%llu", (unsigned long long)id);
         unsigned op = (unsigned)rand_r(&r) % 100;
         long n;
-        if (op < 35) {
+        if (op < 20) {
             n = (long)vmc_get(cache, key, (size_t)klen, buf, MAX_VALUE, 0, VMC_F_WHOLE);
             if (n >= 0)
                 verify(buf, (size_t)n, id);
             else if (n != VMC_MISS)
                 fail("get", id, n);
+        } else if (op < 35) { /* as vmc_fast.c: values up to 64 KiB copied under the lock */
+            struct buf_sink sink = {{buf_dst}, buf, false};
+            n = (long)vmc_get_sink(cache, key, (size_t)klen, &sink.base);
+            if (n == VMC_BUSY)
+                n = (long)vmc_get(cache, key, (size_t)klen, NULL, 0, 0, VMC_F_WHOLE);
+            else if (n >= 0 && sink.copied)
+                verify(buf, (size_t)n, id);
+            if (n < 0 && n != VMC_MISS)
+                fail("get_sink", id, n);
         } else if (op < 60) {
             size_t size = pick_size(&r);
             fill(val, size, id, (uint64_t)atomic_fetch_add(&seq_counter, 1));
@@ -136,8 +161,9 @@ static void *worker(void *arg)
                 fail("get part", id, n);
         } else if (op < 95) {
             struct vmc_stats st;
+            int now = vmc_contains_now(cache, key, (size_t)klen);
             if (vmc_statistics(cache, &st) < 0 || vmc_count(cache) < 0 ||
-                vmc_contains(cache, key, (size_t)klen) < 0)
+                vmc_contains(cache, key, (size_t)klen) < 0 || (now < 0 && now != VMC_BUSY))
                 fail("statistics", id, 0);
         } else if (op < 97) {
             if (vmc_purge_shard(cache, (int)(id % 64)) < 0)

@@ -1,0 +1,400 @@
+/* vmc_fast.c -- the CPython fast path: `get`, `_get_inline` and `in` as C-API methods.
+ *
+ * The cffi binding pays, per get, a cffi call that releases and retakes the
+ * GIL, and a per-thread scratch buffer (with a re-entrancy flag) from which
+ * the result is sliced: two copies. Here the result is a bytes object
+ * allocated under the shard lock once the value's length is known, and the
+ * value is copied into it (and verified against its checksum) in one pass,
+ * with the GIL held throughout. That is safe because nothing holding a shard
+ * lock ever waits for the GIL (no core code calls Python, and allocating a
+ * bytes object runs no Python code), and it never stalls the process's other
+ * threads behind another process: vmc_get_sink only *tries* the shard lock
+ * and backs off (VMC_BUSY) rather than wait for it, for a repair or for the
+ * pool lock; this file then releases the GIL and takes the same path as the
+ * cffi binding (vmc_get to count and size, then a quiet copy into a bytes
+ * object of that size). Values above VMC_SCRATCH_SIZE take that path too, so
+ * that no long copy runs with the GIL held.
+ *
+ * `_get_inline` (AsyncCache's get on the loop) and `in` go the same way.
+ *
+ * Installation goes through the one cffi-declared function vmc_fast_install():
+ * cffi cannot declare PyObject, so it adds to this module (_aiovmc_native,
+ * found in sys.modules) the C-API functions the Python side then calls
+ * itself: `FastHandle(cdata)`, which takes a cffi `vmc_cache *` (its type
+ * checked with cffi's own `ffi.typeof`), and `fast_bind(cls, encode_key,
+ * raise_for)`, which returns method descriptors for `cls` (aiovmc's Handle).
+ * The descriptors find the core handle through the instance's `_fast` slot.
+ * On PyPy (cpyext) nothing is installed: the cffi binding is the path there.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "vmc.h"
+#include "vmc_cache.h"
+
+int vmc_fast_install(void);
+
+#ifdef PYPY_VERSION
+
+int vmc_fast_install(void)
+{
+    return 0;
+}
+
+#else
+
+typedef struct {
+    PyObject_HEAD
+    vmc_cache *c;
+    PyObject *cdata; /* the cffi pointer, whose ffi.gc finaliser frees c */
+} FastHandle;
+
+/* Shared by every handle of the process: the names set by install(), the
+ * functions by fast_bind() (before any method it returns can run). */
+static PyObject *str_fast;     /* "_fast" */
+static PyObject *str_missed;   /* "_missed" */
+static PyObject *encode_key;   /* aiovmc._convert.encode_key */
+static PyObject *raise_for;    /* aiovmc._native._status.raise_for */
+
+static PyObject *fast_handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *cdata;
+    if (kwds && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "FastHandle() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O:FastHandle", &cdata))
+        return NULL;
+    PyObject *module = PyImport_ImportModule("_aiovmc_native");
+    if (module == NULL)
+        return NULL;
+    PyObject *ffi = PyObject_GetAttrString(module, "ffi");
+    Py_DECREF(module);
+    if (ffi == NULL)
+        return NULL;
+    PyObject *want = PyObject_CallMethod(ffi, "typeof", "s", "vmc_cache *");
+    PyObject *got = want ? PyObject_CallMethod(ffi, "typeof", "O", cdata) : NULL;
+    PyObject *address = NULL;
+    if (got && got != want)
+        PyErr_Format(PyExc_TypeError, "FastHandle() takes a cffi 'vmc_cache *', not %R", got);
+    else if (got)
+        address = PyObject_CallMethod(ffi, "cast", "sO", "uintptr_t", cdata);
+    Py_XDECREF(want);
+    Py_XDECREF(got);
+    Py_DECREF(ffi);
+    if (address == NULL)
+        return NULL;
+    PyObject *number = PyNumber_Long(address); /* a cffi integer: int() it */
+    Py_DECREF(address);
+    if (number == NULL)
+        return NULL;
+    vmc_cache *c = PyLong_AsVoidPtr(number);
+    Py_DECREF(number);
+    if (c == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "FastHandle() takes a non-NULL handle");
+        return NULL;
+    }
+    FastHandle *self = (FastHandle *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->c = c;
+    self->cdata = Py_NewRef(cdata);
+    return (PyObject *)self;
+}
+
+static void fast_handle_dealloc(FastHandle *self)
+{
+    Py_CLEAR(self->cdata);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject FastHandleType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_aiovmc_native.FastHandle",
+    .tp_basicsize = sizeof(FastHandle),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A core handle (vmc_cache *) as the fast path reads it.",
+    .tp_new = fast_handle_new,
+    .tp_dealloc = (destructor)fast_handle_dealloc,
+};
+
+/* ---- get ---- */
+
+/* A sink that allocates the result: a bytes object of the value's length. */
+struct bytes_sink {
+    struct vmc_sink base;
+    uint64_t max; /* larger values are not copied here */
+    PyObject *result;
+    bool no_memory;
+};
+
+static char *bytes_dst(struct vmc_sink *sink, uint64_t len)
+{
+    struct bytes_sink *b = (struct bytes_sink *)sink;
+    if (b->result && (uint64_t)PyBytes_GET_SIZE(b->result) == len)
+        return PyBytes_AS_STRING(b->result); /* a later round, the same length */
+    Py_CLEAR(b->result); /* a bytes object: no finaliser runs */
+    if (len > b->max)
+        return NULL; /* copied later with the GIL released, or not at all */
+    b->result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (b->result == NULL) {
+        b->no_memory = true;
+        return NULL;
+    }
+    return PyBytes_AS_STRING(b->result);
+}
+
+/* raise_status -- the exception of a failed core call, through the one mapping. */
+static PyObject *raise_status(int64_t status)
+{
+    PyObject *code = PyLong_FromLongLong(status);
+    if (code == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallOneArg(raise_for, code);
+    Py_DECREF(code);
+    Py_XDECREF(r); /* raise_for always raises */
+    return NULL;
+}
+
+/* copy_whole -- a value of known size, copied quietly (no statistics, no LRU
+ * touch) with the GIL released into a new bytes object; NULL with *status
+ * set if it has gone (VMC_MISS) or the copy failed, NULL with an exception
+ * if out of memory. */
+static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t size,
+                            int64_t *status)
+{
+    for (;;) {
+        PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+        if (out == NULL)
+            return NULL;
+        char *dst = PyBytes_AS_STRING(out);
+        int64_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = vmc_get(c, key, klen, dst, (size_t)size, 0, VMC_F_WHOLE | VMC_F_QUIET);
+        Py_END_ALLOW_THREADS
+        if (n == size)
+            return out;
+        Py_DECREF(out);
+        if (n < 0) {
+            *status = n;
+            return NULL;
+        }
+        size = n; /* replaced by a value of another size meanwhile: again */
+    }
+}
+
+/* lookup -- a counted get of key, as Handle._get_inline: the value as bytes
+ * if it has at most `limit` bytes; else NULL with *status set to its size
+ * (counted, not copied), to VMC_MISS or to a failure; or NULL with an
+ * exception (out of memory). */
+static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit, int64_t *status)
+{
+    uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
+    struct bytes_sink sink = {{bytes_dst}, max, NULL, false};
+    int64_t n = vmc_get_sink(c, k, klen, &sink.base);
+    if (n >= 0 && sink.result) /* the hit, copied and verified under the lock */
+        return sink.result;
+    if (sink.no_memory)
+        return NULL;
+    Py_CLEAR(sink.result);
+    if (n == VMC_BUSY) { /* it would wait: wait without the GIL */
+        Py_BEGIN_ALLOW_THREADS
+        n = vmc_get(c, k, klen, NULL, 0, 0, VMC_F_WHOLE);
+        Py_END_ALLOW_THREADS
+    }
+    if (n >= 0 && n <= limit) { /* counted, not copied: too large for the GIL held */
+        PyObject *result = copy_whole(c, k, klen, n, &n);
+        if (result || PyErr_Occurred())
+            return result;
+    }
+    *status = n;
+    return NULL;
+}
+
+/* handle_of -- the core handle of self (its `_fast` slot), as a new reference. */
+static FastHandle *handle_of(PyObject *self)
+{
+    PyObject *fast = PyObject_GetAttr(self, str_fast);
+    if (fast && !Py_IS_TYPE(fast, &FastHandleType)) {
+        PyErr_Format(PyExc_TypeError, "%R has no fast handle", self);
+        Py_CLEAR(fast);
+    }
+    return (FastHandle *)fast;
+}
+
+/* get(key, default=None): as Handle.get in aiovmc/_native/_handle.py. */
+static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames)
+{
+    static const char *const names[] = {"key", "default"};
+    PyObject *given[2] = {NULL, Py_None};
+    if (nargs > 2)
+        return PyErr_Format(PyExc_TypeError, "get() takes at most 2 arguments (%zd given)",
+                            nargs);
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        given[i] = args[i];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        int at = PyUnicode_CompareWithASCIIString(name, names[0]) == 0   ? 0
+                 : PyUnicode_CompareWithASCIIString(name, names[1]) == 0 ? 1
+                                                                          : -1;
+        if (at < 0 || (at < nargs))
+            return PyErr_Format(PyExc_TypeError, "get() got an unexpected or repeated "
+                                                 "keyword argument %R", name);
+        given[at] = args[nargs + i];
+    }
+    if (given[0] == NULL)
+        return PyErr_Format(PyExc_TypeError, "get() missing required argument 'key'");
+
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    vmc_cache *c = fast->c;
+    PyObject *key = given[0];
+    PyObject *result = NULL;
+    if (PyBytes_CheckExact(key))
+        Py_INCREF(key);
+    else if ((key = PyObject_CallOneArg(encode_key, key)) == NULL)
+        goto done;
+    const char *k = PyBytes_AS_STRING(key);
+    size_t klen = (size_t)PyBytes_GET_SIZE(key);
+
+    int64_t n = 0;
+    if ((result = lookup(c, k, klen, INT64_MAX, &n)) || PyErr_Occurred())
+        goto done;
+    if (n == VMC_MISS) {
+        PyObject *call[4] = {NULL, self, key, given[1]};
+        result = PyObject_VectorcallMethod(str_missed, call + 1,
+                                           3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    } else {
+        result = raise_status(n);
+    }
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+/* _get_inline(key, limit): as Handle._get_inline (key: bytes). */
+static PyObject *fast_get_inline(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1]))
+        return PyErr_Format(PyExc_TypeError, "_get_inline(key: bytes, limit: int)");
+    int64_t limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    int64_t n = 0;
+    PyObject *result = lookup(fast->c, PyBytes_AS_STRING(args[0]),
+                              (size_t)PyBytes_GET_SIZE(args[0]), limit, &n);
+    Py_DECREF(fast);
+    if (result || PyErr_Occurred())
+        return result;
+    if (n >= 0)
+        return PyLong_FromLongLong(n);
+    if (n == VMC_MISS)
+        Py_RETURN_NONE;
+    return raise_status(n);
+}
+
+static PyMethodDef get_inline_def = {
+    "_get_inline", (PyCFunction)(void (*)(void))fast_get_inline, METH_FASTCALL,
+    "_get_inline(key, limit)\n--\n\nA hit of at most `limit` bytes as bytes; a larger "
+    "hit as its size (not copied); a miss as None. Counts the get either way."};
+
+/* __contains__(key): as Handle.__contains__. */
+static PyObject *fast_contains(PyObject *self, PyObject *key)
+{
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    if (PyBytes_CheckExact(key))
+        Py_INCREF(key);
+    else if ((key = PyObject_CallOneArg(encode_key, key)) == NULL)
+        goto done;
+    const char *k = PyBytes_AS_STRING(key);
+    size_t klen = (size_t)PyBytes_GET_SIZE(key);
+    int rc = vmc_contains_now(fast->c, k, klen);
+    if (rc == VMC_BUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = vmc_contains(fast->c, k, klen);
+        Py_END_ALLOW_THREADS
+    }
+    result = rc < 0 ? raise_status(rc) : Py_NewRef(rc ? Py_True : Py_False);
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef contains_def = {
+    "__contains__", fast_contains, METH_O,
+    "Whether key is present and unexpired; counts nothing, touches nothing."};
+
+static PyMethodDef get_def = {
+    "get", (PyCFunction)(void (*)(void))fast_get, METH_FASTCALL | METH_KEYWORDS,
+    "get(key, default=None)\n--\n\nThe value of `key` as bytes; on a miss the loader's "
+    "result (see `Cache`), else `default` (the compiled fast path)."};
+
+/* fast_bind(cls, encode_key, raise_for) -> {name: method descriptor of cls} */
+static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyType_Check(args[0]))
+        return PyErr_Format(PyExc_TypeError, "fast_bind(cls, encode_key, raise_for)");
+    Py_XSETREF(encode_key, Py_NewRef(args[1]));
+    Py_XSETREF(raise_for, Py_NewRef(args[2]));
+    PyObject *methods = PyDict_New();
+    PyMethodDef *defs[] = {&get_def, &get_inline_def, &contains_def};
+    for (size_t i = 0; methods && i < sizeof defs / sizeof defs[0]; i++) {
+        PyObject *method = PyDescr_NewMethod((PyTypeObject *)args[0], defs[i]);
+        if (method == NULL || PyDict_SetItemString(methods, defs[i]->ml_name, method) < 0)
+            Py_CLEAR(methods);
+        Py_XDECREF(method);
+    }
+    return methods;
+}
+
+static PyMethodDef fast_bind_def = {
+    "fast_bind", (PyCFunction)(void (*)(void))fast_bind, METH_FASTCALL,
+    "fast_bind(cls, encode_key, raise_for)\n--\n\nThe fast path's methods for cls."};
+
+static int install(void)
+{
+    if (str_fast == NULL && (str_fast = PyUnicode_InternFromString("_fast")) == NULL)
+        return -1;
+    if (str_missed == NULL && (str_missed = PyUnicode_InternFromString("_missed")) == NULL)
+        return -1;
+    if (PyType_Ready(&FastHandleType) < 0)
+        return -1;
+    PyObject *module = PyImport_ImportModule("_aiovmc_native");
+    if (module == NULL)
+        return -1;
+    PyObject *bind = PyCFunction_NewEx(&fast_bind_def, NULL, NULL);
+    int rc = bind == NULL ? -1
+             : PyObject_SetAttrString(module, "FastHandle", (PyObject *)&FastHandleType) < 0
+                 ? -1
+                 : PyObject_SetAttrString(module, "fast_bind", bind);
+    Py_XDECREF(bind);
+    Py_DECREF(module);
+    return rc;
+}
+
+/* vmc_fast_install -- called through cffi, which released the GIL: 1 when
+ * _aiovmc_native.FastHandle and .fast_bind are in place, -1 if that failed
+ * (the exception was reported through sys.unraisablehook), 0 on PyPy. */
+int vmc_fast_install(void)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = install();
+    if (rc < 0)
+        PyErr_WriteUnraisable(NULL);
+    PyGILState_Release(gil);
+    return rc < 0 ? -1 : 1;
+}
+
+#endif
