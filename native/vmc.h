@@ -252,10 +252,13 @@ int64_t vmc_flights_in_use(vmc_cache *c);
 /* Add to the file-wide counters; coalesced_hits gets of `key` turn from misses into hits. */
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
                     uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
-/* vmc_dup_fd -- a new descriptor (close-on-exec) of the handle's file, for a
- * mapping of the caller's own; the caller closes it. The descriptor (>= 0);
- * VMC_E_OS. */
-int vmc_dup_fd(vmc_cache *c);
+/* vmc_map_fd -- a new descriptor (close-on-exec) of the handle's file, on an open
+ * file description of its own, for a mapping of the caller's; the caller closes
+ * it. Not a dup: a dup shares the handle's description, and with it the handle's
+ * OFD locks (liveness, owner), which would then stay held as long as anything
+ * keeps that copy -- Python's mmap keeps a dup of the descriptor it maps, and a
+ * forked child inherits it. The descriptor (>= 0); VMC_E_CLOSED; VMC_E_OS. */
+int vmc_map_fd(vmc_cache *c);
 /* vmc_detach_view -- replace [addr, addr+len) (page aligned), a separate
  * mapping the caller made of a reservation's pages to hand out its buffer, by
  * private anonymous memory: views of that buffer that outlive the reservation

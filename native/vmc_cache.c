@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -1241,11 +1242,13 @@ int vmc_cancel(vmc_cache *c, uint64_t reservation)
     return rc;
 }
 
-int vmc_dup_fd(vmc_cache *c)
+int vmc_map_fd(vmc_cache *c)
 {
     ENTER(c); /* vmc_close waits: the descriptor cannot be closed (and reused) meanwhile */
-    int fd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
-    int rc = fd >= 0 ? fd : vmc_fail_errno("fcntl(F_DUPFD_CLOEXEC)", c->path);
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", c->fd);
+    int fd = open(self, O_RDWR | O_CLOEXEC); /* a description of its own, without locks */
+    int rc = fd >= 0 ? fd : vmc_fail_errno("open", self);
     leave(c);
     return rc;
 }

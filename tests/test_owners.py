@@ -167,3 +167,48 @@ def test_a_damaged_owner_counter_starts_again(cache_path: str) -> None:
             r = second.reserve(b"k", 1000)
             assert _used(cache_path) > 0  # second is alive: its reservation is kept
             r.cancel()
+
+
+# Fork a helper child (it outlives us, never touching the cache), then hold a
+# reservation and lead a load, and say so; the test SIGKILLs us.
+_FORKING_OWNER = """
+import os, sys, threading, time
+from aiovmc import Cache
+cache = Cache(sys.argv[1], on_miss=lambda key: (print("loading", flush=True), time.sleep(600)))
+helper = os.fork()
+if helper == 0:  # e.g. a pool worker: it only reads stdin, until EOF
+    sys.stdin.read()
+    os._exit(0)
+r = cache.reserve(b"owned", 65536)
+print("helper", helper, flush=True)
+threading.Thread(target=cache.get, args=(b"loading",), daemon=True).start()
+time.sleep(600)
+"""
+
+
+def test_a_forked_child_does_not_keep_a_dead_owner_alive(cache_path: str) -> None:
+    """Python's mmap keeps a dup of the descriptor it maps; were it the handle's own,
+    a forked child would keep the handle's owner lock held after the owner died:
+    no takeover of its load (waiters waited for their load_timeout, forever with
+    None) and no reclaim of its reservation while the child lives."""
+    Cache(cache_path, size="4MiB").close()
+    with Cache(cache_path) as keeper:
+        owner = subprocess.Popen([sys.executable, "-c", _FORKING_OWNER, cache_path],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None and owner.stdin is not None
+        try:
+            helper = int(owner.stdout.readline().split()[1])
+            assert owner.stdout.readline().strip() == "loading"
+            assert keeper.statistics().used_bytes > 0
+            owner.kill()
+            owner.wait(WAIT)
+            os.kill(helper, 0)  # the child lives on
+            assert _used(cache_path) == 0  # the dead owner's reservation is reclaimed
+            with Cache(cache_path, on_miss=lambda key: b"taken over", load_timeout=None) as w:
+                assert w.get(b"loading") == b"taken over"  # a hang here is the defect
+                assert w.statistics().load_takeovers == 1
+        finally:
+            owner.kill()
+            owner.stdin.close()  # lets the helper go
+            owner.stdout.close()
+            owner.wait(WAIT)

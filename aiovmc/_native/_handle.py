@@ -112,6 +112,18 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def _map(fd: int, length: int, offset: int) -> mmap.mmap:
+    """A shared mapping of the file open on `fd`, a descriptor on an open file
+    description of its own (see `vmc_map_fd`), which this closes: mmap keeps a dup
+    of what it maps, and a dup of the handle's own descriptor would keep the
+    handle's OFD locks held in every forked child, after the handle itself has
+    re-locked or died."""
+    try:
+        return mmap.mmap(fd, length, mmap.MAP_SHARED, offset=offset)
+    finally:
+        os.close(fd)
+
+
 class NativeInfo:
     """What the file says about itself, read once at open."""
 
@@ -201,7 +213,9 @@ class Handle:
         if status < 0:
             raise_for(status)
         try:
-            mapping = mmap.mmap(info.fd, info.file_size, mmap.MAP_SHARED)
+            # vmc_map_fd's reopen, before the handle is attached (and usable).
+            own = os.open(f"/proc/self/fd/{info.fd}", os.O_RDWR | os.O_CLOEXEC)
+            mapping = _map(own, info.file_size, 0)
         except BaseException:
             lib.vmc_abort(out[0])
             raise
@@ -629,13 +643,10 @@ class Handle:
         if size == 0:
             return None, memoryview(bytearray())
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        fd = lib.vmc_dup_fd(self._h)
+        fd = lib.vmc_map_fd(self._h)
         if fd < 0:
             raise_for(fd)
-        try:
-            mapping = mmap.mmap(fd, offset + size - start, mmap.MAP_SHARED, offset=start)
-        finally:
-            os.close(fd)
+        mapping = _map(fd, offset + size - start, start)
         return mapping, memoryview(mapping)[offset - start : offset - start + size]
 
     @staticmethod
