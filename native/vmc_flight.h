@@ -23,7 +23,6 @@
 
 #include "vmc_handle.h"
 
-#define VMC_FLIGHT_PROBES 16u                /* slots a key may use, from its home slot */
 
 /* ---- used by the rest of the core ---- */
 int vmc_owner_take(vmc_cache *c);                 /* at attach and after fork */
