@@ -24,6 +24,7 @@ import os
 import platform
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -401,50 +402,51 @@ def fs_type(path: str) -> str:
 
 
 class RedisServer:
-    """A private redis-server on a unix socket, no persistence; stopped by ``stop``."""
+    """A private redis-server, no persistence, stopped by ``stop``: on a unix socket,
+    or with ``tcp=True`` on a free 127.0.0.1 port (for clients that take only a
+    host and port). ``url`` says where it listens."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tcp: bool = False) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="aiovmc-bench-redis-", dir="/tmp")
         self.sock = os.path.join(self.dir, "redis.sock")
+        self.port = 0
+        if tcp:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        if self.port:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.sock}"
 
     @staticmethod
     def available() -> bool:
         return shutil.which("redis-server") is not None
 
     def start(self) -> Any:
+        """Start the server; a connected redis-py client once it answers."""
         import redis
 
+        where = (["--port", str(self.port), "--bind", "127.0.0.1"] if self.port
+                 else ["--port", "0", "--unixsocket", self.sock, "--unixsocketperm", "700"])
         self.proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                "0",
-                "--unixsocket",
-                self.sock,
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--maxmemory",
-                "0",
-            ],
+            [shutil.which("redis-server") or "redis-server", *where, "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--maxmemory", "0"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            if os.path.exists(self.sock):
-                try:
-                    client = redis.Redis(unix_socket_path=self.sock)
-                    client.ping()
-                    return client
-                except redis.exceptions.ConnectionError:
-                    pass
+            client = (redis.Redis(host="127.0.0.1", port=self.port) if self.port
+                      else redis.Redis(unix_socket_path=self.sock))
+            try:
+                client.ping()
+                return client
+            except redis.exceptions.ConnectionError:
+                client.close()
             if self.proc.poll() is not None:
                 break
             time.sleep(0.02)

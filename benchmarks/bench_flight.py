@@ -30,15 +30,21 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 import time
 from typing import Any
 
-from _common import Check, FamilyResult, Settings, median, peer, percentile, print_checks, say
+from _common import (
+    Check,
+    FamilyResult,
+    RedisServer,
+    Settings,
+    median,
+    peer,
+    percentile,
+    print_checks,
+    say,
+)
 
 NAME = "flight"
 TITLE = "Host-wide single-flight: one cold key asked by 4 processes × 100 tasks"
@@ -47,53 +53,6 @@ N_TASKS = 100
 LOAD_S = 0.05
 LONG_LOAD_S = 2.0
 VALUE = b"v" * 100
-
-
-# --------------------------------------------------------------------------- redis on TCP
-
-
-class _TcpRedis:
-    """A private redis-server on 127.0.0.1 (a free port), no persistence."""
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir = tempfile.mkdtemp(prefix="aiovmc-bench-redis-")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-
-    def start(self) -> str:
-        import redis
-
-        exe = shutil.which("redis-server") or "redis-server"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(host="127.0.0.1", port=self.port).ping()
-                return f"redis://127.0.0.1:{self.port}/0"
-            except redis.exceptions.ConnectionError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("redis-server did not come up")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- workers
@@ -297,11 +256,12 @@ def run(settings: Settings, aiovmc: Any) -> FamilyResult:
     ctx = mp.get_context("spawn")
     rounds = settings.rounds
     path = os.path.join("/dev/shm", f"aiovmc-bench-flight-{os.getpid()}.cache")
-    redis_server = _TcpRedis() if shutil.which("redis-server") else None
+    redis_server = RedisServer(tcp=True) if RedisServer.available() else None
     url = None
     try:
         if redis_server is not None:
-            url = redis_server.start()
+            redis_server.start().close()
+            url = redis_server.url
         else:
             res.note("no redis-server on PATH: cashews and aiocache skipped")
 

@@ -252,6 +252,19 @@ static int validate_header(const struct vmc_header *h, uint64_t size, const char
     return VMC_OK;
 }
 
+/* read_header -- read and validate the header of the file open on fd, whose size
+ * is size: VMC_OK; VMC_E_FORMAT (too small, foreign, another version, corrupt);
+ * VMC_E_OS. */
+static int read_header(int fd, off_t size, const char *path, struct vmc_header *h)
+{
+    if ((uint64_t)size < sizeof *h)
+        return vmc_fail(VMC_E_FORMAT, "%s is too small (%lld bytes) to be an aiovmc cache file",
+                        path, (long long)size);
+    if (pread(fd, h, sizeof *h, 0) != (ssize_t)sizeof *h)
+        return vmc_fail_errno("pread", path);
+    return validate_header(h, (uint64_t)size, path);
+}
+
 static int reserve_space(int fd, uint64_t size, const char *path)
 {
     int rc = posix_fallocate(fd, 0, (off_t)size);
@@ -452,16 +465,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
             goto fail;
         }
     }
-    if ((uint64_t)st.st_size < sizeof h) {
-        rc = vmc_fail(VMC_E_FORMAT, "%s is too small (%lld bytes) to be an aiovmc cache file",
-                      path, (long long)st.st_size);
-        goto fail;
-    }
-    if (pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
-        rc = vmc_fail_errno("pread", path);
-        goto fail;
-    }
-    if ((rc = validate_header(&h, (uint64_t)st.st_size, path)) < 0)
+    if ((rc = read_header(fd, st.st_size, path, &h)) < 0)
         goto fail;
     if (cfg && cfg->size && round_up(cfg->size, VMC_PAGE) != h.file_size) {
         rc = vmc_fail(VMC_E_CONFIG,
@@ -679,16 +683,7 @@ int vmc_peek(const char *path, struct vmc_stats *out, uint64_t *times)
         rc = vmc_fail_errno("fcntl(F_OFD_SETLKW)", path);
         goto out;
     }
-    if ((uint64_t)st.st_size < sizeof h) {
-        rc = vmc_fail(VMC_E_FORMAT, "%s is too small (%lld bytes) to be an aiovmc cache file",
-                      path, (long long)st.st_size);
-        goto out;
-    }
-    if (pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
-        rc = vmc_fail_errno("pread", path);
-        goto out;
-    }
-    if ((rc = validate_header(&h, (uint64_t)st.st_size, path)) < 0)
+    if ((rc = read_header(fd, st.st_size, path, &h)) < 0)
         goto out;
     base = mmap(NULL, h.file_size, PROT_READ, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) {
