@@ -260,6 +260,9 @@ async def test_redis_killed_and_restarted(redis_server: RedisServer, hosts: Any)
         await listening(a)
         await listening(b)
         await a.put(b"k", b"v1")
+        # b applies a's invalidation of k in its own time; wait for it, or it could
+        # drop the copy b is about to read into its L1.
+        await eventually(lambda: b.statistics().invalidations >= 1, "b to apply a's put")
         assert await b.get(b"k") == b"v1"
         redis_server.kill()
         with anyio.fail_after(5 * TIMEOUT):
