@@ -1,6 +1,7 @@
 """The binding to the C core. Only this package touches cffi's `ffi` and `lib`."""
 
 from ._handle import (
+    ADD,
     END_FAILED,
     END_NONE,
     END_VALUE,
@@ -11,6 +12,7 @@ from ._handle import (
     FLIGHT_TAKEOVER,
     FLIGHT_VALUE,
     FLIGHT_WAIT,
+    NO_REPAIR,
     SCRATCH_SIZE,
     Handle,
     NativeInfo,
@@ -21,6 +23,7 @@ from ._handle import (
 from ._status import ERRORS, raise_for
 
 __all__ = [
+    "ADD",
     "END_FAILED",
     "END_NONE",
     "END_VALUE",
@@ -32,6 +35,7 @@ __all__ = [
     "FLIGHT_TAKEOVER",
     "FLIGHT_VALUE",
     "FLIGHT_WAIT",
+    "NO_REPAIR",
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
