@@ -1,0 +1,166 @@
+"""Repairs stay off the event loop (docs/design.md, "Repair off the event loop").
+
+A process SIGKILLed while holding a lock of the file leaves it to be repaired:
+a stop-the-world rebuild, O(pool). `Cache` repairs on the calling thread; the
+calls `AsyncCache` makes on the loop (`CacheCore`'s inline calls) answer
+`RepairNeeded` instead, and `AsyncCache` runs the repair in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import aiovmc
+from aiovmc._cache import CacheCore
+from aiovmc._errors import RepairNeeded
+from aiovmc._native._binding import ffi
+
+from .helpers import WAIT, check_value, make_value, read_header
+
+N = 200
+
+
+def _lock_and_die(base: int, offset: int) -> None:
+    """Take a lock of the file and die holding it (a process SIGKILLed mid-operation)."""
+    libc = ctypes.CDLL(None)
+    libc.pthread_mutex_lock(ctypes.c_void_p(base + offset))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fill(cache: aiovmc.Cache) -> None:
+    for i in range(N):
+        key = b"e%d" % i
+        cache.put(key, make_value(key, i, 300))
+
+
+def _kill_holding_every_shard_lock(cache: aiovmc.Cache, path: str) -> None:
+    """A forked process takes every shard lock, and is SIGKILLed holding them:
+    whichever key the next call looks up, its lock's owner is dead."""
+    hdr = read_header(Path(path).read_bytes()[:4096])
+    base = int(ffi.cast("uintptr_t", cache._base))
+    shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
+    ctx = multiprocessing.get_context("fork")
+    for shard in range(64):
+        p = ctx.Process(target=_lock_and_die, args=(base, hdr["shards_off"] + shard * shard_size))
+        p.start()
+        p.join(WAIT)
+        assert p.exitcode == -signal.SIGKILL
+
+
+def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        _kill_holding_every_shard_lock(cache, cache_path)
+        core = CacheCore(cache)
+        value = make_value(b"new", 0, 100)
+        calls = [
+            lambda: core.get_inline(b"e1", 1 << 20),
+            lambda: core.get_entry(b"e2", 1 << 20, inline=True),
+            lambda: core.size(b"e3", inline=True),
+            lambda: core.store(b"new", value, None),
+            lambda: core.store(b"new", value, None, add=True),
+            lambda: core.get_into(b"e4", bytearray(10), 0),
+            lambda: core.delete(b"e5"),
+            lambda: core.evict(b"e6"),
+            core.committed,
+        ]
+        for call in calls:  # each finds the damage, none repairs it: the next finds it too
+            with pytest.raises(RepairNeeded):
+                call()
+        assert b"new" not in cache.keys()  # nothing was stored (keys() repairs first)
+        for i in range(N):  # repaired by keys(): every entry kept, every call answers
+            key = b"e%d" % i
+            assert check_value(key, core.get_inline(key, 1 << 20)) == i
+        assert core.store(b"new", value, None) > 0
+        assert core.delete(b"e5") and core.evict(b"e6")
+        assert len(cache) == N + 1 - 2
+
+
+def test_a_sync_call_repairs_on_its_thread(cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        _kill_holding_every_shard_lock(cache, cache_path)
+        for i in range(N):
+            key = b"e%d" % i
+            assert check_value(key, cache.get(key)) == i
+
+
+@pytest.mark.anyio
+async def test_async_repair_runs_in_a_worker_thread_while_the_loop_runs(
+    anyio_backend: str, cache_path: str
+) -> None:
+    """Several tasks find the damage at once: one repair, in a worker thread,
+    and the loop runs another task while it is in progress (if the repair ran
+    on the loop, that task could not release it and the wait below would fail)."""
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        loop_thread = threading.get_ident()
+        entered, release = threading.Event(), threading.Event()
+        repairs: list[int] = []
+        repair = acache._core.repair
+
+        def spy() -> None:
+            repairs.append(threading.get_ident())
+            entered.set()
+            assert release.wait(WAIT), "the loop did not run while the repair was pending"
+            repair()
+
+        acache._core.repair = spy
+        results: dict[bytes, Any] = {}
+
+        async def get(key: bytes) -> None:
+            results[key] = await acache.get(key)
+
+        async def the_loop_runs() -> None:
+            await anyio.to_thread.run_sync(entered.wait, WAIT)
+            release.set()  # on the loop thread, while the repair waits for it
+
+        keys = [b"e%d" % i for i in range(0, N, 20)]
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(get, key)
+            tg.start_soon(the_loop_runs)
+        assert release.is_set()
+        assert len(repairs) == 1 and repairs[0] != loop_thread
+        for key in keys:
+            check_value(key, results[key])
+        # Every write and read of the loop works on the repaired file.
+        assert await acache.put(b"after", b"v") > 0
+        assert await acache.delete(b"e1")
+        assert await acache.get_many([b"after", b"e2"]) == {
+            b"after": b"v",
+            b"e2": make_value(b"e2", 2, 300),
+        }
+        assert len(repairs) == 1
+
+
+@pytest.mark.anyio
+async def test_async_writes_wait_for_the_repair_too(anyio_backend: str, cache_path: str) -> None:
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        threads: list[int] = []
+        repair = acache._core.repair
+
+        def spy() -> None:
+            threads.append(threading.get_ident())
+            repair()
+
+        acache._core.repair = spy
+        assert await acache.put(b"k", b"v") > 0
+        assert threads and threads[0] != threading.get_ident()
+        assert await acache.get(b"k") == b"v"
+        assert len(acache.cache) == N + 1
