@@ -405,10 +405,17 @@ class AsyncCache:
         try:
             loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl, ran))
         except Exception:
-            ran.count_answer(self._core, k, None)
+            await self._count_answer(ran, k, None)
             raise
-        ran.count_answer(self._core, k, loaded)
+        await self._count_answer(ran, k, loaded)
         return default if loaded is None else loaded
+
+    async def _count_answer(self, ran: LoadMark, key: bytes, value: object) -> None:
+        count = self._core.count_loads
+        try:
+            ran.count_answer(count, key, value)
+        except RepairNeeded:
+            await self._repaired(ran.count_answer, count, key, value)
 
     async def _peek(self, key: bytes) -> bytes | None:
         """The value of `key` if stored, read quietly (no statistics, no LRU
@@ -451,7 +458,11 @@ class AsyncCache:
         self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark, *, takeover: bool
     ) -> bytes | None:
         """Call the loader (counted) and store what it returns; None if nothing."""
-        ran.mark(self._core, key, takeover)
+        count = self._core.count_loads
+        try:
+            ran.mark(count, key, takeover)
+        except RepairNeeded:
+            await self._repaired(ran.mark, count, key, takeover)
         result = loader(key)
         if inspect.isawaitable(result):
             result = await result
@@ -648,6 +659,12 @@ class AsyncCache:
         except RepairNeeded:
             return await self._repaired(self._core.committed)
 
+    async def _persisted(self) -> int:
+        try:
+            return self._core.persisted()
+        except RepairNeeded:
+            return await self._repaired(self._core.persisted)
+
     async def wait_persisted(self, timestamp: int) -> int:
         """Wait until publication ``timestamp`` is durable in the file; return the
         persisted timestamp then (>= ``timestamp``).
@@ -659,8 +676,7 @@ class AsyncCache:
         Cancelling a waiter cancels only its wait; a flush already started
         completes.
         """
-        cache = self._cache
-        persisted = cache.persisted_timestamp
+        persisted = await self._persisted()
         if persisted >= timestamp:
             await anyio.lowlevel.checkpoint()
             return persisted
@@ -669,13 +685,13 @@ class AsyncCache:
             persisted = await self._flushes.run(None, functools.partial(self._flush, timestamp))
             if persisted >= timestamp:
                 return persisted
-            persisted = cache.persisted_timestamp
+            persisted = await self._persisted()
             if persisted >= timestamp:
                 return persisted
 
     async def _flush(self, timestamp: int) -> int:
         """One group flush (the leader's part of `wait_persisted`)."""
-        persisted = self._cache.persisted_timestamp
+        persisted = await self._persisted()
         if persisted >= timestamp:
             return persisted  # a flush that covers us ended while we took over
         return await anyio.to_thread.run_sync(self._cache.persist)

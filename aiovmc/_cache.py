@@ -261,9 +261,9 @@ class Cache(Handle):
         try:
             value = self._loads.run(key, functools.partial(self._load, core, key, loader, ran))
         except Exception:
-            ran.count_answer(core, key, None)
+            ran.count_answer(self._count_loads, key, None)
             raise
-        ran.count_answer(core, key, value)
+        ran.count_answer(self._count_loads, key, value)
         return default if value is None else value
 
     def _load(
@@ -305,7 +305,7 @@ class Cache(Handle):
         takeover: bool,
     ) -> bytes | None:
         """Call the loader (counted) and store its result; None if it gave none."""
-        ran.mark(core, key, takeover)
+        ran.mark(self._count_loads, key, takeover)
         value = loader(key)
         if value is None:
             return None
@@ -600,7 +600,8 @@ class CacheCore:
     layer needs them split (an inline lookup, then a copy off the loop) and
     with one difference: those meant for an event loop's thread (``inline``,
     and every operation below that has no ``inline`` argument but for
-    `fetch`, `repair` and the flight steps) never repair the file. Where
+    `fetch`, `repair` and the flight steps, which never need to) never repair
+    the file. Where
     `Cache`'s would stop the world to rebuild it (O(pool): after a process
     died holding a lock), they raise `RepairNeeded`, having stored nothing;
     the caller runs `repair` where it may wait, then calls again.
@@ -608,7 +609,6 @@ class CacheCore:
 
     __slots__ = (
         "cache",
-        "count_loads",
         "fetch",
         "flight_end",
         "flight_join",
@@ -641,7 +641,6 @@ class CacheCore:
         self.flight_wait: Callable[[Any], None] = cache._flight_wait
         self.flight_kick: Callable[[Any], None] = cache._flight_kick
         self.flight_end: Callable[[Any, int], bool] = cache._flight_end
-        self.count_loads: Callable[..., None] = cache._count_loads
 
     def get_entry(
         self, key: bytes, limit: int, *, inline: bool
@@ -676,6 +675,30 @@ class CacheCore:
     def committed(self) -> int:
         """`Cache.committed_timestamp`."""
         return self.cache._committed(NO_REPAIR)
+
+    def persisted(self) -> int:
+        """`Cache.persisted_timestamp`."""
+        return self.cache._persisted(NO_REPAIR)
+
+    def count_loads(
+        self,
+        key: bytes,
+        *,
+        loader_calls: int = 0,
+        takeovers: int = 0,
+        coalesced: int = 0,
+        coalesced_hits: int = 0,
+    ) -> None:
+        """Add to the file-wide load counters (`CacheStatistics`); counts
+        nothing when it raises."""
+        self.cache._count_loads(
+            key,
+            loader_calls=loader_calls,
+            takeovers=takeovers,
+            coalesced=coalesced,
+            coalesced_hits=coalesced_hits,
+            flags=NO_REPAIR,
+        )
 
 
 def entry_of(found: tuple[bytes, int, int] | int | None) -> CacheEntry | None:

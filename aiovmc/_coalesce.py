@@ -332,15 +332,16 @@ class LoadMark:
     def __init__(self) -> None:
         self.ran = False
 
-    def mark(self, core: CacheCore, key: bytes, takeover: bool) -> None:
-        """The loader is about to be called by the get owning this mark."""
+    def mark(self, count: Callable[..., None], key: bytes, takeover: bool) -> None:
+        """The loader is about to be called by the get owning this mark.
+        `count` adds to the file's load counters (`CacheCore.count_loads`)."""
+        count(key, loader_calls=1, takeovers=int(takeover))
         self.ran = True
-        core.count_loads(key, loader_calls=1, takeovers=int(takeover))
 
-    def count_answer(self, core: CacheCore, key: bytes, value: object) -> None:
+    def count_answer(self, count: Callable[..., None], key: bytes, value: object) -> None:
         """The get owning this mark was answered with `value` (None: no value)."""
         if not self.ran:
-            core.count_loads(key, coalesced=1, coalesced_hits=int(value is not None))
+            count(key, coalesced=1, coalesced_hits=int(value is not None))
 
 
 class HostWave:

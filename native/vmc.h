@@ -268,9 +268,12 @@ int vmc_flight_kick(vmc_cache *c, const struct vmc_ticket *ticket);
 /* End the wave the ticket leads: 1 if it ended it, 0 if it had been taken over. */
 int vmc_flight_end(vmc_cache *c, const struct vmc_ticket *ticket, int outcome);
 int64_t vmc_flights_in_use(vmc_cache *c);
-/* Add to the file-wide counters; coalesced_hits gets of `key` turn from misses into hits. */
+/* vmc_count_loads -- add to the file-wide counters; coalesced_hits gets of
+ * `key` turn from misses into hits. VMC_OK; VMC_E_CONFIG; VMC_E_KEY_TOO_LARGE;
+ * VMC_E_REPAIR (VMC_F_NO_REPAIR: nothing counted). */
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
-                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits,
+                    uint32_t flags);
 /* vmc_map_fd -- a new descriptor (close-on-exec) of the handle's file, on an open
  * file description of its own, for a mapping of the caller's; the caller closes
  * it. Not a dup: a dup shares the handle's description, and with it the handle's
@@ -291,8 +294,9 @@ void vmc_set_clock_offset(int64_t ns);
 /* vmc_committed_timestamp -- T such that every publication up to T is
  * visible (>= 0); VMC_E_REPAIR (VMC_F_NO_REPAIR). */
 int64_t vmc_committed_timestamp(vmc_cache *c, uint32_t flags);
-/* vmc_persisted_timestamp -- the highest timestamp known durable (>= 0). */
-int64_t vmc_persisted_timestamp(vmc_cache *c);
+/* vmc_persisted_timestamp -- the highest timestamp known durable (>= 0);
+ * VMC_E_REPAIR (VMC_F_NO_REPAIR). */
+int64_t vmc_persisted_timestamp(vmc_cache *c, uint32_t flags);
 /* vmc_persist -- flush the file and raise the persisted watermark; returns
  * it (>= 0). VMC_E_OS (msync failed). */
 int64_t vmc_persist(vmc_cache *c);

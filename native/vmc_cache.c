@@ -1196,7 +1196,8 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
 }
 
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
-                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits)
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits,
+                    uint32_t flags)
 {
     int rc = check_key(klen);
     if (rc < 0)
@@ -1204,14 +1205,11 @@ int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_
     if (coalesced_hits > coalesced)
         return vmc_fail(VMC_E_CONFIG, "%u coalesced hits out of %u coalesced gets",
                         coalesced_hits, coalesced);
-    ENTER(c);
-    struct vmc_header *h = c->hdr;
-    __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    ENTER_FLAGS(c, flags);
     if (coalesced_hits) {
         /* Those gets were counted as misses when they looked the key up; they
-         * were answered with a value, so they become hits (gets unchanged). */
+         * were answered with a value, so they become hits (gets unchanged).
+         * First, so that a failure (VMC_E_REPAIR: called again) counts nothing. */
         uint32_t s = vmc_shard_of(c, vmc_hash_key(c, key, klen));
         if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
             struct vmc_shard *sh = &c->shards[s];
@@ -1221,7 +1219,13 @@ int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_
             vmc_shard_unlock(c, s);
         }
     }
-    leave(c);
+    if (rc == VMC_OK) {
+        struct vmc_header *h = c->hdr;
+        __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    }
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -1347,13 +1351,13 @@ int64_t vmc_committed_timestamp(vmc_cache *c, uint32_t flags)
     return rc;
 }
 
-int64_t vmc_persisted_timestamp(vmc_cache *c)
+int64_t vmc_persisted_timestamp(vmc_cache *c, uint32_t flags)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = clocks_sane(c);
     if (rc == VMC_OK)
         rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: st
         _kill_holding_every_shard_lock(cache, cache_path)
         core = CacheCore(cache)
         value = make_value(b"new", 0, 100)
-        calls = [
+        calls: list[Callable[[], object]] = [
             lambda: core.get_inline(b"e1", 1 << 20),
             lambda: core.get_entry(b"e2", 1 << 20, inline=True),
             lambda: core.size(b"e3", inline=True),
@@ -73,17 +74,21 @@ def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: st
             lambda: core.delete(b"e5"),
             lambda: core.evict(b"e6"),
             core.committed,
+            lambda: core.count_loads(b"e7", loader_calls=1, coalesced=1, coalesced_hits=1),
         ]
         for call in calls:  # each finds the damage, none repairs it: the next finds it too
             with pytest.raises(RepairNeeded):
                 call()
-        assert b"new" not in cache.keys()  # nothing was stored (keys() repairs first)
+        assert core.persisted() == 0  # takes no lock: nothing to repair first
+        assert b"new" not in cache.keys()  # nothing was stored (keys() repairs first)  # noqa: SIM118
         for i in range(N):  # repaired by keys(): every entry kept, every call answers
             key = b"e%d" % i
             assert check_value(key, core.get_inline(key, 1 << 20)) == i
         assert core.store(b"new", value, None) > 0
         assert core.delete(b"e5") and core.evict(b"e6")
         assert len(cache) == N + 1 - 2
+        stats = cache.statistics()  # the deferred calls counted nothing
+        assert (stats.loader_calls, stats.coalesced_gets, stats.puts) == (0, 0, N + 1)
 
 
 def test_a_sync_call_repairs_on_its_thread(cache_path: str) -> None:

@@ -610,10 +610,11 @@ class Handle:
         takeovers: int = 0,
         coalesced: int = 0,
         coalesced_hits: int = 0,
+        flags: int = 0,
     ) -> None:
         """Add to the file-wide load counters (see vmc_count_loads)."""
         status = lib.vmc_count_loads(
-            self._h, key, len(key), loader_calls, takeovers, coalesced, coalesced_hits
+            self._h, key, len(key), loader_calls, takeovers, coalesced, coalesced_hits, flags
         )
         if status < 0:
             raise_for(status)
@@ -704,7 +705,10 @@ class Handle:
     @property
     def persisted_timestamp(self) -> int:
         """Every publication up to this timestamp is durable in the file."""
-        ts = lib.vmc_persisted_timestamp(self._h)
+        return self._persisted(0)
+
+    def _persisted(self, flags: int) -> int:
+        ts = lib.vmc_persisted_timestamp(self._h, flags)
         if ts < 0:
             raise_for(ts)
         return int(ts)
