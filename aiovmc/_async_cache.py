@@ -39,7 +39,7 @@ import anyio.to_thread
 from ._cache import Cache, CacheCore, CacheEntry, CacheStatistics, Reservation, entry_of
 from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
-from ._errors import CacheFormatError, RepairNeeded
+from ._errors import RepairNeeded
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -81,11 +81,6 @@ OFFLOAD_CONCURRENCY: Final = _default_offload_concurrency()
 # process signals nothing to this one): first interval, backing off to the last.
 _COMMIT_POLL_FIRST: Final = 0.0001
 _COMMIT_POLL_MAX: Final = 0.01
-
-# How often an operation that found a repair needed waits for one and tries
-# again before it gives up (a repair clears the need; damage that comes back
-# at once every time is a file that cannot be mended).
-_REPAIR_ROUNDS: Final = 8
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -329,16 +324,13 @@ class AsyncCache:
         this loop that need it meanwhile share one thread; other threads and
         processes that run one meanwhile are waited for in the core (each
         repair takes every lock in order: one rebuilds, the others sleep)."""
-        for _ in range(_REPAIR_ROUNDS):
+        for _ in range(self._core.REPAIR_ROUNDS):
             await self._repairs.run(None, self._repair)
             try:
                 return call(*args)
             except RepairNeeded:
                 pass
-        raise CacheFormatError(
-            f"{self._cache.path}: the cache file still needs a repair after {_REPAIR_ROUNDS} "
-            "repairs (damage that comes back at once: a lock word scribbled over?)"
-        )
+        raise self._core.unmendable()
 
     async def _repair(self) -> None:
         await anyio.to_thread.run_sync(self._core.repair)
@@ -491,8 +483,7 @@ class AsyncCache:
         try:
             found = self._get_inline(k, sys.maxsize)
         except RepairNeeded:  # synchronous: repaired on the calling thread
-            self._core.repair()
-            return self.get_nowait(k, default)
+            found = self._core.repaired(self._get_inline, k, sys.maxsize)
         return default if found is None else found  # type: ignore[return-value]
 
     async def get_entry(self, key: Key) -> CacheEntry | None:

@@ -17,11 +17,18 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._coalesce import LoadMark, Peek, ThreadFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size, ttl_to_ns
-from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
+from ._errors import (
+    AiovmcError,
+    CacheClosedError,
+    CacheConfigError,
+    CacheFormatError,
+    RepairNeeded,
+    ValueTooLargeError,
+)
 from ._native import ADD, NO_REPAIR, Handle
 
 if TYPE_CHECKING:
@@ -35,6 +42,8 @@ __all__ = [
     "Reservation",
     "entry_of",
 ]
+
+T = TypeVar("T")
 
 _POLICIES = ("lru", "none")
 _MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
@@ -641,6 +650,30 @@ class CacheCore:
         self.flight_wait: Callable[[Any], None] = cache._flight_wait
         self.flight_kick: Callable[[Any], None] = cache._flight_kick
         self.flight_end: Callable[[Any, int], bool] = cache._flight_end
+
+    #: How often a call that found a repair needed waits for one and calls
+    #: again before giving up (a repair clears the need: damage that comes
+    #: back at once every time is a file that cannot be mended).
+    REPAIR_ROUNDS: Final = 8
+
+    def unmendable(self) -> CacheFormatError:
+        """The error once `REPAIR_ROUNDS` repairs did not last."""
+        return CacheFormatError(
+            f"{self.cache.path}: the cache file still needs a repair after "
+            f"{self.REPAIR_ROUNDS} repairs (damage that comes back at once: a lock word "
+            "scribbled over?)"
+        )
+
+    def repaired(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` raised `RepairNeeded`: repair on this thread, then
+        call again (for the calls that are synchronous by contract)."""
+        for _ in range(self.REPAIR_ROUNDS):
+            self.repair()
+            try:
+                return call(*args)
+            except RepairNeeded:
+                pass
+        raise self.unmendable()
 
     def get_entry(
         self, key: bytes, limit: int, *, inline: bool

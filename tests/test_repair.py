@@ -31,10 +31,15 @@ from .helpers import WAIT, check_value, make_value, read_header
 N = 200
 
 
-def _lock_and_die(base: int, offset: int) -> None:
-    """Take a lock of the file and die holding it (a process SIGKILLed mid-operation)."""
+def _lock_and_die(path: str, base: int | None, offsets: list[int]) -> None:
+    """Take locks of the file and die holding them (a process SIGKILLed
+    mid-operation). A spawned process (no `base`) maps the file itself."""
+    if base is None:
+        cache = aiovmc.Cache(path)
+        base = int(ffi.cast("uintptr_t", cache._base))
     libc = ctypes.CDLL(None)
-    libc.pthread_mutex_lock(ctypes.c_void_p(base + offset))
+    for offset in offsets:
+        libc.pthread_mutex_lock(ctypes.c_void_p(base + offset))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -44,18 +49,18 @@ def _fill(cache: aiovmc.Cache) -> None:
         cache.put(key, make_value(key, i, 300))
 
 
-def _kill_holding_every_shard_lock(cache: aiovmc.Cache, path: str) -> None:
-    """A forked process takes every shard lock, and is SIGKILLed holding them:
+def _kill_holding_every_shard_lock(cache: aiovmc.Cache, path: str, method: str = "fork") -> None:
+    """A process takes every shard lock, and is SIGKILLed holding them:
     whichever key the next call looks up, its lock's owner is dead."""
     hdr = read_header(Path(path).read_bytes()[:4096])
-    base = int(ffi.cast("uintptr_t", cache._base))
+    base = int(ffi.cast("uintptr_t", cache._base)) if method == "fork" else None
     shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
-    ctx = multiprocessing.get_context("fork")
-    for shard in range(64):
-        p = ctx.Process(target=_lock_and_die, args=(base, hdr["shards_off"] + shard * shard_size))
-        p.start()
-        p.join(WAIT)
-        assert p.exitcode == -signal.SIGKILL
+    offsets = [hdr["shards_off"] + shard * shard_size for shard in range(64)]
+    ctx: Any = multiprocessing.get_context(method)
+    p = ctx.Process(target=_lock_and_die, args=(path, base, offsets))
+    p.start()
+    p.join(WAIT)
+    assert p.exitcode == -signal.SIGKILL
 
 
 def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: str) -> None:
@@ -91,18 +96,21 @@ def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: st
         assert (stats.loader_calls, stats.coalesced_gets, stats.puts) == (0, 0, N + 1)
 
 
-def test_a_sync_call_repairs_on_its_thread(cache_path: str) -> None:
+@pytest.mark.parametrize("call", ["Cache.get", "AsyncCache.get_nowait"])
+def test_a_sync_call_repairs_on_its_thread(call: str, cache_path: str) -> None:
     with aiovmc.Cache(cache_path, size="2MiB") as cache:
         _fill(cache)
         _kill_holding_every_shard_lock(cache, cache_path)
+        get = cache.get if call == "Cache.get" else aiovmc.AsyncCache.from_cache(cache).get_nowait
         for i in range(N):
             key = b"e%d" % i
-            assert check_value(key, cache.get(key)) == i
+            assert check_value(key, get(key)) == i
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 async def test_async_repair_runs_in_a_worker_thread_while_the_loop_runs(
-    anyio_backend: str, cache_path: str
+    anyio_backend: str, method: str, cache_path: str
 ) -> None:
     """Several tasks find the damage at once: one repair, in a worker thread,
     and the loop runs another task while it is in progress (if the repair ran
@@ -110,7 +118,7 @@ async def test_async_repair_runs_in_a_worker_thread_while_the_loop_runs(
     acache = aiovmc.AsyncCache(cache_path, size="2MiB")
     async with acache:
         _fill(acache.cache)
-        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        _kill_holding_every_shard_lock(acache.cache, cache_path, method)
         loop_thread = threading.get_ident()
         entered, release = threading.Event(), threading.Event()
         repairs: list[int] = []
