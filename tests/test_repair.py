@@ -12,6 +12,8 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -177,3 +179,65 @@ async def test_async_writes_wait_for_the_repair_too(anyio_backend: str, cache_pa
         assert threads and threads[0] != threading.get_ident()
         assert await acache.get(b"k") == b"v"
         assert len(acache.cache) == N + 1
+
+
+_DEFERRING_PUTTER = r"""
+import ctypes, os, sys
+import aiovmc
+from aiovmc._cache import CacheCore
+from aiovmc._errors import RepairNeeded
+from aiovmc._native._binding import ffi
+
+so, path = sys.argv[1], sys.argv[2]
+cache = aiovmc.Cache(path)
+core = CacheCore(cache)
+base = int(ffi.cast("uintptr_t", cache._base))
+pause = ctypes.c_size_t.in_dll(ctypes.CDLL(so), "aiovmc_test_pause_at")
+pause.value = base + 128  # &header->pool.lock: pause once make_room has the room
+try:
+    core.store(b"k", b"v" * 1000, None)  # pauses inside, before its publication
+    os.write(1, b"stored\n")
+except RepairNeeded:
+    held = cache.statistics().used_bytes
+    core.repair()
+    os.write(1, b"%d %d\n" % (held, cache.statistics().used_bytes))
+"""
+
+
+def test_a_deferred_put_leaves_no_room_held_after_the_repair(
+    tmp_path: Path, cache_path: str
+) -> None:
+    """A put on the loop (no repair) has its room when a lock holder dies: its
+    publication answers "repair needed" and cannot free the room (that takes
+    the pool lock, in a file that needs a repair). The room is freed by the
+    repair the caller then runs, not kept for the handle's life (repair keeps
+    a live owner's reservations)."""
+    from .test_crash import _build_interposer, _read_exact
+
+    so = _build_interposer(tmp_path)
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        used = cache.statistics().used_bytes
+        preload = f"{os.environ.get('LD_PRELOAD', '')} {so}".strip()
+        env = dict(os.environ, LD_PRELOAD=preload, PYTHONPATH=str(Path(__file__).parents[1]))
+        with subprocess.Popen(
+            [sys.executable, "-c", _DEFERRING_PUTTER, so, cache_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        ) as putter:
+            assert putter.stdin is not None and putter.stdout is not None
+            try:
+                assert _read_exact(putter.stdout.fileno(), 1) == b"P"  # holds its room
+                _kill_holding_every_shard_lock(cache, cache_path)
+                putter.stdin.write(b"go")
+                putter.stdin.flush()
+                out, _ = putter.communicate(timeout=WAIT)
+            finally:
+                if putter.poll() is None:
+                    putter.kill()
+        held, after = (int(n) for n in out.split())
+        assert held > used  # the failed put's room, an orphan until the repair
+        assert after == used
+        assert b"k" not in cache
+        assert cache.statistics().used_bytes == used
