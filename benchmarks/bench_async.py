@@ -234,7 +234,7 @@ def _stampede(fam: Family, settings: Settings) -> None:
 
             rs = _run(main, backend)
             fam.add("stampede", name, "loader calls (max of rounds)", max(c for _, c in rs),
-                    "calls")  # fmt: skip
+                    "")  # fmt: skip
             fam.add("stampede", name, "wall time", [w for w, _ in rs], "ms")
             say(f"  stampede: {name:<28} loader calls {[c for _, c in rs]}  wall "
                 f"{median([w for w, _ in rs]):.1f} ms")  # fmt: skip

@@ -1,18 +1,18 @@
-"""Family ``flight``: host-wide single-flight (DESIGN.md §9 and §8).
+"""Family `flight`: host-wide single-flight (DESIGN.md §9 and §8).
 
-Worker processes are ``spawn``ed once per library and kept across rounds; a round
+Worker processes are `spawn`ed once per library and kept across rounds; a round
 starts when every worker and the parent meet at a barrier, and uses a key no round
 used before (a cold key). Four figures:
 
 * **Loader calls for one cold key, 4 processes × 100 tasks**, the loader taking
-  50 ms (a backend call): aiovmc with ``coalesce="host"`` (the default) and with
-  ``coalesce="process"``, cashews (``@cache(..., lock=True)``, its stampede lock
-  in redis) and aiocache (``@cached`` on its redis backend), both on a local
-  ``redis-server`` on 127.0.0.1 started for the run. Median and maximum over
+  50 ms (a backend call): aiovmc with `coalesce="host"` (the default) and with
+  `coalesce="process"`, cashews (`@cache(..., lock=True)`, its stampede lock
+  in redis) and aiocache (`@cached` on its redis backend), both on a local
+  `redis-server` on 127.0.0.1 started for the run. Median and maximum over
   rounds; target exactly 1.
 * **Wake latency**: per wave, one process's loader returns (its time is taken just
   before it returns: the value is stored and the wave ended a few µs later) and the
-  three other processes, each with one task waiting, note when their ``get``
+  three other processes, each with one task waiting, note when their `get`
   returns. Latency = return − loader return, on CLOCK_MONOTONIC (one clock for
   the host). Median and p99 over every waiter of every wave, on asyncio and trio.
 * **Waiters' CPU during a 2 s load**: 4 processes × 100 tasks, the leader's loader
@@ -68,7 +68,7 @@ VALUE = b"v" * 100
 
 
 def _getter(lib: str, target: str, load_s: float) -> Any:
-    """An async ``get(key) -> bytes`` for `lib` that calls a loader on a miss, and a
+    """An async `get(key) -> bytes` for `lib` that calls a loader on a miss, and a
     counter of loader calls (a one-item list). Made inside the running loop."""
     calls = [0]
     stamp = [0]
@@ -127,7 +127,7 @@ def _worker(
     index: int, rounds: int, barrier: Any, queue: Any, lib: str, target: str, backend: str,
     n_tasks: int, load_s: float,
 ) -> None:  # fmt: skip
-    """Per round: meet at the barrier, then ``n_tasks`` gets of the round's cold key.
+    """Per round: meet at the barrier, then `n_tasks` gets of the round's cold key.
     Reports (loader calls, the loader's return time or 0, the last get's return time,
     CPU seconds, wall seconds)."""
 
@@ -234,8 +234,8 @@ def run(settings: Settings, fam: Family) -> None:
             target = fresh() if lib.startswith("aiovmc") else redis_server.url
             reports = _group(lib, target, "asyncio", N_TASKS, LOAD_S, rounds)[settings.warmup :]
             calls = [sum(rep[0] for rep in rnd) for rnd in reports]
-            fam.add("loader calls", lib, "median of rounds", calls, "calls")
-            fam.add("loader calls", lib, "max", max(calls), "calls")
+            fam.add("loader calls", lib, "median of rounds", calls, "")
+            fam.add("loader calls", lib, "max", max(calls), "")
             say(f"  loader calls, {lib}: {calls}")
 
         for backend in ("asyncio", "trio"):

@@ -139,7 +139,7 @@ def run(settings: Settings, fam: Family) -> None:
         ("live value bytes / capacity", "live", ""),
         ("live value bytes / capacity, lowest after the 1st eviction", "min_live", ""),
         ("overhead per entry, mixed sizes (excl. key)", "overhead", "B"),
-        ("puts at the first eviction", "first", "calls"),
+        ("puts at the first eviction", "first", ""),
     ):
         fam.add(UTIL, label, col, [r[k] for r in runs], unit)
     fam.add(UTIL, "capacity / file size", col, runs[0]["capacity"] / SIZE, "")

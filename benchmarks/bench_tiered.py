@@ -355,7 +355,7 @@ def run(settings: Settings, fam: Family) -> None:
                     ("cashews client-side, 4 processes", "cashews", [[""] * 4]))  # fmt: skip
             for row, kind, where in runs:
                 calls, commands = cold_keys(server, kind, key, where)
-                fam.add("one wave", row, f"loader calls, {label}", calls, "calls")
+                fam.add("one wave", row, f"loader calls, {label}", calls, "")
                 fam.add("one wave", row, f"redis data commands, {label}",
                         sum(commands.values()), "")  # fmt: skip
                 fam.note(f"one wave, {row}, {label}: redis data commands {commands}")

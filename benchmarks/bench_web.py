@@ -135,4 +135,4 @@ def run(settings: Settings, fam: Family) -> None:
             for col, unit in (("req/s", ""), ("p50", "ms"), ("p99", "ms")):
                 fam.add("wrk", mode, col, [s[col] for s in samples[mode]], unit)
             fam.add("wrk", mode, "handler calls, cold URL × 200", server.handler_calls() - before,
-                    "calls")  # fmt: skip
+                    "")  # fmt: skip

@@ -111,7 +111,7 @@ class Figure:
     row: str
     col: str
     value: float
-    unit: str  # ns, ms, s, ops/s, GiB/s, MiB/s, B, x, %, calls or "" (a fraction)
+    unit: str  # ns, ms, s, ops/s, GiB/s, B, x, % or "" (a count or a fraction)
     rounds: tuple[float, ...] = ()
     x: float | None = None
 

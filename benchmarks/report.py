@@ -51,11 +51,11 @@ def verdict_rows(results: dict[str, Any]) -> Iterator[list[str]]:
             bound = f"{OPS[b.op][0]} {b.limit:g}"
             mark = "" if OPS[b.op][1](value, b.limit) else " ✗"
             parts.append(f"{b.label + ': ' if b.label else ''}{_ratio(value)} ({bound}){mark}")
+        for b, key in v.missing:
+            family = key.split(":")[0]
+            parts.append(f"{b.label + ': ' if b.label else ''}not measured (`--only {family}`)")
         if v.target.unmeasured:
             parts.append(v.target.unmeasured)
-        elif v.missing:
-            fams = sorted({k.split(":")[0] for k in v.missing})
-            parts.append(f"not measured: run `--only {','.join(fams)}`")
         verdict = v.verdict if v.verdict == "not measured" else f"**{v.verdict}**"
         yield [v.target.what, v.target.target, "; ".join(parts), verdict]
 
@@ -127,15 +127,18 @@ def _plot(plot: dict[str, Any], figs: list[dict[str, Any]]) -> str:
 
 
 def _family(name: str, fam: dict[str, Any]) -> list[str]:
-    busy = fam["idle_before"] < 0.9 or fam["loadavg"][0] > 1.0
+    idle, load = fam["idle_before"], fam["loadavg"]
+    if idle is None:  # figures ported from before the harness recorded the machine's state
+        state, busy = "the machine's load was not recorded", True
+    else:
+        state = f"CPUs {idle:.0%} idle before, load average {load[0]} / {load[1]} before / after"
+        busy = idle < 0.9 or load[0] > 1.0
     out = [
         f"### {fam['title']} (`--only {name}`)",
         "",
         f"Run {fam['started']}, `{fam['mode']}` ({fam['rounds']} rounds + {fam['warmup']} "
-        f"warm-up), aiovmc {fam['aiovmc']['git']}; CPUs {fam['idle_before']:.0%} idle before, "
-        f"load average {fam['loadavg'][0]} / {fam['loadavg'][1]} before / after"
-        + (" — **a busy machine: read ratios within the run, not absolute figures**."
-           if busy else "."),
+        f"warm-up), aiovmc {fam['aiovmc']['git']}; {state}"
+        + (" — **read ratios within the run, not absolute figures**." if busy else "."),
         "",
         "<details><summary>Method</summary>",
         "",
@@ -162,8 +165,12 @@ def _family(name: str, fam: dict[str, Any]) -> list[str]:
 
 def generated(results: dict[str, Any]) -> str:
     fams = results["families"]
-    latest = max(fams.values(), key=lambda f: f["started"])
-    m, v = latest["machine"], latest["versions"]
+    m = max(fams.values(), key=lambda f: f["started"])["machine"]
+    versions: dict[str, list[str]] = {}
+    for fam in fams.values():
+        for lib, ver in fam["versions"].items():
+            if ver != "-" and ver not in versions.setdefault(lib, []):
+                versions[lib].append(ver)
     out = [
         BEGIN, "",
         "Generated from `benchmarks/results/results.json`: each family as last run "
@@ -172,7 +179,8 @@ def generated(results: dict[str, Any]) -> str:
         f"{m.get('Hypervisor vendor', 'no')} hypervisor, {m['MemTotal']} RAM, /dev/shm "
         f"{m['shm_fs']}, disk dir {m['disk_dir']} {m['disk_fs']}, {m['platform']}, Python "
         f"{m['python']}.", "",
-        "**Libraries**: " + ", ".join(f"{k} {x}" for k, x in v.items() if x != "-") + ".", "",
+        "**Libraries** (over the families' runs): "
+        + ", ".join(f"{k} {' / '.join(x)}" for k, x in versions.items() if x) + ".", "",
         "### DESIGN.md §8", "",
         "Ratios are aiovmc / the peer in the same run (each side a median of rounds).", "",
         _table(["what", "target", "measured", "verdict"], list(verdict_rows(results))), "",

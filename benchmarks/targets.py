@@ -3,8 +3,8 @@
 Each ``Target`` is one row of §8's table; each of its ``Bound``s names the figures
 it reads by key (``family: table | row | col``, see ``harness.Figure``): a figure
 alone, or a figure over a peer's figure (a ratio). A row is met when every bound
-is; a bound whose figures were not measured leaves the row unverified, with the
-reason, never passed.
+is, missed when one measured bound is missed; a bound whose figures were not
+measured otherwise leaves the row unverified, with the reason, never passed.
 """
 
 from __future__ import annotations
@@ -109,27 +109,29 @@ TARGETS: tuple[Target, ...] = (
 class Verdict:
     target: Target
     measured: list[tuple[Bound, float]]  # each bound's figure (or ratio)
-    missing: list[str]  # figure keys not measured
+    missing: list[tuple[Bound, str]]  # the bounds not measured, each with a missing key
     verdict: str  # "PASS", "MISS" or "not measured"
 
 
 def judge(target: Target, lookup: Callable[[str], float | None]) -> Verdict:
     """The verdict on one §8 row, from ``lookup(key)`` (None: not measured)."""
     measured: list[tuple[Bound, float]] = []
-    missing: list[str] = []
+    missing: list[tuple[Bound, str]] = []
     for b in target.bounds:
         keys = [b.figure] + ([b.per] if b.per else [])
         values = [lookup(k) for k in keys]
-        missing += [k for k, v in zip(keys, values, strict=True) if v is None]
-        if None not in values:
+        absent = [k for k, v in zip(keys, values, strict=True) if v is None]
+        if absent:
+            missing.append((b, absent[0]))
+        else:
             num, den = values[0], values[1] if b.per else 1.0
             measured.append((b, float(num) / float(den)))  # type: ignore[arg-type]
-    if missing or not target.bounds:
+    if not all(OPS[b.op][1](v, b.limit) for b, v in measured):
+        verdict = "MISS"  # a bound measured and missed: whatever the others say
+    elif missing or not target.bounds:
         verdict = "not measured"
-    elif all(OPS[b.op][1](v, b.limit) for b, v in measured):
-        verdict = "PASS"
     else:
-        verdict = "MISS"
+        verdict = "PASS"
     return Verdict(target, measured, missing, verdict)
 
 
