@@ -91,26 +91,25 @@ def _plot(plot: dict[str, Any], figs: list[dict[str, Any]]) -> str:
     if plot["kind"] == "bars":
         fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 1.5,
                                                           0.28 * len(rows) + 1.6), squeeze=False)
-        for ax, col in zip(axes[0], cols, strict=True):
-            names = [r for r in rows if (r, col) in cells]
-            unit = cells[names[0], col]["unit"]
-            div, label = SCALE.get(unit, (1.0, unit))
-            vals = [cells[r, col]["value"] / div for r in names]
-            ax.barh(names, vals, color=["#d62728" if "aiovmc" in n else "#1f77b4" for n in names])
-            for y, v in enumerate(vals):
+        for ax, col in zip(axes[0], cols, strict=True):  # every row at one place in every panel
+            present = [(y, cells[r, col]) for y, r in enumerate(rows) if (r, col) in cells]
+            div, label = SCALE.get(present[0][1]["unit"], (1.0, present[0][1]["unit"]))
+            for y, f in present:
+                v = f["value"] / div
+                ax.barh(y, v, color="#d62728" if "aiovmc" in f["row"] else "#1f77b4")
                 ax.text(v, y, f" {v:.3g}", va="center", fontsize=6)
-            ax.invert_yaxis()
+            ax.set_yticks(range(len(rows)), rows if ax is axes[0][0] else [""] * len(rows))
+            ax.set_ylim(len(rows) - 0.5, -0.5)
             ax.set_xscale("log" if plot["logx"] else "linear")
             ax.set_title(col)
             ax.set_xlabel(label)
-            if ax is not axes[0][0]:
-                ax.set_yticklabels([])
     else:
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
         for row in rows:
             pts = sorted((f["x"], f["value"]) for f in figs if f["row"] == row and f["x"])
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=row,
+                        marker="o" if len(pts) <= 20 else None)
         if plot["hline"] is not None:
             ax.axhline(plot["hline"], color="k", ls="--", lw=0.8, label=plot["hline_label"])
         ax.set_xscale("log", base=2) if plot["logx"] else None
