@@ -1,4 +1,4 @@
-"""Family `flight`: host-wide single-flight (DESIGN.md §9 and §8).
+"""Host-wide single-flight (DESIGN.md §9 and §8).
 
 Worker processes are `spawn`ed once per library and kept across rounds; a round
 starts when every worker and the parent meet at a barrier, and uses a key no round

@@ -119,13 +119,11 @@ def judge(target: Target, lookup: Callable[[str], float | None]) -> Verdict:
     missing: list[tuple[Bound, str]] = []
     for b in target.bounds:
         keys = [b.figure] + ([b.per] if b.per else [])
-        values = [lookup(k) for k in keys]
-        absent = [k for k, v in zip(keys, values, strict=True) if v is None]
-        if absent:
-            missing.append((b, absent[0]))
+        values = [v for v in map(lookup, keys) if v is not None]
+        if len(values) < len(keys):
+            missing.append((b, next(k for k in keys if lookup(k) is None)))
         else:
-            num, den = values[0], values[1] if b.per else 1.0
-            measured.append((b, float(num) / float(den)))  # type: ignore[arg-type]
+            measured.append((b, values[0] / (values[1] if b.per else 1.0)))
     if not all(OPS[b.op][1](v, b.limit) for b, v in measured):
         verdict = "MISS"  # a bound measured and missed: whatever the others say
     elif missing or not target.bounds:
