@@ -167,6 +167,8 @@ def fmt(value: float, unit: str) -> str:
     """A figure as the report and the console print it."""
     if value != value:
         return "n/a"
+    if value == float("inf"):
+        return "∞"  # e.g. a reader that never saw the new value
     if unit == "ns":
         for div, u in ((1e9, "s"), (1e6, "ms"), (1e3, "µs")):
             if value >= div:
