@@ -102,13 +102,14 @@ WORKERS = 4
 OFFLOAD_SMALL = 64 * KiB
 INLINE = 1 << 62
 BIG = 64 * MiB
-ASYNCIO = ("asyncio", {})
-UVLOOP = ("asyncio", {"use_uvloop": True})
-TRIO = ("trio", {})
-BACKENDS = {"asyncio": ASYNCIO, "uvloop": UVLOOP, "trio": TRIO}
+Backend = tuple[str, dict[str, Any]]  # anyio.run's backend and backend_options
+ASYNCIO: Backend = ("asyncio", {})
+BACKENDS: dict[str, Backend] = {
+    "asyncio": ASYNCIO, "uvloop": ("asyncio", {"use_uvloop": True}), "trio": ("trio", {})
+}
 
 
-def _run(fn: Callable[..., Awaitable[Any]], backend: tuple[str, dict[str, Any]], *args: Any
+def _run(fn: Callable[..., Awaitable[Any]], backend: Backend, *args: Any
          ) -> Any:  # fmt: skip
     return anyio.run(fn, *args, backend=backend[0], backend_options=backend[1])
 
@@ -208,7 +209,7 @@ def _stampede(fam: Family, settings: Settings) -> None:
     }
     with scratch("async-stampede") as d:
         ac = aiovmc.AsyncCache(os.path.join(d, "cache"), size=64 * MiB)
-        libs: list[tuple[str, tuple[str, dict[str, Any]], Callable[[Any, int], Any]]] = [
+        libs: list[tuple[str, Backend, Callable[..., Any]]] = [
             (f"aiovmc ({b})", BACKENDS[b],
              lambda loader, r, b=b: lambda k: ac.get(k + b.encode(), on_miss=loader))
             for b in ("asyncio", "trio")
@@ -432,8 +433,8 @@ def _bandwidth(fam: Family, settings: Settings) -> None:
         cache.put(b"big", value)
         with open(os.path.join(d, "plain"), "wb") as f:
             f.write(b"\0" * a + value)
-        with open(os.path.join(d, "plain"), "r+b") as f:
-            mm = mmap.mmap(f.fileno(), 0)
+        with open(os.path.join(d, "plain"), "r+b") as plain:
+            mm = mmap.mmap(plain.fileno(), 0)
         env = lmdb.open(os.path.join(d, "lmdb"), map_size=1 * GiB, sync=False, writemap=True)
         with env.begin(write=True) as txn:
             txn.put(b"big", value)
