@@ -18,6 +18,9 @@ CACHE = os.environ.get("AIOVMC_WEB_CACHE", "")
 CALLS = os.environ.get("AIOVMC_WEB_CALLS", "")
 _calls = 0  # this worker's handler calls
 SLOW_SECONDS = 0.5  # how long the cold handler works: concurrent requests overlap it
+# The middlewares' ttl: longer than any test runs, so that no entry a test expects
+# a hit from expires under it (/short states its own max-age=1 to test expiry).
+TTL = 3600
 
 
 def _log_call(path: str) -> None:
@@ -85,7 +88,7 @@ def _served_by(app: Any) -> Any:
 def _asgi() -> Any:
     from aiovmc.integrations.asgi import CacheMiddleware
 
-    return _served_by(CacheMiddleware(_asgi_inner, path=CACHE, size="16MiB", ttl=60))
+    return _served_by(CacheMiddleware(_asgi_inner, path=CACHE, size="16MiB", ttl=TTL))
 
 
 asgi_app = _asgi() if CACHE else None
@@ -113,7 +116,7 @@ async def aiohttp_app() -> Any:
         return web.Response(status=status, text=body, headers=extra)
 
     app = web.Application(
-        middlewares=[served_by, cache_middleware(path=CACHE, size="16MiB", ttl=60)]
+        middlewares=[served_by, cache_middleware(path=CACHE, size="16MiB", ttl=TTL)]
     )
     app.router.add_get("/{tail:.*}", handle)
     return app
