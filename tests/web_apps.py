@@ -100,7 +100,7 @@ asgi_app = _asgi() if CACHE else None
 async def aiohttp_app() -> Any:
     from aiohttp import web
 
-    from aiovmc.integrations.aiohttp import cache_middleware
+    from aiovmc.integrations.aiohttp import setup_cache
 
     @web.middleware
     async def served_by(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -115,8 +115,7 @@ async def aiohttp_app() -> Any:
         status, extra, body = _answer(request.path, dict(request.query), headers)
         return web.Response(status=status, text=body, headers=extra)
 
-    app = web.Application(
-        middlewares=[served_by, cache_middleware(path=CACHE, size="16MiB", ttl=TTL)]
-    )
+    app = web.Application(middlewares=[served_by])
+    setup_cache(app, path=CACHE, size="16MiB", ttl=TTL)
     app.router.add_get("/{tail:.*}", handle)
     return app
