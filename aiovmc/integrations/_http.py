@@ -273,6 +273,7 @@ def _base_key(gen: bytes, ident: bytes) -> bytes:
 
 
 def _entry_key(gen: bytes, ident: bytes, names: Sequence[str], headers: Mapping[str, str]) -> bytes:
+    """The key of the request's variant (with no `names`: the base key)."""
     values = "\x00".join(f"{name}={headers.get(name, '')}" for name in names)
     return KEY_PREFIX + b"e" + gen + ident + b"\x00" + values.encode("utf-8", "surrogateescape")
 
