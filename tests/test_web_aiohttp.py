@@ -163,8 +163,12 @@ def test_option_errors() -> None:
         setup_cache(web.Application())
     with pytest.raises(TypeError, match=r"^setup_cache: unknown option tll \(options: allow_"):
         setup_cache(web.Application(), path="/dev/shm/x.cache", tll=5)  # type: ignore[call-arg]
-    with pytest.raises(ValueError, match=r"^setup_cache: max_body_size must be >= 0, not -1"):
+    with pytest.raises(ValueError, match=r"^setup_cache: max_body_size must be a number of "
+                                         r"bytes >= 0, not -1"):
         setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=-1)
+    with pytest.raises(TypeError, match=r"^setup_cache: max_body_size must be a number of "
+                                        r"bytes >= 0, not float 1.5"):
+        setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=1.5)
 
 
 def _mapped(path: str) -> bool:

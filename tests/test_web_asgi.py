@@ -431,8 +431,12 @@ def test_constructor_checks() -> None:
 
     with pytest.raises(TypeError, match=r"path= .* or cache="):
         CacheMiddleware(app)
-    with pytest.raises(ValueError, match=r"^CacheMiddleware: ttl must be None or >= 0 seconds"):
+    with pytest.raises(ValueError, match=r"^CacheMiddleware: ttl must be None or a number of "
+                                         r"seconds >= 0, not -1"):
         CacheMiddleware(app, path="/dev/shm/x.cache", ttl=-1)
+    with pytest.raises(TypeError, match=r"^CacheMiddleware: ttl must be None or a number of "
+                                        r"seconds >= 0, not str '60'"):
+        CacheMiddleware(app, path="/dev/shm/x.cache", ttl="60")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^CacheMiddleware: unknown option tll \(options: allow_"):
         CacheMiddleware(app, path="/dev/shm/x.cache", tll=1)  # type: ignore[call-arg]
 

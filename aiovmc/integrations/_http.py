@@ -344,6 +344,15 @@ class Options(TypedDict, total=False):
     clock: Callable[[], float]
 
 
+def _check_number(owner: str, name: str, value: object, what: str, *,
+                  integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{owner}: {name} must be {what}, not {type(value).__name__} {value!r}")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{owner}: {name} must be {what}, not {value!r}")
+
+
 class ResponseCache:
     """The rules, and the cache they apply to (opened lazily in each process),
     configured from a middleware's options (`Options`; `owner` names the
@@ -369,12 +378,12 @@ class ResponseCache:
             raise TypeError(f"{owner}: unknown option {', '.join(unknown)} (options: {known})")
         self.cache = LazyCache(options.get("path"), options.get("size"), options.get("cache"))
         self.ttl = options.get("ttl", 60.0)
-        if self.ttl is not None and not self.ttl >= 0:
-            raise ValueError(f"{owner}: ttl must be None or >= 0 seconds, not {self.ttl!r}")
+        if self.ttl is not None:
+            _check_number(owner, "ttl", self.ttl, "None or a number of seconds >= 0")
         self.statuses = frozenset(options.get("statuses", DEFAULT_STATUSES))
         self.max_body_size = options.get("max_body_size", 1 << 20)
-        if not self.max_body_size >= 0:
-            raise ValueError(f"{owner}: max_body_size must be >= 0, not {self.max_body_size!r}")
+        _check_number(owner, "max_body_size", self.max_body_size, "a number of bytes >= 0",
+                      integer=True)
         self.allow_authorization = options.get("allow_authorization", False)
         self.allow_cookies = options.get("allow_cookies", False)
         self.honor_request_cache_control = options.get("honor_request_cache_control", False)
