@@ -168,7 +168,7 @@ def test_option_errors() -> None:
         setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=-1)
     with pytest.raises(TypeError, match=r"^setup_cache: max_body_size must be a number of "
                                         r"bytes >= 0, not float 1.5"):
-        setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=1.5)
+        setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=1.5)  # type: ignore[arg-type]
 
 
 def _mapped(path: str) -> bool:
