@@ -28,6 +28,7 @@ import functools
 import inspect
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, Union, overload
@@ -52,6 +53,7 @@ __all__ = [
     "AsyncReservation",
     "Loader",
     "StoreWithTTL",
+    "ttl_until",
 ]
 
 #: Values of at least this many bytes are copied by a worker thread rather than on
@@ -106,14 +108,25 @@ _wait_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.Run
 
 
 class StoreWithTTL(NamedTuple):
-    """A loader result stored with its own TTL instead of the one `get` was given.
+    """A loader result stored with its own expiry instead of the TTL `get` was given.
 
     Private to the package: `TieredCache` returns it from its L1 loader so that a
-    value read from redis keeps redis's remaining TTL in the file (DESIGN.md §11).
+    value read from redis expires in the file no later than in redis (DESIGN.md
+    §11): `deadline` is a `time.monotonic()` instant (None: never), turned into a
+    TTL only when the value is stored.
     """
 
     value: bytes
-    ttl: float | None
+    deadline: float | None
+
+    def ttl_left(self) -> float | None:
+        return ttl_until(self.deadline)
+
+
+def ttl_until(deadline: float | None) -> float | None:
+    """The TTL that ends at `deadline` (`time.monotonic()`; None: never) if stored
+    now: at least 1 ms."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
 def _limiter() -> anyio.CapacityLimiter:
@@ -461,7 +474,7 @@ class AsyncCache:
         if result is None:
             return None
         if isinstance(result, StoreWithTTL):
-            result, ttl = result
+            result, ttl = result.value, result.ttl_left()
         if _nbytes(result) < self._threshold:
             await self._store(key, result, ttl)
             return result if result.__class__ is bytes else bytes(result)

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
 import anyio
 import anyio.to_thread
 
-from ._async_cache import AsyncCache, Loader, StoreWithTTL
+from ._async_cache import AsyncCache, Loader, StoreWithTTL, ttl_until
 from ._cache import CacheCore, CacheStatistics
 from ._convert import TTL, Key, encode_key, ttl_to_ns, value_buffer
 from ._errors import CacheConfigError, CacheFormatError, RepairNeeded
@@ -305,9 +305,11 @@ def _ttl_ms(ttl: TTL) -> int:
     return 0 if ns is None else max(1, -(-ns // 1_000_000))
 
 
-def _remaining(pttl: int) -> float | None:
-    """An L1 TTL from redis's PTTL (-1: no expiry)."""
-    return None if pttl < 0 else max(pttl, 1) / 1000
+def _deadline(pttl: int, sent: float) -> float | None:
+    """When a value read from redis must leave L1: redis's PTTL (-1: no expiry)
+    counted from ``sent``, the `time.monotonic()` of the request (redis measured
+    it later, so L1 never keeps the value longer than redis does)."""
+    return None if pttl < 0 else sent + max(pttl, 1) / 1000
 
 
 # -- the listener ----------------------------------------------------------------------
@@ -612,6 +614,7 @@ class TieredCache:
         missing = [k for k in dict.fromkeys(wanted) if k not in found]
         if missing and not self._down():
             before = [self._sidecar.stamp(k) for k in missing]
+            sent = time.monotonic()
             try:
                 replies = await self._call(self._get_with_pttl, missing)
             except _Unavailable:
@@ -621,7 +624,7 @@ class TieredCache:
                     continue
                 self._count.redis_hits += 1
                 found[k] = value
-                await self._l1.put(k, value, ttl=_remaining(pttl))
+                await self._l1.put(k, value, ttl=ttl_until(_deadline(pttl, sent)))
                 if self._sidecar.stamp(k) != stamp:
                     self._l1.cache.delete(k)
         return {k: found[k] for k in wanted if k in found}
@@ -656,12 +659,13 @@ class TieredCache:
     ) -> bytes | StoreWithTTL | None:
         token = secrets.token_bytes(8)
         lookup = functools.partial(self._look_up, key, token, lead=loader is not None)
+        sent = time.monotonic()
         reply = await self._call(lookup)
         while True:
             kind = reply[0]
             if kind == _HIT:
                 self._count.redis_hits += 1
-                return StoreWithTTL(reply[1], _remaining(reply[2]))
+                return StoreWithTTL(reply[1], _deadline(reply[2], sent))
             if kind == _LEAD:
                 assert loader is not None
                 led: bytes | StoreWithTTL | None = await self._lead(key, token, loader, ttl)
@@ -673,11 +677,13 @@ class TieredCache:
             # which ends by itself when the lease runs out (at most 3 * timeout); it
             # only reads, so an abandoned one never takes a lease nobody would hold.
             peek = functools.partial(self._look_up, key, token, lead=False)
+            sent = time.monotonic()
             reply = await self._call(functools.partial(self._wait_for_lease, key, peek),
                                      abandon_on_cancel=True)
             if reply[0] == _MISS:
                 if reply[1] == "none":
                     return None
+                sent = time.monotonic()
                 reply = await self._call(lookup)  # the lease is free, or taken again
 
     def _look_up(self, key: bytes, token: bytes, *, lead: bool) -> list[Any]:
@@ -736,6 +742,7 @@ class TieredCache:
             await self._call_quietly(self._release, [lease], [token, channel, b"none"])
             return None
         value = bytes(value_buffer(result))
+        sent = time.monotonic()
         try:
             stored, pttl = await self._call(
                 self._publish, keys=[self._key(key), lease],
@@ -747,7 +754,7 @@ class TieredCache:
             log.exception("redis refused the loaded value of %r (namespace %r)", key,
                           self.namespace)
             return value
-        return StoreWithTTL(stored, _remaining(pttl))
+        return StoreWithTTL(stored, _deadline(pttl, sent))
 
     async def _keep_lease(self, lease: bytes, token: bytes) -> None:
         """Renew the lease every ``timeout`` seconds, for at most ``load_timeout``."""
