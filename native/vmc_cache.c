@@ -484,14 +484,14 @@ static int clocks_sane(vmc_cache *c)
 }
 
 /* publish -- link a filled RESERVED head into its shard, replacing an older
- * value of its key. Returns the timestamp, or 0 when `add` finds the key
- * present. On any failure the reservation is freed: it never outlives a
- * publication that did not happen. */
-static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add,
-                       const char *key, size_t klen, uint64_t vlen)
+ * value of its key; `data` is the entry's data hash (vmc_entry_data_hash),
+ * computed before locking: values may be large. Returns the timestamp, or 0
+ * when `add` finds the key present. On any failure the reservation is freed:
+ * it never outlives a publication that did not happen. */
+static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, uint64_t data,
+                       bool add, const char *key, size_t klen, uint64_t vlen)
 {
     struct vmc_entry *e = vmc_unit(c, head);
-    uint64_t data = vmc_entry_data_hash(c, head); /* before locking: values may be large */
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
@@ -838,13 +838,14 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
     memcpy(vmc_entry_key(e), key, klen);
-    if (vmc_entry_fill(c, head, value) < 0) { /* the chain just allocated is damaged */
+    uint64_t data = hash; /* the key's hash, then the data hash, as the value is copied */
+    if (vmc_entry_fill(c, head, value, &data) < 0) { /* the chain just allocated is damaged */
         vmc_mark_damaged(c);
         drop_reservation(c, head, 0);
         rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
         goto out;
     }
-    rc = publish(c, head, 0, hash, add, key, klen, vlen);
+    rc = publish(c, head, 0, hash, data, add, key, klen, vlen);
 out:
     leave(c);
     return rc;
@@ -1220,8 +1221,9 @@ int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t 
     if (e) {
         /* the key as the owner gave it: the copy in the file may have been damaged */
         uint64_t hash = vmc_hash_key(c, key, klen);
-        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false, key, klen,
-                     size);
+        uint64_t data = vmc_entry_data_hash(c, RID_HEAD(reservation)); /* written by the owner */
+        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, data, false, key,
+                     klen, size);
     } else if (rc == VMC_OK) {
         rc = VMC_E_STATE;
     }
