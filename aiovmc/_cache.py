@@ -347,17 +347,6 @@ class Cache(Handle):
         """A snapshot list of the unexpired keys."""
         return list(self._shard_keys())
 
-    def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
-        """``{key: value}`` for the keys present; never calls the loader."""
-        found: dict[bytes, bytes] = {}
-        get = Handle.get
-        for key in keys:
-            encoded = encode_key(key)
-            value = get(self, encoded, _ABSENT)
-            if value is not _ABSENT:
-                found[encoded] = value
-        return found
-
     def put_many(
         self, items: Mapping[Any, Buffer] | Iterable[tuple[Any, Buffer]], *, ttl: TTL = None
     ) -> int:

@@ -610,14 +610,28 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
 /* get -- vmc_get, and on a hit (if meta is not NULL) the entry's publication
  * timestamp and expiry in meta[0] and meta[1], read under the same lock as
  * the value; with a sink (VMC_F_WHOLE), vmc_get_sink. */
+static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, char *dst,
+                          size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
+                          struct vmc_sink *sink);
+
 static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                    uint64_t offset, uint32_t flags, uint64_t *meta, struct vmc_sink *sink)
 {
     ENTER(c);
     int64_t rc = check_key(klen);
-    if (rc < 0)
-        goto out;
-    uint64_t hash = vmc_hash_key(c, key, klen);
+    if (rc == VMC_OK)
+        rc = get_hashed(c, key, klen, vmc_hash_key(c, key, klen), dst, cap, offset, flags, meta,
+                        sink);
+    leave(c);
+    return rc;
+}
+
+/* get_hashed -- get, for a key of a sound length and its hash, in a call entered. */
+static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, char *dst,
+                          size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
+                          struct vmc_sink *sink)
+{
+    int64_t rc;
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & VMC_F_QUIET;
@@ -625,7 +639,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
     for (int round = 0;; round++) {
         bool no_wait = sink && !counted;
         if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) < 0)
-            goto out;
+            return rc;
         uint64_t now = vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
@@ -637,7 +651,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         if (e && vmc_expired(e, now) && no_wait) { /* removing it takes the pool lock */
             vmc_shard_unlock(c, s);
             rc = VMC_BUSY;
-            goto out;
+            return rc;
         }
         if (e && vmc_expired(e, now)) {
             rc = remove_locked(c, s, u, slot);
@@ -654,7 +668,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
                 VMC_COUNT(sh->misses);
             vmc_shard_unlock(c, s);
             rc = VMC_MISS;
-            goto out;
+            return rc;
         }
         uint64_t vlen = e->value_len;
         if (meta) {
@@ -683,6 +697,8 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         bool whole = from == 0 && len == vlen;
         uint64_t data = hash;
         int copied;
+        if (len > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
+            vmc_before_wait();
         if (len < VMC_UNLOCKED_COPY || round >= 4) { /* the last rounds never livelock */
             copied = len || whole ? vmc_entry_copy(c, u, dst, from, len, whole ? &data : NULL)
                                   : vmc_entry_check(c, u);
@@ -693,11 +709,11 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
             vmc_shard_unlock(c, s);
             if (copied == VMC_OK) {
                 rc = (int64_t)vlen;
-                goto out;
+                return rc;
             }
             if (round >= 8) {
                 rc = vmc_fail(VMC_E_CORRUPT, "an entry stays damaged after repair");
-                goto out;
+                return rc;
             }
             continue; /* the next lock repairs: the entry is dropped */
         }
@@ -711,7 +727,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         vmc_shard_unlock(c, s);
         copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock(c, s)) < 0)
-            goto out;
+            return rc;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
         if (same && copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
@@ -721,13 +737,10 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         vmc_shard_unlock(c, s);
         if (same && copied == VMC_OK) {
             rc = (int64_t)vlen;
-            goto out;
+            return rc;
         }
         /* removed or replaced while we copied: look the key up again */
     }
-out:
-    leave(c);
-    return rc;
 }
 
 /* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
@@ -742,6 +755,47 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
 int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink)
 {
     return get(c, key, klen, NULL, 0, 0, VMC_F_WHOLE, NULL, sink);
+}
+
+/* The distances (in keys) at which vmc_get_many_sink prefetches ahead of its
+ * lookups: the index slot of a key, then the entry its slot points to. */
+#define AHEAD_SLOT 8
+#define AHEAD_ENTRY 4
+
+size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *klens, size_t n,
+                         int64_t *status, struct vmc_sink *sink)
+{
+    uint64_t hashes[16]; /* a ring: key i's hash at [i % 16], computed AHEAD_SLOT keys early */
+    size_t i = 0;
+    int rc = enter(c);
+    if (rc < 0) {
+        if (n)
+            status[0] = rc;
+        return 0;
+    }
+    for (size_t j = 0; j < n && j < AHEAD_SLOT; j++) {
+        hashes[j % 16] = vmc_hash_key(c, keys[j], klens[j]);
+        vmc_index_prefetch(c, hashes[j % 16], false);
+    }
+    for (; i < n; i++) {
+        if (i + AHEAD_SLOT < n) {
+            size_t j = i + AHEAD_SLOT;
+            hashes[j % 16] = vmc_hash_key(c, keys[j], klens[j]);
+            vmc_index_prefetch(c, hashes[j % 16], false);
+        }
+        if (i + AHEAD_ENTRY < n)
+            vmc_index_prefetch(c, hashes[(i + AHEAD_ENTRY) % 16], true);
+        sink->item = i;
+        int64_t got = check_key(klens[i]);
+        if (got == VMC_OK)
+            got = get_hashed(c, keys[i], klens[i], hashes[i % 16], NULL, 0, 0, VMC_F_WHOLE, NULL,
+                             sink);
+        status[i] = got;
+        if (got < 0 && got != VMC_MISS)
+            break; /* VMC_BUSY or a failure: the caller goes on from key i */
+    }
+    leave(c);
+    return i;
 }
 
 /* vmc_get_entry -- vmc_get with VMC_F_WHOLE, plus the entry's publication
@@ -837,6 +891,8 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     if ((rc = make_room(c, klen, vlen, expires, false, flags, 0, &head)) < 0)
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
+    if (vlen > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
+        vmc_before_wait();
     memcpy(vmc_entry_key(e), key, klen);
     uint64_t data = hash; /* the key's hash, then the data hash, as the value is copied */
     if (vmc_entry_fill(c, head, value, &data) < 0) { /* the chain just allocated is damaged */

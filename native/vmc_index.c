@@ -49,6 +49,19 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
     return 0;
 }
 
+void vmc_index_prefetch(vmc_cache *c, uint64_t hash, bool entry)
+{
+    uint32_t tag = (uint32_t)(hash >> 32);
+    uint64_t *slot = slots_of(c, vmc_shard_of(c, hash)) + home_of(c, tag);
+    if (!entry) {
+        __builtin_prefetch(slot);
+        return;
+    }
+    uint64_t v = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    if (v != 0 && VMC_SLOT_TAG(v) == tag && vmc_unit_ok(c, VMC_SLOT_UNIT(v)))
+        __builtin_prefetch(vmc_unit(c, VMC_SLOT_UNIT(v)));
+}
+
 void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, uint32_t unit)
 {
     VMC_ASSERT(slot < c->slots && vmc_unit_ok(c, unit), "slot %u of %u, unit %u of %u", slot,

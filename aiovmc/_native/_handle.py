@@ -12,18 +12,20 @@ value there while holding the shard lock, and slicing the buffer builds the
 into a fresh `bytes` object of the right size, with the GIL released: one copy
 from the mapping to the result.
 
-On CPython, `get`, `_get_inline` and `in` are replaced by the compiled fast
-path of native/vmc_fast.c (a result built in one copy, with no scratch
-buffer), unless the environment sets AIOVMC_PURE_CFFI=1; `FAST_PATH` says
-which path is in use. The methods below are the pure cffi binding.
+On CPython, `get`, `_get_inline`, `in`, `get_into`, `put` and `get_many` are
+replaced by the compiled fast path of native/vmc_fast.c (a result built in one
+copy, with no scratch buffer), unless the environment sets AIOVMC_PURE_CFFI=1;
+`FAST_PATH` says which path is in use. The methods below are the pure cffi
+binding.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
@@ -376,6 +378,17 @@ class Handle:
             return None
         raise_for(n)
 
+    def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
+        """``{key: value}`` for the keys present; never calls the loader."""
+        found: dict[bytes, bytes] = {}
+        get = self._get_inline
+        for key in keys:
+            encoded = encode_key(key)
+            value = get(encoded, sys.maxsize)
+            if value is not None:  # an int only above sys.maxsize bytes: never
+                found[encoded] = value  # type: ignore[assignment]
+        return found
+
     def __contains__(self, key: Any) -> bool:
         if type(key) is not bytes:
             key = encode_key(key)
@@ -724,7 +737,7 @@ class Handle:
 
 
 def _install_fast_path() -> bool:
-    """Put the compiled `get` of native/vmc_fast.c in place of `Handle.get`:
+    """Put the compiled methods of native/vmc_fast.c in place of Handle's:
     True if done; False on PyPy, or when AIOVMC_PURE_CFFI=1 asks for the pure
     cffi binding (the two paths behave alike; the tests run on both)."""
     if os.environ.get("AIOVMC_PURE_CFFI") == "1":
@@ -737,7 +750,9 @@ def _install_fast_path() -> bool:
             "aiovmc's compiled fast path failed to install (the error is printed above); "
             "AIOVMC_PURE_CFFI=1 runs on the pure cffi binding instead"
         )
-    for name, method in _aiovmc_native.fast_bind(Handle, encode_key, raise_for).items():
+    for name, method in _aiovmc_native.fast_bind(
+        Handle, encode_key, raise_for, ttl_to_ns, Handle.put
+    ).items():
         setattr(Handle, name, method)
     return True
 

@@ -1,0 +1,170 @@
+"""Issue 11 fast paths, measured beside lmdb (temporary; to be folded into the families).
+
+    python benchmarks/bench_fastpath_tmp.py [--quick] [--only 100,4096,65536,1048576]
+
+For each value size: a file of keys filled in aiovmc and lmdb (both in /dev/shm),
+then interleaved rounds (the harness of bench_sync) of
+
+* ``get``: ``Cache.get`` / lmdb ``txn.get`` (one read transaction per round, as
+  bench_sync), random order;
+* ``get_into``: ``Cache.get_into`` a preallocated buffer of the value's size;
+* ``put``: replace, ``Cache.put`` / one lmdb write transaction per put;
+* ``get_many``: ``Cache.get_many`` of 100 keys a call (ns per key), 100 B only;
+* ``get hot``: 1,000 hot keys, 100 B only.
+
+Prints medians (ns/op) and the ratio aiovmc / lmdb of the same run: the machine may
+be loaded by other work, so compare ratios, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+from _common import (
+    GiB,
+    MiB,
+    Case,
+    Settings,
+    fmt_ns,
+    interleaved,
+    key_order,
+    make_key,
+    make_value,
+    median,
+    peer,
+    rm,
+    scratch,
+)
+
+import aiovmc
+
+KEYS = {100: 100_000, 4096: 50_000, 65536: 4_000, 1048576: 256}
+BATCH = 100
+HOT = 1_000
+
+Loop = Callable[[], Any]
+
+
+def _each(op: Callable[[bytes], Any]) -> Callable[[list[bytes]], Loop]:
+    def make(keys: list[bytes]) -> Loop:
+        def loop() -> None:
+            for k in keys:
+                op(k)
+
+        return loop
+
+    return make
+
+
+def _batched(op: Callable[[list[bytes]], Any]) -> Callable[[list[bytes]], Loop]:
+    def make(keys: list[bytes]) -> Loop:
+        batches = [keys[i : i + BATCH] for i in range(0, len(keys), BATCH)]
+
+        def loop() -> None:
+            for b in batches:
+                op(b)
+
+        return loop
+
+    return make
+
+
+def _lmdb_get(env: Any) -> Callable[[list[bytes]], Loop]:
+    def make(keys: list[bytes]) -> Loop:
+        def loop() -> None:
+            with env.begin() as txn:
+                get = txn.get
+                for k in keys:
+                    get(k)
+
+        return loop
+
+    return make
+
+
+def _lmdb_put(env: Any, value: bytes) -> Callable[[list[bytes]], Loop]:
+    def make(keys: list[bytes]) -> Loop:
+        def loop() -> None:
+            begin = env.begin
+            for k in keys:
+                txn = begin(write=True)
+                txn.put(k, value)
+                txn.commit()
+
+        return loop
+
+    return make
+
+
+def run(size: int, settings: Settings, lmdb: Any) -> None:
+    n = KEYS[size]
+    keys = [make_key(i) for i in range(n)]
+    order = [keys[i] for i in key_order(n)]
+    value = make_value(size)
+    d = scratch("fastpath")
+    c = aiovmc.Cache(os.path.join(d, "cache.vmc"), size=max(256 * MiB, 3 * n * size))
+    env = lmdb.open(os.path.join(d, "lmdb"), map_size=2 * GiB, sync=False, writemap=True)
+    try:
+        for k in keys:
+            c.put(k, value)
+        with env.begin(write=True) as txn:
+            for k in keys:
+                txn.put(k, value)
+        buf = bytearray(size)
+        get_into = c.get_into
+        plan: list[tuple[str, list[Case], list[bytes], int]] = [
+            ("get", [Case("aiovmc", _each(c.get)), Case("lmdb", _lmdb_get(env))], order, 1),
+            (
+                "get_into",
+                [Case("aiovmc", _each(lambda k: get_into(k, buf))), Case("lmdb", _lmdb_get(env))],
+                order,
+                1,
+            ),
+            ("put", [Case("aiovmc", _each(lambda k: c.put(k, value))),
+                     Case("lmdb", _lmdb_put(env, value))], order, 1),
+        ]
+        if size == 100:
+            hot_keys = order[:HOT]
+            hot = [hot_keys[i % HOT] for i in key_order(n, seed=7)]
+            plan.append(
+                ("get hot", [Case("aiovmc", _each(c.get)), Case("lmdb", _lmdb_get(env))], hot, 1)
+            )
+            plan.append(
+                (
+                    f"get_many {BATCH}",
+                    [Case("aiovmc", _batched(c.get_many)), Case("lmdb", _lmdb_get(env))],
+                    order,
+                    1,
+                )
+            )
+        for op, cases, seq, _ in plan:
+            rounds = interleaved(cases, seq, settings)
+            a, b = median(rounds["aiovmc"]), median(rounds["lmdb"])
+            print(
+                f"{size:>8} B  {op:<13} aiovmc {fmt_ns(a):>10}  lmdb {fmt_ns(b):>10}  "
+                f"ratio {a / b:.2f}",
+                flush=True,
+            )
+    finally:
+        c.close()
+        env.close()
+        rm(d)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=",".join(str(s) for s in KEYS))
+    args = parser.parse_args()
+    settings = Settings.make(args.quick)
+    lmdb = peer("lmdb")
+    print(f"fast path: {aiovmc._native.FAST_PATH}")
+    for size in (int(s) for s in args.only.split(",")):
+        run(size, settings, lmdb)
+
+
+if __name__ == "__main__":
+    main()
