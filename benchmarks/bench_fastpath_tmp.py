@@ -24,9 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import (
+    Case,
     GiB,
     MiB,
-    Case,
     Settings,
     fmt_ns,
     interleaved,
@@ -123,8 +123,15 @@ def run(size: int, settings: Settings, lmdb: Any) -> None:
                 order,
                 1,
             ),
-            ("put", [Case("aiovmc", _each(lambda k: c.put(k, value))),
-                     Case("lmdb", _lmdb_put(env, value))], order, 1),
+            (
+                "put",
+                [
+                    Case("aiovmc", _each(lambda k: c.put(k, value))),
+                    Case("lmdb", _lmdb_put(env, value)),
+                ],
+                order,
+                1,
+            ),
         ]
         if size == 100:
             hot_keys = order[:HOT]
