@@ -498,15 +498,16 @@ def test_utilisation_random_sizes(cache_path: str) -> None:
 
 
 def test_ttl(cache_path: str, clock: Clock) -> None:
-    with Cache(cache_path, size=MiB, ttl=0.2) as c:
+    # TTLs far above any scheduling delay: only the injected clock makes them expire.
+    with Cache(cache_path, size=MiB, ttl=20) as c:
         c.put(b"default", b"v")
-        c.put(b"short", b"v", ttl=0.05)
-        c.put(b"long", b"v", ttl=60)
+        c.put(b"short", b"v", ttl=5)
+        c.put(b"long", b"v", ttl=6000)
         assert c.get(b"short") == b"v"
-        clock.advance(0.08)
+        clock.advance(8)
         assert c.get(b"short") is None and b"short" not in c
         assert c.get(b"default") == b"v"
-        clock.advance(0.15)
+        clock.advance(15)
         assert c.get(b"default") is None
         assert c.keys() == [b"long"]
         assert c.statistics().expirations == 2
@@ -514,9 +515,9 @@ def test_ttl(cache_path: str, clock: Clock) -> None:
 
 def test_purge_expired(cache: Cache, clock: Clock) -> None:
     for i in range(50):
-        cache.put(f"t{i}", b"v", ttl=0.01)
+        cache.put(f"t{i}", b"v", ttl=5)
     cache.put(b"keep", b"v")
-    clock.advance(0.03)
+    clock.advance(10)
     assert len(cache) == 51  # expired entries still hold room until purged or looked up
     assert cache.purge_expired() == 50
     assert len(cache) == 1 and cache.statistics().expirations == 50
@@ -524,9 +525,9 @@ def test_purge_expired(cache: Cache, clock: Clock) -> None:
 
 
 def test_add_over_expired_entry(cache: Cache, clock: Clock) -> None:
-    cache.put(b"k", b"old", ttl=0.01)
+    cache.put(b"k", b"old", ttl=5)
     assert cache.add(b"k", b"new") is False
-    clock.advance(0.03)
+    clock.advance(10)
     assert cache.add(b"k", b"new") is True
     assert cache.get(b"k") == b"new"
 
@@ -919,8 +920,8 @@ def test_evict_skips_any_number_of_expired_entries(cache_path: str, clock: Clock
     evicted: list[bytes] = []
     with Cache(cache_path, size=4 * MiB, on_evict=evicted.append) as c:
         for i in range(1000):
-            c.put(f"t{i}", b"v", ttl=0.01)
-        clock.advance(0.05)
+            c.put(f"t{i}", b"v", ttl=5)
+        clock.advance(10)
         c.put(b"live", b"v")
         assert c.evict() is True and evicted == [b"live"]
         assert c.statistics().expirations == 1000
@@ -931,9 +932,9 @@ def test_policy_none_reuses_the_room_of_expired_entries(cache_path: str, clock: 
         i = 0
         with pytest.raises(CacheFullError):
             while True:
-                c.put(f"k{i}", bytes(1000), ttl=0.05)
+                c.put(f"k{i}", bytes(1000), ttl=5)
                 i += 1
-        clock.advance(0.1)
+        clock.advance(10)
         assert c.keys() == []
         c.put(b"after", bytes(1000))  # the expired entries' room is reused
         assert c.get(b"after") == bytes(1000)
