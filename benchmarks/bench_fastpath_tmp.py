@@ -12,6 +12,10 @@ then interleaved rounds (the harness of bench_sync) of
 * ``get_many``: ``Cache.get_many`` of 100 keys a call (ns per key), 100 B only;
 * ``get hot``: 1,000 hot keys, 100 B only.
 
+``--scaling``: put throughput (100 B values replacing 100k keys) of 1 and 2 spawned
+processes on one file, rounds of ``duration`` seconds started at a barrier, the
+groups interleaved; scaling = median(2 processes) / median(1 process).
+
 Prints medians (ns/op) and the ratio aiovmc / lmdb of the same run: the machine may
 be loaded by other work, so compare ratios, not absolute figures.
 """
@@ -19,7 +23,9 @@ be loaded by other work, so compare ratios, not absolute figures.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -161,12 +167,86 @@ def run(size: int, settings: Settings, lmdb: Any) -> None:
         rm(d)
 
 
+def _putter(path: str, worker: int, rounds: int, duration: float, barrier: Any, queue: Any) -> None:
+    import gc
+
+    keys = [make_key(i) for i in key_order(100_000, seed=2000 + worker)]
+    value = make_value(100)
+    cache = aiovmc.Cache(path)
+    put = cache.put
+    try:
+        for r in range(rounds):
+            barrier.wait()
+            gc.collect()
+            gc.disable()
+            ops = 0
+            t0 = time.perf_counter_ns()
+            end = t0 + int(duration * 1e9)
+            while True:
+                for k in keys[(ops % 100_000) : (ops % 100_000) + 1000]:
+                    put(k, value)
+                ops += 1000
+                now = time.perf_counter_ns()
+                if now >= end:
+                    break
+            gc.enable()
+            queue.put((r, worker, ops * 1e9 / (now - t0)))
+    finally:
+        cache.close()
+
+
+def scaling(settings: Settings) -> None:
+    d = scratch("fastpath-scale")
+    path = os.path.join(d, "cache.vmc")
+    value = make_value(100)
+    with aiovmc.Cache(path, size=256 * MiB) as c:
+        for i in range(100_000):
+            c.put(make_key(i), value)
+    ctx = mp.get_context("spawn")
+    rounds = settings.rounds + settings.warmup
+    try:
+        groups = {}
+        for n in (1, 2):
+            barrier = ctx.Barrier(n + 1)
+            queue = ctx.Queue()
+            procs = [
+                ctx.Process(
+                    target=_putter, args=(path, w, rounds, settings.duration, barrier, queue)
+                )
+                for w in range(n)
+            ]
+            for p in procs:
+                p.start()
+            groups[n] = (barrier, queue, procs, [])
+        for r in range(rounds):
+            for n, (barrier, queue, _procs, results) in groups.items():
+                barrier.wait()
+                total = sum(queue.get()[2] for _ in range(n))
+                if r >= settings.warmup:
+                    results.append(total)
+        for n, (_b, _q, procs, results) in groups.items():
+            for p in procs:
+                p.join()
+            print(
+                f"put 100 B, {n} process(es): {median(results) / 1e6:.3f} M ops/s "
+                f"(rounds {', '.join(f'{x / 1e6:.3f}' for x in results)})"
+            )
+        one, two = median(groups[1][3]), median(groups[2][3])
+        print(f"put scaling 2 / 1 processes: {two / one:.2f}", flush=True)
+    finally:
+        rm(d)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=",".join(str(s) for s in KEYS))
+    parser.add_argument("--scaling", action="store_true")
     args = parser.parse_args()
     settings = Settings.make(args.quick)
+    if args.scaling:
+        scaling(settings)
+        return
     lmdb = peer("lmdb")
     print(f"fast path: {aiovmc._native.FAST_PATH}")
     for size in (int(s) for s in args.only.split(",")):

@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX: the member type of a __slots__ slot */
 
 #include "vmc.h"
 #include "vmc_cache.h"
@@ -294,15 +295,22 @@ static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit,
     return finish(c, k, klen, n, limit, status);
 }
 
+/* Where the `_fast` slot of aiovmc's Handle sits in its instances (found by
+ * fast_bind from the slot's member descriptor): the methods read it there,
+ * not through an attribute lookup per call. Their descriptors were made for
+ * Handle, so `self` is always an instance of Handle, or of a subclass, which
+ * keeps the slot at the same offset. */
+static Py_ssize_t fast_offset;
+
 /* handle_of -- the core handle of self (its `_fast` slot), as a new reference. */
 static FastHandle *handle_of(PyObject *self)
 {
-    PyObject *fast = PyObject_GetAttr(self, str_fast);
-    if (fast && !Py_IS_TYPE(fast, &FastHandleType)) {
+    PyObject *fast = *(PyObject **)((char *)self + fast_offset);
+    if (fast == NULL || !Py_IS_TYPE(fast, &FastHandleType)) {
         PyErr_Format(PyExc_TypeError, "%R has no fast handle", self);
-        Py_CLEAR(fast);
+        return NULL;
     }
-    return (FastHandle *)fast;
+    return (FastHandle *)Py_NewRef(fast);
 }
 
 /* get(key, default=None): as Handle.get in aiovmc/_native/_handle.py. */
@@ -628,6 +636,13 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (nargs != 5 || !PyType_Check(args[0]))
         return PyErr_Format(PyExc_TypeError,
                             "fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put)");
+    PyObject *slot = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, str_fast);
+    if (slot == NULL || !Py_IS_TYPE(slot, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)slot)->d_member->type != T_OBJECT_EX)
+        return PyErr_Occurred() ? NULL
+                                : PyErr_Format(PyExc_TypeError, "fast_bind(cls, ...): %R has no "
+                                               "`_fast` slot", args[0]);
+    fast_offset = ((PyMemberDescrObject *)slot)->d_member->offset;
     Py_XSETREF(encode_key, Py_NewRef(args[1]));
     Py_XSETREF(raise_for, Py_NewRef(args[2]));
     Py_XSETREF(ttl_to_ns, Py_NewRef(args[3]));

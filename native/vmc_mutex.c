@@ -36,7 +36,9 @@ bool vmc_damaged(vmc_cache *c)
  * section), while a futex sleep and its wake-up cost several microseconds
  * and, between processes, a context switch each; a holder that is not
  * running (more runnable threads than cores) is not worth longer spinning. */
+#ifndef VMC_SPINS /* -DVMC_SPINS=0 builds a core that never spins, to measure against */
 #define VMC_SPINS 64
+#endif
 
 static __thread struct vmc_wait_hook *wait_hook;
 
