@@ -1,202 +1,143 @@
-# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
-"""Family ``scaling``: read throughput of 1 and 2 processes sharing one file.
 
-A store is filled with 100k keys of 100 B values. Then groups of worker processes
-(``spawn``ed, each opening the store itself) read random keys (each worker its own
-pre-generated order) for a fixed duration per round; a round of a group starts when
-all its workers and the parent meet at a barrier, and each worker reports ops/s. The
-figure of a round is the sum over the group's workers; the family reports the median
-over rounds, for 1 and 2 processes, for aiovmc and for py-lmdb (gets inside a read
-transaction renewed every chunk of 1,000 gets). Rounds of the four groups are
-interleaved. Scaling = median(2 processes) / median(1 process); the target is ≥ 1.8
-on a 2-core machine.
+"""Throughput of 1 and 2 processes sharing one file: gets, puts and a 10 % put mix.
+
+A store is filled with 100k keys of 100 B values. Groups of 1 and 2 `spawn`ed
+worker processes, each opening the store itself and walking its own random order,
+then get, put (replace) or mix (every 10th op a put) for a fixed duration per round;
+a round starts when the group's workers and the parent meet at a barrier. A
+round's figure is the sum of its workers' ops/s; the rounds of every group are
+interleaved. py-lmdb runs the same: a read transaction per 1,000 gets, a write
+transaction per put. Scaling = median(2 processes) / median(1 process). With 2
+CPUs, the 2-process figure leaves no core to the OS or the parent: a lower bound.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
+import gc
 import os
 import time
 from typing import Any
 
-from _common import (
-    Check,
-    FamilyResult,
+import lmdb
+from harness import (
+    Family,
     GiB,
     MiB,
-    Ratio,
+    Plot,
     Settings,
+    Table,
+    WorkerGroup,
+    fmt,
     key_order,
     make_key,
     make_value,
-    median,
-    peer,
-    print_checks,
-    print_ratios,
-    rm,
     say,
     scratch,
 )
 
-NAME = "scaling"
-TITLE = "Read throughput, 1 and 2 processes on one file (100 B values, 100k keys)"
-N_KEYS = 100_000
-VALUE = 100
+import aiovmc
+
+TITLE = "Processes sharing one file"
+TABLES = [
+    Table("throughput", "Ops/s summed over the processes (100 B values, 100k keys, random)",
+          Plot("bars", "bench_scaling.png", "Throughput on one shared file (median)",
+               xlabel="M ops/s")),
+    Table("2 processes / 1", "Scaling: the 2-process figure over the 1-process one"),
+]  # fmt: skip
+MODES = ("get", "put", "10 % puts")
 CHUNK = 1_000
+VALUE = 100
 
 
 def _worker(
-    lib: str, path: str, worker: int, rounds: int, duration: float, barrier: Any, queue: Any
-) -> None:
-    """Child process: open the store, then per round read for ``duration`` seconds."""
-    import gc
-
-    keys = [make_key(i) for i in key_order(N_KEYS, seed=1000 + worker)]
+    index: int, rounds: int, barrier: Any, queue: Any, lib: str, path: str, mode: str,
+    n_keys: int, duration: float,
+) -> None:  # fmt: skip
+    """A child process: per round, ops of ``mode`` for ``duration`` seconds."""
+    keys = [make_key(i) for i in key_order(n_keys, seed=1000 + index)]
     chunks = [keys[i : i + CHUNK] for i in range(0, len(keys), CHUNK)]
+    value = make_value(VALUE, seed=index)
+    every = {"get": 0, "put": 1, "10 % puts": 10}[mode]
     if lib == "aiovmc":
-        import aiovmc
-
         cache = aiovmc.Cache(path)
-        get = cache.get
+        get, put = cache.get, cache.put
 
         def chunk_loop(chunk: list[bytes]) -> None:
-            for k in chunk:
-                get(k)
+            for i, k in enumerate(chunk):
+                if every and i % every == 0:
+                    put(k, value)
+                else:
+                    get(k)
 
         close = cache.close
     else:
-        import lmdb
-
-        env = lmdb.open(path, map_size=2 * GiB, readonly=True, lock=True)
+        env = lmdb.open(path, map_size=2 * GiB, sync=False, writemap=True)
+        begin = env.begin
 
         def chunk_loop(chunk: list[bytes]) -> None:
-            with env.begin() as txn:
-                g = txn.get
-                for k in chunk:
-                    g(k)
+            txn = begin()
+            for i, k in enumerate(chunk):
+                if every and i % every == 0:
+                    with begin(write=True) as w:
+                        w.put(k, value)
+                else:
+                    txn.get(k)
+            txn.abort()
 
         close = env.close
     try:
-        for r in range(rounds):
+        for _ in range(rounds):
             barrier.wait()
             gc.collect()
             gc.disable()
-            ops = 0
-            i = 0
+            ops, i = 0, 0
             t0 = time.perf_counter_ns()
             end = t0 + int(duration * 1e9)
-            while True:
+            while (now := time.perf_counter_ns()) < end:
                 chunk_loop(chunks[i])
-                ops += CHUNK
+                ops += len(chunks[i])
                 i = (i + 1) % len(chunks)
-                now = time.perf_counter_ns()
-                if now >= end:
-                    break
             gc.enable()
-            queue.put((r, worker, ops * 1e9 / (now - t0)))
+            queue.put(ops * 1e9 / (now - t0))
     finally:
         close()
 
 
-def _fill(lib: str, aiovmc: Any, lmdb: Any) -> tuple[str, Any]:
-    value = make_value(VALUE)
-    keys = [make_key(i) for i in range(N_KEYS)]
-    d = scratch(f"scale-{lib}")
-    if lib == "aiovmc":
-        path = os.path.join(d, "cache.vmc")
-        c = aiovmc.Cache(path, size=256 * MiB)
-        for k in keys:
-            c.put(k, value)
-        return path, lambda: (c.close(), rm(d))
-    env = lmdb.open(d, map_size=2 * GiB, sync=False, writemap=True)
-    with env.begin(write=True) as txn:
-        for k in keys:
-            txn.put(k, value)
-    env.sync(True)
-    env.close()
-    return d, lambda: rm(d)
-
-
-def run(settings: Settings, aiovmc: Any) -> FamilyResult:
-    res = FamilyResult(NAME, TITLE)
-    lmdb = peer("lmdb")
-    libs = ([] if aiovmc is None else ["aiovmc"]) + ([] if lmdb is None else ["lmdb"])
-    if aiovmc is None:
-        res.note("aiovmc not available: lmdb only")
-    ctx = mp.get_context("spawn")
+def run(settings: Settings, fam: Family) -> None:
+    n_keys = settings.pick(100_000, 100_000, 2_000)
     rounds = settings.warmup + settings.rounds
-    duration = settings.duration / 2 if settings.quick else settings.duration
-    stores: dict[str, tuple[str, Any]] = {}
-    groups: list[tuple[str, int, Any, Any, list[Any]]] = []
-    try:
-        for lib in libs:
-            stores[lib] = _fill(lib, aiovmc, lmdb)
-        for lib in libs:
-            for nproc in (1, 2):
-                barrier = ctx.Barrier(nproc + 1)
-                queue = ctx.Queue()
-                procs = [
-                    ctx.Process(
-                        target=_worker,
-                        daemon=True,
-                        args=(lib, stores[lib][0], w, rounds, duration, barrier, queue),
-                    )
-                    for w in range(nproc)
-                ]
-                for p in procs:
-                    p.start()
-                groups.append((lib, nproc, barrier, queue, procs))
-        say(f"  {len(groups)} worker groups, {rounds} rounds of {duration:g} s each")
-        per: dict[str, list[float]] = {f"{lib} x{n}": [] for lib, n, *_ in groups}
-        for r in range(rounds):
-            for lib, nproc, barrier, queue, _procs in groups:
-                barrier.wait(timeout=120)
-                total = 0.0
-                for _ in range(nproc):
-                    rr, _w, ops = queue.get(timeout=120)
-                    assert rr == r
-                    total += ops
-                if r >= settings.warmup:
-                    per[f"{lib} x{nproc}"].append(total)
-        for _lib, _n, _b, _q, procs in groups:
-            for p in procs:
-                p.join(30)
-    finally:
-        for *_rest, procs in groups:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-        for _path, close in stores.values():
-            close()
-
-    for name, xs in per.items():
-        res.data[name] = {"median_ops_s": median(xs), "rounds_ops_s": xs}
-        say(f"  {name}: {median(xs) / 1e6:.3f} M ops/s")
-    for lib in libs:
-        one = res.data[f"{lib} x1"]["median_ops_s"]
-        two = res.data[f"{lib} x2"]["median_ops_s"]
-        res.data[f"{lib} scaling"] = two / one
-        res.checks.append(
-            Check(
-                f"{lib}: 2 processes / 1 process",
-                two / one,
-                "x",
-                1.8 if lib == "aiovmc" else None,
-                "higher",
-            )
-        )
-    if "aiovmc" in libs and "lmdb" in libs:
-        for n in (1, 2):
-            res.ratios.append(
-                Ratio(
-                    f"read throughput, {n} process{'es' if n > 1 else ''}",
-                    res.data[f"aiovmc x{n}"]["median_ops_s"],
-                    "lmdb",
-                    res.data[f"lmdb x{n}"]["median_ops_s"],
-                    "ops/s",
-                    "higher",
-                )
-            )
-    print_ratios(res.ratios)
-    print_checks(res.checks)
-    return res
+    value = make_value(VALUE)
+    with scratch("scaling") as d:
+        paths = {"aiovmc": os.path.join(d, "aiovmc"), "lmdb": os.path.join(d, "lmdb")}
+        cache = aiovmc.Cache(paths["aiovmc"], size=256 * MiB)
+        env = lmdb.open(paths["lmdb"], map_size=2 * GiB, sync=False, writemap=True)
+        with env.begin(write=True) as txn:
+            for i in range(n_keys):
+                cache.put(make_key(i), value)
+                txn.put(make_key(i), value)
+        cache.close()
+        env.close()
+        groups = [(lib, mode, n) for lib in paths for mode in MODES for n in (1, 2)]
+        per: dict[tuple[str, str, int], list[float]] = {g: [] for g in groups}
+        say(f"  {len(groups)} process groups, {rounds} rounds of {settings.duration:g} s")
+        with contextlib.ExitStack() as stack:
+            running = {
+                g: stack.enter_context(
+                    WorkerGroup(g[2], rounds, _worker, g[0], paths[g[0]], g[1], n_keys,
+                                settings.duration))
+                for g in groups
+            }  # fmt: skip
+            for r in range(rounds):
+                for g, group in running.items():
+                    total = sum(group.round())
+                    if r >= settings.warmup:
+                        per[g].append(total)
+    for (lib, mode, n), xs in per.items():
+        fam.add("throughput", lib, f"{mode}, {n} process{'es' if n > 1 else ''}", xs, "ops/s")
+    for lib in paths:
+        for mode in MODES:
+            one = fam.value("throughput", lib, f"{mode}, 1 process")
+            two = fam.value("throughput", lib, f"{mode}, 2 processes")
+            fam.add("2 processes / 1", lib, mode, two / one, "x")
+            say(f"  {lib} {mode}: {fmt(one, 'ops/s')} -> {fmt(two, 'ops/s')} ({two / one:.2f}×)")

@@ -1,85 +1,62 @@
-# ruff: noqa: RUF001, RUF002, RUF003  (µ, × are meant: they are printed)
-"""TieredCache (DESIGN §11) side by side with redis-py alone and cashews' client-side
-mode, on one local redis-server (127.0.0.1, a free port; TCP so every client can use
-it). Run: ``python benchmarks/bench_tiered.py [--quick]``; figures go to
-docs/benchmarks.md ("TieredCache") by hand.
+"""TieredCache (DESIGN §11) beside redis-py alone and cashews' client-side mode
+(`client_side=True`: an in-process memory tier per worker, invalidated through redis
+`CLIENT TRACKING ... BCAST`), on one private redis-server on 127.0.0.1 (TCP, so every
+client can use it).
 
-1. Hit path: one task awaits ``get`` hits on 10k keys (100 B values) in a random
-   order: ``AsyncCache.get`` (the L1 alone), ``TieredCache.get`` (L1 hits), cashews
-   client-side (its in-process memory hits), redis-py's asyncio ``GET`` (every get a
-   round trip). asyncio, and trio for aiovmc. Medians of interleaved rounds.
+1. Hit path: one task awaits `get` hits on 10k keys (100 B values) in a random
+   order: `AsyncCache.get` (the L1 alone), `TieredCache.get` (L1 hits), cashews
+   client-side (its in-process memory hits), redis-py's asyncio `GET` (every get a
+   round trip); asyncio, and trio for aiovmc; medians of interleaved rounds.
 2. One wave of one key over 2 hosts × 2 processes × 50 tasks: loader calls in all,
-   and redis data commands by name (``INFO commandstats`` before and after; commands
-   run by scripts are counted too), for a key already in redis and a key in no tier.
-   cashews client-side, 4 processes × 50 tasks, ``@cache(lock=True)``: the same.
+   and redis data commands (`INFO commandstats` before and after; commands run by
+   scripts are counted too), for a key already in redis and a key in no tier.
+   cashews client-side, 4 processes × 50 tasks, `@cache(lock=True)`: the same.
 3. Invalidation: a writer process puts a new value; a reader process on another host
-   (not its host's listener) checks every 0.1 ms, first ``get_nowait`` until its L1
-   copy is gone, then ``get`` until it returns the new value. Latencies from before
-   the put (one monotonic clock for all processes): median and p99 of N writes.
-   cashews client-side: ``cache.set``, then ``cache.get`` until the new value.
+   (not its host's listener) checks every 0.1 ms, first `get_nowait` until its L1
+   copy is gone, then `get` until it returns the new value. Latencies from before
+   the put (one monotonic clock for all processes); a value still old after 1 s
+   counts as infinite. cashews client-side: `cache.set`, then `cache.get` until the
+   new value.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import gc
-import multiprocessing
 import os
-import random
-import shutil
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from typing import Any
 
 import anyio
+from harness import (
+    SHM,
+    SPAWN,
+    Case,
+    Family,
+    RedisServer,
+    Settings,
+    Table,
+    ainterleaved,
+    aloop_over,
+    fmt,
+    key_order,
+    make_key,
+    median,
+    percentile,
+    say,
+)
 
-SPAWN = multiprocessing.get_context("spawn")
-SHM = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+import aiovmc
+
+TITLE = "TieredCache"
+TABLES = [
+    Table("hit path", "Per get, 10k keys, 100 B values, random order"),
+    Table("one wave", "One key asked by 50 tasks in each process"),
+    Table("invalidation", "A put on one host until another host's reader sees the new "
+                          "value (ms)"),
+]  # fmt: skip
 KEYS = 10_000
 VALUE = b"v" * 100
-
-
-def fmt(ns: float) -> str:
-    return f"{ns:.0f} ns" if ns < 1000 else (f"{ns / 1e3:.2f} µs" if ns < 1e6
-                                             else f"{ns / 1e6:.2f} ms")
-
-
-class Server:
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="aiovmc-bench-tiered-")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if "ready to accept connections" in line.lower():
-                self.proc.stdout.close()
-                return
-        raise RuntimeError("redis-server did not start")
-
-    def client(self) -> Any:
-        import redis
-
-        return redis.Redis.from_url(self.url)
-
-    def commands(self) -> int:
-        return int(self.client().info("stats")["total_commands_processed"])
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def new_path() -> str:
@@ -98,34 +75,21 @@ def remove(*paths: str) -> None:
 # -- 1. hit path ------------------------------------------------------------------------
 
 
-async def timed(get: Any, keys: list[bytes]) -> float:
-    gc.disable()
-    try:
-        start = time.perf_counter_ns()
-        for k in keys:
-            await get(k)
-        return (time.perf_counter_ns() - start) / len(keys)
-    finally:
-        gc.enable()
-
-
-async def hit_path(url: str, backend: str, rounds: int) -> dict[str, list[float]]:
-    import aiovmc
-
-    keys = [b"key-%012d" % i for i in range(KEYS)]
-    order = keys[:]
-    random.Random(1).shuffle(order)
+async def hit_path(url: str, backend: str, settings: Settings, n_keys: int
+                   ) -> dict[str, list[float]]:  # fmt: skip
+    keys = [make_key(i) for i in range(n_keys)]
+    order = [keys[i] for i in key_order(n_keys, seed=1)]
     a_path, t_path = new_path(), new_path()
     try:
         plain = aiovmc.AsyncCache(a_path, size="64MiB")
         tiered = aiovmc.TieredCache(t_path, size="64MiB", redis=url, namespace="bench")
-        await anyio.to_thread.run_sync(tiered._listener.subscribed.wait, 10)
+        await anyio.to_thread.run_sync(tiered._listener.subscribed.wait, 30)
         for k in keys:
             await plain.put(k, VALUE)
             await tiered.put(k, VALUE)
-        cases: dict[str, Any] = {"AsyncCache.get": plain.get, "TieredCache.get (L1 hit)":
-                                 tiered.get}
-        extra: list[Any] = []
+        cases = [Case("AsyncCache.get", aloop_over(plain.get)),
+                 Case("TieredCache.get (L1 hit)", aloop_over(tiered.get))]  # fmt: skip
+        closers: list[Any] = [tiered.aclose, plain.aclose]
         if backend == "asyncio":
             import redis.asyncio
             from cashews import Cache
@@ -136,34 +100,23 @@ async def hit_path(url: str, backend: str, rounds: int) -> dict[str, list[float]
             ckeys = {k: "cashews:" + k.decode() for k in keys}
             for k in keys:
                 await cashews.set(ckeys[k], VALUE)
-            for k in keys:
                 await cashews.get(ckeys[k])  # into its memory tier
-
-            async def cashews_get(k: bytes) -> Any:
-                return await cashews.get(ckeys[k])
-
             client = redis.asyncio.Redis.from_url(url)
             for k in keys:
                 await client.set(b"plain:" + k, VALUE)
 
+            async def cashews_get(k: bytes) -> Any:
+                return await cashews.get(ckeys[k])
+
             async def redis_get(k: bytes) -> Any:
                 return await client.get(b"plain:" + k)
 
-            cases["cashews client-side (memory hit)"] = cashews_get
-            cases["redis-py asyncio GET"] = redis_get
-            extra = [cashews, client]
-        out: dict[str, list[float]] = {name: [] for name in cases}
-        for r in range(rounds + 1):
-            for name, get in cases.items():
-                sample = order if "redis-py" not in name else order[:1000]
-                ns = await timed(get, sample)
-                if r:
-                    out[name].append(ns)
-        if extra:
-            await extra[0].close()
-            await extra[1].aclose()
-        await tiered.aclose()
-        await plain.aclose()
+            cases += [Case("cashews client-side (memory hit)", aloop_over(cashews_get)),
+                      Case("redis-py asyncio GET", aloop_over(redis_get))]  # fmt: skip
+            closers += [cashews.close, client.aclose]
+        out = await ainterleaved(cases, order, settings)
+        for close in closers:
+            await close()
         return out
     finally:
         remove(a_path, t_path)
@@ -175,7 +128,7 @@ DATA_COMMANDS = ("get", "mget", "set", "evalsha", "eval", "publish", "subscribe"
                  "del", "unlink", "pexpire")
 
 
-def command_counts(server: Server) -> dict[str, int]:
+def command_counts(server: RedisServer) -> dict[str, int]:
     stats = server.client().info("commandstats")
     return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
             for name in DATA_COMMANDS}
@@ -192,8 +145,6 @@ def cold_worker(kind: str, path: str, url: str, key: bytes, counter: str, barrie
 
     async def main() -> None:
         if kind == "tiered":
-            import aiovmc
-
             cache: Any = aiovmc.TieredCache(path, size="4MiB", redis=url, namespace="bench")
             if await anyio.to_thread.run_sync(cache._listener.elected.wait, 0.5):
                 await anyio.to_thread.run_sync(cache._listener.subscribed.wait, 10)
@@ -227,7 +178,7 @@ def cold_worker(kind: str, path: str, url: str, key: bytes, counter: str, barrie
     asyncio.run(main())
 
 
-def cold_keys(server: Server, kind: str, key: bytes, hosts: list[list[str]]
+def cold_keys(server: RedisServer, kind: str, key: bytes, hosts: list[list[str]]
               ) -> tuple[int, dict[str, int]]:
     """Loader calls, and redis data commands by name, for one wave of ``key``."""
     counter = os.path.join(server.dir, f"calls-{uuid.uuid4().hex}")
@@ -263,8 +214,6 @@ def cold_keys(server: Server, kind: str, key: bytes, hosts: list[list[str]]
 def reader(kind: str, path: str, url: str, conn: Any, ready: Any) -> None:
     async def main() -> None:
         if kind == "tiered":
-            import aiovmc
-
             cache: Any = aiovmc.TieredCache(path, size="4MiB", redis=url, namespace="bench")
             key: Any = b"inv"
 
@@ -314,8 +263,6 @@ def reader(kind: str, path: str, url: str, conn: Any, ready: Any) -> None:
 
 def listener_proc(path: str, url: str, ready: Any, stop: Any) -> None:
     async def main() -> None:
-        import aiovmc
-
         cache = aiovmc.TieredCache(path, size="4MiB", redis=url, namespace="bench")
         await anyio.to_thread.run_sync(cache._listener.subscribed.wait, 10)
         ready.set()
@@ -325,7 +272,7 @@ def listener_proc(path: str, url: str, ready: Any, stop: Any) -> None:
     asyncio.run(main())
 
 
-async def invalidation(server: Server, kind: str, samples: int
+async def invalidation(server: RedisServer, kind: str, samples: int
                        ) -> tuple[list[float], list[float]]:
     """Milliseconds from before a put on one host to the reader's first new value,
     and (TieredCache) to the reader's first L1 miss."""
@@ -345,8 +292,6 @@ async def invalidation(server: Server, kind: str, samples: int
     ready.wait(30)
     try:
         if kind == "tiered":
-            import aiovmc
-
             writer: Any = aiovmc.TieredCache(a_path, size="4MiB", redis=server.url,
                                              namespace="bench")
             key: Any = b"inv"
@@ -387,80 +332,44 @@ async def invalidation(server: Server, kind: str, samples: int
         remove(a_path, b_path)
 
 
-# -- main -------------------------------------------------------------------------------
+# -- the family -----------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="hits,wave,invalidation",
-                        help="comma-separated parts: hits, wave, invalidation")
-    args = parser.parse_args()
-    parts = set(args.only.split(","))
-    rounds, samples = (9, 50) if args.quick else (15, 200)
-    if shutil.which("redis-server") is None:
-        print("redis-server is not installed: nothing to compare with")
-        return 1
-    server = Server()
-    try:
-        if "hits" in parts:
-            hit_paths(server.url, rounds)
-        if "wave" in parts:
-            waves(server)
-        if "invalidation" in parts:
-            invalidations(server, samples)
-    finally:
-        server.stop()
-    return 0
-
-
-def hit_paths(url: str, rounds: int) -> None:
-    if True:
-        print("== 1. hit path, 10k keys, 100 B, random order (median of rounds, per get)")
-        results: dict[str, dict[str, list[float]]] = {}
+def run(settings: Settings, fam: Family) -> None:
+    n_keys = settings.pick(KEYS, KEYS, 1_000)
+    samples = settings.pick(200, 50, 5)
+    with RedisServer(tcp=True) as server:
         for backend in ("asyncio", "trio"):
-            results[backend] = anyio.run(hit_path, url, backend, rounds, backend=backend)
-            base = statistics.median(results[backend]["AsyncCache.get"])
-            for name, xs in results[backend].items():
-                m = statistics.median(xs)
-                print(f"  {backend:8} {name:36} {fmt(m):>10}  {m / base:6.2f} × AsyncCache")
+            for name, ns in anyio.run(hit_path, server.url, backend, settings, n_keys,
+                                      backend=backend).items():  # fmt: skip
+                fam.add("hit path", name, backend, ns, "ns")
+                say(f"  hit {backend:8} {name:36} {fmt(median(ns), 'ns'):>10}")
 
-
-
-def waves(server: Server) -> None:
-    if True:
-        print("== 2. one wave of one key, 50 tasks per process")
-        for label, key, preset in (("in redis already", b"warm", True),
-                                   ("in no tier (cold)", b"cold", False)):
+        for label, key, preset in (("key in redis", b"warm", True),
+                                   ("cold key", b"cold", False)):  # fmt: skip
             if preset:
                 server.client().set(b"bench:warm", b"loaded")
                 cold_keys(server, "cashews", key, [[""]])  # stores it its own way
             hosts = [[new_path()] * 2, [new_path()] * 2]
-            calls, commands = cold_keys(server, "tiered", key, hosts)
+            runs = (("TieredCache, 2 hosts × 2 processes", "tiered", hosts),
+                    ("cashews client-side, 4 processes", "cashews", [[""] * 4]))  # fmt: skip
+            for row, kind, where in runs:
+                calls, commands = cold_keys(server, kind, key, where)
+                fam.add("one wave", row, f"loader calls, {label}", calls, "")
+                fam.add("one wave", row, f"redis data commands, {label}",
+                        sum(commands.values()), "")  # fmt: skip
+                fam.note(f"one wave, {row}, {label}: redis data commands {commands}")
             remove(hosts[0][0], hosts[1][0])
-            print(f"  TieredCache 2 hosts × 2 processes, {label}: loader calls {calls}, "
-                  f"redis data commands {commands}")
-            calls, commands = cold_keys(server, "cashews", key, [[""] * 4])
-            print(f"  cashews client-side 4 processes, {label}: loader calls {calls}, "
-                  f"redis data commands {commands}")
 
-
-
-def invalidations(server: Server, samples: int) -> None:
-    if True:
-        print(f"== 3. invalidation: put on one host, new value read on another ({samples} "
-              "writes)")
-        for kind in ("tiered", "cashews"):
+        for kind, row in (("tiered", "TieredCache"), ("cashews", "cashews client-side")):
             read, dropped = anyio.run(invalidation, server, kind, samples)
-            for what, ms in (("new value read", read), ("L1 copy dropped", dropped)):
-                if kind != "tiered" and what != "new value read":
-                    continue
-                stale = sum(x == float("inf") for x in ms)
-                q = statistics.quantiles(ms, n=100)
-                print(f"  {kind:8} {what:16} median {statistics.median(ms):.3f} ms  "
-                      f"p99 {q[98]:.3f} ms  max {max(ms):.3f} ms  (old value still read "
-                      f"after 1 s: {stale} of {len(ms)})")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            lines = [("new value read", read)] + ([("L1 copy gone", dropped)]
+                                                  if kind == "tiered" else [])  # fmt: skip
+            for what, ms in lines:
+                r = f"{row}: {what}"
+                fam.add("invalidation", r, "median", ms, "ms")
+                fam.add("invalidation", r, "p99", percentile(ms, 99), "ms")
+                fam.add("invalidation", r, "max", max(ms), "ms")
+                fam.add("invalidation", r, "old value after 1 s",
+                        sum(x == float("inf") for x in ms), "")  # fmt: skip
+                say(f"  invalidation {r}: median {median(ms):.3f} ms")

@@ -1,20 +1,19 @@
-# ruff: noqa: RUF003  (µ, ×, −, – are meant: they are printed)
-"""Run aiovmc's benchmarks side by side with its peers; see benchmarks/README.md.
+"""Run aiovmc's benchmark families side by side with its peers; see benchmarks/README.md.
 
-    python benchmarks/run.py [--quick] [--only NAME[,NAME...]] [--json OUT] [--no-report]
+    python benchmarks/run.py [--quick | --smoke] [--only NAME[,NAME...]] [--json OUT]
+                             [--no-report]
 
-Each family prints its medians and the ratios aiovmc / peer (with the DESIGN.md §8
-target and PASS/MISS where there is one), and its results go to one JSON file
-(default ``benchmarks/results/full.json``, or ``quick.json`` with ``--quick``).
-``--only`` replaces just those families in an existing results file. A full run then
-renders the plots (``docs/img/bench_*.png``) and the generated tables of
-``docs/benchmarks.md`` (``python benchmarks/report.py`` does that alone).
+Every family's figures are merged into the results file (default
+benchmarks/results/results.json): a family run replaces that family's figures, the
+others are kept. docs/benchmarks.md is then regenerated from the whole file
+(benchmarks/report.py) unless ``--no-report``, ``--smoke`` or another ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -25,210 +24,120 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+RESULTS = os.path.join(HERE, "results", "results.json")
+FORMAT = 2
 
-from _common import (  # noqa: E402
-    Settings,
-    aiovmc_module,
-    idle_fraction,
-    lib_versions,
-    machine,
-    print_checks,
-    print_ratios,
-    say,
-)
-
-# Order matters a little: the multi-process family runs before anything has started
-# threads in this process; the async family (worker threads) runs late.
-FAMILIES: dict[str, str] = {
-    "sync": "bench_sync",
-    "scaling": "bench_scaling",
-    "pool": "bench_pool",
-    "async": "bench_async",
-    "persist": "bench_persist",
-    "flight": "bench_flight",
-}
+# The order matters a little: the multi-process families run before anything has
+# started threads in this process.
+FAMILIES = ("sync", "scaling", "pool", "flight", "persist", "async", "tiered", "web")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "--quick", action="store_true", help="fewer and shorter rounds (whole suite in ~3 minutes)"
-    )
-    ap.add_argument(
-        "--only", metavar="NAME", help="comma-separated families to run: " + ", ".join(FAMILIES)
-    )
-    ap.add_argument(
-        "--json", metavar="OUT", help="results file (default benchmarks/results/{full,quick}.json)"
-    )
-    ap.add_argument(
-        "--no-report", action="store_true", help="do not render plots and docs/benchmarks.md tables"
-    )
-    ap.add_argument(
-        "--report", action="store_true", help="render plots and tables even after --quick"
-    )
-    return ap.parse_args(argv)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer and shorter rounds")
+    mode.add_argument("--smoke", action="store_true",
+                      help="each family's smallest configuration once (checks the harness)")
+    ap.add_argument("--only", metavar="NAME", help="families to run: " + ", ".join(FAMILIES))
+    ap.add_argument("--json", metavar="OUT", help=f"results file (default {RESULTS})")
+    ap.add_argument("--no-report", action="store_true", help="do not regenerate the docs page")
+    return ap.parse_args(argv)  # fmt: skip
 
 
-def snapshot_aiovmc() -> dict[str, Any]:
-    """Copy the aiovmc package (with its compiled core) to a private directory and
-    import it from there, for this process and the processes it spawns.
-
-    An editable install follows the work tree: a rebuild during a run would give
-    the worker processes another build than the parent (and another file format).
-    """
-    info: dict[str, Any] = {}
+def snapshot_aiovmc() -> dict[str, str]:
+    """Import aiovmc (with its compiled core) from a private copy, in this process and
+    the processes it spawns: a rebuild of an editable install during a run must not
+    give the workers another build than the parent."""
     spec = importlib.util.find_spec("aiovmc")
     if spec is None or not spec.submodule_search_locations:
-        return info
+        raise RuntimeError("aiovmc is not installed: pip install -e '.[bench]'")
     src = next(iter(spec.submodule_search_locations))
-    root = os.path.dirname(src)
-    try:
-        rev = subprocess.run(
-            ["git", "-C", root, "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    dst_root = tempfile.mkdtemp(prefix="aiovmc-bench-snapshot-")
-    shutil.copytree(
-        src, os.path.join(dst_root, "aiovmc"), ignore=shutil.ignore_patterns("__pycache__")
-    )
-    sys.path.insert(0, dst_root)
-    atexit.register(shutil.rmtree, dst_root, True)
-    info.update({"source": src, "git": rev, "snapshot": dst_root})
-    return info
+    git = subprocess.run(["git", "-C", src, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()  # fmt: skip
+    dst = tempfile.mkdtemp(prefix="aiovmc-bench-snapshot-")
+    shutil.copytree(src, os.path.join(dst, "aiovmc"), ignore=shutil.ignore_patterns("__pycache__"))
+    atexit.register(shutil.rmtree, dst, True)
+    sys.path.insert(0, dst)
+    os.environ["PYTHONPATH"] = os.pathsep.join([dst, HERE, os.environ.get("PYTHONPATH", "")])
+    return {"source": src, "git": git}
+
+
+def load(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {"format": FORMAT, "families": {}}
+    with open(path) as f:
+        results: dict[str, Any] = json.load(f)
+    if results.get("format") != FORMAT:
+        raise RuntimeError(f"{path} is not a format-{FORMAT} results file: move it away")
+    return results
+
+
+def run_family(name: str, settings: Any, aiovmc_info: dict[str, str]) -> dict[str, Any]:
+    import harness
+
+    idle = harness.idle_fraction(1.0)
+    load_before = os.getloadavg()[0]
+    if idle < 0.9:
+        harness.say(f"  WARNING: the CPUs were {idle:.0%} idle just before this family (load "
+                    f"average {load_before:.2f}): other processes compete for them")
+    mod = importlib.import_module(f"bench_{name}")
+    fam = harness.Family(mod.TABLES)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t0 = time.monotonic()
+    mod.run(settings, fam)
+    return {
+        "title": mod.TITLE, "doc": mod.__doc__.strip(), "mode": settings.mode,
+        "rounds": settings.rounds, "warmup": settings.warmup, "started": started,
+        "seconds": round(time.monotonic() - t0, 1), "idle_before": round(idle, 3),
+        "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "aiovmc": aiovmc_info, "machine": harness.machine(), "versions": harness.versions(),
+        "tables": [dataclasses.asdict(t) for t in fam.tables.values()],
+        "figures": [dataclasses.asdict(f) for f in fam.figures.values()],
+        "notes": fam.notes,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM runs the same clean-up as Ctrl-C (temporary files, redis-server).
-    signal.signal(signal.SIGTERM, _terminate)
-    snap = snapshot_aiovmc()
-    names = list(FAMILIES)
-    if args.only:
-        names = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in FAMILIES]
-        if unknown:
-            say(f"unknown family {unknown}; choose from {', '.join(FAMILIES)}")
-            return 2
-    settings = Settings.make(args.quick)
-    out = args.json or os.path.join(HERE, "results", "quick.json" if args.quick else "full.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(FAMILIES)
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown:
+        print(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)  # the same clean-up as Ctrl-C
+    aiovmc_info = snapshot_aiovmc()
+    sys.path.insert(1, HERE)
+    import harness
+    import report
 
-    results: dict[str, Any] = {"meta": {}, "families": {}}
-    if args.only and os.path.exists(out):
-        with open(out) as f:
-            results = json.load(f)
-    meta = results.setdefault("meta", {})
-    meta.update(
-        {
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "quick": settings.quick,
-            "rounds": settings.rounds,
-            "warmup": settings.warmup,
-            "machine": machine(),
-            "versions": lib_versions(),
-        }
-    )
-    meta.setdefault("runs", []).append(
-        {"argv": sys.argv[1:], "families": names, "started": meta["updated"]}
-    )
-    meta["runs"] = meta["runs"][-10:]
-
-    say(
-        f"aiovmc benchmarks ({'quick' if settings.quick else 'full'}): "
-        f"{settings.rounds} rounds + {settings.warmup} warm-up, medians; families: "
-        + ", ".join(names)
-    )
-    m = meta["machine"]
-    say(f"machine: {m.get('Model name', '?')}, {m.get('cpus')} CPUs, Python {m['python']}")
-    aiovmc = aiovmc_module()
-    if snap and aiovmc is not None:
-        meta["aiovmc"] = {"source": snap["source"], "git": snap["git"]}
-        say(f"aiovmc {snap['git'] or ''} from {snap['source']} (snapshot for this run)")
-
-    t_all = time.monotonic()
+    settings = harness.Settings.make("smoke" if args.smoke else "quick" if args.quick else "full")
+    out = args.json or (os.path.join(tempfile.gettempdir(), "aiovmc-bench-smoke.json")
+                        if args.smoke else RESULTS)  # fmt: skip
+    results = load(out) if not args.smoke else {"format": FORMAT, "families": {}}
+    harness.say(f"aiovmc benchmarks, {settings.mode}: {settings.rounds} rounds + "
+                f"{settings.warmup} warm-up; {', '.join(names)}; aiovmc {aiovmc_info['git']} "
+                f"from {aiovmc_info['source']}")  # fmt: skip
     for name in names:
-        say(f"\n== {name} ==")
-        # Is anything else running? Every figure, the 2-process one most, suffers if so.
-        idle = idle_fraction(1.0)
-        load_before = os.getloadavg()
-        if idle < 0.9:
-            say(
-                f"  WARNING: the CPUs were only {idle:.0%} idle just before this family "
-                f"(load average {load_before[0]:.2f}): other processes compete for them"
-            )
-        t0 = time.monotonic()
-        try:
-            mod = importlib.import_module(FAMILIES[name])
-            fam = mod.run(settings, aiovmc)
-            d = fam.as_dict()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            traceback.print_exc()
-            d = {
-                "name": name,
-                "error": f"{type(exc).__name__}: {exc}",
-                "data": {},
-                "ratios": [],
-                "checks": [],
-                "notes": [],
-            }
-        d["quick"] = settings.quick
-        # the 1-minute load average before and after: > ~0.3 means someone else was busy
-        d["loadavg"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-        d["idle_before"] = round(idle, 3)
-        results["families"][name] = d
-        say(f"   ({time.monotonic() - t0:.1f} s)")
+        harness.say(f"\n== {name} ==")
+        results["families"][name] = run_family(name, settings, aiovmc_info)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out + ".tmp", "w") as f:
-            json.dump(results, f, indent=1, sort_keys=False, default=_json_default)
+            json.dump(results, f, indent=1)
         os.replace(out + ".tmp", out)
-
-    say(f"\n== summary ({time.monotonic() - t_all:.0f} s) -> {os.path.relpath(out)} ==")
-    from _common import Check, Ratio
-
-    for name in names:
-        fam = results["families"].get(name, {})
-        if fam.get("error"):
-            say(f"[{name}] ERROR {fam['error']}")
-            continue
-        rs = [r for r in fam.get("ratios", []) if r.get("target") is not None]
-        cs = [c for c in fam.get("checks", []) if c.get("target") is not None]
-        if rs or cs:
-            say(f"[{name}]")
-            print_ratios([Ratio(**{k: r[k] for k in Ratio.__dataclass_fields__}) for r in rs])
-            print_checks([Check(**{k: c[k] for k in Check.__dataclass_fields__}) for c in cs])
-
-    if not args.no_report and (args.report or not settings.quick):
-        try:
-            import report
-
-            report.render(out)
-        except Exception:
-            traceback.print_exc()
-            say("report rendering failed; results are in " + out)
+        harness.say(f"   ({results['families'][name]['seconds']} s) -> {out}")
+    harness.say("\n== DESIGN.md §8 ==")
+    for line in report.summary(results):
+        harness.say(line)
+    if not (args.no_report or args.smoke or args.json):
+        report.render(out)
     return 0
 
 
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "as_dict"):
-        return o.as_dict()
-    if isinstance(o, float):
-        return None
-    return str(o)
 
 
 if __name__ == "__main__":
