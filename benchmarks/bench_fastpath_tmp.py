@@ -29,19 +29,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import (
+import lmdb
+from harness import (
     Case,
     GiB,
     MiB,
     Settings,
-    fmt_ns,
+    fmt,
     interleaved,
     key_order,
+    loop_over,
     make_key,
     make_value,
     median,
-    peer,
-    rm,
     scratch,
 )
 
@@ -52,17 +52,6 @@ BATCH = 100
 HOT = 1_000
 
 Loop = Callable[[], Any]
-
-
-def _each(op: Callable[[bytes], Any]) -> Callable[[list[bytes]], Loop]:
-    def make(keys: list[bytes]) -> Loop:
-        def loop() -> None:
-            for k in keys:
-                op(k)
-
-        return loop
-
-    return make
 
 
 def _batched(op: Callable[[list[bytes]], Any]) -> Callable[[list[bytes]], Loop]:
@@ -105,12 +94,19 @@ def _lmdb_put(env: Any, value: bytes) -> Callable[[list[bytes]], Loop]:
     return make
 
 
-def run(size: int, settings: Settings, lmdb: Any) -> None:
+def run(size: int, settings: Settings) -> None:
     n = KEYS[size]
     keys = [make_key(i) for i in range(n)]
     order = [keys[i] for i in key_order(n)]
     value = make_value(size)
-    d = scratch("fastpath")
+    with scratch("fastpath") as d:
+        measure(size, settings, d, keys, order, value)
+
+
+def measure(
+    size: int, settings: Settings, d: str, keys: list[bytes], order: list[bytes], value: bytes
+) -> None:
+    n = len(keys)
     c = aiovmc.Cache(os.path.join(d, "cache.vmc"), size=max(256 * MiB, 3 * n * size))
     env = lmdb.open(os.path.join(d, "lmdb"), map_size=2 * GiB, sync=False, writemap=True)
     try:
@@ -122,17 +118,20 @@ def run(size: int, settings: Settings, lmdb: Any) -> None:
         buf = bytearray(size)
         get_into = c.get_into
         plan: list[tuple[str, list[Case], list[bytes], int]] = [
-            ("get", [Case("aiovmc", _each(c.get)), Case("lmdb", _lmdb_get(env))], order, 1),
+            ("get", [Case("aiovmc", loop_over(c.get)), Case("lmdb", _lmdb_get(env))], order, 1),
             (
                 "get_into",
-                [Case("aiovmc", _each(lambda k: get_into(k, buf))), Case("lmdb", _lmdb_get(env))],
+                [
+                    Case("aiovmc", loop_over(lambda k: get_into(k, buf))),
+                    Case("lmdb", _lmdb_get(env)),
+                ],
                 order,
                 1,
             ),
             (
                 "put",
                 [
-                    Case("aiovmc", _each(lambda k: c.put(k, value))),
+                    Case("aiovmc", loop_over(lambda k: c.put(k, value))),
                     Case("lmdb", _lmdb_put(env, value)),
                 ],
                 order,
@@ -143,7 +142,12 @@ def run(size: int, settings: Settings, lmdb: Any) -> None:
             hot_keys = order[:HOT]
             hot = [hot_keys[i % HOT] for i in key_order(n, seed=7)]
             plan.append(
-                ("get hot", [Case("aiovmc", _each(c.get)), Case("lmdb", _lmdb_get(env))], hot, 1)
+                (
+                    "get hot",
+                    [Case("aiovmc", loop_over(c.get)), Case("lmdb", _lmdb_get(env))],
+                    hot,
+                    1,
+                )
             )
             plan.append(
                 (
@@ -157,14 +161,13 @@ def run(size: int, settings: Settings, lmdb: Any) -> None:
             rounds = interleaved(cases, seq, settings)
             a, b = median(rounds["aiovmc"]), median(rounds["lmdb"])
             print(
-                f"{size:>8} B  {op:<13} aiovmc {fmt_ns(a):>10}  lmdb {fmt_ns(b):>10}  "
+                f"{size:>8} B  {op:<13} aiovmc {fmt(a, 'ns'):>10}  lmdb {fmt(b, 'ns'):>10}  "
                 f"ratio {a / b:.2f}",
                 flush=True,
             )
     finally:
         c.close()
         env.close()
-        rm(d)
 
 
 def _putter(path: str, worker: int, rounds: int, duration: float, barrier: Any, queue: Any) -> None:
@@ -196,45 +199,43 @@ def _putter(path: str, worker: int, rounds: int, duration: float, barrier: Any, 
 
 
 def scaling(settings: Settings) -> None:
-    d = scratch("fastpath-scale")
-    path = os.path.join(d, "cache.vmc")
+    with scratch("fastpath-scale") as d:
+        scale(settings, os.path.join(d, "cache.vmc"))
+
+
+def scale(settings: Settings, path: str) -> None:
     value = make_value(100)
     with aiovmc.Cache(path, size=256 * MiB) as c:
         for i in range(100_000):
             c.put(make_key(i), value)
     ctx = mp.get_context("spawn")
     rounds = settings.rounds + settings.warmup
-    try:
-        groups = {}
-        for n in (1, 2):
-            barrier = ctx.Barrier(n + 1)
-            queue = ctx.Queue()
-            procs = [
-                ctx.Process(
-                    target=_putter, args=(path, w, rounds, settings.duration, barrier, queue)
-                )
-                for w in range(n)
-            ]
-            for p in procs:
-                p.start()
-            groups[n] = (barrier, queue, procs, [])
-        for r in range(rounds):
-            for n, (barrier, queue, _procs, results) in groups.items():
-                barrier.wait()
-                total = sum(queue.get()[2] for _ in range(n))
-                if r >= settings.warmup:
-                    results.append(total)
-        for n, (_b, _q, procs, results) in groups.items():
-            for p in procs:
-                p.join()
-            print(
-                f"put 100 B, {n} process(es): {median(results) / 1e6:.3f} M ops/s "
-                f"(rounds {', '.join(f'{x / 1e6:.3f}' for x in results)})"
-            )
-        one, two = median(groups[1][3]), median(groups[2][3])
-        print(f"put scaling 2 / 1 processes: {two / one:.2f}", flush=True)
-    finally:
-        rm(d)
+    groups = {}
+    for n in (1, 2):
+        barrier = ctx.Barrier(n + 1)
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_putter, args=(path, w, rounds, settings.duration, barrier, queue))
+            for w in range(n)
+        ]
+        for p in procs:
+            p.start()
+        groups[n] = (barrier, queue, procs, [])
+    for r in range(rounds):
+        for n, (barrier, queue, _procs, results) in groups.items():
+            barrier.wait()
+            total = sum(queue.get()[2] for _ in range(n))
+            if r >= settings.warmup:
+                results.append(total)
+    for n, (_b, _q, procs, results) in groups.items():
+        for p in procs:
+            p.join()
+        print(
+            f"put 100 B, {n} process(es): {median(results) / 1e6:.3f} M ops/s "
+            f"(rounds {', '.join(f'{x / 1e6:.3f}' for x in results)})"
+        )
+    one, two = median(groups[1][3]), median(groups[2][3])
+    print(f"put scaling 2 / 1 processes: {two / one:.2f}", flush=True)
 
 
 def main() -> None:
@@ -243,14 +244,13 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(str(s) for s in KEYS))
     parser.add_argument("--scaling", action="store_true")
     args = parser.parse_args()
-    settings = Settings.make(args.quick)
+    settings = Settings.make("quick" if args.quick else "full")
     if args.scaling:
         scaling(settings)
         return
-    lmdb = peer("lmdb")
     print(f"fast path: {aiovmc._native.FAST_PATH}")
     for size in (int(s) for s in args.only.split(",")):
-        run(size, settings, lmdb)
+        run(size, settings)
 
 
 if __name__ == "__main__":
