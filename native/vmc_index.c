@@ -65,8 +65,11 @@ void vmc_index_prefetch(vmc_cache *c, uint64_t hash, bool entry)
     return;
 #endif
     uint64_t v = __atomic_load_n(slot, __ATOMIC_RELAXED);
-    if (v != 0 && VMC_SLOT_TAG(v) == tag && vmc_unit_ok(c, VMC_SLOT_UNIT(v)))
-        __builtin_prefetch(vmc_unit(c, VMC_SLOT_UNIT(v)));
+    if (v != 0 && VMC_SLOT_TAG(v) == tag && vmc_unit_ok(c, VMC_SLOT_UNIT(v))) {
+        const char *e = vmc_unit(c, VMC_SLOT_UNIT(v));
+        __builtin_prefetch(e);
+        __builtin_prefetch(e + 128); /* as vmc_index_find: the line a small value ends in */
+    }
 }
 
 void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, uint32_t unit)
