@@ -14,6 +14,12 @@ Checkpoints: an operation is a checkpoint exactly when it waits — a load, an
 off-loop copy, a flush, a timestamp wait, `clear` and `aclose`. A hit, a miss
 without a loader, and small writes return without yielding to the loop. See
 docs/cancellation.md.
+
+Repairs: the operations run on the loop go through `CacheCore`, whose inline
+calls never repair the file. One that finds a repair needed (a process died
+holding a lock of the file) raises `RepairNeeded`; the operation then waits for
+the repair, run in a worker thread (one per loop at a time, `_repaired`), and
+calls again: the loop never runs an O(pool) rebuild, nor waits for one.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._cache import Cache, CacheEntry, CacheStatistics, Reservation, entry_of
+from ._cache import Cache, CacheCore, CacheEntry, CacheStatistics, Reservation, entry_of
 from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
+from ._errors import RepairNeeded
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -244,13 +251,12 @@ class AsyncCache:
 
     __slots__ = (
         "_cache",
-        "_fetch",
+        "_core",
         "_flushes",
         "_get_inline",
-        "_host",
         "_limit",
-        "_load_timeout_ns",
         "_loads",
+        "_repairs",
         "_threshold",
         "on_miss",
     )
@@ -258,7 +264,6 @@ class AsyncCache:
     #: The handle's loader, used by `get` when the call gives none.
     on_miss: Loader | None
     _get_inline: Callable[[bytes, int], bytes | int | None]
-    _fetch: Callable[[bytes], bytes | None]
 
     def __init__(
         self,
@@ -294,12 +299,11 @@ class AsyncCache:
         self._threshold = threshold
         # _get_inline returns values of at most `_limit` bytes, sizes beyond.
         self._limit = max(threshold - 1, 0)
-        self._get_inline = cache._get_inline
-        self._fetch = cache._fetch
-        self._host = cache.coalesce == "host"
-        self._load_timeout_ns = cache._load_timeout_ns
+        self._core = core = CacheCore(cache)
+        self._get_inline = core.get_inline
         self._loads: SingleFlight[bytes | None] = SingleFlight()
         self._flushes: SingleFlight[int] = SingleFlight()
+        self._repairs: SingleFlight[None] = SingleFlight()
 
     @property
     def offload_threshold(self) -> int:
@@ -313,6 +317,23 @@ class AsyncCache:
 
     def __repr__(self) -> str:
         return f"<AsyncCache of {self._cache!r}>"
+
+    async def _repaired(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` (a `CacheCore` inline call) raised `RepairNeeded`: wait
+        for the repair, run in a worker thread, then call again. The tasks of
+        this loop that need it meanwhile share one thread; other threads and
+        processes that run one meanwhile are waited for in the core (each
+        repair takes every lock in order: one rebuilds, the others sleep)."""
+        for _ in range(self._core.REPAIR_ROUNDS):
+            await self._repairs.run(None, self._repair)
+            try:
+                return call(*args)
+            except RepairNeeded:
+                pass
+        raise self._core.unmendable()
+
+    async def _repair(self) -> None:
+        await anyio.to_thread.run_sync(self._core.repair)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -358,11 +379,14 @@ class AsyncCache:
         another waiter.
         """
         k = key if key.__class__ is bytes else encode_key(key)
-        found = self._get_inline(k, self._limit)
+        try:
+            found = self._get_inline(k, self._limit)
+        except RepairNeeded:
+            found = await self._repaired(self._get_inline, k, self._limit)
         if found.__class__ is bytes:
             return found
         if found is not None:
-            value = await _offload(functools.partial(self._fetch, k))
+            value = await _offload(functools.partial(self._core.fetch, k))
             if value is not None:
                 return value
             # Deleted or replaced between the lookup and the copy: a miss after all.
@@ -373,25 +397,37 @@ class AsyncCache:
         try:
             loaded = await self._loads.run(k, functools.partial(self._load, k, loader, ttl, ran))
         except Exception:
-            ran.count_answer(self._cache, k, None)
+            await self._count_answer(ran, k, None)
             raise
-        ran.count_answer(self._cache, k, loaded)
+        await self._count_answer(ran, k, loaded)
         return default if loaded is None else loaded
+
+    async def _count_answer(self, ran: LoadMark, key: bytes, value: object) -> None:
+        count = self._core.count_loads
+        try:
+            ran.count_answer(count, key, value)
+        except RepairNeeded:
+            await self._repaired(ran.count_answer, count, key, value)
 
     async def _peek(self, key: bytes) -> bytes | None:
         """The value of `key` if stored, read quietly (no statistics, no LRU
         touch); a large one is copied in a worker thread."""
-        size = self._cache._size(key)
-        if size is None:
-            return None
-        copy = functools.partial(self._cache._copy_whole, key, size)
-        return copy() if size < self._threshold else await _offload(copy)
+        core = self._core
+        try:
+            size = core.size(key, inline=True)
+            if size is None:
+                return None
+            if size < self._threshold:
+                return core.copy(key, size, inline=True)
+        except RepairNeeded:
+            return await _offload(functools.partial(core.fetch, key))  # which repairs
+        return await _offload(functools.partial(core.copy, key, size, inline=False))
 
     async def _load(self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark) -> bytes | None:
         """Carry out `aiovmc._coalesce.load_steps` on the loop (the part of a miss
         played by the task leading this loop's load): waits for other processes
         in a worker thread."""
-        steps = load_steps(self._cache, key, self._host, self._load_timeout_ns)
+        steps = load_steps(self._core, key)
         reply: bytes | None = None
         while True:
             try:
@@ -414,7 +450,11 @@ class AsyncCache:
         self, key: bytes, loader: Loader, ttl: TTL, ran: LoadMark, *, takeover: bool
     ) -> bytes | None:
         """Call the loader (counted) and store what it returns; None if nothing."""
-        ran.mark(self._cache, key, takeover)
+        count = self._core.count_loads
+        try:
+            ran.mark(count, key, takeover)
+        except RepairNeeded:
+            await self._repaired(ran.mark, count, key, takeover)
         result = loader(key)
         if inspect.isawaitable(result):
             result = await result
@@ -422,13 +462,12 @@ class AsyncCache:
             return None
         if isinstance(result, StoreWithTTL):
             result, ttl = result
-        store = self._cache._store_loaded
         if _nbytes(result) < self._threshold:
-            store(key, result, ttl)
+            await self._store(key, result, ttl)
             return result if result.__class__ is bytes else bytes(result)
 
         def store_large() -> bytes:
-            store(key, result, ttl)
+            self._cache.put(key, result, ttl=ttl)
             return result if result.__class__ is bytes else bytes(result)
 
         # Once the loader has produced a value, finish storing it even if we are
@@ -441,7 +480,10 @@ class AsyncCache:
         """Return the value of ``key`` or ``default``. Synchronous: never loads and
         never waits (a large value is copied on the calling thread)."""
         k = key if key.__class__ is bytes else encode_key(key)
-        found = self._get_inline(k, sys.maxsize)
+        try:
+            found = self._get_inline(k, sys.maxsize)
+        except RepairNeeded:  # synchronous: repaired on the calling thread
+            found = self._core.repaired(self._get_inline, k, sys.maxsize)
         return default if found is None else found  # type: ignore[return-value]
 
     async def get_entry(self, key: Key) -> CacheEntry | None:
@@ -449,9 +491,13 @@ class AsyncCache:
         Never loads; a value of at least ``offload_threshold`` bytes is copied in
         a worker thread."""
         k = key if key.__class__ is bytes else encode_key(key)
-        found = self._cache._get_entry(k, self._limit)
+        get_entry = self._core.get_entry
+        try:
+            found = get_entry(k, self._limit, inline=True)
+        except RepairNeeded:
+            found = await self._repaired(functools.partial(get_entry, k, self._limit, inline=True))
         if isinstance(found, int):  # large: counted, copied by a worker thread
-            found = await _offload(functools.partial(self._cache._get_entry, k, sys.maxsize))
+            found = await _offload(functools.partial(get_entry, k, sys.maxsize, inline=False))
         return entry_of(found)
 
     async def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
@@ -461,10 +507,14 @@ class AsyncCache:
         Waits (in a worker thread) only when ``buffer`` is at least
         ``offload_threshold`` bytes; a cancel then takes effect after the copy.
         """
-        get_into = self._cache.get_into
         if _nbytes(buffer) < self._threshold:
-            return get_into(key, buffer, offset=offset)
-        return await _offload(functools.partial(get_into, key, buffer, offset=offset))
+            try:
+                return self._core.get_into(key, buffer, offset)
+            except RepairNeeded:
+                return await self._repaired(self._core.get_into, key, buffer, offset)
+        return await _offload(
+            functools.partial(self._cache.get_into, key, buffer, offset=offset)
+        )
 
     async def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
         """As `Cache.get_many`: ``{key: value}`` for the hits, keyed by the encoded
@@ -478,14 +528,17 @@ class AsyncCache:
         get_inline, limit = self._get_inline, self._limit
         for key in keys:
             k = key if key.__class__ is bytes else encode_key(key)
-            found = get_inline(k, limit)
+            try:
+                found = get_inline(k, limit)
+            except RepairNeeded:
+                found = await self._repaired(get_inline, k, limit)
             if isinstance(found, bytes):
                 result[k] = found
             elif found is not None:
                 large[k] = None
                 result[k] = b""  # keeps the order
         for k in large:
-            value = await _offload(functools.partial(self._fetch, k))
+            value = await _offload(functools.partial(self._core.fetch, k))
             if value is None:
                 del result[k]
             else:
@@ -502,14 +555,23 @@ class AsyncCache:
         value may have been stored). A smaller one is stored without waiting.
         """
         if _nbytes(value) < self._threshold:
-            return self._cache.put(key, value, ttl=ttl)
+            return await self._store(key, value, ttl)
         return await _offload(functools.partial(self._cache.put, key, value, ttl=ttl))
+
+    async def _store(self, key: Key, value: Buffer, ttl: TTL, *, add: bool = False) -> int:
+        """A put (or add) on the loop: not a checkpoint, unless it must wait
+        for a repair."""
+        store = self._core.store
+        try:
+            return store(key, value, ttl, add=add)
+        except RepairNeeded:
+            return await self._repaired(functools.partial(store, key, value, ttl, add=add))
 
     async def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
         """As `Cache.add`: store only if ``key`` is absent; True if stored.
         Waits as `put` does."""
         if _nbytes(value) < self._threshold:
-            return self._cache.add(key, value, ttl=ttl)
+            return await self._store(key, value, ttl, add=True) > 0
         return await _offload(functools.partial(self._cache.add, key, value, ttl=ttl))
 
     async def put_many(
@@ -525,19 +587,29 @@ class AsyncCache:
         the batch), otherwise without waiting.
         """
         pairs = list(items.items() if isinstance(items, Mapping) else items)
-        put_many = self._cache.put_many
-        if sum(_nbytes(v) for _, v in pairs) < self._threshold:
-            return put_many(pairs, ttl=ttl)
-        return await _offload(functools.partial(put_many, pairs, ttl=ttl))
+        if sum(_nbytes(v) for _, v in pairs) >= self._threshold:
+            return await _offload(functools.partial(self._cache.put_many, pairs, ttl=ttl))
+        ts = 0
+        for key, value in pairs:
+            ts = await self._store(key, value, ttl)
+        return ts
 
     async def delete(self, key: Key) -> bool:
-        """As `Cache.delete`: remove ``key``; True if it was there. Never waits."""
-        return self._cache.delete(key)
+        """As `Cache.delete`: remove ``key``; True if it was there. Never waits
+        (but for a repair)."""
+        try:
+            return self._core.delete(key)
+        except RepairNeeded:
+            return await self._repaired(self._core.delete, key)
 
     async def evict(self, key: Key | None = None) -> bool:
         """As `Cache.evict`: evict ``key`` (None: the least recently used entry) and
-        call ``on_evict``; True if something was evicted. Never waits."""
-        return self._cache.evict(key)
+        call ``on_evict``; True if something was evicted. Never waits (but for a
+        repair)."""
+        try:
+            return self._core.evict(key)
+        except RepairNeeded:
+            return await self._repaired(self._core.evict, key)
 
     async def clear(self) -> None:
         """As `Cache.clear`: remove every entry. Runs in a worker thread (its work
@@ -560,18 +632,29 @@ class AsyncCache:
         (the wait polls). Waits forever for a timestamp never published: bound it
         with ``anyio.fail_after``. A cancel leaves nothing behind.
         """
-        cache = self._cache
-        committed = cache.committed_timestamp
+        committed = await self._committed()
         if committed >= timestamp:
             await anyio.lowlevel.checkpoint()
             return committed
         delay = _COMMIT_POLL_FIRST
         while True:
             await anyio.sleep(delay)
-            committed = cache.committed_timestamp
+            committed = await self._committed()
             if committed >= timestamp:
                 return committed
             delay = min(delay * 2, _COMMIT_POLL_MAX)
+
+    async def _committed(self) -> int:
+        try:
+            return self._core.committed()
+        except RepairNeeded:
+            return await self._repaired(self._core.committed)
+
+    async def _persisted(self) -> int:
+        try:
+            return self._core.persisted()
+        except RepairNeeded:
+            return await self._repaired(self._core.persisted)
 
     async def wait_persisted(self, timestamp: int) -> int:
         """Wait until publication ``timestamp`` is durable in the file; return the
@@ -584,8 +667,7 @@ class AsyncCache:
         Cancelling a waiter cancels only its wait; a flush already started
         completes.
         """
-        cache = self._cache
-        persisted = cache.persisted_timestamp
+        persisted = await self._persisted()
         if persisted >= timestamp:
             await anyio.lowlevel.checkpoint()
             return persisted
@@ -594,13 +676,13 @@ class AsyncCache:
             persisted = await self._flushes.run(None, functools.partial(self._flush, timestamp))
             if persisted >= timestamp:
                 return persisted
-            persisted = cache.persisted_timestamp
+            persisted = await self._persisted()
             if persisted >= timestamp:
                 return persisted
 
     async def _flush(self, timestamp: int) -> int:
         """One group flush (the leader's part of `wait_persisted`)."""
-        persisted = self._cache.persisted_timestamp
+        persisted = await self._persisted()
         if persisted >= timestamp:
             return persisted  # a flush that covers us ended while we took over
         return await anyio.to_thread.run_sync(self._cache.persist)

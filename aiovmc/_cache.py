@@ -17,23 +17,33 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ._coalesce import LoadMark, Peek, ThreadFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size, ttl_to_ns
-from ._errors import AiovmcError, CacheClosedError, CacheConfigError, ValueTooLargeError
-from ._native import Handle
+from ._errors import (
+    AiovmcError,
+    CacheClosedError,
+    CacheConfigError,
+    CacheFormatError,
+    RepairNeeded,
+    ValueTooLargeError,
+)
+from ._native import ABSENT, ADD, NO_REPAIR, Handle
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 __all__ = [
     "Cache",
+    "CacheCore",
     "CacheEntry",
     "CacheStatistics",
     "Reservation",
     "entry_of",
 ]
+
+T = TypeVar("T")
 
 _POLICIES = ("lru", "none")
 _MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
@@ -253,21 +263,24 @@ class Cache(Handle):
 
     def _missed(self, key: bytes, default: Any) -> Any:
         loader = self.on_miss
-        if loader is None or default is _ABSENT:  # _ABSENT: a lookup that never loads
+        if loader is None or default is ABSENT:  # ABSENT: a lookup that never loads
             return default
         ran = LoadMark()
+        core = CacheCore(self)
         try:
-            value = self._loads.run(key, functools.partial(self._load, key, loader, ran))
+            value = self._loads.run(key, functools.partial(self._load, core, key, loader, ran))
         except Exception:
-            ran.count_answer(self, key, None)
+            ran.count_answer(self._count_loads, key, None)
             raise
-        ran.count_answer(self, key, value)
+        ran.count_answer(self._count_loads, key, value)
         return default if value is None else value
 
-    def _load(self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark) -> bytes | None:
+    def _load(
+        self, core: CacheCore, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark
+    ) -> bytes | None:
         """Carry out `aiovmc._coalesce.load_steps` on this thread (the part of a
         miss played by the thread leading this process's load)."""
-        steps = load_steps(self, key, self._coalesce == "host", self._load_timeout_ns)
+        steps = load_steps(core, key)
         reply: bytes | None = None
         while True:
             try:
@@ -281,7 +294,7 @@ class Cache(Handle):
                 reply = None
             else:
                 try:
-                    reply = self._call_loader(key, loader, ran, takeover=step.takeover)
+                    reply = self._call_loader(core, key, loader, ran, takeover=step.takeover)
                 except BaseException as exc:
                     steps.throw(exc)  # ends the wave as failed, then re-raises
                     raise
@@ -292,19 +305,21 @@ class Cache(Handle):
         return None if size is None else self._copy_whole(key, size)
 
     def _call_loader(
-        self, key: bytes, loader: Callable[[bytes], Any], ran: LoadMark, *, takeover: bool
+        self,
+        core: CacheCore,
+        key: bytes,
+        loader: Callable[[bytes], Any],
+        ran: LoadMark,
+        *,
+        takeover: bool,
     ) -> bytes | None:
         """Call the loader (counted) and store its result; None if it gave none."""
-        ran.mark(self, key, takeover)
+        ran.mark(self._count_loads, key, takeover)
         value = loader(key)
         if value is None:
             return None
-        self._store_loaded(key, value, None)
+        self.put(key, value)
         return value if type(value) is bytes else bytes(value)
-
-    def _store_loaded(self, key: bytes, value: Any, ttl: Any) -> int:
-        """Store a loader's result (counts as a put); returns the timestamp."""
-        return self.put(key, value, ttl=ttl)
 
     def _notify_evicted(self, keys: list[bytes]) -> None:
         """Call on_evict for each key, with no lock held; every callback runs,
@@ -327,11 +342,14 @@ class Cache(Handle):
     def evict(self, key: Key | None = None) -> bool:
         """Evict `key`, or with None the least recently used entry, and call
         on_evict. True if something was evicted."""
+        return self._evict(key, 0)
+
+    def _evict(self, key: Key | None, flags: int) -> bool:
         if key is None:
-            victim = self._evict_lru()
+            victim = self._evict_lru(flags)
         else:
             victim = encode_key(key)
-            if not self._evict_key(victim):
+            if not self._evict_key(victim, flags):
                 victim = None
         if victim is None:
             return False
@@ -413,8 +431,8 @@ class Cache(Handle):
     # ---- mapping protocol (no loader: a miss is a KeyError) ----
 
     def __getitem__(self, key: Key) -> bytes:
-        value = Handle.get(self, key, _ABSENT)
-        if value is _ABSENT:
+        value = Handle.get(self, key, ABSENT)
+        if value is ABSENT:
             raise KeyError(key)
         return value  # type: ignore[no-any-return]
 
@@ -566,7 +584,142 @@ class Reservation:
         return f"<aiovmc.Reservation key={self.key!r} {self._state}>"
 
 
-_ABSENT: Any = object()
+
+
+class CacheCore:
+    """The internal interface of a `Cache` for the layers built on it:
+    `AsyncCache`, the load steps of `aiovmc._coalesce`, `TieredCache`
+    (docs/design.md, "The Python layers"). Nothing outside this module uses a
+    `Cache`'s private members; they use this.
+
+    ``CacheCore(cache)`` is cheap, holds only `cache`, and is not referenced
+    by it (no cycle). Its operations are `Cache`'s, split where the async
+    layer needs them split (an inline lookup, then a copy off the loop) and
+    with one difference: those meant for an event loop's thread (``inline``,
+    and every operation below that has no ``inline`` argument but for
+    `fetch`, `repair` and the flight steps, which never need to) never repair
+    the file. Where
+    `Cache`'s would stop the world to rebuild it (O(pool): after a process
+    died holding a lock), they raise `RepairNeeded`, having stored nothing;
+    the caller runs `repair` where it may wait, then calls again.
+    """
+
+    __slots__ = (
+        "cache",
+        "fetch",
+        "flight_end",
+        "flight_join",
+        "flight_kick",
+        "flight_wait",
+        "get_inline",
+        "host",
+        "load_timeout_ns",
+        "repair",
+    )
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        #: Coalesce loads across the host (else within the process).
+        self.host = cache._coalesce == "host"
+        #: A waiter's patience with a live leader, in ns (-1: for ever).
+        self.load_timeout_ns = cache._load_timeout_ns
+        # Bound methods: a call costs what the Cache's own would.
+        #: (key, limit) -> a counted hit of at most `limit` bytes as bytes, a
+        #: larger one as its size (not copied: `fetch` it), a miss as None.
+        self.get_inline: Callable[[bytes, int], bytes | int | None] = cache._get_inline
+        #: (key) -> the whole value, quietly (no count, no LRU touch), or None;
+        #: for worker threads (repairs).
+        self.fetch: Callable[[bytes], bytes | None] = cache._fetch
+        #: () -> None: repair the file, or wait for the repair in progress
+        #: (O(pool), every lock held): for a worker thread.
+        self.repair: Callable[[], None] = cache._repair
+        # The host-wide single flight (aiovmc._coalesce.HostWave, LoadMark).
+        self.flight_join: Callable[[bytes, int, Any], int] = cache._flight_join
+        self.flight_wait: Callable[[Any], None] = cache._flight_wait
+        self.flight_kick: Callable[[Any], None] = cache._flight_kick
+        self.flight_end: Callable[[Any, int], bool] = cache._flight_end
+
+    #: How often a call that found a repair needed waits for one and calls
+    #: again before giving up (a repair clears the need: damage that comes
+    #: back at once every time is a file that cannot be mended).
+    REPAIR_ROUNDS: Final = 8
+
+    def unmendable(self) -> CacheFormatError:
+        """The error once `REPAIR_ROUNDS` repairs did not last."""
+        return CacheFormatError(
+            f"{self.cache.path}: the cache file still needs a repair after "
+            f"{self.REPAIR_ROUNDS} repairs (damage that comes back at once: a lock word "
+            "scribbled over?)"
+        )
+
+    def repaired(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` raised `RepairNeeded`: repair on this thread, then
+        call again (for the calls that are synchronous by contract)."""
+        for _ in range(self.REPAIR_ROUNDS):
+            self.repair()
+            try:
+                return call(*args)
+            except RepairNeeded:
+                pass
+        raise self.unmendable()
+
+    def get_entry(
+        self, key: bytes, limit: int, *, inline: bool
+    ) -> tuple[bytes, int, int] | int | None:
+        """As `Cache.get_entry`, raw: a hit larger than `limit` as its size."""
+        return self.cache._get_entry(key, limit, NO_REPAIR if inline else 0)
+
+    def size(self, key: bytes, *, inline: bool) -> int | None:
+        """A value's size, or None if absent; counts nothing, touches nothing."""
+        return self.cache._size(key, NO_REPAIR if inline else 0)
+
+    def copy(self, key: bytes, size: int, *, inline: bool) -> bytes | None:
+        """A value of known `size` (again if it changed), quietly; None if gone."""
+        return self.cache._copy_whole(key, size, NO_REPAIR if inline else 0)
+
+    def store(self, key: Key, value: Buffer, ttl: TTL, *, add: bool = False) -> int:
+        """`Cache.put` (``add``: `Cache.add`, 0 if the key was there)."""
+        return self.cache._store(key, value, ttl, (ADD if add else 0) | NO_REPAIR)
+
+    def get_into(self, key: Key, buffer: Buffer, offset: int) -> int | None:
+        """`Cache.get_into`."""
+        return self.cache._get_into(key, buffer, offset, NO_REPAIR)
+
+    def delete(self, key: Key) -> bool:
+        """`Cache.delete`."""
+        return self.cache._delete(key, NO_REPAIR)
+
+    def evict(self, key: Key | None) -> bool:
+        """`Cache.evict` (callbacks included)."""
+        return self.cache._evict(key, NO_REPAIR)
+
+    def committed(self) -> int:
+        """`Cache.committed_timestamp`."""
+        return self.cache._committed(NO_REPAIR)
+
+    def persisted(self) -> int:
+        """`Cache.persisted_timestamp`."""
+        return self.cache._persisted(NO_REPAIR)
+
+    def count_loads(
+        self,
+        key: bytes,
+        *,
+        loader_calls: int = 0,
+        takeovers: int = 0,
+        coalesced: int = 0,
+        coalesced_hits: int = 0,
+    ) -> None:
+        """Add to the file-wide load counters (`CacheStatistics`); counts
+        nothing when it raises."""
+        self.cache._count_loads(
+            key,
+            loader_calls=loader_calls,
+            takeovers=takeovers,
+            coalesced=coalesced,
+            coalesced_hits=coalesced_hits,
+            flags=NO_REPAIR,
+        )
 
 
 def entry_of(found: tuple[bytes, int, int] | int | None) -> CacheEntry | None:

@@ -89,7 +89,7 @@ import dataclasses
 import threading
 from collections.abc import Awaitable, Callable, Generator, Hashable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar
@@ -104,9 +104,11 @@ from ._native import (
     FLIGHT_TAKEOVER,
     FLIGHT_VALUE,
     FLIGHT_WAIT,
-    Handle,
     new_ticket,
 )
+
+if TYPE_CHECKING:  # _cache imports this module
+    from ._cache import CacheCore
 
 __all__ = [
     "HostWave",
@@ -330,15 +332,16 @@ class LoadMark:
     def __init__(self) -> None:
         self.ran = False
 
-    def mark(self, handle: Handle, key: bytes, takeover: bool) -> None:
-        """The loader is about to be called by the get owning this mark."""
+    def mark(self, count: Callable[..., None], key: bytes, takeover: bool) -> None:
+        """The loader is about to be called by the get owning this mark.
+        `count` adds to the file's load counters (`CacheCore.count_loads`)."""
+        count(key, loader_calls=1, takeovers=int(takeover))
         self.ran = True
-        handle._count_loads(key, loader_calls=1, takeovers=int(takeover))
 
-    def count_answer(self, handle: Handle, key: bytes, value: object) -> None:
+    def count_answer(self, count: Callable[..., None], key: bytes, value: object) -> None:
         """The get owning this mark was answered with `value` (None: no value)."""
         if not self.ran:
-            handle._count_loads(key, coalesced=1, coalesced_hits=int(value is not None))
+            count(key, coalesced=1, coalesced_hits=int(value is not None))
 
 
 class HostWave:
@@ -349,10 +352,10 @@ class HostWave:
     for ended with or without a value), FULL (no slot: load without the table).
     """
 
-    __slots__ = ("_handle", "_key", "_ticket", "_timeout_ns", "takeover")
+    __slots__ = ("_core", "_key", "_ticket", "_timeout_ns", "takeover")
 
-    def __init__(self, handle: Handle, key: bytes, load_timeout_ns: int) -> None:
-        self._handle = handle
+    def __init__(self, core: CacheCore, key: bytes, load_timeout_ns: int) -> None:
+        self._core = core
         self._key = key
         self._timeout_ns = load_timeout_ns
         self._ticket: Any = new_ticket()
@@ -360,7 +363,7 @@ class HostWave:
 
     def join(self) -> int:
         """Join (or rejoin) the wave; never waits beyond a short lock."""
-        status = self._handle._flight_join(self._key, self._timeout_ns, self._ticket)
+        status = self._core.flight_join(self._key, self._timeout_ns, self._ticket)
         self.takeover = status == FLIGHT_TAKEOVER
         return status
 
@@ -370,13 +373,13 @@ class HostWave:
 
     def wait(self) -> None:
         """Block this thread until the wave changes, or for a probe interval."""
-        self._handle._flight_wait(self._ticket)
+        self._core.flight_wait(self._ticket)
 
     def kick(self) -> None:
         """Wake the thread sleeping in `wait` (it joins again and finds nothing
         to do for a cancelled task); the other sleepers on the slot rejoin too."""
         try:
-            self._handle._flight_kick(self._ticket)
+            self._core.flight_kick(self._ticket)
         except CacheClosedError:
             pass  # closed: the sleeper's next join fails and ends it
 
@@ -391,7 +394,7 @@ class HostWave:
 
     def _end(self, outcome: int) -> None:
         try:
-            self._handle._flight_end(self._ticket, outcome)
+            self._core.flight_end(self._ticket, outcome)
         except CacheClosedError:
             pass  # closing the handle orphaned the wave already
 
@@ -419,22 +422,21 @@ class Load:
 Step = Peek | Wait | Load
 
 
-def load_steps(
-    handle: Handle, key: bytes, host: bool, load_timeout_ns: int
-) -> Generator[Step, bytes | None, bytes | None]:
+def load_steps(core: CacheCore, key: bytes) -> Generator[Step, bytes | None, bytes | None]:
     """The part of a miss played by the task or thread leading its process's load,
     as steps that its driver carries out (`Cache` blocking, `AsyncCache` awaiting),
     so that the protocol is written once. Returns the value (None: no value).
 
     First look again: a leader taking over from a cancelled one, or one whose key
-    another process loaded meanwhile, may find it stored. Then, with ``host``,
-    lead, join or wait for the host-wide wave (rules A-E)."""
+    another process loaded meanwhile, may find it stored. Then, if the cache
+    coalesces across the host, lead, join or wait for the host-wide wave
+    (rules A-E)."""
     found = yield Peek()
     if found is not None:
         return found
-    if not host:
+    if not core.host:
         return (yield Load(takeover=False))
-    wave = HostWave(handle, key, load_timeout_ns)
+    wave = HostWave(core, key, core.load_timeout_ns)
     while True:
         status = wave.join()
         if status == FLIGHT_WAIT:

@@ -46,3 +46,9 @@ class ValueTooLargeError(AiovmcError, ValueError):
 
 class CacheClosedError(AiovmcError):
     """The handle is closed."""
+
+
+class RepairNeeded(AiovmcError):
+    """Internal, never raised to callers: an operation of `aiovmc._cache.CacheCore`
+    (one made on an event loop's thread) found the file in need of a repair and
+    did not run it. The caller repairs where it may wait, then calls again."""

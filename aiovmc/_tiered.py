@@ -59,9 +59,9 @@ import anyio
 import anyio.to_thread
 
 from ._async_cache import AsyncCache, Loader, StoreWithTTL
-from ._cache import CacheStatistics
+from ._cache import CacheCore, CacheStatistics
 from ._convert import TTL, Key, encode_key, ttl_to_ns, value_buffer
-from ._errors import CacheConfigError, CacheFormatError
+from ._errors import CacheConfigError, CacheFormatError, RepairNeeded
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -513,8 +513,8 @@ class TieredCache:
         except BaseException:
             self._l1.cache.close()
             raise
-        self._get_inline = self._l1._get_inline
-        self._limit = self._l1._limit
+        self._get_inline = CacheCore(self._l1.cache).get_inline
+        self._limit = max(self._l1.offload_threshold - 1, 0)  # as AsyncCache's inline get
         self._listener = _Listener(self)
         self._listener.start()
 
@@ -563,7 +563,10 @@ class TieredCache:
         loads in turn). With redis unreachable, a miss calls the loader directly.
         """
         k = key if key.__class__ is bytes else encode_key(key)
-        found = self._get_inline(k, self._limit)
+        try:
+            found = self._get_inline(k, self._limit)
+        except RepairNeeded:  # L1's get below waits for the repair off the loop
+            found = None
         if found.__class__ is bytes:
             return found
         loader = on_miss if on_miss is not None else self.on_miss

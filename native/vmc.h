@@ -16,6 +16,16 @@
  * the file may return VMC_E_OS (a lock or a repair failed: out of memory) or
  * VMC_E_CORRUPT (damage that repair could not mend).
  *
+ * Repair. A call that finds the file damaged (a lock whose owner died, a
+ * count or a chain that cannot be right) repairs it before it goes on: a
+ * stop-the-world rebuild, O(pool), with every lock held. The calls that take
+ * `flags` accept VMC_F_NO_REPAIR, for callers that must not spend that long
+ * (an event loop's thread): such a call neither repairs nor waits for a
+ * repair in progress; it answers VMC_E_REPAIR, and the caller runs
+ * vmc_repair_file() where it can wait, then calls again. VMC_E_REPAIR may
+ * come after the call counted a get (the retry counts it again) or evicted
+ * entries (their keys are reported as usual), never after it stored a value.
+ *
  * The implementation is split by concern (native/vmc_handle.h draws the call
  * graph): vmc_file.c implements opening and closing, vmc_cache.c the rest.
  */
@@ -36,7 +46,9 @@ enum vmc_status {
     VMC_E_OS = -8,               /* a system call failed; the message names it and errno */
     VMC_E_STATE = -9,            /* a reservation used in the wrong state */
     VMC_E_CORRUPT = -10,         /* damage found that repair could not mend */
-    VMC_E_NEED_ROOM = -11        /* with VMC_F_NO_EVICT: the caller must evict first */
+    VMC_E_NEED_ROOM = -11,       /* with VMC_F_NO_EVICT: the caller must evict first */
+    VMC_E_REPAIR = -12           /* with VMC_F_NO_REPAIR: a repair is pending; nothing was
+                                    changed: call vmc_repair_file, then call again */
 };
 
 enum vmc_flags {
@@ -47,7 +59,8 @@ enum vmc_flags {
     VMC_F_CREATE = 16,           /* open: create the file if it does not exist */
     VMC_F_RESET = 32,            /* open: reinitialise an existing cache file */
     VMC_F_ANY_OWNER = 64,        /* open: accept a file owned by another user */
-    VMC_F_CONTIGUOUS = 128       /* evict_for: room for a reservation (one extent) */
+    VMC_F_CONTIGUOUS = 128,      /* evict_for: room for a reservation (one extent) */
+    VMC_F_NO_REPAIR = 256        /* never repair, nor wait for a repair: VMC_E_REPAIR */
 };
 
 enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };
@@ -183,12 +196,18 @@ int vmc_contains(vmc_cache *c, const char *key, size_t klen);
 int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, size_t vlen,
                 int64_t ttl_ns, uint32_t flags);
 /* vmc_delete -- remove key: 1 if it was there (unexpired), else 0;
- * VMC_E_KEY_TOO_LARGE. */
-int vmc_delete(vmc_cache *c, const char *key, size_t klen);
+ * VMC_E_KEY_TOO_LARGE; VMC_E_REPAIR (VMC_F_NO_REPAIR). */
+int vmc_delete(vmc_cache *c, const char *key, size_t klen, uint32_t flags);
 /* vmc_evict -- evict key, or with key == NULL the least recently used entry
  * (its key copied to kout when it fits kcap). The evicted key's length;
- * VMC_MISS (nothing evicted); VMC_E_KEY_TOO_LARGE. */
-int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap);
+ * VMC_MISS (nothing evicted); VMC_E_KEY_TOO_LARGE; VMC_E_REPAIR. */
+int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap,
+              uint32_t flags);
+/* vmc_repair_file -- repair the file if it is marked damaged, or wait for
+ * the repair in progress (every lock is taken in order, so of several
+ * callers at once, in any processes, one rebuilds and the others sleep on
+ * the locks until it is done). VMC_OK. */
+int vmc_repair_file(vmc_cache *c);
 /* vmc_evict_for -- with VMC_F_NO_EVICT, evict what a put (VMC_F_CONTIGUOUS:
  * a reservation) of klen + vlen bytes still needs: the least recently used
  * entry while free room falls short, else the entries of the stretch of the
@@ -249,9 +268,12 @@ int vmc_flight_kick(vmc_cache *c, const struct vmc_ticket *ticket);
 /* End the wave the ticket leads: 1 if it ended it, 0 if it had been taken over. */
 int vmc_flight_end(vmc_cache *c, const struct vmc_ticket *ticket, int outcome);
 int64_t vmc_flights_in_use(vmc_cache *c);
-/* Add to the file-wide counters; coalesced_hits gets of `key` turn from misses into hits. */
+/* vmc_count_loads -- add to the file-wide counters; coalesced_hits gets of
+ * `key` turn from misses into hits. VMC_OK; VMC_E_CONFIG; VMC_E_KEY_TOO_LARGE;
+ * VMC_E_REPAIR (VMC_F_NO_REPAIR: nothing counted). */
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
-                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits);
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits,
+                    uint32_t flags);
 /* vmc_map_fd -- a new descriptor (close-on-exec) of the handle's file, on an open
  * file description of its own, for a mapping of the caller's; the caller closes
  * it. Not a dup: a dup shares the handle's description, and with it the handle's
@@ -270,10 +292,11 @@ int vmc_detach_view(void *addr, size_t len);
 void vmc_set_clock_offset(int64_t ns);
 
 /* vmc_committed_timestamp -- T such that every publication up to T is
- * visible (>= 0). */
-int64_t vmc_committed_timestamp(vmc_cache *c);
-/* vmc_persisted_timestamp -- the highest timestamp known durable (>= 0). */
-int64_t vmc_persisted_timestamp(vmc_cache *c);
+ * visible (>= 0); VMC_E_REPAIR (VMC_F_NO_REPAIR). */
+int64_t vmc_committed_timestamp(vmc_cache *c, uint32_t flags);
+/* vmc_persisted_timestamp -- the highest timestamp known durable (>= 0);
+ * VMC_E_REPAIR (VMC_F_NO_REPAIR). */
+int64_t vmc_persisted_timestamp(vmc_cache *c, uint32_t flags);
 /* vmc_persist -- flush the file and raise the persisted watermark; returns
  * it (>= 0). VMC_E_OS (msync failed). */
 int64_t vmc_persist(vmc_cache *c);

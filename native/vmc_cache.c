@@ -59,6 +59,18 @@ static void leave(vmc_cache *c)
             return enter_rc_;                                                     \
     } while (0)
 
+/* ENTER_FLAGS -- ENTER a call that takes flags: with VMC_F_NO_REPAIR, this
+ * thread defers repairs (vmc_repair.h) until leave_flags. */
+#define ENTER_FLAGS(c, flags)                                                     \
+    ENTER(c);                                                                     \
+    bool no_repair_prev_ = vmc_no_repair_begin(((flags) & VMC_F_NO_REPAIR) != 0)
+
+static void leave_flags(vmc_cache *c, bool no_repair_prev)
+{
+    vmc_no_repair_end(no_repair_prev);
+    leave(c);
+}
+
 static int check_key(size_t klen)
 {
     if (klen > VMC_MAX_KEY)
@@ -297,8 +309,10 @@ static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguo
         rc = evict_victim(c, heads[i], stamps[i], hashes[i], kout, kcap, &used);
         if (rc == -1)
             break; /* kout is full: the caller comes back for the rest */
-        if (rc < 0)
+        if (rc < 0 && used == 0)
             out = rc;
+        if (rc < 0)
+            break; /* what was evicted is reported: the next call meets the failure */
     }
     free(heads);
     return out < 0 ? out : (int64_t)used;
@@ -307,13 +321,13 @@ static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguo
 int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, char *kout,
                       size_t kcap)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
     if (rc == VMC_OK && c->policy == VMC_POLICY_NONE)
         rc = VMC_MISS;
     else if (rc == VMC_OK)
         rc = evict_for(c, klen, vlen, flags & VMC_F_CONTIGUOUS, kout, kcap);
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -386,7 +400,6 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
     }
 }
 
-/* drop_reservation -- free a RESERVED head of ours. */
 /* A reservation's id: its head unit, and in the high half a nonce kept in the
  * entry's checksum field while it is RESERVED, so that a stale id whose unit
  * now holds another reservation of this process cannot touch that one. */
@@ -413,9 +426,17 @@ static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce)
            VMC_LOAD(e->checksum) == nonce;
 }
 
+static bool track_rid(vmc_cache *c, uint64_t rid, bool orphan);
+
+/* drop_reservation -- free a RESERVED head of ours. In a no-repair call
+ * that finds the file damaged, the head is left to vmc_repair_file (or
+ * vmc_close) to free, after the repair: it never outlives the call's
+ * handle. */
 static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     int rc = vmc_pool_lock(c);
+    if (rc == VMC_E_REPAIR && !track_rid(c, RID(head, nonce), true))
+        rc = vmc_repair(c) == VMC_OK ? drop_reservation(c, head, nonce) : rc; /* no memory */
     if (rc < 0)
         return rc;
     if (!still_reserved(c, head, nonce)) {
@@ -431,9 +452,16 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 
 /* ---- the reservations open on this handle (vmc_close cancels them) ---- */
 
-/* track_rid -- remember an open reservation; false if out of memory. */
-static bool track_rid(vmc_cache *c, uint64_t rid)
+/* An orphan: a put's own reservation that a no-repair call could not free
+ * (its id has this bit set, which no reservation id has: nonces are 31 bits). */
+#define RID_ORPHAN (1ull << 63)
+
+/* track_rid -- remember an open reservation (an orphan, to free after the
+ * repair); false if out of memory. */
+static bool track_rid(vmc_cache *c, uint64_t rid, bool orphan)
 {
+    if (orphan)
+        rid |= RID_ORPHAN;
     bool ok = true;
     pthread_mutex_lock(&c->rids_lock);
     if (c->n_rids == c->cap_rids) {
@@ -467,10 +495,36 @@ static void untrack_rid(vmc_cache *c, uint64_t rid)
 void vmc_cache_drop_reservations(vmc_cache *c)
 {
     pthread_mutex_lock(&c->rids_lock);
-    for (uint32_t i = 0; i < c->n_rids; i++)
-        drop_reservation(c, RID_HEAD(c->rids[i]), RID_NONCE(c->rids[i])); /* gone: harmless */
+    for (uint32_t i = 0; i < c->n_rids; i++) /* gone: harmless */
+        drop_reservation(c, RID_HEAD(c->rids[i]), RID_NONCE(c->rids[i] & ~RID_ORPHAN));
     c->n_rids = 0;
     pthread_mutex_unlock(&c->rids_lock);
+}
+
+/* drop_orphans -- free the orphans of no-repair calls (the file repaired). */
+static void drop_orphans(vmc_cache *c)
+{
+    pthread_mutex_lock(&c->rids_lock);
+    for (uint32_t i = 0; i < c->n_rids;) {
+        uint64_t rid = c->rids[i];
+        if (!(rid & RID_ORPHAN)) {
+            i++;
+            continue;
+        }
+        c->rids[i] = c->rids[--c->n_rids];
+        drop_reservation(c, RID_HEAD(rid), RID_NONCE(rid & ~RID_ORPHAN));
+    }
+    pthread_mutex_unlock(&c->rids_lock);
+}
+
+int vmc_repair_file(vmc_cache *c)
+{
+    ENTER(c);
+    int rc = vmc_repair(c);
+    if (rc == VMC_OK)
+        drop_orphans(c);
+    leave(c);
+    return rc;
 }
 
 /* clocks_sane -- repair first if the clock or the persisted watermark is
@@ -480,7 +534,7 @@ static int clocks_sane(vmc_cache *c)
     if (VMC_LOAD(c->hdr->clock) < VMC_MAX_CLOCK && VMC_LOAD(c->hdr->persisted) < VMC_MAX_CLOCK)
         return VMC_OK;
     vmc_mark_damaged(c);
-    return vmc_repair(c);
+    return vmc_repair_needed(c);
 }
 
 /* publish -- link a filled RESERVED head into its shard, replacing an older
@@ -617,12 +671,12 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
 static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                    uint64_t offset, uint32_t flags, uint64_t *meta, struct vmc_sink *sink)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
     if (rc == VMC_OK)
         rc = get_hashed(c, key, klen, vmc_hash_key(c, key, klen), dst, cap, offset, flags, meta,
                         sink);
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -752,9 +806,10 @@ int64_t vmc_get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t ca
     return get(c, key, klen, dst, cap, offset, flags, NULL, NULL);
 }
 
-int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink)
+int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink,
+                     uint32_t flags)
 {
-    return get(c, key, klen, NULL, 0, 0, VMC_F_WHOLE, NULL, sink);
+    return get(c, key, klen, NULL, 0, 0, (flags & VMC_F_NO_REPAIR) | VMC_F_WHOLE, NULL, sink);
 }
 
 /* The distances (in keys) at which vmc_get_many_sink prefetches ahead of its
@@ -874,7 +929,7 @@ int vmc_contains_now(vmc_cache *c, const char *key, size_t klen)
 int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, size_t vlen,
                 int64_t ttl_ns, uint32_t flags)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
     if (rc == VMC_OK)
         rc = check_value(c, klen, vlen);
@@ -903,7 +958,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     }
     rc = publish(c, head, 0, hash, data, add, key, klen, vlen);
 out:
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -938,19 +993,20 @@ static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
     }
 }
 
-int vmc_delete(vmc_cache *c, const char *key, size_t klen)
+int vmc_delete(vmc_cache *c, const char *key, size_t klen, uint32_t flags)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int rc = remove_key(c, key, klen, false);
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
 /* vmc_evict -- evict key, or with key == NULL the least recently used entry,
  * copying its key to kout. Returns the key's length, or VMC_MISS. */
-int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap)
+int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kcap,
+              uint32_t flags)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int rc;
     if (key) {
         rc = remove_key(c, key, klen, true);
@@ -963,7 +1019,7 @@ int vmc_evict(vmc_cache *c, const char *key, size_t klen, char *kout, size_t kca
     } else {
         rc = evict_lru(c, kout, kcap, true);
     }
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -1197,7 +1253,8 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
 }
 
 int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_calls,
-                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits)
+                    uint32_t takeovers, uint32_t coalesced, uint32_t coalesced_hits,
+                    uint32_t flags)
 {
     int rc = check_key(klen);
     if (rc < 0)
@@ -1205,14 +1262,11 @@ int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_
     if (coalesced_hits > coalesced)
         return vmc_fail(VMC_E_CONFIG, "%u coalesced hits out of %u coalesced gets",
                         coalesced_hits, coalesced);
-    ENTER(c);
-    struct vmc_header *h = c->hdr;
-    __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    ENTER_FLAGS(c, flags);
     if (coalesced_hits) {
         /* Those gets were counted as misses when they looked the key up; they
-         * were answered with a value, so they become hits (gets unchanged). */
+         * were answered with a value, so they become hits (gets unchanged).
+         * First, so that a failure (VMC_E_REPAIR: called again) counts nothing. */
         uint32_t s = vmc_shard_of(c, vmc_hash_key(c, key, klen));
         if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
             struct vmc_shard *sh = &c->shards[s];
@@ -1222,7 +1276,13 @@ int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_
             vmc_shard_unlock(c, s);
         }
     }
-    leave(c);
+    if (rc == VMC_OK) {
+        struct vmc_header *h = c->hdr;
+        __atomic_add_fetch(&h->loader_calls, loader_calls, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&h->load_takeovers, takeovers, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&h->coalesced_gets, coalesced, __ATOMIC_RELAXED);
+    }
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -1234,7 +1294,7 @@ int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_
 int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int64_t ttl_ns,
                     uint32_t flags, uint64_t *data_offset)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
     if (rc == VMC_OK)
         rc = check_value(c, klen, size);
@@ -1246,12 +1306,12 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
         rc = (int64_t)RID(head, nonce);
-        if (!track_rid(c, (uint64_t)rc)) {
+        if (!track_rid(c, (uint64_t)rc, false)) {
             drop_reservation(c, head, nonce);
             rc = vmc_fail(VMC_E_OS, "out of memory for the list of open reservations");
         }
     }
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
@@ -1341,21 +1401,21 @@ static int64_t committed(vmc_cache *c)
     return (int64_t)t;
 }
 
-int64_t vmc_committed_timestamp(vmc_cache *c)
+int64_t vmc_committed_timestamp(vmc_cache *c, uint32_t flags)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = committed(c);
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 
-int64_t vmc_persisted_timestamp(vmc_cache *c)
+int64_t vmc_persisted_timestamp(vmc_cache *c, uint32_t flags)
 {
-    ENTER(c);
+    ENTER_FLAGS(c, flags);
     int64_t rc = clocks_sane(c);
     if (rc == VMC_OK)
         rc = (int64_t)__atomic_load_n(&c->hdr->persisted, __ATOMIC_ACQUIRE);
-    leave(c);
+    leave_flags(c, no_repair_prev_);
     return rc;
 }
 

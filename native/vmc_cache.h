@@ -25,9 +25,11 @@ struct vmc_sink {
  * that must not wait (it holds the GIL): VMC_BUSY, having counted nothing,
  * where vmc_get would wait for a shard lock, a repair or the pool lock (to
  * remove an expired entry); the caller then calls vmc_get. Once it has
- * counted a hit it finishes as vmc_get does, waiting if it must. The value's
- * length (copied if sink->dst gave a destination), VMC_MISS, or a failure. */
-int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink);
+ * counted a hit it finishes as vmc_get does, waiting if it must. `flags`: 0
+ * or VMC_F_NO_REPAIR. The value's length (copied if sink->dst gave a
+ * destination), VMC_MISS, or a failure. */
+int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink,
+                     uint32_t flags);
 
 /* vmc_get_many_sink -- vmc_get_sink of keys[0..n) in order, in one call that
  * prefetches index slots and entries ahead of the lookups (sink->item says

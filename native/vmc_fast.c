@@ -234,7 +234,7 @@ static PyObject *raise_status(int64_t status)
  * set if it has gone (VMC_MISS) or the copy failed, NULL with an exception
  * if out of memory. */
 static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t size,
-                            int64_t *status)
+                            uint32_t flags, int64_t *status)
 {
     for (;;) {
         PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
@@ -243,7 +243,7 @@ static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t 
         char *dst = PyBytes_AS_STRING(out);
         int64_t n;
         Py_BEGIN_ALLOW_THREADS
-        n = vmc_get(c, key, klen, dst, (size_t)size, 0, VMC_F_WHOLE | VMC_F_QUIET);
+        n = vmc_get(c, key, klen, dst, (size_t)size, 0, flags | VMC_F_WHOLE | VMC_F_QUIET);
         Py_END_ALLOW_THREADS
         if (n == size)
             return out;
@@ -261,17 +261,18 @@ static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t 
  * (copied now with the GIL released, if it has at most `limit` bytes), or
  * VMC_BUSY (the get again, waiting without the GIL). The value as bytes; else
  * NULL with *status set to its size (counted, not copied), to VMC_MISS or to
- * a failure; or NULL with an exception (out of memory). */
+ * a failure; or NULL with an exception (out of memory). `flags`: 0, or
+ * VMC_F_NO_REPAIR. */
 static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int64_t limit,
-                        int64_t *status)
+                        uint32_t flags, int64_t *status)
 {
     if (n == VMC_BUSY) { /* it would wait: wait without the GIL */
         Py_BEGIN_ALLOW_THREADS
-        n = vmc_get(c, k, klen, NULL, 0, 0, VMC_F_WHOLE);
+        n = vmc_get(c, k, klen, NULL, 0, 0, flags | VMC_F_WHOLE);
         Py_END_ALLOW_THREADS
     }
     if (n >= 0 && n <= limit) { /* counted, not copied: too large for the GIL held */
-        PyObject *result = copy_whole(c, k, klen, n, &n);
+        PyObject *result = copy_whole(c, k, klen, n, flags, &n);
         if (result || PyErr_Occurred())
             return result;
     }
@@ -281,18 +282,19 @@ static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int
 
 /* lookup -- a counted get of key, as Handle._get_inline: the value as bytes
  * if it has at most `limit` bytes; else as finish(). */
-static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit, int64_t *status)
+static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit, uint32_t flags,
+                        int64_t *status)
 {
     uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
     PyObject *result = NULL;
     struct bytes_sink sink = {{bytes_dst, 0}, max, &result, false};
-    int64_t n = vmc_get_sink(c, k, klen, &sink.base);
+    int64_t n = vmc_get_sink(c, k, klen, &sink.base, flags);
     if (n >= 0 && result) /* the hit, copied and verified under the lock */
         return result;
     Py_CLEAR(result);
     if (sink.no_memory)
         return NULL;
-    return finish(c, k, klen, n, limit, status);
+    return finish(c, k, klen, n, limit, flags, status);
 }
 
 /* Where the `_fast` slot of aiovmc's Handle sits in its instances (found by
@@ -334,7 +336,7 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
     size_t klen = (size_t)PyBytes_GET_SIZE(key);
 
     int64_t n = 0;
-    if ((result = lookup(c, k, klen, INT64_MAX, &n)) || PyErr_Occurred())
+    if ((result = lookup(c, k, klen, INT64_MAX, 0, &n)) || PyErr_Occurred())
         goto done;
     if (n == VMC_MISS) {
         PyObject *call[4] = {NULL, self, key, given[1]};
@@ -362,7 +364,7 @@ static PyObject *fast_get_inline(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     int64_t n = 0;
     PyObject *result = lookup(fast->c, PyBytes_AS_STRING(args[0]),
-                              (size_t)PyBytes_GET_SIZE(args[0]), limit, &n);
+                              (size_t)PyBytes_GET_SIZE(args[0]), limit, VMC_F_NO_REPAIR, &n);
     Py_DECREF(fast);
     if (result || PyErr_Occurred())
         return result;
@@ -572,7 +574,7 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
             results[i] = NULL;
             int64_t got = status[i];
             if (value == NULL && (got >= 0 || (i == end && got == VMC_BUSY)))
-                value = finish(c, ptrs[i], lens[i], got, INT64_MAX, &got);
+                value = finish(c, ptrs[i], lens[i], got, INT64_MAX, 0, &got);
             if (value) {
                 rc = PyDict_SetItem(found, keys[i], value);
                 Py_DECREF(value);

@@ -13,6 +13,34 @@
 #include "vmc_mutex.h"
 #include "vmc_recover.h"
 
+/* Set for the duration of a call made with VMC_F_NO_REPAIR. */
+static __thread bool no_repair;
+
+bool vmc_no_repair_begin(bool on)
+{
+    bool previous = no_repair;
+    no_repair = previous || on;
+    return previous;
+}
+
+void vmc_no_repair_end(bool previous)
+{
+    no_repair = previous;
+}
+
+bool vmc_no_repair(void)
+{
+    return no_repair;
+}
+
+/* deferred -- the answer of a no-repair call that found the file damaged. */
+static int deferred(void)
+{
+    return vmc_fail(VMC_E_REPAIR, "the cache file needs a repair (a process died holding "
+                                  "one of its locks, or damage was found); this call does "
+                                  "not run it");
+}
+
 int vmc_repair(vmc_cache *c)
 {
     int rc = VMC_OK;
@@ -39,16 +67,27 @@ out:
     return rc;
 }
 
-/* lock_outer -- lock m with no other lock held, repairing first if needed. */
+int vmc_repair_needed(vmc_cache *c)
+{
+    return no_repair ? deferred() : vmc_repair(c);
+}
+
+/* lock_outer -- lock m with no other lock held, repairing first if needed
+ * (in a no-repair call: VMC_E_REPAIR, without waiting for a repair that
+ * holds m). */
 static int lock_outer(vmc_cache *c, pthread_mutex_t *m)
 {
     for (int attempt = 0;; attempt++) {
+        if (no_repair && vmc_damaged(c))
+            return deferred();
         int rc = vmc_mutex_lock(c, m);
         if (rc < 0)
             return rc;
         if (rc == 0 && !vmc_damaged(c))
             return VMC_OK;
         pthread_mutex_unlock(m);
+        if (no_repair)
+            return deferred();
         if (attempt >= 8)
             return vmc_fail(VMC_E_CORRUPT, "the cache file stays damaged after repair");
         vmc_before_wait(); /* a repair visits the whole file */

@@ -87,13 +87,13 @@ async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> Non
     value = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
     await acache.put("big", value)
     threads: list[int] = []
-    fetch = acache._fetch
+    fetch = acache._core.fetch
 
     def spy(key: bytes) -> bytes | None:
         threads.append(threading.get_ident())
         return fetch(key)
 
-    acache._fetch = spy
+    acache._core.fetch = spy
     assert await acache.get("big") == value
     assert threads and threads[0] != threading.get_ident()
     assert await checkpoints(acache.get("big"))  # an offloaded copy is a checkpoint
@@ -106,13 +106,13 @@ async def test_large_entry_replaced_by_a_miss_between_lookup_and_copy(
     acache: AsyncCache,
 ) -> None:
     await acache.put("big", b"x" * 8192)
-    fetch = acache._fetch
+    fetch = acache._core.fetch
 
     def vanished(key: bytes) -> bytes | None:
         acache.cache.delete(key)
         return fetch(key)
 
-    acache._fetch = vanished
+    acache._core.fetch = vanished
     assert await acache.get("big", b"gone") == b"gone"
 
 

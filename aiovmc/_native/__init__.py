@@ -1,6 +1,8 @@
 """The binding to the C core. Only this package touches cffi's `ffi` and `lib`."""
 
 from ._handle import (
+    ABSENT,
+    ADD,
     END_FAILED,
     END_NONE,
     END_VALUE,
@@ -11,6 +13,7 @@ from ._handle import (
     FLIGHT_TAKEOVER,
     FLIGHT_VALUE,
     FLIGHT_WAIT,
+    NO_REPAIR,
     SCRATCH_SIZE,
     Handle,
     NativeInfo,
@@ -21,6 +24,8 @@ from ._handle import (
 from ._status import ERRORS, raise_for
 
 __all__ = [
+    "ABSENT",
+    "ADD",
     "END_FAILED",
     "END_NONE",
     "END_VALUE",
@@ -32,6 +37,7 @@ __all__ = [
     "FLIGHT_TAKEOVER",
     "FLIGHT_VALUE",
     "FLIGHT_WAIT",
+    "NO_REPAIR",
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -38,6 +37,8 @@ if TYPE_CHECKING:
 D = TypeVar("D")
 
 __all__ = [
+    "ABSENT",
+    "ADD",
     "END_FAILED",
     "END_NONE",
     "END_VALUE",
@@ -48,6 +49,7 @@ __all__ = [
     "FLIGHT_TAKEOVER",
     "FLIGHT_VALUE",
     "FLIGHT_WAIT",
+    "NO_REPAIR",
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
@@ -60,9 +62,12 @@ SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come bac
 
 _WHOLE = lib.VMC_F_WHOLE
 _QUIET = lib.VMC_F_QUIET
-_ADD = lib.VMC_F_ADD
+_ADD = ADD = lib.VMC_F_ADD  # put: store only if absent (`_store` flags)
 _NO_EVICT = lib.VMC_F_NO_EVICT
 _CONTIGUOUS = lib.VMC_F_CONTIGUOUS
+#: The flag of a call that must not repair the file (it raises RepairNeeded):
+#: the `flags` argument of the private methods below is 0 or this.
+NO_REPAIR: int = lib.VMC_F_NO_REPAIR
 _RECORDS = SCRATCH_SIZE + 2  # room for the record of any one evicted key, and more
 _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
@@ -79,6 +84,10 @@ FLIGHT_FULL: int = lib.VMC_FLIGHT_FULL
 END_VALUE: int = lib.VMC_END_VALUE
 END_NONE: int = lib.VMC_END_NONE
 END_FAILED: int = lib.VMC_END_FAILED
+
+
+#: The default of a lookup that never loads (`Cache._missed` returns it as given).
+ABSENT: Any = object()
 
 
 def new_ticket() -> Any:
@@ -269,7 +278,9 @@ class Handle:
     def _missed(self, key: bytes, default: Any) -> Any:
         return default
 
-    def _get_entry(self, key: bytes, limit: int) -> tuple[bytes, int, int] | int | None:
+    def _get_entry(
+        self, key: bytes, limit: int, flags: int = 0
+    ) -> tuple[bytes, int, int] | int | None:
         """(value, publication timestamp, expiry in ns or 0) of a hit, read in
         one core call; a hit larger than `limit` as its size, not copied (the
         caller fetches it with `_get_entry(key, sys.maxsize)` from a worker
@@ -279,12 +290,12 @@ class Handle:
         s = _scratch
         cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
         if s.busy:  # re-entered: see _Scratch
-            n = lib.vmc_get_entry(self._h, key, len(key), _NULL, 0, 0, meta)
+            n = lib.vmc_get_entry(self._h, key, len(key), _NULL, 0, flags, meta)
             cap = -1
         else:
             s.busy = True
             try:
-                n = lib.vmc_get_entry(self._h, key, len(key), s.ptr, cap, 0, meta)
+                n = lib.vmc_get_entry(self._h, key, len(key), s.ptr, cap, flags, meta)
                 if 0 <= n <= cap:
                     return s.view[0:n], int(meta[0]), int(meta[1])
             finally:
@@ -294,22 +305,23 @@ class Handle:
         while n >= 0:  # counted, not copied: copy into a result of the right size
             out = bytes(n)
             size = n
-            n = lib.vmc_get_entry(self._h, key, len(key), ffi.from_buffer(out), size, _QUIET,
-                                  meta)
+            n = lib.vmc_get_entry(
+                self._h, key, len(key), ffi.from_buffer(out), size, _QUIET | flags, meta
+            )
             if n == size:
                 return out, int(meta[0]), int(meta[1])
         if n == _MISS:
             return None
         raise_for(n)
 
-    def _copy_whole(self, key: bytes, size: int) -> bytes | None:
+    def _copy_whole(self, key: bytes, size: int, flags: int = 0) -> bytes | None:
         """Copy a value whose size is already known (no statistics, no LRU touch)
         straight into a new bytes object; None if it has gone meanwhile."""
         while True:
             # A fresh bytes object nobody else can see yet: the core fills it
             # with the GIL released, and it is immutable from here on.
             out = bytes(size)
-            n = _get(self._h, key, len(key), ffi.from_buffer(out), size, 0, _WHOLE | _QUIET)
+            n = _get(self._h, key, len(key), ffi.from_buffer(out), size, 0, _WHOLE | _QUIET | flags)
             if n == size:
                 return out
             if n == _MISS:
@@ -318,9 +330,9 @@ class Handle:
                 raise_for(n)
             size = n  # replaced by a value of another size meanwhile: again
 
-    def _size(self, key: bytes) -> int | None:
+    def _size(self, key: bytes, flags: int = 0) -> int | None:
         """The size of a value, or None if absent; counts nothing, touches nothing."""
-        n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | _QUIET)
+        n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | _QUIET | flags)
         if n >= 0:
             return int(n)
         if n == _MISS:
@@ -334,25 +346,23 @@ class Handle:
 
     def _get_inline(self, key: bytes, limit: int) -> bytes | int | None:
         """A hit of at most `limit` bytes as bytes; a larger hit as its size
-        (not copied); a miss as None. Counts the get either way."""
+        (not copied); a miss as None. Counts the get either way. Never repairs
+        the file: `RepairNeeded` instead (it is AsyncCache's get on the loop)."""
         s = _scratch
         cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
         if s.busy:  # re-entered: see _Scratch
-            n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE)
+            n = _get(self._h, key, len(key), _NULL, 0, 0, _WHOLE | NO_REPAIR)
             cap = -1
         else:
             s.busy = True
             try:
-                if cap == SCRATCH_SIZE:
-                    n = _get_scratch(self._h, key, len(key))
-                else:
-                    n = _get(self._h, key, len(key), s.ptr, cap, 0, _WHOLE)
+                n = _get(self._h, key, len(key), s.ptr, cap, 0, _WHOLE | NO_REPAIR)
                 if 0 <= n <= cap:
                     return s.view[0:n]
             finally:
                 s.busy = False
         if n >= 0:
-            return n if n > limit else self._copy_whole(key, n)
+            return n if n > limit else self._copy_whole(key, n, NO_REPAIR)
         if n == _MISS:
             return None
         raise_for(n)
@@ -360,6 +370,9 @@ class Handle:
     def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
         total size, or None on a miss. Never calls a loader."""
+        return self._get_into(key, buffer, offset, 0)
+
+    def _get_into(self, key: Key, buffer: Buffer, offset: int, flags: int) -> int | None:
         if type(key) is not bytes:
             key = encode_key(key)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -371,7 +384,7 @@ class Handle:
             raise TypeError(
                 f"buffer must be a writable bytes-like object, not {type(buffer).__name__}"
             ) from None
-        n = _get(self._h, key, len(key), dst, len(dst), offset, 0)
+        n = _get(self._h, key, len(key), dst, len(dst), offset, flags)
         if n >= 0:
             return int(n)
         if n == _MISS:
@@ -381,12 +394,12 @@ class Handle:
     def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
         """``{key: value}`` for the keys present; never calls the loader."""
         found: dict[bytes, bytes] = {}
-        get = self._get_inline
+        get = Handle.get
         for key in keys:
             encoded = encode_key(key)
-            value = get(encoded, sys.maxsize)
-            if value is not None:  # an int only above sys.maxsize bytes: never
-                found[encoded] = value  # type: ignore[assignment]
+            value = get(self, encoded, ABSENT)
+            if value is not ABSENT:
+                found[encoded] = value
         return found
 
     def __contains__(self, key: Any) -> bool:
@@ -426,6 +439,15 @@ class Handle:
 
     def put(self, key: Key, value: Buffer, *, ttl: TTL = None) -> int:
         """Insert or replace; returns the publication timestamp."""
+        return self._store(key, value, ttl, 0)
+
+    def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
+        """Insert only if absent: True if stored; evicts nothing when the key exists."""
+        return self._store(key, value, ttl, _ADD) > 0
+
+    def _store(self, key: Key, value: Buffer, ttl: TTL, flags: int) -> int:
+        """put (flags 0) or add (_ADD), | NO_REPAIR: the timestamp, 0 if add
+        found the key."""
         if type(key) is not bytes:
             key = encode_key(key)
         if type(value) is bytes:
@@ -434,43 +456,24 @@ class Handle:
             data, size = _as_char_pointer(value)
         ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
         if self._on_evict is None:
-            ts = _put(self._h, key, len(key), data, size, ttl_ns, 0)
-            if ts > 0:
+            ts = _put(self._h, key, len(key), data, size, ttl_ns, flags)
+            if ts >= 0:
                 return int(ts)
             raise_for(ts)
         return self._stored(
             *self._evicting_for(
                 lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags),
-                0,
+                flags,
                 len(key),
                 size,
             )
         )
 
-    def add(self, key: Key, value: Buffer, *, ttl: TTL = None) -> bool:
-        """Insert only if absent: True if stored; evicts nothing when the key exists."""
-        if type(key) is not bytes:
-            key = encode_key(key)
-        data, size = _as_char_pointer(value)
-        ttl_ns = -1 if ttl is None else ttl_to_ns(ttl)
-        if self._on_evict is None:
-            ts = _put(self._h, key, len(key), data, size, ttl_ns, _ADD)
-            if ts < 0:
-                raise_for(ts)
-            return ts > 0
-        status, evicted = self._evicting_for(
-            lambda flags: _put(self._h, key, len(key), data, size, ttl_ns, flags),
-            _ADD,
-            len(key),
-            size,
-        )
-        return self._stored(status, evicted) > 0
-
     def _evicting_for(
         self, call: Callable[[int], int], flags: int, klen: int, size: int
     ) -> tuple[int, list[bytes]]:
         """Run a core call that may need room (flags: _CONTIGUOUS for a
-        reservation), evicting from here what the core says the entry lacks
+        reservation, NO_REPAIR), evicting from here what the core says the entry lacks
         room for (`vmc_evict_for`), so that the caller can hand the evicted
         keys to on_evict once no lock is held. Returns the call's final status
         and the evicted keys."""
@@ -482,14 +485,16 @@ class Handle:
             if status != _NEED_ROOM:
                 return status, evicted
             if stalled > 2:  # a run the allocator's bounded search keeps missing
-                victim = self._evict_lru()
+                victim = self._evict_lru(flags & NO_REPAIR)
                 if victim is None:
                     return call(flags & ~_CONTIGUOUS), evicted
                 evicted.append(victim)
                 continue
             if records is None:
                 records = ffi.new("char[]", _RECORDS)
-            n = lib.vmc_evict_for(self._h, klen, size, flags & _CONTIGUOUS, records, _RECORDS)
+            n = lib.vmc_evict_for(
+                self._h, klen, size, flags & (_CONTIGUOUS | NO_REPAIR), records, _RECORDS
+            )
             if n == _MISS:  # nothing left to evict: let the core conclude
                 return call(flags & ~_CONTIGUOUS), evicted
             if n < 0:
@@ -517,17 +522,17 @@ class Handle:
     def _notify_evicted(self, keys: list[bytes]) -> None:
         raise NotImplementedError
 
-    def _evict_lru(self) -> bytes | None:
+    def _evict_lru(self, flags: int = 0) -> bytes | None:
         """Evict the least recently used entry; its key, or None if none."""
         s = _scratch
         if s.busy:  # re-entered: see _Scratch
             ptr = ffi.new("char[]", SCRATCH_SIZE)
-            n = lib.vmc_evict(self._h, _NULL, 0, ptr, SCRATCH_SIZE)
+            n = lib.vmc_evict(self._h, _NULL, 0, ptr, SCRATCH_SIZE, flags)
             key = ffi.buffer(ptr, n)[:] if n >= 0 else None
         else:
             s.busy = True
             try:
-                n = lib.vmc_evict(self._h, _NULL, 0, s.ptr, SCRATCH_SIZE)
+                n = lib.vmc_evict(self._h, _NULL, 0, s.ptr, SCRATCH_SIZE, flags)
                 key = s.view[0:n] if n >= 0 else None
             finally:
                 s.busy = False
@@ -535,8 +540,8 @@ class Handle:
             return key
         raise_for(n)
 
-    def _evict_key(self, key: bytes) -> bool:
-        n = lib.vmc_evict(self._h, key, len(key), _NULL, 0)
+    def _evict_key(self, key: bytes, flags: int = 0) -> bool:
+        n = lib.vmc_evict(self._h, key, len(key), _NULL, 0, flags)
         if n >= 0:
             return True
         if n == _MISS:
@@ -545,9 +550,12 @@ class Handle:
 
     def delete(self, key: Key) -> bool:
         """Remove `key`; True if it was there. No on_evict."""
+        return self._delete(key, 0)
+
+    def _delete(self, key: Key, flags: int) -> bool:
         if type(key) is not bytes:
             key = encode_key(key)
-        status = lib.vmc_delete(self._h, key, len(key))
+        status = lib.vmc_delete(self._h, key, len(key), flags)
         if status < 0:
             raise_for(status)
         return bool(status)
@@ -619,28 +627,31 @@ class Handle:
         takeovers: int = 0,
         coalesced: int = 0,
         coalesced_hits: int = 0,
+        flags: int = 0,
     ) -> None:
         """Add to the file-wide load counters (see vmc_count_loads)."""
         status = lib.vmc_count_loads(
-            self._h, key, len(key), loader_calls, takeovers, coalesced, coalesced_hits
+            self._h, key, len(key), loader_calls, takeovers, coalesced, coalesced_hits, flags
         )
         if status < 0:
             raise_for(status)
 
     # ---- reservations ----
 
-    def _reserve(self, key: bytes, size: int, ttl_ns: int) -> tuple[int, int, list[bytes]]:
+    def _reserve(
+        self, key: bytes, size: int, ttl_ns: int, flags: int = 0
+    ) -> tuple[int, int, list[bytes]]:
         """Reserve room: (id, offset of the value in the file, keys evicted for
         it). The caller owns the reservation before it notifies the evictions."""
         offset = ffi.new("uint64_t *")
         reserve = lib.vmc_reserve
         evicted: list[bytes] = []
         if self._on_evict is None:
-            rid = reserve(self._h, key, len(key), size, ttl_ns, 0, offset)
+            rid = reserve(self._h, key, len(key), size, ttl_ns, flags, offset)
         else:
             rid, evicted = self._evicting_for(
                 lambda flags: reserve(self._h, key, len(key), size, ttl_ns, flags, offset),
-                _CONTIGUOUS,
+                _CONTIGUOUS | flags,
                 len(key),
                 size,
             )
@@ -693,15 +704,28 @@ class Handle:
     @property
     def committed_timestamp(self) -> int:
         """Every publication up to this timestamp is visible in every process."""
-        ts = lib.vmc_committed_timestamp(self._h)
+        return self._committed(0)
+
+    def _committed(self, flags: int) -> int:
+        ts = lib.vmc_committed_timestamp(self._h, flags)
         if ts < 0:
             raise_for(ts)
         return int(ts)
 
+    def _repair(self) -> None:
+        """Repair the file if it needs it, or wait for the repair in progress
+        (O(pool), every lock held: for a thread that may wait)."""
+        status = lib.vmc_repair_file(self._h)
+        if status < 0:
+            raise_for(status)
+
     @property
     def persisted_timestamp(self) -> int:
         """Every publication up to this timestamp is durable in the file."""
-        ts = lib.vmc_persisted_timestamp(self._h)
+        return self._persisted(0)
+
+    def _persisted(self, flags: int) -> int:
+        ts = lib.vmc_persisted_timestamp(self._h, flags)
         if ts < 0:
             raise_for(ts)
         return int(ts)

@@ -11,6 +11,7 @@ from .._errors import (
     CacheFormatError,
     CacheFullError,
     KeyTooLargeError,
+    RepairNeeded,
     ValueTooLargeError,
 )
 from ._binding import ffi, lib
@@ -30,6 +31,7 @@ ERRORS: dict[int, type[Exception]] = {
     lib.VMC_E_STATE: AiovmcError,  # a reservation used in the wrong state, as in Python
     lib.VMC_E_CORRUPT: CacheFormatError,  # damage that repair could not mend
     lib.VMC_E_NEED_ROOM: AiovmcError,
+    lib.VMC_E_REPAIR: RepairNeeded,  # a no-repair call: the caller repairs, then retries
 }
 
 

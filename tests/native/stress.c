@@ -131,7 +131,7 @@ static void *worker(void *arg)
                 fail("get", id, n);
         } else if (op < 30) { /* as vmc_fast.c: values up to 64 KiB copied under the lock */
             struct buf_sink sink = {{buf_dst, 0}, buf, false};
-            n = (long)vmc_get_sink(cache, key, (size_t)klen, &sink.base);
+            n = (long)vmc_get_sink(cache, key, (size_t)klen, &sink.base, VMC_F_NO_REPAIR);
             if (n == VMC_BUSY)
                 n = (long)vmc_get(cache, key, (size_t)klen, NULL, 0, 0, VMC_F_WHOLE);
             else if (n >= 0 && sink.copied)
@@ -182,11 +182,11 @@ static void *worker(void *arg)
             if (n < 0 && n != VMC_E_FULL)
                 fail("publish or cancel", id, n);
         } else if (op < 78) {
-            n = vmc_delete(cache, key, (size_t)klen);
+            n = vmc_delete(cache, key, (size_t)klen, op & 1 ? VMC_F_NO_REPAIR : 0);
             if (n < 0)
                 fail("delete", id, n);
         } else if (op < 84) {
-            n = vmc_evict(cache, NULL, 0, kout, sizeof kout);
+            n = vmc_evict(cache, NULL, 0, kout, sizeof kout, 0);
             if (n < 0 && n != VMC_MISS)
                 fail("evict", id, n);
         } else if (op < 90) {
@@ -224,7 +224,7 @@ static void *worker(void *arg)
                 break; /* VALUE, NONE, FULL */
             }
         } else {
-            if (vmc_clear_shard(cache, (int)(id % 64)) < 0 || vmc_committed_timestamp(cache) < 0)
+            if (vmc_clear_shard(cache, (int)(id % 64)) < 0 || vmc_committed_timestamp(cache, VMC_F_NO_REPAIR) < 0)
                 fail("clear", id, 0);
         }
     }

@@ -1,0 +1,243 @@
+"""Repairs stay off the event loop (docs/design.md, "Repair off the event loop").
+
+A process SIGKILLed while holding a lock of the file leaves it to be repaired:
+a stop-the-world rebuild, O(pool). `Cache` repairs on the calling thread; the
+calls `AsyncCache` makes on the loop (`CacheCore`'s inline calls) answer
+`RepairNeeded` instead, and `AsyncCache` runs the repair in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import aiovmc
+from aiovmc._cache import CacheCore
+from aiovmc._errors import RepairNeeded
+from aiovmc._native._binding import ffi
+
+from .helpers import WAIT, check_value, make_value, read_header
+
+N = 200
+
+
+def _lock_and_die(path: str, base: int | None, offsets: list[int]) -> None:
+    """Take locks of the file and die holding them (a process SIGKILLed
+    mid-operation). A spawned process (no `base`) maps the file itself."""
+    if base is None:
+        cache = aiovmc.Cache(path)
+        base = int(ffi.cast("uintptr_t", cache._base))
+    libc = ctypes.CDLL(None)
+    for offset in offsets:
+        libc.pthread_mutex_lock(ctypes.c_void_p(base + offset))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fill(cache: aiovmc.Cache) -> None:
+    for i in range(N):
+        key = b"e%d" % i
+        cache.put(key, make_value(key, i, 300))
+
+
+def _kill_holding_every_shard_lock(cache: aiovmc.Cache, path: str, method: str = "fork") -> None:
+    """A process takes every shard lock, and is SIGKILLed holding them:
+    whichever key the next call looks up, its lock's owner is dead."""
+    hdr = read_header(Path(path).read_bytes()[:4096])
+    base = int(ffi.cast("uintptr_t", cache._base)) if method == "fork" else None
+    shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
+    offsets = [hdr["shards_off"] + shard * shard_size for shard in range(64)]
+    ctx: Any = multiprocessing.get_context(method)
+    p = ctx.Process(target=_lock_and_die, args=(path, base, offsets))
+    p.start()
+    p.join(WAIT)
+    assert p.exitcode == -signal.SIGKILL
+
+
+def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        _kill_holding_every_shard_lock(cache, cache_path)
+        core = CacheCore(cache)
+        value = make_value(b"new", 0, 100)
+        calls: list[Callable[[], object]] = [
+            lambda: core.get_inline(b"e1", 1 << 20),
+            lambda: core.get_entry(b"e2", 1 << 20, inline=True),
+            lambda: core.size(b"e3", inline=True),
+            lambda: core.store(b"new", value, None),
+            lambda: core.store(b"new", value, None, add=True),
+            lambda: core.get_into(b"e4", bytearray(10), 0),
+            lambda: core.delete(b"e5"),
+            lambda: core.evict(b"e6"),
+            core.committed,
+            lambda: core.count_loads(b"e7", loader_calls=1, coalesced=1, coalesced_hits=1),
+        ]
+        for call in calls:  # each finds the damage, none repairs it: the next finds it too
+            with pytest.raises(RepairNeeded):
+                call()
+        assert core.persisted() == 0  # takes no lock: nothing to repair first
+        assert b"new" not in cache.keys()  # nothing was stored (keys() repairs first)  # noqa: SIM118
+        for i in range(N):  # repaired by keys(): every entry kept, every call answers
+            key = b"e%d" % i
+            assert check_value(key, core.get_inline(key, 1 << 20)) == i
+        assert core.store(b"new", value, None) > 0
+        assert core.delete(b"e5") and core.evict(b"e6")
+        assert len(cache) == N + 1 - 2
+        stats = cache.statistics()  # the deferred calls counted nothing
+        assert (stats.loader_calls, stats.coalesced_gets, stats.puts) == (0, 0, N + 1)
+
+
+@pytest.mark.parametrize("call", ["Cache.get", "AsyncCache.get_nowait"])
+def test_a_sync_call_repairs_on_its_thread(call: str, cache_path: str) -> None:
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        _kill_holding_every_shard_lock(cache, cache_path)
+        get = cache.get if call == "Cache.get" else aiovmc.AsyncCache.from_cache(cache).get_nowait
+        for i in range(N):
+            key = b"e%d" % i
+            assert check_value(key, get(key)) == i
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+async def test_async_repair_runs_in_a_worker_thread_while_the_loop_runs(
+    anyio_backend: str, method: str, cache_path: str
+) -> None:
+    """Several tasks find the damage at once: one repair, in a worker thread,
+    and the loop runs another task while it is in progress (if the repair ran
+    on the loop, that task could not release it and the wait below would fail)."""
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path, method)
+        loop_thread = threading.get_ident()
+        entered, release = threading.Event(), threading.Event()
+        repairs: list[int] = []
+        repair = acache._core.repair
+
+        def spy() -> None:
+            repairs.append(threading.get_ident())
+            entered.set()
+            assert release.wait(WAIT), "the loop did not run while the repair was pending"
+            repair()
+
+        acache._core.repair = spy
+        results: dict[bytes, Any] = {}
+
+        async def get(key: bytes) -> None:
+            results[key] = await acache.get(key)
+
+        async def the_loop_runs() -> None:
+            await anyio.to_thread.run_sync(entered.wait, WAIT)
+            release.set()  # on the loop thread, while the repair waits for it
+
+        keys = [b"e%d" % i for i in range(0, N, 20)]
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(get, key)
+            tg.start_soon(the_loop_runs)
+        assert release.is_set()
+        assert len(repairs) == 1 and repairs[0] != loop_thread
+        for key in keys:
+            check_value(key, results[key])
+        # Every write and read of the loop works on the repaired file.
+        assert await acache.put(b"after", b"v") > 0
+        assert await acache.delete(b"e1")
+        assert await acache.get_many([b"after", b"e2"]) == {
+            b"after": b"v",
+            b"e2": make_value(b"e2", 2, 300),
+        }
+        assert len(repairs) == 1
+
+
+@pytest.mark.anyio
+async def test_async_writes_wait_for_the_repair_too(anyio_backend: str, cache_path: str) -> None:
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        threads: list[int] = []
+        repair = acache._core.repair
+
+        def spy() -> None:
+            threads.append(threading.get_ident())
+            repair()
+
+        acache._core.repair = spy
+        assert await acache.put(b"k", b"v") > 0
+        assert threads and threads[0] != threading.get_ident()
+        assert await acache.get(b"k") == b"v"
+        assert len(acache.cache) == N + 1
+
+
+_DEFERRING_PUTTER = r"""
+import ctypes, os, sys
+import aiovmc
+from aiovmc._cache import CacheCore
+from aiovmc._errors import RepairNeeded
+from aiovmc._native._binding import ffi
+
+so, path = sys.argv[1], sys.argv[2]
+cache = aiovmc.Cache(path)
+core = CacheCore(cache)
+base = int(ffi.cast("uintptr_t", cache._base))
+pause = ctypes.c_size_t.in_dll(ctypes.CDLL(so), "aiovmc_test_pause_at")
+pause.value = base + 128  # &header->pool.lock: pause once make_room has the room
+try:
+    core.store(b"k", b"v" * 1000, None)  # pauses inside, before its publication
+    os.write(1, b"stored\n")
+except RepairNeeded:
+    held = cache.statistics().used_bytes
+    core.repair()
+    os.write(1, b"%d %d\n" % (held, cache.statistics().used_bytes))
+"""
+
+
+def test_a_deferred_put_leaves_no_room_held_after_the_repair(
+    tmp_path: Path, cache_path: str
+) -> None:
+    """A put on the loop (no repair) has its room when a lock holder dies: its
+    publication answers "repair needed" and cannot free the room (that takes
+    the pool lock, in a file that needs a repair). The room is freed by the
+    repair the caller then runs, not kept for the handle's life (repair keeps
+    a live owner's reservations)."""
+    from .test_crash import _build_interposer, _read_exact
+
+    so = _build_interposer(tmp_path)
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        used = cache.statistics().used_bytes
+        preload = f"{os.environ.get('LD_PRELOAD', '')} {so}".strip()
+        env = dict(os.environ, LD_PRELOAD=preload, PYTHONPATH=str(Path(__file__).parents[1]))
+        with subprocess.Popen(
+            [sys.executable, "-c", _DEFERRING_PUTTER, so, cache_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        ) as putter:
+            assert putter.stdin is not None and putter.stdout is not None
+            try:
+                assert _read_exact(putter.stdout.fileno(), 1) == b"P"  # holds its room
+                _kill_holding_every_shard_lock(cache, cache_path)
+                putter.stdin.write(b"go")
+                putter.stdin.flush()
+                out, _ = putter.communicate(timeout=WAIT)
+            finally:
+                if putter.poll() is None:
+                    putter.kill()
+        held, after = (int(n) for n in out.split())
+        assert held > used  # the failed put's room, an orphan until the repair
+        assert after == used
+        assert b"k" not in cache
+        assert cache.statistics().used_bytes == used
