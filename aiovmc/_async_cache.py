@@ -39,7 +39,7 @@ import anyio.to_thread
 from ._cache import Cache, CacheCore, CacheEntry, CacheStatistics, Reservation, entry_of
 from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
-from ._errors import RepairNeeded
+from ._errors import CacheClosedError, RepairNeeded
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -701,6 +701,8 @@ class AsyncCache:
         await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> Self:
+        if self._cache.closed:
+            raise CacheClosedError("the cache handle is closed")
         return self
 
     async def __aexit__(

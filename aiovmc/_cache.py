@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import mmap
 import os
 import secrets
@@ -112,6 +113,12 @@ class CacheEntry:
     """When the entry expires, in UNIX seconds; None if it never does."""
 
 
+_SYNC_LOADER: Final = (
+    "the synchronous Cache calls on_miss on the calling thread and cannot await it; "
+    "an async loader goes with AsyncCache"
+)
+
+
 class Cache(Handle):
     """A cache in a memory-mapped file, shared by every process that opens it.
 
@@ -172,6 +179,8 @@ class Cache(Handle):
         for name, callback in (("on_evict", on_evict), ("on_miss", on_miss)):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable or None")
+        if inspect.iscoroutinefunction(on_miss):
+            raise TypeError(_SYNC_LOADER)
         private = path is None
         if path is None:
             if size_bytes is None:
@@ -318,6 +327,10 @@ class Cache(Handle):
         value = loader(key)
         if value is None:
             return None
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()  # never awaited: no warning about it
+            raise TypeError(f"on_miss returned {type(value).__name__}: {_SYNC_LOADER}")
         self.put(key, value)
         return value if type(value) is bytes else bytes(value)
 
@@ -455,6 +468,8 @@ class Cache(Handle):
         self._close_native()
 
     def __enter__(self) -> Cache:
+        if self.closed:
+            raise CacheClosedError("the cache handle is closed")
         return self
 
     def __exit__(

@@ -316,10 +316,13 @@ def _remaining(pttl: int) -> float | None:
 class _Listener(threading.Thread):
     """The host's invalidation listener, once this process wins the election.
 
-    Waits for the listener lock in ``F_OFD_SETLKW`` (a standby costs one blocked
-    thread and no CPU). Once elected: subscribe, then change the generation and empty
-    L1 (invalidations may have been missed since whoever listened before), then apply
-    messages. On a connection failure: count it, reconnect with backoff, resync.
+    Tries the listener lock once when made (`elected_at_once`: nobody on the host
+    was listening, so L1 may hold values invalidated meanwhile, and the caller empties
+    it before serving from it); otherwise waits for it in ``F_OFD_SETLKW`` (a standby
+    costs one blocked thread and no CPU). Once elected: subscribe, then change the
+    generation and empty L1 (invalidations may have been missed since whoever
+    listened before), then apply messages. On a connection failure: count it,
+    reconnect with backoff, resync.
     """
 
     _PING_AFTER: Final = 5.0  # seconds of silence before checking the connection
@@ -335,6 +338,7 @@ class _Listener(threading.Thread):
         # the thread's end, or by the kernel at the process's) hands the election on.
         self._fd = os.open(f"/proc/self/fd/{tiered._sidecar.fd}", os.O_RDWR | os.O_CLOEXEC)
         _listeners.add(self)
+        self.elected_at_once = _ofd_lock(self._fd, _LISTENER_LOCK, wait=False)
 
     def stop(self) -> None:
         self._halt.set()
@@ -347,7 +351,8 @@ class _Listener(threading.Thread):
 
     def run(self) -> None:
         try:
-            _ofd_lock(self._fd, _LISTENER_LOCK, wait=True)
+            if not self.elected_at_once:
+                _ofd_lock(self._fd, _LISTENER_LOCK, wait=True)
             if self._halt.is_set():
                 return
             self.elected.set()
@@ -515,7 +520,20 @@ class TieredCache:
             raise
         self._get_inline = CacheCore(self._l1.cache).get_inline
         self._limit = max(self._l1.offload_threshold - 1, 0)  # as AsyncCache's inline get
-        self._listener = _Listener(self)
+        try:
+            self._listener = _Listener(self)
+            if self._listener.elected_at_once:
+                # Nobody on this host listened until now: what L1 holds may have been
+                # changed in redis meanwhile. Served until the listener subscribes (and
+                # resyncs), it could be of any age; emptied here, it is never older
+                # than this handle.
+                self._forget_l1()
+        except BaseException:
+            if hasattr(self, "_listener"):
+                os.close(self._listener._fd)
+            self._sidecar.close()
+            self._l1.cache.close()
+            raise
         self._listener.start()
 
     def __repr__(self) -> str:
@@ -838,13 +856,17 @@ class TieredCache:
             return
         self._count.invalidations += 1
 
+    def _forget_l1(self) -> None:
+        """Empty L1, and make fills begun before it drop their value."""
+        self._sidecar.touch_all()
+        self._l1.cache.clear()
+
     def _resync(self) -> None:
         """Subscribed (again): forget what L1 may have missed meanwhile."""
         if self._down_until:
             self._down_until = 0.0  # misses may use redis again
             log.warning("redis is reachable again (namespace %r)", self.namespace)
-        self._sidecar.touch_all()
-        self._l1.cache.clear()
+        self._forget_l1()
         self._count.resyncs += 1  # last: whoever sees it sees the resync done
 
     # -- calls to redis --------------------------------------------------------------

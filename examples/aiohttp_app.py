@@ -12,7 +12,7 @@ import os
 
 from aiohttp import ClientSession, web
 
-from aiovmc.integrations.aiohttp import cache_middleware, invalidate
+from aiovmc.integrations.aiohttp import invalidate, setup_cache
 
 CACHE = "/dev/shm/aiovmc-aiohttp-example.cache"
 handler_calls = 0
@@ -27,7 +27,8 @@ async def user(request: web.Request) -> web.Response:
 
 
 async def make_app() -> web.Application:
-    app = web.Application(middlewares=[cache_middleware(path=CACHE, size="64MiB", ttl=60)])
+    app = web.Application()
+    setup_cache(app, path=CACHE, size="64MiB", ttl=60)
     app.router.add_get("/users/{name}", user)
     return app
 

@@ -695,3 +695,11 @@ async def test_a_leader_taking_over_looks_again_before_loading() -> None:
         assert calls == ["first"]
     finally:
         await acache.aclose()
+
+
+async def test_entering_a_closed_handle_fails_at_once() -> None:
+    acache = AsyncCache(size="1MiB")
+    await acache.aclose()
+    with pytest.raises(CacheClosedError, match="closed"):
+        async with acache:
+            pass

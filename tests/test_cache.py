@@ -1009,3 +1009,24 @@ def test_reset_cut_short_can_be_reset_again(cache_path: str) -> None:
     with Cache(cache_path, size=MiB, reset=True) as c:
         c.put(b"k", b"v")
         assert c.get(b"k") == b"v"
+
+
+def test_an_async_loader_is_refused_with_the_way_out(cache_path: str) -> None:
+    async def load(key: bytes) -> bytes:
+        return key
+
+    with pytest.raises(TypeError, match="cannot await it; an async loader goes with AsyncCache"):
+        Cache(cache_path, size=MiB, on_miss=load)  # type: ignore[arg-type]
+    with Cache(cache_path, size=MiB, on_miss=lambda key: load(key)) as c:  # type: ignore[arg-type,return-value]
+        with pytest.raises(TypeError, match=r"^on_miss returned coroutine: the synchronous"):
+            c.get(b"k")
+        assert b"k" not in c
+
+
+def test_entering_a_closed_handle_fails_at_once(cache_path: str) -> None:
+    c = Cache(cache_path, size=MiB)
+    c.close()
+    with pytest.raises(CacheClosedError, match="closed"), c:
+        pass
+    with Cache(size=MiB) as private:
+        assert repr(private.info).startswith("NativeInfo(capacity=")

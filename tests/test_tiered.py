@@ -290,6 +290,29 @@ async def test_redis_killed_and_restarted(redis_server: RedisServer, hosts: Any)
         assert a.statistics().redis_errors >= 1
 
 
+@pytest.mark.anyio
+async def test_first_handle_on_a_host_forgets_what_l1_held(
+    redis_server: RedisServer, hosts: Any
+) -> None:
+    options: dict[str, Any] = dict(redis=redis_server.url, namespace="t", timeout=TIMEOUT,
+                                   size="4MiB")
+    path_a = hosts()
+    async with aiovmc.TieredCache(path_a, **options) as a:
+        await a.put(b"k", b"v1")
+        assert a.get_nowait(b"k") == b"v1"
+    async with aiovmc.TieredCache(hosts(), **options) as b:
+        await b.put(b"k", b"v2")  # nobody on host A hears it
+    async with aiovmc.TieredCache(path_a, **options) as a:
+        # The only handle on host A: its L1 is emptied before it is used, not when
+        # its listener subscribes (until then v1 would be served).
+        assert a.get_nowait(b"k") is None
+        assert await a.get(b"k") == b"v2"
+        await listening(a)  # its resync empties L1 once more
+        assert await a.get(b"k") == b"v2"
+        async with aiovmc.TieredCache(path_a, **options) as second:
+            assert second.get_nowait(b"k") == b"v2"  # a listener is up: L1 is kept
+
+
 @pytest.fixture(params=["refused", "silent"])
 def unreachable(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     """A redis URL nobody answers: a unix socket nobody listens on (refused at once),

@@ -1,4 +1,4 @@
-"""The aiohttp middleware in process (aiohttp's own test server and client).
+"""The aiohttp integration in process (aiohttp's own test server and client).
 
 aiohttp runs on asyncio only; the rules themselves are shared with the ASGI
 middleware and tested in full, on both backends, in tests/test_web_asgi.py.
@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import aiovmc
-from aiovmc.integrations.aiohttp import cache_middleware, invalidate
+from aiovmc.integrations.aiohttp import invalidate, setup_cache
 
 
 class Site:
@@ -56,7 +56,8 @@ class Site:
             self.calls += 1
             raise web.HTTPNotFound(text="nothing here")
 
-        self.app = web.Application(middlewares=[cache_middleware(cache=cache, **options)])
+        self.app = web.Application()
+        setup_cache(self.app, cache=cache, **options)
         self.app.router.add_get("/page/{name}", page)
         self.app.router.add_post("/page/{name}", post)
         self.app.router.add_get("/stream", stream)
@@ -157,6 +158,69 @@ def test_ttl_and_clock(cache_path: str) -> None:
     assert run(cache_path, test, ttl=30, clock=lambda: now[0]).calls == 2
 
 
-def test_needs_path_or_cache() -> None:
+def test_option_errors() -> None:
     with pytest.raises(TypeError, match=r"path= .* or cache="):
-        cache_middleware()
+        setup_cache(web.Application())
+    with pytest.raises(TypeError, match=r"^setup_cache: unknown option tll \(options: allow_"):
+        setup_cache(web.Application(), path="/dev/shm/x.cache", tll=5)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match=r"^setup_cache: max_body_size must be a number of "
+                                         r"bytes >= 0, not -1"):
+        setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=-1)
+    with pytest.raises(TypeError, match=r"^setup_cache: max_body_size must be a number of "
+                                        r"bytes >= 0, not float 1.5"):
+        setup_cache(web.Application(), path="/dev/shm/x.cache", max_body_size=1.5)  # type: ignore[arg-type]
+
+
+def _mapped(path: str) -> bool:
+    """True if this process maps the file at `path`."""
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(path) for line in maps)
+
+
+async def _hello(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="hello")
+
+
+def test_the_file_is_opened_at_startup_and_closed_at_cleanup(cache_path: str) -> None:
+    app = web.Application()
+    setup_cache(app, path=cache_path, size="1MiB")
+    app.router.add_get("/", _hello)
+
+    async def main() -> None:
+        assert not _mapped(cache_path)
+        async with TestClient(TestServer(app)) as client:
+            assert _mapped(cache_path)  # at startup, before any request
+            assert (await client.get("/")).headers["X-Cache"] == "MISS"
+            assert (await client.get("/")).headers["X-Cache"] == "HIT"
+        assert not _mapped(cache_path)  # closed at cleanup
+
+    asyncio.run(main())
+
+
+def test_a_given_cache_is_left_open(cache_path: str) -> None:
+    async def main() -> None:
+        async with aiovmc.AsyncCache(cache_path, size="1MiB") as cache:
+            site = Site(cache)
+            async with TestClient(TestServer(site.app)) as client:
+                assert (await client.get("/page/o")).headers["X-Cache"] == "MISS"
+            # Still open after the app's cleanup: the URL's generation, page and slot.
+            stored = cache.cache.keys()
+            assert sum(k.startswith(b"aiovmc.http") for k in stored) == 3
+
+    asyncio.run(main())
+
+
+def test_a_cache_file_that_cannot_be_opened_fails_the_startup(cache_path: str) -> None:
+    aiovmc.Cache(cache_path, size="2MiB").close()
+    app = web.Application()
+    setup_cache(app, path=cache_path, size="1MiB")
+
+    async def main() -> None:
+        server = TestServer(app)
+        try:
+            with pytest.raises(aiovmc.CacheConfigError, match="holds a cache of 2097152 bytes"):
+                await server.start_server()
+        finally:
+            await server.close()
+
+    asyncio.run(main())

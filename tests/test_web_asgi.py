@@ -268,6 +268,38 @@ async def test_vary_variants_and_invalidate(cache: aiovmc.AsyncCache, cache_path
         assert r.headers["x-cache"] == "MISS"
 
 
+async def test_a_hit_costs_two_lookups_three_with_vary(cache: aiovmc.AsyncCache) -> None:
+    site = Site(cache)
+    async with site.client() as c:
+        for url, lookups in (("/page/p", 2), ("/page/p?h-vary=accept-language", 3)):
+            await c.get(url)
+            before = cache.statistics()
+            assert (await c.get(url)).headers["x-cache"] == "HIT"
+            after = cache.statistics()
+            assert (after.gets - before.gets, after.hits - before.hits) == (lookups, lookups)
+
+
+async def test_the_latest_response_decides_the_vary(cache: aiovmc.AsyncCache) -> None:
+    """The URL's responses gain a Vary, then lose it: each lookup follows the
+    latest stored response (one identity for every query, through `key`)."""
+    site = Site(cache, key=lambda request: request.path, honor_request_cache_control=True)
+    en, fr = {"accept-language": "en"}, {"accept-language": "fr"}
+    async with site.client() as c:
+        plain = await c.get("/page/x", headers=en)
+        assert (await c.get("/page/x", headers=fr)).text == plain.text
+        varied = await c.get("/page/x?h-vary=accept-language",
+                             headers={**en, "cache-control": "no-cache"})
+        assert varied.headers["x-cache"] == "MISS" and varied.headers["vary"] == "accept-language"
+        again = await c.get("/page/x", headers=en)
+        assert again.headers["x-cache"] == "HIT" and again.text == varied.text
+        unvaried = await c.get("/page/x", headers=fr)  # its variant: filled, with no Vary
+        assert unvaried.headers["x-cache"] == "MISS" and "vary" not in unvaried.headers
+        last = await c.get("/page/x", headers=en)
+        assert last.headers["x-cache"] == "HIT" and last.text == unvaried.text
+    assert site.calls == 3
+    assert await invalidate(cache, "/page/x") == 2  # the variant en, then the plain response
+
+
 async def test_unsafe_method_invalidates_its_url(cache: aiovmc.AsyncCache) -> None:
     site = Site(cache)
     async with site.client() as c:
@@ -399,8 +431,14 @@ def test_constructor_checks() -> None:
 
     with pytest.raises(TypeError, match=r"path= .* or cache="):
         CacheMiddleware(app)
-    with pytest.raises(ValueError, match="ttl"):
+    with pytest.raises(ValueError, match=r"^CacheMiddleware: ttl must be None or a number of "
+                                         r"seconds >= 0, not -1"):
         CacheMiddleware(app, path="/dev/shm/x.cache", ttl=-1)
+    with pytest.raises(TypeError, match=r"^CacheMiddleware: ttl must be None or a number of "
+                                        r"seconds >= 0, not str '60'"):
+        CacheMiddleware(app, path="/dev/shm/x.cache", ttl="60")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^CacheMiddleware: unknown option tll \(options: allow_"):
+        CacheMiddleware(app, path="/dev/shm/x.cache", tll=1)  # type: ignore[call-arg]
 
 
 async def test_response_too_large_for_the_cache_is_served_unstored(tmp_path: Any) -> None:

@@ -18,6 +18,9 @@ CACHE = os.environ.get("AIOVMC_WEB_CACHE", "")
 CALLS = os.environ.get("AIOVMC_WEB_CALLS", "")
 _calls = 0  # this worker's handler calls
 SLOW_SECONDS = 0.5  # how long the cold handler works: concurrent requests overlap it
+# The middlewares' ttl: longer than any test runs, so that no entry a test expects
+# a hit from expires under it (/short states its own max-age=1 to test expiry).
+TTL = 3600
 
 
 def _log_call(path: str) -> None:
@@ -85,7 +88,7 @@ def _served_by(app: Any) -> Any:
 def _asgi() -> Any:
     from aiovmc.integrations.asgi import CacheMiddleware
 
-    return _served_by(CacheMiddleware(_asgi_inner, path=CACHE, size="16MiB", ttl=60))
+    return _served_by(CacheMiddleware(_asgi_inner, path=CACHE, size="16MiB", ttl=TTL))
 
 
 asgi_app = _asgi() if CACHE else None
@@ -97,7 +100,7 @@ asgi_app = _asgi() if CACHE else None
 async def aiohttp_app() -> Any:
     from aiohttp import web
 
-    from aiovmc.integrations.aiohttp import cache_middleware
+    from aiovmc.integrations.aiohttp import setup_cache
 
     @web.middleware
     async def served_by(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -112,8 +115,7 @@ async def aiohttp_app() -> Any:
         status, extra, body = _answer(request.path, dict(request.query), headers)
         return web.Response(status=status, text=body, headers=extra)
 
-    app = web.Application(
-        middlewares=[served_by, cache_middleware(path=CACHE, size="16MiB", ttl=60)]
-    )
+    app = web.Application(middlewares=[served_by])
+    setup_cache(app, path=CACHE, size="16MiB", ttl=TTL)
     app.router.add_get("/{tail:.*}", handle)
     return app

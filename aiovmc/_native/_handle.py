@@ -163,6 +163,10 @@ class NativeInfo:
         self.recovered_entries: int = info.recovered_entries
         self.dropped_entries: int = info.dropped_entries
 
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"NativeInfo({fields})"
+
 
 def _as_char_pointer(value: object) -> tuple[Any, int]:
     """A value as something cffi passes as `const char *`, and its length."""

@@ -40,9 +40,13 @@ Storage layout (all keys start with ``KEY_PREFIX``)
     * ``g`` + URL: the URL's generation, 16 random hex digits. Every other key of
       the URL contains it, so `invalidate` replacing it makes every stored
       variant unreachable at once, from any process, with no read-modify-write.
-    * ``v`` + generation + URL: the header names of the URL's ``Vary``.
-    * ``e`` + generation + URL + NUL + header values: one stored response
-      (`Entry`, format version 1, below).
+    * ``e`` + generation + URL + NUL: the URL's *base* key. It holds the stored
+      response (`Entry`, format version 1, below) when the response names no
+      ``Vary``, else a Vary record (`AVMV`, below): the header names whose
+      values tell the variants apart. So a hit costs two lookups (generation,
+      response), three with ``Vary``.
+    * ``e`` + generation + URL + NUL + header values: one stored variant of a
+      URL whose responses name ``Vary``.
     * ``s`` + generation + URL + NUL + n: variant n's entry key, claimed with
       `add` (insert-if-absent, so concurrent writers never lose one); `invalidate`
       deletes what they list, to free the room at once and count the entries.
@@ -57,6 +61,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._async_cache import AsyncCache
@@ -66,6 +71,7 @@ from ._open import LazyCache
 __all__ = [
     "DEFAULT_STATUSES",
     "Entry",
+    "Options",
     "Request",
     "ResponseCache",
     "identity_from_url",
@@ -173,6 +179,20 @@ class Entry:
         return None
 
 
+_VARY_MAGIC = b"AVMV\x01"  # a Vary record: magic, version 1, then the names (", ", latin-1)
+
+
+def _vary_record(names: Sequence[str]) -> bytes:
+    return _VARY_MAGIC + ", ".join(names).encode("latin-1")
+
+
+def _vary_of(blob: bytes) -> list[str] | None:
+    """The names of a Vary record, or None if `blob` is not one (a response)."""
+    if not blob.startswith(_VARY_MAGIC):
+        return None
+    return _vary_names(blob[len(_VARY_MAGIC) :].decode("latin-1"))
+
+
 # ---- header parsing ----
 
 
@@ -243,15 +263,17 @@ def _generation_key(ident: bytes) -> bytes:
     return KEY_PREFIX + b"g" + ident
 
 
-def _vary_key(gen: bytes, ident: bytes) -> bytes:
-    return KEY_PREFIX + b"v" + gen + ident
-
-
 def _slot_key(gen: bytes, ident: bytes, n: int) -> bytes:
     return KEY_PREFIX + b"s" + gen + ident + b"\x00" + str(n).encode()
 
 
+def _base_key(gen: bytes, ident: bytes) -> bytes:
+    """The key of the URL's response if it names no Vary, else of its Vary record."""
+    return KEY_PREFIX + b"e" + gen + ident + b"\x00"
+
+
 def _entry_key(gen: bytes, ident: bytes, names: Sequence[str], headers: Mapping[str, str]) -> bytes:
+    """The key of the request's variant (with no `names`: the base key)."""
     values = "\x00".join(f"{name}={headers.get(name, '')}" for name in names)
     return KEY_PREFIX + b"e" + gen + ident + b"\x00" + values.encode("utf-8", "surrogateescape")
 
@@ -284,7 +306,7 @@ async def _invalidate_identity(cache: AsyncCache, ident: bytes) -> int:
             break
         removed += await cache.delete(entry_key)
         await cache.delete(slot)
-    await cache.delete(_vary_key(old, ident))
+    await cache.delete(_base_key(old, ident))  # the Vary record, if it is one
     return removed
 
 
@@ -303,27 +325,71 @@ class Outcome:
     ident: bytes = b""  # the URL's identity, for a second call of serve()
 
 
-@dataclass(slots=True)
+class Options(TypedDict, total=False):
+    """The keyword options of both middlewares (`aiovmc.integrations.asgi.
+    CacheMiddleware`, `aiovmc.integrations.aiohttp.setup_cache`); their defaults
+    are `ResponseCache`'s, their meaning is in docs/web.md."""
+
+    path: str | os.PathLike[str] | None
+    size: int | str | None
+    cache: AsyncCache | None
+    ttl: float | None
+    statuses: Iterable[int]
+    max_body_size: int
+    allow_authorization: bool
+    allow_cookies: bool
+    honor_request_cache_control: bool
+    cache_header: str | None
+    key: Callable[[Request], str] | None
+    clock: Callable[[], float]
+
+
+def _check_number(owner: str, name: str, value: object, what: str, *,
+                  integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{owner}: {name} must be {what}, not {type(value).__name__} {value!r}")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{owner}: {name} must be {what}, not {value!r}")
+
+
 class ResponseCache:
-    """The rules, and the cache they apply to (opened lazily in each process)."""
+    """The rules, and the cache they apply to (opened lazily in each process),
+    configured from a middleware's options (`Options`; `owner` names the
+    middleware in the errors)."""
 
-    cache: LazyCache
-    ttl: float | None = 60.0
-    statuses: frozenset[int] = DEFAULT_STATUSES
-    max_body_size: int = 1 << 20
-    allow_authorization: bool = False
-    allow_cookies: bool = False
-    honor_request_cache_control: bool = False
-    cache_header: str | None = "x-cache"
-    key: Callable[[Request], str] | None = None
-    clock: Callable[[], float] = time.time
+    __slots__ = (
+        "allow_authorization",
+        "allow_cookies",
+        "cache",
+        "cache_header",
+        "clock",
+        "honor_request_cache_control",
+        "key",
+        "max_body_size",
+        "statuses",
+        "ttl",
+    )
 
-    def __post_init__(self) -> None:
-        if self.ttl is not None and self.ttl < 0:
-            raise ValueError(f"ttl must be None or >= 0 seconds, not {self.ttl!r}")
-        if self.max_body_size < 0:
-            raise ValueError(f"max_body_size must be >= 0, not {self.max_body_size!r}")
-        self.statuses = frozenset(self.statuses)
+    def __init__(self, owner: str, options: Options) -> None:
+        unknown = sorted(options.keys() - Options.__optional_keys__)
+        if unknown:
+            known = ", ".join(sorted(Options.__optional_keys__))
+            raise TypeError(f"{owner}: unknown option {', '.join(unknown)} (options: {known})")
+        self.cache = LazyCache(options.get("path"), options.get("size"), options.get("cache"))
+        self.ttl = options.get("ttl", 60.0)
+        if self.ttl is not None:
+            _check_number(owner, "ttl", self.ttl, "None or a number of seconds >= 0")
+        self.statuses = frozenset(options.get("statuses", DEFAULT_STATUSES))
+        self.max_body_size = options.get("max_body_size", 1 << 20)
+        _check_number(owner, "max_body_size", self.max_body_size, "a number of bytes >= 0",
+                      integer=True)
+        self.allow_authorization = options.get("allow_authorization", False)
+        self.allow_cookies = options.get("allow_cookies", False)
+        self.honor_request_cache_control = options.get("honor_request_cache_control", False)
+        self.cache_header = options.get("cache_header", "x-cache")
+        self.key = options.get("key")
+        self.clock = options.get("clock", time.time)
 
     def open(self) -> AsyncCache:
         """This process's cache (see `LazyCache`)."""
@@ -380,22 +446,28 @@ class ResponseCache:
             for attempt in range(3):
                 gen = await _generation(cache, ident, create=True)
                 assert gen is not None
-                names = _vary_names((await cache.get(_vary_key(gen, ident), b"")).decode("latin-1"))
-                key = _entry_key(gen, ident, names, request.headers)
-                if attempt == 0 and self._refreshes(request):
-                    await cache.delete(key)
+                key = _base_key(gen, ident)
                 blob = await cache.get(key)
+                names = [] if blob is None else _vary_of(blob)
+                if names is None:  # a response: the URL names no Vary
+                    names = []
+                elif names:  # a Vary record: look the request's variant up
+                    key = _entry_key(gen, ident, names, request.headers)
+                    blob = await cache.get(key)
+                if attempt == 0 and blob is not None and self._refreshes(request):
+                    await cache.delete(key)
+                    blob = None
                 if blob is None and fill is not None and not (waited and names == tried):
                     # Not after a wait that stored nothing for this variant: that
                     # response was not storable, so this request goes to the app.
                     tried = names
 
-                    async def load(_: bytes, gen: bytes = gen, names: list[str] = names) -> None:
+                    async def load(_: bytes, gen: bytes = gen) -> None:
                         outcome.filled = True
                         entry = await fill()
                         if entry is not None:
                             try:
-                                await self._store(cache, request, ident, gen, names, entry)
+                                await self._store(cache, request, ident, gen, entry)
                             except AiovmcError:
                                 pass  # full (policy "none"), or too large: served, not stored
                         outcome.entry = entry
@@ -429,13 +501,12 @@ class ResponseCache:
         request: Request,
         ident: bytes,
         gen: bytes,
-        assumed: list[str],
         entry: Entry,
     ) -> None:
         ttl = entry.expires_at - entry.stored_at
         names = _vary_names((entry.header(b"vary") or b"").decode("latin-1"))
-        if names != assumed:
-            await cache.put(_vary_key(gen, ident), ", ".join(names).encode(), ttl=ttl)
+        if names:  # (without Vary, the entry itself replaces any record at the base key)
+            await cache.put(_base_key(gen, ident), _vary_record(names), ttl=ttl)
         key = _entry_key(gen, ident, names, request.headers)
         await cache.put(key, entry.encode(), ttl=ttl)
         for n in range(MAX_VARIANTS):

@@ -1,78 +1,66 @@
 """An HTTP response cache for aiohttp.web, shared by every worker on the host
 through one aiovmc file.
 
-    from aiovmc.integrations.aiohttp import cache_middleware
-    app = web.Application(middlewares=[cache_middleware(path="/dev/shm/app.cache",
-                                                        size="256MiB", ttl=60)])
+    from aiovmc.integrations.aiohttp import setup_cache
+    app = web.Application()
+    setup_cache(app, path="/dev/shm/app.cache", size="256MiB", ttl=60)
 
 The rules are those of `aiovmc.integrations._http` (docs/web.md), shared with
 the ASGI middleware. A handler's `web.Response` is stored when the rules allow;
 a `web.StreamResponse` that the handler prepared and wrote itself has already
 gone to the client and is never stored. aiohttp is imported when
-`cache_middleware` is called.
+`setup_cache` is called.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from .._async_cache import AsyncCache
 from ._http import (
-    DEFAULT_STATUSES,
     UNSAFE_METHODS,
     Entry,
     Headers,
+    Options,
     Request,
     ResponseCache,
     invalidate,
 )
-from ._open import LazyCache
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from aiohttp.typedefs import Middleware
+    from typing_extensions import Unpack
 
-__all__ = ["cache_middleware", "invalidate"]
+__all__ = ["invalidate", "setup_cache"]
 
 Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
-def cache_middleware(
-    *,
-    path: str | os.PathLike[str] | None = None,
-    size: int | str | None = None,
-    cache: AsyncCache | None = None,
-    ttl: float | None = 60.0,
-    statuses: frozenset[int] | set[int] = DEFAULT_STATUSES,
-    max_body_size: int = 1 << 20,
-    allow_authorization: bool = False,
-    allow_cookies: bool = False,
-    honor_request_cache_control: bool = False,
-    cache_header: str | None = "x-cache",
-    key: Callable[[Request], str] | None = None,
-    clock: Callable[[], float] = time.time,
-) -> Any:
-    """A middleware for ``web.Application(middlewares=[...])`` caching GET
-    responses in an aiovmc file; the parameters are `CacheMiddleware`'s
-    (`aiovmc.integrations.asgi`). Each worker opens the file at its first
-    request, so it works under ``gunicorn -k aiohttp.GunicornWebWorker -w N``
-    and ``web.run_app`` alike."""
-    from aiohttp import web
+def setup_cache(app: web.Application, **options: Unpack[Options]) -> None:
+    """Cache the GET responses of `app` in an aiovmc file shared by its workers.
 
-    rules = ResponseCache(
-        cache=LazyCache(path, size, cache),
-        ttl=ttl,
-        statuses=frozenset(statuses),
-        max_body_size=max_body_size,
-        allow_authorization=allow_authorization,
-        allow_cookies=allow_cookies,
-        honor_request_cache_control=honor_request_cache_control,
-        cache_header=cache_header,
-        key=key,
-        clock=clock,
-    )
+    Adds the cache's middleware to ``app.middlewares``, after those already
+    there (it runs inside them: add the ones it should wrap later), and ties
+    the file to the app's life (``app.cleanup_ctx``): with `path` (and `size`
+    to create the file), each worker opens it when the app starts -- a file
+    that cannot be opened fails the startup with the reason -- and closes it at
+    cleanup; an open `AsyncCache` given as `cache` is used and left open. The
+    options are `CacheMiddleware`'s (`aiovmc.integrations.asgi`). Works under
+    ``gunicorn -k aiohttp.GunicornWebWorker -w N`` and ``web.run_app`` alike."""
+    rules = ResponseCache("setup_cache", options)
+    app.middlewares.append(_middleware(rules))
+
+    async def opened(app: web.Application) -> AsyncIterator[None]:
+        rules.open()
+        yield
+        await rules.cache.aclose()
+
+    app.cleanup_ctx.append(opened)
+
+
+def _middleware(rules: ResponseCache) -> Middleware:
+    from aiohttp import web
 
     def replay(entry: Entry, request: Request, label: str) -> web.Response:
         # aiohttp sets Content-Length itself, and sends no body for HEAD or 304.

@@ -12,26 +12,25 @@ app sends it. The rules are those of `aiovmc.integrations._http` (docs/web.md).
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._async_cache import AsyncCache
 from .._errors import AiovmcError
 from ._http import (
-    DEFAULT_STATUSES,
     UNSAFE_METHODS,
     Entry,
     Headers,
+    Options,
     Outcome,
     Request,
     ResponseCache,
     invalidate,
 )
-from ._open import LazyCache
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CacheMiddleware", "invalidate"]
 
@@ -51,43 +50,17 @@ class CacheMiddleware:
     cache_header="x-cache", key=None, clock=time.time)``
 
     Give `path` (and `size` to create the file): each worker process opens it
-    at its first request (and closes it at lifespan shutdown). Or give an open
-    `AsyncCache` as `cache` (left open). `key(request)` returns the string that
+    at lifespan startup (at its first request if the server runs no lifespan)
+    and closes it at lifespan shutdown. Or give an open `AsyncCache` as
+    `cache` (left open). `key(request)` returns the string that
     identifies a URL (default: scheme, host, path and sorted query); `request`
     has ``method``, ``scheme``, ``host``, ``path``, ``query`` and ``headers``
     (lower-case names). `clock` gives UNIX seconds for ``Age`` and freshness.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        path: str | os.PathLike[str] | None = None,
-        size: int | str | None = None,
-        cache: AsyncCache | None = None,
-        ttl: float | None = 60.0,
-        statuses: frozenset[int] | set[int] = DEFAULT_STATUSES,
-        max_body_size: int = 1 << 20,
-        allow_authorization: bool = False,
-        allow_cookies: bool = False,
-        honor_request_cache_control: bool = False,
-        cache_header: str | None = "x-cache",
-        key: Callable[[Request], str] | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, app: ASGIApp, **options: Unpack[Options]) -> None:
         self.app = app
-        self.rules = ResponseCache(
-            cache=LazyCache(path, size, cache),
-            ttl=ttl,
-            statuses=frozenset(statuses),
-            max_body_size=max_body_size,
-            allow_authorization=allow_authorization,
-            allow_cookies=allow_cookies,
-            honor_request_cache_control=honor_request_cache_control,
-            cache_header=cache_header,
-            key=key,
-            clock=clock,
-        )
+        self.rules = ResponseCache("CacheMiddleware", options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
