@@ -30,7 +30,7 @@ from ._errors import (
     RepairNeeded,
     ValueTooLargeError,
 )
-from ._native import ADD, NO_REPAIR, Handle
+from ._native import ABSENT, ADD, NO_REPAIR, Handle
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -272,7 +272,7 @@ class Cache(Handle):
 
     def _missed(self, key: bytes, default: Any) -> Any:
         loader = self.on_miss
-        if loader is None or default is _ABSENT:  # _ABSENT: a lookup that never loads
+        if loader is None or default is ABSENT:  # ABSENT: a lookup that never loads
             return default
         ran = LoadMark()
         core = CacheCore(self)
@@ -378,17 +378,6 @@ class Cache(Handle):
         """A snapshot list of the unexpired keys."""
         return list(self._shard_keys())
 
-    def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
-        """``{key: value}`` for the keys present; never calls the loader."""
-        found: dict[bytes, bytes] = {}
-        get = Handle.get
-        for key in keys:
-            encoded = encode_key(key)
-            value = get(self, encoded, _ABSENT)
-            if value is not _ABSENT:
-                found[encoded] = value
-        return found
-
     def put_many(
         self, items: Mapping[Any, Buffer] | Iterable[tuple[Any, Buffer]], *, ttl: TTL = None
     ) -> int:
@@ -455,8 +444,8 @@ class Cache(Handle):
     # ---- mapping protocol (no loader: a miss is a KeyError) ----
 
     def __getitem__(self, key: Key) -> bytes:
-        value = Handle.get(self, key, _ABSENT)
-        if value is _ABSENT:
+        value = Handle.get(self, key, ABSENT)
+        if value is ABSENT:
             raise KeyError(key)
         return value  # type: ignore[no-any-return]
 
@@ -610,7 +599,6 @@ class Reservation:
         return f"<aiovmc.Reservation key={self.key!r} {self._state}>"
 
 
-_ABSENT: Any = object()
 
 
 class CacheCore:

@@ -538,14 +538,14 @@ static int clocks_sane(vmc_cache *c)
 }
 
 /* publish -- link a filled RESERVED head into its shard, replacing an older
- * value of its key. Returns the timestamp, or 0 when `add` finds the key
- * present. On any failure the reservation is freed: it never outlives a
- * publication that did not happen. */
-static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, bool add,
-                       const char *key, size_t klen, uint64_t vlen)
+ * value of its key; `data` is the entry's data hash (vmc_entry_data_hash),
+ * computed before locking: values may be large. Returns the timestamp, or 0
+ * when `add` finds the key present. On any failure the reservation is freed:
+ * it never outlives a publication that did not happen. */
+static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t hash, uint64_t data,
+                       bool add, const char *key, size_t klen, uint64_t vlen)
 {
     struct vmc_entry *e = vmc_unit(c, head);
-    uint64_t data = vmc_entry_data_hash(c, head); /* before locking: values may be large */
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
@@ -664,14 +664,28 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
 /* get -- vmc_get, and on a hit (if meta is not NULL) the entry's publication
  * timestamp and expiry in meta[0] and meta[1], read under the same lock as
  * the value; with a sink (VMC_F_WHOLE), vmc_get_sink. */
+static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, char *dst,
+                          size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
+                          struct vmc_sink *sink);
+
 static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t cap,
                    uint64_t offset, uint32_t flags, uint64_t *meta, struct vmc_sink *sink)
 {
     ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
-    if (rc < 0)
-        goto out;
-    uint64_t hash = vmc_hash_key(c, key, klen);
+    if (rc == VMC_OK)
+        rc = get_hashed(c, key, klen, vmc_hash_key(c, key, klen), dst, cap, offset, flags, meta,
+                        sink);
+    leave_flags(c, no_repair_prev_);
+    return rc;
+}
+
+/* get_hashed -- get, for a key of a sound length and its hash, in a call entered. */
+static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, char *dst,
+                          size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
+                          struct vmc_sink *sink)
+{
+    int64_t rc;
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & VMC_F_QUIET;
@@ -679,7 +693,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
     for (int round = 0;; round++) {
         bool no_wait = sink && !counted;
         if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) < 0)
-            goto out;
+            return rc;
         uint64_t now = vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
@@ -691,7 +705,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         if (e && vmc_expired(e, now) && no_wait) { /* removing it takes the pool lock */
             vmc_shard_unlock(c, s);
             rc = VMC_BUSY;
-            goto out;
+            return rc;
         }
         if (e && vmc_expired(e, now)) {
             rc = remove_locked(c, s, u, slot);
@@ -708,7 +722,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
                 VMC_COUNT(sh->misses);
             vmc_shard_unlock(c, s);
             rc = VMC_MISS;
-            goto out;
+            return rc;
         }
         uint64_t vlen = e->value_len;
         if (meta) {
@@ -737,6 +751,8 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         bool whole = from == 0 && len == vlen;
         uint64_t data = hash;
         int copied;
+        if (len > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
+            vmc_before_wait();
         if (len < VMC_UNLOCKED_COPY || round >= 4) { /* the last rounds never livelock */
             copied = len || whole ? vmc_entry_copy(c, u, dst, from, len, whole ? &data : NULL)
                                   : vmc_entry_check(c, u);
@@ -747,11 +763,11 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
             vmc_shard_unlock(c, s);
             if (copied == VMC_OK) {
                 rc = (int64_t)vlen;
-                goto out;
+                return rc;
             }
             if (round >= 8) {
                 rc = vmc_fail(VMC_E_CORRUPT, "an entry stays damaged after repair");
-                goto out;
+                return rc;
             }
             continue; /* the next lock repairs: the entry is dropped */
         }
@@ -765,7 +781,7 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         vmc_shard_unlock(c, s);
         copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock(c, s)) < 0)
-            goto out;
+            return rc;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
         if (same && copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
@@ -775,13 +791,10 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         vmc_shard_unlock(c, s);
         if (same && copied == VMC_OK) {
             rc = (int64_t)vlen;
-            goto out;
+            return rc;
         }
         /* removed or replaced while we copied: look the key up again */
     }
-out:
-    leave_flags(c, no_repair_prev_);
-    return rc;
 }
 
 /* vmc_get -- look key up; on a hit copy value[offset, offset+cap) into dst
@@ -797,6 +810,47 @@ int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink
                      uint32_t flags)
 {
     return get(c, key, klen, NULL, 0, 0, (flags & VMC_F_NO_REPAIR) | VMC_F_WHOLE, NULL, sink);
+}
+
+/* The distances (in keys) at which vmc_get_many_sink prefetches ahead of its
+ * lookups: the index slot of a key, then the entry its slot points to. */
+#define AHEAD_SLOT 8
+#define AHEAD_ENTRY 4
+
+size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *klens, size_t n,
+                         int64_t *status, struct vmc_sink *sink)
+{
+    uint64_t hashes[16]; /* a ring: key i's hash at [i % 16], computed AHEAD_SLOT keys early */
+    size_t i = 0;
+    int rc = enter(c);
+    if (rc < 0) {
+        if (n)
+            status[0] = rc;
+        return 0;
+    }
+    for (size_t j = 0; j < n && j < AHEAD_SLOT; j++) {
+        hashes[j % 16] = vmc_hash_key(c, keys[j], klens[j]);
+        vmc_index_prefetch(c, hashes[j % 16], false);
+    }
+    for (; i < n; i++) {
+        if (i + AHEAD_SLOT < n) {
+            size_t j = i + AHEAD_SLOT;
+            hashes[j % 16] = vmc_hash_key(c, keys[j], klens[j]);
+            vmc_index_prefetch(c, hashes[j % 16], false);
+        }
+        if (i + AHEAD_ENTRY < n)
+            vmc_index_prefetch(c, hashes[(i + AHEAD_ENTRY) % 16], true);
+        sink->item = i;
+        int64_t got = check_key(klens[i]);
+        if (got == VMC_OK)
+            got = get_hashed(c, keys[i], klens[i], hashes[i % 16], NULL, 0, 0, VMC_F_WHOLE, NULL,
+                             sink);
+        status[i] = got;
+        if (got < 0 && got != VMC_MISS)
+            break; /* VMC_BUSY or a failure: the caller goes on from key i */
+    }
+    leave(c);
+    return i;
 }
 
 /* vmc_get_entry -- vmc_get with VMC_F_WHOLE, plus the entry's publication
@@ -892,14 +946,17 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     if ((rc = make_room(c, klen, vlen, expires, false, flags, 0, &head)) < 0)
         goto out;
     struct vmc_entry *e = vmc_unit(c, head);
+    if (vlen > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
+        vmc_before_wait();
     memcpy(vmc_entry_key(e), key, klen);
-    if (vmc_entry_fill(c, head, value) < 0) { /* the chain just allocated is damaged */
+    uint64_t data = hash; /* the key's hash, then the data hash, as the value is copied */
+    if (vmc_entry_fill(c, head, value, &data) < 0) { /* the chain just allocated is damaged */
         vmc_mark_damaged(c);
         drop_reservation(c, head, 0);
         rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
         goto out;
     }
-    rc = publish(c, head, 0, hash, add, key, klen, vlen);
+    rc = publish(c, head, 0, hash, data, add, key, klen, vlen);
 out:
     leave_flags(c, no_repair_prev_);
     return rc;
@@ -1280,8 +1337,9 @@ int64_t vmc_publish(vmc_cache *c, uint64_t reservation, const char *key, size_t 
     if (e) {
         /* the key as the owner gave it: the copy in the file may have been damaged */
         uint64_t hash = vmc_hash_key(c, key, klen);
-        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, false, key, klen,
-                     size);
+        uint64_t data = vmc_entry_data_hash(c, RID_HEAD(reservation)); /* written by the owner */
+        rc = publish(c, RID_HEAD(reservation), RID_NONCE(reservation), hash, data, false, key,
+                     klen, size);
     } else if (rc == VMC_OK) {
         rc = VMC_E_STATE;
     }

@@ -18,6 +18,7 @@ void vmc_cache_drop_reservations(vmc_cache *c);
  * another length; it returns NULL to copy nothing. */
 struct vmc_sink {
     char *(*dst)(struct vmc_sink *sink, uint64_t len);
+    size_t item; /* vmc_get_many_sink: the index of the key being looked up */
 };
 
 /* vmc_get_sink -- vmc_get with VMC_F_WHOLE into sink->dst(len), for a caller
@@ -29,6 +30,14 @@ struct vmc_sink {
  * destination), VMC_MISS, or a failure. */
 int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink *sink,
                      uint32_t flags);
+
+/* vmc_get_many_sink -- vmc_get_sink of keys[0..n) in order, in one call that
+ * prefetches index slots and entries ahead of the lookups (sink->item says
+ * which key sink->dst is called for). status[i] is what vmc_get_sink says
+ * of key i; the call stops after the first key whose status is VMC_BUSY or
+ * a failure. Returns the number of keys done (hits and misses) before it. */
+size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *klens, size_t n,
+                         int64_t *status, struct vmc_sink *sink);
 
 /* vmc_contains_now -- vmc_contains, or VMC_BUSY where it would wait (a shard
  * lock taken, a repair pending). */

@@ -69,14 +69,16 @@ static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
     struct copy_ctx *x = ctx;
     uint64_t lo = at > x->from ? at : x->from;
     uint64_t hi = at + len < x->to ? at + len : x->to;
+    if (x->data && lo == at && hi == at + len) { /* a whole piece of a whole value */
+        /* copied and hashed in one pass; what is hashed is the copy, not the
+         * mapping: what is verified is what is returned */
+        *x->data = vmc_fold(*x->data ^ vmc_hash_copy(x->dst + at, piece, len, VMC_K2), VMC_K0);
+        return;
+    }
     if (lo < hi)
         memcpy(x->dst + (lo - x->from), piece + (lo - at), hi - lo);
-    if (x->data == NULL)
-        return;
-    if (at + len > x->to) /* a longer value than the caller saw: not a whole copy */
+    if (x->data) /* a longer value than the caller saw: not a whole copy */
         x->whole = false;
-    else /* the copy, not the mapping: what is verified is what is returned */
-        *x->data = vmc_fold(*x->data ^ vmc_hash(x->dst + at, len, VMC_K2), VMC_K0);
 }
 
 int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
@@ -122,18 +124,22 @@ int vmc_entry_check(vmc_cache *c, uint32_t head)
 
 struct fill_ctx {
     const char *src;
+    uint64_t data; /* the data hash so far */
 };
 
 static void fill_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
 {
     struct fill_ctx *x = ctx;
-    memcpy((char *)piece, x->src + at, len);
+    /* hashed as written: what the checksum seals is what the mapping holds */
+    x->data = vmc_fold(x->data ^ vmc_hash_copy((char *)piece, x->src + at, len, VMC_K2), VMC_K0);
 }
 
-int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src)
+int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src, uint64_t *data)
 {
-    struct fill_ctx x = {src};
-    return walk_value(c, head, fill_piece, &x);
+    struct fill_ctx x = {src, *data};
+    int rc = walk_value(c, head, fill_piece, &x);
+    *data = rc == VMC_OK ? x.data | 1 : 0;
+    return rc;
 }
 
 static void hash_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)

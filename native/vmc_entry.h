@@ -53,8 +53,10 @@ int vmc_entry_copy_unlocked(vmc_cache *c, uint32_t head, char *dst, uint64_t off
  * VMC_E_CORRUPT (sizes and extents disagree). */
 int vmc_entry_check(vmc_cache *c, uint32_t head);
 /* vmc_entry_fill -- copy value_len bytes from src into the entry's chain
- * (its owner, no lock); VMC_OK or VMC_E_CORRUPT. */
-int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src);
+ * (its owner, no lock); VMC_OK or VMC_E_CORRUPT. *data holds the hash of
+ * the entry's key (vmc_hash_key) and becomes the data hash of the entry
+ * (vmc_entry_data_hash), computed in the same pass as the copy; 0 on failure. */
+int vmc_entry_fill(vmc_cache *c, uint32_t head, const char *src, uint64_t *data);
 /* vmc_entry_data_hash -- hash of the entry's key and value; 0 if the chain is damaged. */
 uint64_t vmc_entry_data_hash(vmc_cache *c, uint32_t head);
 /* vmc_entry_seal -- the checksum from a data hash and the entry's sizes,

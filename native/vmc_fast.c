@@ -28,9 +28,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX: the member type of a __slots__ slot */
 
 #include "vmc.h"
 #include "vmc_cache.h"
+#include "vmc_mutex.h"
 
 int vmc_fast_install(void);
 
@@ -121,28 +123,98 @@ static PyTypeObject FastHandleType = {
 
 /* ---- get ---- */
 
-/* A sink that allocates the result: a bytes object of the value's length. */
+/* A sink that allocates the result: a bytes object of the value's length, in
+ * results[item] (one slot for a get, one per key of a get_many batch). */
 struct bytes_sink {
     struct vmc_sink base;
     uint64_t max; /* larger values are not copied here */
-    PyObject *result;
+    PyObject **results;
     bool no_memory;
 };
 
 static char *bytes_dst(struct vmc_sink *sink, uint64_t len)
 {
     struct bytes_sink *b = (struct bytes_sink *)sink;
-    if (b->result && (uint64_t)PyBytes_GET_SIZE(b->result) == len)
-        return PyBytes_AS_STRING(b->result); /* a later round, the same length */
-    Py_CLEAR(b->result); /* a bytes object: no finaliser runs */
+    PyObject **result = &b->results[sink->item];
+    if (*result && (uint64_t)PyBytes_GET_SIZE(*result) == len)
+        return PyBytes_AS_STRING(*result); /* a later round, the same length */
+    Py_CLEAR(*result); /* a bytes object: no finaliser runs */
     if (len > b->max)
         return NULL; /* copied later with the GIL released, or not at all */
-    b->result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
-    if (b->result == NULL) {
+    *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+    if (*result == NULL) {
         b->no_memory = true;
         return NULL;
     }
-    return PyBytes_AS_STRING(b->result);
+    return PyBytes_AS_STRING(*result);
+}
+
+/* A wait hook (vmc_mutex.h) that releases the GIL where the core would wait
+ * or copy long: for calls whose buffers are held by the caller (get_into,
+ * put), which then need the GIL for nothing until they return. */
+struct gil_hook {
+    struct vmc_wait_hook base;
+    PyThreadState *saved; /* set once the GIL is released */
+};
+
+static void release_gil(struct vmc_wait_hook *hook)
+{
+    ((struct gil_hook *)hook)->saved = PyEval_SaveThread();
+}
+
+static void gil_hook_begin(struct gil_hook *g)
+{
+    g->base.before_wait = release_gil;
+    g->saved = NULL;
+    vmc_wait_hook_set(&g->base);
+}
+
+static void gil_hook_end(struct gil_hook *g)
+{
+    vmc_wait_hook_set(NULL);
+    if (g->saved)
+        PyEval_RestoreThread(g->saved);
+}
+
+/* parse -- METH_FASTCALL|METH_KEYWORDS arguments of `fn` into given[] by
+ * name: the first npos may come by position, the first nreq are required;
+ * given[] holds the defaults of the others. 0, or -1 with TypeError. */
+static int parse(const char *fn, const char *const *names, Py_ssize_t nnames, Py_ssize_t npos,
+                 Py_ssize_t nreq, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                 PyObject **given)
+{
+    if (nargs > npos) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %zd positional arguments (%zd given)",
+                     fn, npos, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        given[i] = args[i];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        Py_ssize_t at = 0;
+        while (at < nnames && PyUnicode_CompareWithASCIIString(name, names[at]) != 0)
+            at++;
+        if (at == nnames || at < nargs) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated keyword "
+                         "argument %R", fn, name);
+            return -1;
+        }
+        given[at] = args[nargs + i];
+    }
+    for (Py_ssize_t i = 0; i < nreq; i++)
+        if (given[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+            return -1;
+        }
+    return 0;
+}
+
+/* encoded -- the key as bytes (a new reference), through aiovmc's encode_key. */
+static PyObject *encoded(PyObject *key)
+{
+    return PyBytes_CheckExact(key) ? Py_NewRef(key) : PyObject_CallOneArg(encode_key, key);
 }
 
 /* raise_status -- the exception of a failed core call, through the one mapping. */
@@ -184,21 +256,16 @@ static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t 
     }
 }
 
-/* lookup -- a counted get of key, as Handle._get_inline: the value as bytes
- * if it has at most `limit` bytes; else NULL with *status set to its size
- * (counted, not copied), to VMC_MISS or to a failure; or NULL with an
- * exception (out of memory). `flags`: 0, or VMC_F_NO_REPAIR. */
-static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit, uint32_t flags,
-                        int64_t *status)
+/* finish -- the rest of a counted get of key after vmc_get_sink answered n
+ * without a result: a value of n bytes counted but too large for the GIL held
+ * (copied now with the GIL released, if it has at most `limit` bytes), or
+ * VMC_BUSY (the get again, waiting without the GIL). The value as bytes; else
+ * NULL with *status set to its size (counted, not copied), to VMC_MISS or to
+ * a failure; or NULL with an exception (out of memory). `flags`: 0, or
+ * VMC_F_NO_REPAIR. */
+static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int64_t limit,
+                        uint32_t flags, int64_t *status)
 {
-    uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
-    struct bytes_sink sink = {{bytes_dst}, max, NULL, false};
-    int64_t n = vmc_get_sink(c, k, klen, &sink.base, flags);
-    if (n >= 0 && sink.result) /* the hit, copied and verified under the lock */
-        return sink.result;
-    if (sink.no_memory)
-        return NULL;
-    Py_CLEAR(sink.result);
     if (n == VMC_BUSY) { /* it would wait: wait without the GIL */
         Py_BEGIN_ALLOW_THREADS
         n = vmc_get(c, k, klen, NULL, 0, 0, flags | VMC_F_WHOLE);
@@ -213,15 +280,39 @@ static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit,
     return NULL;
 }
 
+/* lookup -- a counted get of key, as Handle._get_inline: the value as bytes
+ * if it has at most `limit` bytes; else as finish(). */
+static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit, uint32_t flags,
+                        int64_t *status)
+{
+    uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
+    PyObject *result = NULL;
+    struct bytes_sink sink = {{bytes_dst, 0}, max, &result, false};
+    int64_t n = vmc_get_sink(c, k, klen, &sink.base, flags);
+    if (n >= 0 && result) /* the hit, copied and verified under the lock */
+        return result;
+    Py_CLEAR(result);
+    if (sink.no_memory)
+        return NULL;
+    return finish(c, k, klen, n, limit, flags, status);
+}
+
+/* Where the `_fast` slot of aiovmc's Handle sits in its instances (found by
+ * fast_bind from the slot's member descriptor): the methods read it there,
+ * not through an attribute lookup per call. Their descriptors were made for
+ * Handle, so `self` is always an instance of Handle, or of a subclass, which
+ * keeps the slot at the same offset. */
+static Py_ssize_t fast_offset;
+
 /* handle_of -- the core handle of self (its `_fast` slot), as a new reference. */
 static FastHandle *handle_of(PyObject *self)
 {
-    PyObject *fast = PyObject_GetAttr(self, str_fast);
-    if (fast && !Py_IS_TYPE(fast, &FastHandleType)) {
+    PyObject *fast = *(PyObject **)((char *)self + fast_offset);
+    if (fast == NULL || !Py_IS_TYPE(fast, &FastHandleType)) {
         PyErr_Format(PyExc_TypeError, "%R has no fast handle", self);
-        Py_CLEAR(fast);
+        return NULL;
     }
-    return (FastHandle *)fast;
+    return (FastHandle *)Py_NewRef(fast);
 }
 
 /* get(key, default=None): as Handle.get in aiovmc/_native/_handle.py. */
@@ -230,34 +321,16 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
 {
     static const char *const names[] = {"key", "default"};
     PyObject *given[2] = {NULL, Py_None};
-    if (nargs > 2)
-        return PyErr_Format(PyExc_TypeError, "get() takes at most 2 arguments (%zd given)",
-                            nargs);
-    for (Py_ssize_t i = 0; i < nargs; i++)
-        given[i] = args[i];
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
-        int at = PyUnicode_CompareWithASCIIString(name, names[0]) == 0   ? 0
-                 : PyUnicode_CompareWithASCIIString(name, names[1]) == 0 ? 1
-                                                                          : -1;
-        if (at < 0 || (at < nargs))
-            return PyErr_Format(PyExc_TypeError, "get() got an unexpected or repeated "
-                                                 "keyword argument %R", name);
-        given[at] = args[nargs + i];
-    }
-    if (given[0] == NULL)
-        return PyErr_Format(PyExc_TypeError, "get() missing required argument 'key'");
+    if (parse("get", names, 2, 2, 1, args, nargs, kwnames, given) < 0)
+        return NULL;
 
     FastHandle *fast = handle_of(self);
     if (fast == NULL)
         return NULL;
     vmc_cache *c = fast->c;
-    PyObject *key = given[0];
     PyObject *result = NULL;
-    if (PyBytes_CheckExact(key))
-        Py_INCREF(key);
-    else if ((key = PyObject_CallOneArg(encode_key, key)) == NULL)
+    PyObject *key = encoded(given[0]);
+    if (key == NULL)
         goto done;
     const char *k = PyBytes_AS_STRING(key);
     size_t klen = (size_t)PyBytes_GET_SIZE(key);
@@ -314,9 +387,7 @@ static PyObject *fast_contains(PyObject *self, PyObject *key)
     if (fast == NULL)
         return NULL;
     PyObject *result = NULL;
-    if (PyBytes_CheckExact(key))
-        Py_INCREF(key);
-    else if ((key = PyObject_CallOneArg(encode_key, key)) == NULL)
+    if ((key = encoded(key)) == NULL)
         goto done;
     const char *k = PyBytes_AS_STRING(key);
     size_t klen = (size_t)PyBytes_GET_SIZE(key);
@@ -342,15 +413,245 @@ static PyMethodDef get_def = {
     "get(key, default=None)\n--\n\nThe value of `key` as bytes; on a miss the loader's "
     "result (see `Cache`), else `default` (the compiled fast path)."};
 
-/* fast_bind(cls, encode_key, raise_for) -> {name: method descriptor of cls} */
+/* ---- get_into ---- */
+
+/* get_into(key, buffer, *, offset=0): as Handle.get_into. The buffer is held
+ * by the call, so the GIL is released only where the core would wait or copy
+ * long (the wait hook). */
+static PyObject *fast_get_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    static const char *const names[] = {"key", "buffer", "offset"};
+    PyObject *given[3] = {NULL, NULL, NULL};
+    if (parse("get_into", names, 3, 2, 2, args, nargs, kwnames, given) < 0)
+        return NULL;
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    PyObject *key = encoded(given[0]);
+    if (key == NULL)
+        goto done;
+    long long offset = 0;
+    if (given[2]) {
+        int overflow = 0;
+        if (!PyBool_Check(given[2]) && PyLong_Check(given[2]))
+            offset = PyLong_AsLongLongAndOverflow(given[2], &overflow);
+        if (offset == -1 && PyErr_Occurred())
+            goto done;
+        if (overflow > 0)
+            offset = LLONG_MAX; /* past any value: nothing to copy */
+        if (PyBool_Check(given[2]) || !PyLong_Check(given[2]) || offset < 0) {
+            PyErr_Format(PyExc_ValueError, "offset must be a non-negative int, got %R",
+                         given[2]);
+            goto done;
+        }
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(given[1], &view, PyBUF_WRITABLE) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError) &&
+            !PyErr_ExceptionMatches(PyExc_BufferError))
+            goto done;
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "buffer must be a writable bytes-like object, not %s",
+                     Py_TYPE(given[1])->tp_name);
+        goto done;
+    }
+    struct gil_hook gil;
+    gil_hook_begin(&gil);
+    int64_t n = vmc_get(fast->c, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
+                        view.buf, (size_t)view.len, (uint64_t)offset, 0);
+    gil_hook_end(&gil);
+    PyBuffer_Release(&view);
+    if (n >= 0)
+        result = PyLong_FromLongLong(n);
+    else if (n == VMC_MISS)
+        result = Py_NewRef(Py_None);
+    else
+        raise_status(n);
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef get_into_def = {
+    "get_into", (PyCFunction)(void (*)(void))fast_get_into, METH_FASTCALL | METH_KEYWORDS,
+    "get_into(key, buffer, *, offset=0)\n--\n\nCopy value[offset:offset+len(buffer)] into "
+    "`buffer`; return the value's total size, or None on a miss. Never calls a loader."};
+
+/* ---- put ---- */
+
+static PyObject *str_on_evict; /* "_on_evict" */
+static PyObject *ttl_to_ns;    /* aiovmc._convert.ttl_to_ns */
+static PyObject *slow_put;     /* the pure binding's Handle.put */
+
+/* put(key, value, *, ttl=None): as Handle.put, for a bytes value and no
+ * on_evict (the pure binding's put does the rest: a buffer is converted
+ * there, and evictions are made and notified from Python). */
+static PyObject *fast_put(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames)
+{
+    static const char *const names[] = {"key", "value", "ttl"};
+    PyObject *given[3] = {NULL, NULL, Py_None};
+    if (parse("put", names, 3, 2, 2, args, nargs, kwnames, given) < 0)
+        return NULL;
+    PyObject *on_evict = PyObject_GetAttr(self, str_on_evict);
+    if (on_evict == NULL)
+        return NULL;
+    Py_DECREF(on_evict); /* only compared */
+    if (on_evict != Py_None || !PyBytes_CheckExact(given[1])) {
+        PyObject *call[6] = {self};
+        Py_ssize_t total = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+        for (Py_ssize_t i = 0; i < total; i++) /* at most 3, as parse() checked */
+            call[1 + i] = args[i];
+        return PyObject_Vectorcall(slow_put, call, (size_t)nargs + 1, kwnames);
+    }
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    PyObject *key = encoded(given[0]);
+    if (key == NULL)
+        goto done;
+    long long ttl_ns = -1;
+    if (given[2] != Py_None) {
+        PyObject *ns = PyObject_CallOneArg(ttl_to_ns, given[2]);
+        if (ns == NULL)
+            goto done;
+        ttl_ns = PyLong_AsLongLong(ns);
+        Py_DECREF(ns);
+        if (ttl_ns == -1 && PyErr_Occurred())
+            goto done;
+    }
+    struct gil_hook gil;
+    gil_hook_begin(&gil);
+    int64_t ts = vmc_put(fast->c, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
+                         PyBytes_AS_STRING(given[1]), (size_t)PyBytes_GET_SIZE(given[1]),
+                         ttl_ns, 0);
+    gil_hook_end(&gil);
+    result = ts > 0 ? PyLong_FromLongLong(ts) : raise_status(ts);
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef put_def = {
+    "put", (PyCFunction)(void (*)(void))fast_put, METH_FASTCALL | METH_KEYWORDS,
+    "put(key, value, *, ttl=None)\n--\n\nInsert or replace; returns the publication "
+    "timestamp."};
+
+/* ---- get_many ---- */
+
+/* Keys looked up per core call of get_many: the batch its prefetching runs over. */
+#define BATCH 64
+
+/* many_batch -- look keys[0..n) up into found (a dict), in order: hits
+ * copied under the lock in one core call, then each key that call stopped at
+ * (VMC_BUSY: it would wait) finished as a get is, and the call made again
+ * for the rest. 0, or -1 with an exception. */
+static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *found)
+{
+    const char *ptrs[BATCH];
+    size_t lens[BATCH];
+    int64_t status[BATCH];
+    PyObject *results[BATCH] = {NULL};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ptrs[i] = PyBytes_AS_STRING(keys[i]);
+        lens[i] = (size_t)PyBytes_GET_SIZE(keys[i]);
+    }
+    int rc = 0;
+    for (Py_ssize_t from = 0; from < n && rc == 0;) {
+        struct bytes_sink sink = {{bytes_dst, 0}, VMC_SCRATCH_SIZE, results + from, false};
+        size_t done = vmc_get_many_sink(c, ptrs + from, lens + from, (size_t)(n - from),
+                                        status + from, &sink.base);
+        Py_ssize_t end = from + (Py_ssize_t)done;
+        if (sink.no_memory)
+            rc = -1;
+        for (Py_ssize_t i = from; i <= end && i < n && rc == 0; i++) {
+            PyObject *value = results[i];
+            results[i] = NULL;
+            int64_t got = status[i];
+            if (value == NULL && (got >= 0 || (i == end && got == VMC_BUSY)))
+                value = finish(c, ptrs[i], lens[i], got, INT64_MAX, 0, &got);
+            if (value) {
+                rc = PyDict_SetItem(found, keys[i], value);
+                Py_DECREF(value);
+            } else if (PyErr_Occurred()) {
+                rc = -1;
+            } else if (got != VMC_MISS) {
+                raise_status(got);
+                rc = -1;
+            }
+        }
+        from = end + 1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(results[i]);
+    return rc;
+}
+
+/* get_many(keys): as Cache.get_many -- {key: value} of the hits, keyed by the
+ * encoded key; never loads. */
+static PyObject *fast_get_many(PyObject *self, PyObject *keys)
+{
+    PyObject *iter = PyObject_GetIter(keys);
+    if (iter == NULL)
+        return NULL;
+    FastHandle *fast = handle_of(self);
+    PyObject *found = fast ? PyDict_New() : NULL;
+    PyObject *batch[BATCH];
+    Py_ssize_t n = 0;
+    PyObject *key = NULL;
+    while (found) {
+        key = PyIter_Next(iter);
+        if (key == NULL && PyErr_Occurred())
+            Py_CLEAR(found);
+        PyObject *enc = key ? encoded(key) : NULL;
+        Py_CLEAR(key);
+        if (enc)
+            batch[n++] = enc;
+        else if (PyErr_Occurred())
+            Py_CLEAR(found);
+        if (found && n && (n == BATCH || enc == NULL) && many_batch(fast->c, batch, n, found) < 0)
+            Py_CLEAR(found);
+        if (n == BATCH || enc == NULL || found == NULL) {
+            while (n)
+                Py_DECREF(batch[--n]);
+        }
+        if (enc == NULL)
+            break;
+    }
+    Py_XDECREF(fast);
+    Py_DECREF(iter);
+    return found;
+}
+
+static PyMethodDef get_many_def = {
+    "get_many", fast_get_many, METH_O,
+    "get_many(keys)\n--\n\n``{key: value}`` for the keys present; never calls the loader."};
+
+/* fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put) -> {name: method descriptor of cls} */
 static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyType_Check(args[0]))
-        return PyErr_Format(PyExc_TypeError, "fast_bind(cls, encode_key, raise_for)");
+    if (nargs != 5 || !PyType_Check(args[0]))
+        return PyErr_Format(PyExc_TypeError,
+                            "fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put)");
+    PyObject *slot = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, str_fast);
+    if (slot == NULL || !Py_IS_TYPE(slot, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)slot)->d_member->type != T_OBJECT_EX)
+        return PyErr_Occurred() ? NULL
+                                : PyErr_Format(PyExc_TypeError, "fast_bind(cls, ...): %R has no "
+                                               "`_fast` slot", args[0]);
+    fast_offset = ((PyMemberDescrObject *)slot)->d_member->offset;
     Py_XSETREF(encode_key, Py_NewRef(args[1]));
     Py_XSETREF(raise_for, Py_NewRef(args[2]));
+    Py_XSETREF(ttl_to_ns, Py_NewRef(args[3]));
+    Py_XSETREF(slow_put, Py_NewRef(args[4]));
     PyObject *methods = PyDict_New();
-    PyMethodDef *defs[] = {&get_def, &get_inline_def, &contains_def};
+    PyMethodDef *defs[] = {&get_def, &get_inline_def, &contains_def, &get_into_def, &put_def,
+                           &get_many_def};
     for (size_t i = 0; methods && i < sizeof defs / sizeof defs[0]; i++) {
         PyObject *method = PyDescr_NewMethod((PyTypeObject *)args[0], defs[i]);
         if (method == NULL || PyDict_SetItemString(methods, defs[i]->ml_name, method) < 0)
@@ -362,13 +663,17 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
 
 static PyMethodDef fast_bind_def = {
     "fast_bind", (PyCFunction)(void (*)(void))fast_bind, METH_FASTCALL,
-    "fast_bind(cls, encode_key, raise_for)\n--\n\nThe fast path's methods for cls."};
+    "fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put)\n--\n\nThe fast path's "
+    "methods for cls."};
 
 static int install(void)
 {
     if (str_fast == NULL && (str_fast = PyUnicode_InternFromString("_fast")) == NULL)
         return -1;
     if (str_missed == NULL && (str_missed = PyUnicode_InternFromString("_missed")) == NULL)
+        return -1;
+    if (str_on_evict == NULL &&
+        (str_on_evict = PyUnicode_InternFromString("_on_evict")) == NULL)
         return -1;
     if (PyType_Ready(&FastHandleType) < 0)
         return -1;

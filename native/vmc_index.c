@@ -34,6 +34,10 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
         }
         if (VMC_SLOT_TAG(v) == tag) {
             uint32_t u = VMC_SLOT_UNIT(v);
+            /* The line after the pair the header and key sit in (a 100-byte value
+             * with a 16-byte key ends there): fetched while the key is compared. */
+            if (vmc_unit_ok(c, u))
+                __builtin_prefetch((const char *)vmc_unit(c, u) + 128);
             struct vmc_entry *e = vmc_head(c, u);
             if (e == NULL || e->state != VMC_PUBLISHED) {
                 vmc_mark_damaged(c);
@@ -47,6 +51,25 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
     }
     *slot = UINT32_MAX;
     return 0;
+}
+
+void vmc_index_prefetch(vmc_cache *c, uint64_t hash, bool entry)
+{
+    uint32_t tag = (uint32_t)(hash >> 32);
+    uint64_t *slot = slots_of(c, vmc_shard_of(c, hash)) + home_of(c, tag);
+    if (!entry) {
+        __builtin_prefetch(slot);
+        return;
+    }
+#ifdef __SANITIZE_THREAD__ /* a racy read by design, for a hint: none under the race detector */
+    return;
+#endif
+    uint64_t v = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    if (v != 0 && VMC_SLOT_TAG(v) == tag && vmc_unit_ok(c, VMC_SLOT_UNIT(v))) {
+        const char *e = vmc_unit(c, VMC_SLOT_UNIT(v));
+        __builtin_prefetch(e);
+        __builtin_prefetch(e + 128); /* as vmc_index_find: the line a small value ends in */
+    }
 }
 
 void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, uint32_t unit)

@@ -20,6 +20,10 @@ void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, u
 int vmc_index_insert(vmc_cache *c, uint32_t shard, uint64_t hash, uint32_t unit);
 /* vmc_index_delete -- empty `slot`, shifting back the run that follows it. */
 void vmc_index_delete(vmc_cache *c, uint32_t shard, uint32_t slot);
+/* vmc_index_prefetch -- a hint to the CPU, ahead of a lookup of `hash`: the
+ * home slot of the hash, or (entry) the head its home slot points to. No
+ * lock is needed: the slot is read only for an address to prefetch. */
+void vmc_index_prefetch(vmc_cache *c, uint64_t hash, bool entry);
 /* vmc_index_slot_of -- the slot holding head `unit`, or UINT32_MAX. */
 uint32_t vmc_index_slot_of(vmc_cache *c, uint32_t shard, uint32_t unit);
 

@@ -11,10 +11,26 @@
 
 #include "vmc_handle.h"
 
+/* What a thread does before it first waits in a call (the CPython fast path
+ * releases the GIL there: it calls the core with the GIL held, and the GIL
+ * must never be held while waiting for another process). Set per thread for
+ * the length of one call; it runs at most once, and is cleared as it runs. */
+struct vmc_wait_hook {
+    void (*before_wait)(struct vmc_wait_hook *hook);
+};
+
+/* vmc_wait_hook_set -- this thread's hook for its next call (NULL: none). */
+void vmc_wait_hook_set(struct vmc_wait_hook *hook);
+/* vmc_before_wait -- run (and clear) this thread's hook, if any: called
+ * before anything that may wait or run long (a lock that spinning did not
+ * get, a repair, a long copy). */
+void vmc_before_wait(void);
+
 /* vmc_mutex_init -- initialise a process-shared robust mutex in the file. */
 int vmc_mutex_init(pthread_mutex_t *m);
 /* vmc_mutex_lock -- lock m: 0, 1 if its owner had died (the file is then
- * marked damaged), or a failure. */
+ * marked damaged), or a failure. A lock that is taken is spun on briefly
+ * before the thread runs its wait hook and sleeps. */
 int vmc_mutex_lock(vmc_cache *c, pthread_mutex_t *m);
 /* vmc_mark_damaged -- ask for a repair at the next outer lock. */
 void vmc_mark_damaged(vmc_cache *c);

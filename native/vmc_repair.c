@@ -90,6 +90,7 @@ static int lock_outer(vmc_cache *c, pthread_mutex_t *m)
             return deferred();
         if (attempt >= 8)
             return vmc_fail(VMC_E_CORRUPT, "the cache file stays damaged after repair");
+        vmc_before_wait(); /* a repair visits the whole file */
         rc = vmc_repair(c);
         if (rc < 0)
             return rc;

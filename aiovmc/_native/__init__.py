@@ -1,6 +1,7 @@
 """The binding to the C core. Only this package touches cffi's `ffi` and `lib`."""
 
 from ._handle import (
+    ABSENT,
     ADD,
     END_FAILED,
     END_NONE,
@@ -23,6 +24,7 @@ from ._handle import (
 from ._status import ERRORS, raise_for
 
 __all__ = [
+    "ABSENT",
     "ADD",
     "END_FAILED",
     "END_NONE",

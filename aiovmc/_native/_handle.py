@@ -12,10 +12,11 @@ value there while holding the shard lock, and slicing the buffer builds the
 into a fresh `bytes` object of the right size, with the GIL released: one copy
 from the mapping to the result.
 
-On CPython, `get`, `_get_inline` and `in` are replaced by the compiled fast
-path of native/vmc_fast.c (a result built in one copy, with no scratch
-buffer), unless the environment sets AIOVMC_PURE_CFFI=1; `FAST_PATH` says
-which path is in use. The methods below are the pure cffi binding.
+On CPython, `get`, `_get_inline`, `in`, `get_into`, `put` and `get_many` are
+replaced by the compiled fast path of native/vmc_fast.c (a result built in one
+copy, with no scratch buffer), unless the environment sets AIOVMC_PURE_CFFI=1;
+`FAST_PATH` says which path is in use. The methods below are the pure cffi
+binding.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 D = TypeVar("D")
 
 __all__ = [
+    "ABSENT",
     "ADD",
     "END_FAILED",
     "END_NONE",
@@ -82,6 +84,10 @@ FLIGHT_FULL: int = lib.VMC_FLIGHT_FULL
 END_VALUE: int = lib.VMC_END_VALUE
 END_NONE: int = lib.VMC_END_NONE
 END_FAILED: int = lib.VMC_END_FAILED
+
+
+#: The default of a lookup that never loads (`Cache._missed` returns it as given).
+ABSENT: Any = object()
 
 
 def new_ticket() -> Any:
@@ -388,6 +394,17 @@ class Handle:
         if n == _MISS:
             return None
         raise_for(n)
+
+    def get_many(self, keys: Iterable[Key]) -> dict[bytes, bytes]:
+        """``{key: value}`` for the keys present; never calls the loader."""
+        found: dict[bytes, bytes] = {}
+        get = Handle.get
+        for key in keys:
+            encoded = encode_key(key)
+            value = get(self, encoded, ABSENT)
+            if value is not ABSENT:
+                found[encoded] = value
+        return found
 
     def __contains__(self, key: Any) -> bool:
         if type(key) is not bytes:
@@ -748,7 +765,7 @@ class Handle:
 
 
 def _install_fast_path() -> bool:
-    """Put the compiled `get` of native/vmc_fast.c in place of `Handle.get`:
+    """Put the compiled methods of native/vmc_fast.c in place of Handle's:
     True if done; False on PyPy, or when AIOVMC_PURE_CFFI=1 asks for the pure
     cffi binding (the two paths behave alike; the tests run on both)."""
     if os.environ.get("AIOVMC_PURE_CFFI") == "1":
@@ -761,7 +778,9 @@ def _install_fast_path() -> bool:
             "aiovmc's compiled fast path failed to install (the error is printed above); "
             "AIOVMC_PURE_CFFI=1 runs on the pure cffi binding instead"
         )
-    for name, method in _aiovmc_native.fast_bind(Handle, encode_key, raise_for).items():
+    for name, method in _aiovmc_native.fast_bind(
+        Handle, encode_key, raise_for, ttl_to_ns, Handle.put
+    ).items():
         setattr(Handle, name, method)
     return True
 

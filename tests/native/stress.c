@@ -22,7 +22,7 @@
 #include <unistd.h>
 
 #include "vmc.h"
-#include "vmc_cache.h" /* vmc_get_sink, vmc_contains_now: the fast path's no-wait calls */
+#include "vmc_cache.h" /* vmc_get_sink, vmc_get_many_sink, vmc_contains_now: the fast path's no-wait calls */
 
 #define KEYS 48
 #define MAX_VALUE (600u * 1024)
@@ -41,6 +41,21 @@ static char *buf_dst(struct vmc_sink *sink, uint64_t len)
     struct buf_sink *b = (struct buf_sink *)sink;
     b->copied = len <= VMC_SCRATCH_SIZE;
     return b->copied ? b->buf : NULL;
+}
+
+/* A sink as vmc_fast.c's get_many: a 64 KiB destination per key of a batch. */
+#define MANY 8
+struct many_sink {
+    struct vmc_sink base;
+    char *buf; /* MANY * VMC_SCRATCH_SIZE bytes */
+    bool copied[MANY];
+};
+
+static char *many_dst(struct vmc_sink *sink, uint64_t len)
+{
+    struct many_sink *m = (struct many_sink *)sink;
+    m->copied[sink->item] = len <= VMC_SCRATCH_SIZE;
+    return m->copied[sink->item] ? m->buf + sink->item * VMC_SCRATCH_SIZE : NULL;
 }
 static atomic_int failures;
 static atomic_long seq_counter;
@@ -114,8 +129,8 @@ static void *worker(void *arg)
                 verify(buf, (size_t)n, id);
             else if (n != VMC_MISS)
                 fail("get", id, n);
-        } else if (op < 35) { /* as vmc_fast.c: values up to 64 KiB copied under the lock */
-            struct buf_sink sink = {{buf_dst}, buf, false};
+        } else if (op < 30) { /* as vmc_fast.c: values up to 64 KiB copied under the lock */
+            struct buf_sink sink = {{buf_dst, 0}, buf, false};
             n = (long)vmc_get_sink(cache, key, (size_t)klen, &sink.base, VMC_F_NO_REPAIR);
             if (n == VMC_BUSY)
                 n = (long)vmc_get(cache, key, (size_t)klen, NULL, 0, 0, VMC_F_WHOLE);
@@ -123,6 +138,25 @@ static void *worker(void *arg)
                 verify(buf, (size_t)n, id);
             if (n < 0 && n != VMC_MISS)
                 fail("get_sink", id, n);
+        } else if (op < 35) { /* as vmc_fast.c's get_many: a batch of keys in one call */
+            const char *keys[MANY];
+            char names[MANY][32];
+            size_t klens[MANY];
+            uint64_t ids[MANY];
+            int64_t status[MANY];
+            for (int i = 0; i < MANY; i++) {
+                ids[i] = (uint64_t)(rand_r(&r) % KEYS);
+                klens[i] = (size_t)snprintf(names[i], sizeof names[i], "key-%llu",
+                                            (unsigned long long)ids[i]);
+                keys[i] = names[i];
+            }
+            struct many_sink sink = {{many_dst, 0}, buf, {false}};
+            size_t done = vmc_get_many_sink(cache, keys, klens, MANY, status, &sink.base);
+            for (size_t i = 0; i < done; i++)
+                if (status[i] >= 0 && sink.copied[i])
+                    verify(buf + i * VMC_SCRATCH_SIZE, (size_t)status[i], ids[i]);
+            if (done < MANY && status[done] != VMC_BUSY)
+                fail("get_many", ids[done], (long)status[done]);
         } else if (op < 60) {
             size_t size = pick_size(&r);
             fill(val, size, id, (uint64_t)atomic_fetch_add(&seq_counter, 1));
