@@ -60,7 +60,10 @@ enum vmc_flags {
     VMC_F_RESET = 32,            /* open: reinitialise an existing cache file */
     VMC_F_ANY_OWNER = 64,        /* open: accept a file owned by another user */
     VMC_F_CONTIGUOUS = 128,      /* evict_for: room for a reservation (one extent) */
-    VMC_F_NO_REPAIR = 256        /* never repair, nor wait for a repair: VMC_E_REPAIR */
+    VMC_F_NO_REPAIR = 256,       /* never repair, nor wait for a repair: VMC_E_REPAIR */
+    VMC_F_FRESH = 512            /* get: dst is a new buffer of the caller's, shared with
+                                    nothing: the core may have the kernel back it with huge
+                                    pages (cheap to fault in, cheap to unmap) */
 };
 
 enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };

@@ -230,7 +230,8 @@ static PyObject *raise_status(int64_t status)
 }
 
 /* copy_whole -- a value of known size, copied quietly (no statistics, no LRU
- * touch) with the GIL released into a new bytes object; NULL with *status
+ * touch) with the GIL released into a new bytes object (VMC_F_FRESH: backed by
+ * huge pages where it can be, so that freeing it is cheap too); NULL with *status
  * set if it has gone (VMC_MISS) or the copy failed, NULL with an exception
  * if out of memory. */
 static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t size,
@@ -243,7 +244,8 @@ static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t 
         char *dst = PyBytes_AS_STRING(out);
         int64_t n;
         Py_BEGIN_ALLOW_THREADS
-        n = vmc_get(c, key, klen, dst, (size_t)size, 0, flags | VMC_F_WHOLE | VMC_F_QUIET);
+        n = vmc_get(c, key, klen, dst, (size_t)size, 0,
+                    flags | VMC_F_WHOLE | VMC_F_QUIET | VMC_F_FRESH);
         Py_END_ALLOW_THREADS
         if (n == size)
             return out;
@@ -379,6 +381,43 @@ static PyMethodDef get_inline_def = {
     "_get_inline", (PyCFunction)(void (*)(void))fast_get_inline, METH_FASTCALL,
     "_get_inline(key, limit)\n--\n\nA hit of at most `limit` bytes as bytes; a larger "
     "hit as its size (not copied); a miss as None. Counts the get either way."};
+
+/* _copy_whole(key, size, flags=0): as Handle._copy_whole (key: bytes; flags:
+ * 0 or VMC_F_NO_REPAIR). The result is allocated uninitialised, where the
+ * pure binding's bytes(size) zeroes it with the GIL held: O(size) work that
+ * stalls the event loop when a worker thread copies a large value, once
+ * malloc serves such sizes from its heap (glibc does after the first one is
+ * freed, up to 32 MiB). */
+static PyObject *fast_copy_whole(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 2 || nargs > 3 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) ||
+        (nargs == 3 && !PyLong_CheckExact(args[2])))
+        return PyErr_Format(PyExc_TypeError, "_copy_whole(key: bytes, size: int, flags: int = 0)");
+    int64_t size = PyLong_AsLongLong(args[1]);
+    long flags = nargs == 3 ? PyLong_AsLong(args[2]) : 0;
+    if (PyErr_Occurred())
+        return NULL;
+    if (size < 0 || (flags & ~(long)VMC_F_NO_REPAIR))
+        return PyErr_Format(PyExc_ValueError, "_copy_whole: size %lld, flags %ld",
+                            (long long)size, flags);
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    int64_t n = 0;
+    PyObject *result = copy_whole(fast->c, PyBytes_AS_STRING(args[0]),
+                                  (size_t)PyBytes_GET_SIZE(args[0]), size, (uint32_t)flags, &n);
+    Py_DECREF(fast);
+    if (result || PyErr_Occurred())
+        return result;
+    if (n == VMC_MISS)
+        Py_RETURN_NONE;
+    return raise_status(n);
+}
+
+static PyMethodDef copy_whole_def = {
+    "_copy_whole", (PyCFunction)(void (*)(void))fast_copy_whole, METH_FASTCALL,
+    "_copy_whole(key, size, flags=0)\n--\n\nA value whose size is known, copied quietly (no "
+    "statistics, no LRU touch) into a new bytes object; None if it has gone meanwhile."};
 
 /* __contains__(key): as Handle.__contains__. */
 static PyObject *fast_contains(PyObject *self, PyObject *key)
@@ -650,8 +689,8 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_XSETREF(ttl_to_ns, Py_NewRef(args[3]));
     Py_XSETREF(slow_put, Py_NewRef(args[4]));
     PyObject *methods = PyDict_New();
-    PyMethodDef *defs[] = {&get_def, &get_inline_def, &contains_def, &get_into_def, &put_def,
-                           &get_many_def};
+    PyMethodDef *defs[] = {&get_def,     &get_inline_def, &copy_whole_def, &contains_def,
+                           &get_into_def, &put_def,       &get_many_def};
     for (size_t i = 0; methods && i < sizeof defs / sizeof defs[0]; i++) {
         PyObject *method = PyDescr_NewMethod((PyTypeObject *)args[0], defs[i]);
         if (method == NULL || PyDict_SetItemString(methods, defs[i]->ml_name, method) < 0)

@@ -62,6 +62,7 @@ SCRATCH_SIZE = lib.VMC_SCRATCH_SIZE  # >= the largest key: evicted keys come bac
 
 _WHOLE = lib.VMC_F_WHOLE
 _QUIET = lib.VMC_F_QUIET
+_FRESH = lib.VMC_F_FRESH
 _ADD = ADD = lib.VMC_F_ADD  # put: store only if absent (`_store` flags)
 _NO_EVICT = lib.VMC_F_NO_EVICT
 _CONTIGUOUS = lib.VMC_F_CONTIGUOUS
@@ -310,7 +311,7 @@ class Handle:
             out = bytes(n)
             size = n
             n = lib.vmc_get_entry(
-                self._h, key, len(key), ffi.from_buffer(out), size, _QUIET | flags, meta
+                self._h, key, len(key), ffi.from_buffer(out), size, _QUIET | _FRESH | flags, meta
             )
             if n == size:
                 return out, int(meta[0]), int(meta[1])
@@ -321,11 +322,14 @@ class Handle:
     def _copy_whole(self, key: bytes, size: int, flags: int = 0) -> bytes | None:
         """Copy a value whose size is already known (no statistics, no LRU touch)
         straight into a new bytes object; None if it has gone meanwhile."""
+        flags |= _WHOLE | _QUIET | _FRESH
         while True:
             # A fresh bytes object nobody else can see yet: the core fills it
-            # with the GIL released, and it is immutable from here on.
+            # with the GIL released (_FRESH: backed by huge pages where it can
+            # be, so that freeing it is cheap too), and it is immutable from
+            # here on.
             out = bytes(size)
-            n = _get(self._h, key, len(key), ffi.from_buffer(out), size, 0, _WHOLE | _QUIET | flags)
+            n = _get(self._h, key, len(key), ffi.from_buffer(out), size, 0, flags)
             if n == size:
                 return out
             if n == _MISS:
