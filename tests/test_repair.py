@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -355,3 +356,103 @@ def test_a_child_closing_its_inherited_handle_leaves_the_parents_reservation(
         assert child.exitcode == 0
         reservation.publish()
         assert cache.get(b"r") == b"hello"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("call", ["put", "put_many"])
+async def test_a_write_cancelled_while_it_waits_for_the_repair_is_not_done(
+    anyio_backend: str, call: str, cache_path: str
+) -> None:
+    """docs/cancellation.md: a cancellation during the wait for a repair
+    leaves nothing behind but the repair (its thread is shielded: the
+    cancellation is delivered when it is over, before the write is tried)."""
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        entered, release = threading.Event(), threading.Event()
+        repair = acache._core.repair
+
+        def held_repair() -> None:
+            entered.set()
+            assert release.wait(WAIT)
+            repair()
+
+        acache._core.repair = held_repair
+        returned: list[object] = []
+
+        async def write() -> None:
+            if call == "put":
+                returned.append(await acache.put(b"k", b"v" * 100))
+            else:
+                returned.append(await acache.put_many([(b"k", b"v"), (b"k2", b"w")]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            assert await anyio.to_thread.run_sync(entered.wait, WAIT)
+            tg.cancel_scope.cancel()  # while the write waits for the repair
+            release.set()
+        assert returned == []
+        assert b"k" not in acache.cache and b"k2" not in acache.cache
+        assert len(acache.cache) == N  # repaired: every entry kept
+
+
+@pytest.mark.anyio
+async def test_aclose_waits_for_a_repair_in_flight_off_the_loop(
+    anyio_backend: str, cache_path: str
+) -> None:
+    """Closing waits for the calls in flight on the handle; for a repair
+    (O(pool)) that wait is in a worker thread, and the loop runs meanwhile.
+    The repair here cannot finish before a task of the loop lets it: if
+    aclose blocked the loop, the holder's bounded wait would fail."""
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    _fill(acache.cache)
+    _kill_holding_every_shard_lock(acache.cache, cache_path)
+    pool_lock = int(ffi.cast("uintptr_t", acache.cache._base)) + 128  # &header->pool.lock
+    libc = ctypes.CDLL(None)
+    held, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    def hold_the_pool_lock() -> None:
+        libc.pthread_mutex_lock(ctypes.c_void_p(pool_lock))
+        held.set()
+        released.append(release.wait(WAIT))
+        libc.pthread_mutex_unlock(ctypes.c_void_p(pool_lock))
+
+    def a_thread_sleeps_on_the_pool_lock() -> None:
+        # glibc's lock word has FUTEX_WAITERS set once a locker sleeps on it:
+        # the repair is then inside the core (a call in flight on the handle).
+        word = ctypes.c_uint32.from_address(pool_lock)
+        deadline = time.monotonic() + WAIT
+        while not word.value & 0x80000000:
+            assert time.monotonic() < deadline, "the repair did not wait for the pool lock"
+            time.sleep(0.001)
+
+    holder = threading.Thread(target=hold_the_pool_lock)
+    holder.start()
+    try:
+        assert await anyio.to_thread.run_sync(held.wait, WAIT)
+        got: list[object] = []
+
+        async def get() -> None:  # meets the damage: the repair runs in a worker thread
+            try:
+                got.append(await acache.get(b"e1"))
+            except aiovmc.CacheClosedError as exc:
+                got.append(exc)
+
+        async def release_from_the_loop() -> None:
+            release.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)
+            await anyio.to_thread.run_sync(a_thread_sleeps_on_the_pool_lock)
+            tg.start_soon(release_from_the_loop)  # runs only if aclose lets the loop run
+            await acache.aclose()
+            assert acache.cache.closed
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert released == [True], "aclose blocked the loop while the repair was in flight"
+    assert len(got) == 1
+    assert isinstance(got[0], aiovmc.CacheClosedError) or check_value(b"e1", got[0]) == 1
+    await acache.aclose()  # idempotent
