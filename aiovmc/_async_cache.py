@@ -20,6 +20,8 @@ calls never repair the file. One that finds a repair needed (a process died
 holding a lock of the file) raises `RepairNeeded`; the operation then waits for
 the repair, run in a worker thread (one per loop at a time, `_repaired`), and
 calls again: the loop never runs an O(pool) rebuild, nor waits for one.
+`aclose` closes the handle in a worker thread too: closing waits for the calls
+in flight on it (an off-loop copy, a repair) to return.
 """
 
 from __future__ import annotations
@@ -339,6 +341,9 @@ class AsyncCache:
         repair takes every lock in order: one rebuilds, the others sleep)."""
         for _ in range(self._core.REPAIR_ROUNDS):
             await self._repairs.run(None, self._repair)
+            # The repair's thread is shielded: a cancellation of this task
+            # during the wait is delivered here, before the call is made.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             try:
                 return call(*args)
             except RepairNeeded:
@@ -709,8 +714,17 @@ class AsyncCache:
 
     async def aclose(self) -> None:
         """Close the underlying `Cache` (idempotent). A checkpoint; the handle is
-        closed even if the caller is cancelled."""
-        self._cache.close()
+        closed even if the caller is cancelled (the cancellation is raised
+        once it is).
+
+        Closing waits for the calls in flight on the handle in other threads
+        (an off-loop copy, a repair, `clear`, a flush) to return: it does so
+        in a worker thread, the loop running meanwhile. Operations this loop
+        starts before the close takes effect run as usual; later ones raise
+        `CacheClosedError`."""
+        if not self._cache.closed:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._cache.close)
         await anyio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> Self:

@@ -1,16 +1,21 @@
-"""Sync get hits and puts: 100 B and 4 KiB values, 100k keys, random order.
+"""Sync get hits, get_into, puts: 100 B and 4 KiB values over 100k keys; 64 KiB and 1 MiB.
 
 Every library holds the same 100k 16-byte keys; a timed round walks a pre-generated
 random order of them. Gets are hits; puts replace an existing key (the steady state
-of a full cache). aiovmc: `Cache.get`, `Cache.put`, and `Cache.get_many` of 100 keys
-a call (per key). py-lmdb (`sync=False, writemap=True`): a read transaction per get,
+of a full cache). aiovmc: `Cache.get`, `Cache.get_into` a buffer of the value's size
+allocated once (no result object), `Cache.put`, and `Cache.get_many` of 100 keys a
+call (per key). py-lmdb (`sync=False, writemap=True`): a read transaction per get,
 a write transaction per put (what a cache shared by processes must do to see and
 publish each value: DESIGN §8's peer); "lmdb, one txn per round" does a round's gets
 (or puts) in one transaction, LMDB's batched best case, and its get_many figure is a
-read transaction per 100 keys. diskcache `Cache` (SQLite) with its defaults;
-cachetools `LRUCache`, a per-process dict (a floor, nothing shared); redis-py over a
-unix socket to a private `redis-server`. The 1,000-hot-keys column walks a working
-set that fits the CPU caches, which separates the per-call cost from memory misses.
+read transaction per 100 keys. lmdb's get_into is its get with `buffers=True` (a
+view of the map) copied into the same kind of buffer. diskcache `Cache` (SQLite) with
+its defaults; cachetools `LRUCache`, a per-process dict (a floor, nothing shared);
+redis-py over a unix socket to a private `redis-server`. The 1,000-hot-keys column
+walks a working set that fits the CPU caches, which separates the per-call cost from
+memory misses. Large values: aiovmc and lmdb only, the same get, get_into and put
+over 4,000 keys of 64 KiB and 256 keys of 1 MiB (random order), where the copy (and
+aiovmc's checksum of it) dominates.
 """
 
 from __future__ import annotations
@@ -46,10 +51,15 @@ import aiovmc
 
 TITLE = "Sync get hit / put"
 TABLE = "per op"
+LARGE = "large values"
 TABLES = [
     Table(TABLE, "Median time per op (100k 16-byte keys, random order unless said)",
           Plot("bars", "bench_sync.png", "Sync get hit / put, 100k keys (median)",
                xlabel="time per op", logx=True)),
+    Table(LARGE, "Median time per op (64 KiB values over 4,000 keys, 1 MiB over 256, "
+          "random order)",
+          Plot("bars", "bench_sync_large.png", "Sync get / put of large values (median)",
+               xlabel="time per op")),
 ]  # fmt: skip
 BATCH = 100
 HOT = 1_000
@@ -65,6 +75,19 @@ def _lmdb_get_per_txn(env: Any) -> Callable[[bytes], Any]:
             return txn.get(k)
 
     return get
+
+
+def _lmdb_get_into_per_txn(env: Any, buf: bytearray) -> Callable[[bytes], Any]:
+    """A read transaction per get, the value (a view of the map) copied into ``buf``."""
+    begin, out = env.begin, memoryview(buf)
+
+    def get_into(k: bytes) -> int:
+        with begin(buffers=True) as txn:
+            v = txn.get(k)
+            out[: len(v)] = v
+            return len(v)
+
+    return get_into
 
 
 def _lmdb_put_per_txn(env: Any, value: bytes) -> Callable[[bytes], Any]:
@@ -97,6 +120,23 @@ def _lmdb_one_txn(env: Any, value: bytes | None) -> Callable[[list[bytes]], Loop
     return make
 
 
+def _lmdb_one_txn_into(env: Any, buf: bytearray) -> Callable[[list[bytes]], Loop]:
+    """A round's gets in one transaction, each value copied into ``buf``."""
+    out = memoryview(buf)
+
+    def make(keys: list[bytes]) -> Loop:
+        def loop() -> None:
+            with env.begin(buffers=True) as txn:
+                get = txn.get
+                for k in keys:
+                    v = get(k)
+                    out[: len(v)] = v
+
+        return loop
+
+    return make
+
+
 def _lmdb_batches(env: Any) -> Callable[[list[tuple[bytes, ...]]], Loop]:
     def make(batches: list[tuple[bytes, ...]]) -> Loop:
         def loop() -> None:
@@ -109,6 +149,45 @@ def _lmdb_batches(env: Any) -> Callable[[list[tuple[bytes, ...]]], Loop]:
         return loop
 
     return make
+
+
+def _shared_cases(cache: Any, env: Any, value: bytes) -> dict[str, list[Case]]:
+    """aiovmc's and lmdb's get, get_into and put of ``value``-sized values."""
+    buf, lbuf = bytearray(len(value)), bytearray(len(value))
+    return {
+        "get": [
+            Case("aiovmc", loop_over(cache.get)),
+            Case("lmdb", loop_over(_lmdb_get_per_txn(env))),
+            Case("lmdb, one txn per round", _lmdb_one_txn(env, None)),
+        ],
+        "get_into": [
+            Case("aiovmc", loop_over(lambda k, get_into=cache.get_into: get_into(k, buf))),
+            Case("lmdb", loop_over(_lmdb_get_into_per_txn(env, lbuf))),
+            Case("lmdb, one txn per round", _lmdb_one_txn_into(env, lbuf)),
+        ],
+        "put": [
+            Case("aiovmc", loop_over(lambda k, put=cache.put, v=value: put(k, v))),
+            Case("lmdb", loop_over(_lmdb_put_per_txn(env, value))),
+            Case("lmdb, one txn per round", _lmdb_one_txn(env, value)),
+        ],
+    }
+
+
+def _measure(
+    fam: Family, table: str, plan: list[tuple[str, list[Case], list[Any], int]], settings: Settings
+) -> None:
+    for col, cases, seq, per in plan:
+        rounds = interleaved(cases, seq, settings)
+        for name, ns in rounds.items():
+            fam.add(table, name, col, [x / per for x in ns], "ns")
+        say(f"  {col}: " + ", ".join(
+            f"{n} {fmt(fam.value(table, n, col), 'ns')}" for n in rounds))  # fmt: skip
+
+
+def _check(cache: Any, keys: list[bytes]) -> None:
+    missing = sum(1 for k in keys if cache.get(k) is None)
+    if missing:
+        raise RuntimeError(f"aiovmc lost {missing} of {len(keys)} keys while filling")
 
 
 def run(settings: Settings, fam: Family) -> None:
@@ -140,46 +219,62 @@ def run(settings: Settings, fam: Family) -> None:
                     lru[k] = value
                     pipe.set(k, value)
                 pipe.execute()
-            missing = sum(1 for k in keys if cache.get(k) is None)
-            if missing:
-                raise RuntimeError(f"aiovmc lost {missing} of {n_keys} keys while filling")
-            gets = [
-                Case("aiovmc", loop_over(cache.get)),
-                Case("lmdb", loop_over(_lmdb_get_per_txn(env))),
-                Case("lmdb, one txn per round", _lmdb_one_txn(env, None)),
+            _check(cache, keys)
+            shared = _shared_cases(cache, env, value)
+            gets = shared["get"] + [
                 Case("diskcache", loop_over(dc.get)),
                 Case("cachetools", loop_over(lru.get)),
                 Case("redis", loop_over(rclient.get)),
             ]
-            puts = [
-                Case("aiovmc", loop_over(lambda k, put=cache.put, v=value: put(k, v))),
-                Case("lmdb", loop_over(_lmdb_put_per_txn(env, value))),
-                Case("lmdb, one txn per round", _lmdb_one_txn(env, value)),
+            puts = shared["put"] + [
                 Case("diskcache", loop_over(lambda k, put=dc.set, v=value: put(k, v))),
                 Case("cachetools", loop_over(lambda k, put=lru.__setitem__, v=value: put(k, v))),
                 Case("redis", loop_over(lambda k, put=rclient.set, v=value: put(k, v))),
             ]
             plan: list[tuple[str, list[Case], list[Any], int]] = [
                 (f"get {label}", gets, order, 1),
+                (f"get_into {label}", shared["get_into"], order, 1),
                 (f"put {label}", puts, order, 1),
             ]
             if size == 100:
                 plan += [
                     (f"get {label}, 1,000 hot keys",
-                     [c for c in gets if c.name in ("aiovmc", "lmdb", "cachetools")], hot, 1),
+                     [c for c in gets if c.name not in ("diskcache", "redis")], hot, 1),
                     (f"get_many {label} (per key)",
                      [Case("aiovmc", loop_over(cache.get_many)),
                       Case("lmdb", _lmdb_batches(env))], batches, BATCH),
                 ]  # fmt: skip
             try:
-                for col, cases, seq, per in plan:
-                    rounds = interleaved(cases, seq, settings)
-                    for name, ns in rounds.items():
-                        fam.add(TABLE, name, col, [x / per for x in ns], "ns")
-                    say(f"  {col}: " + ", ".join(
-                        f"{n} {fmt(fam.value(TABLE, n, col), 'ns')}" for n in rounds))  # fmt: skip
+                _measure(fam, TABLE, plan, settings)
             finally:
                 cache.close()
                 env.close()
                 dc.close()
         rclient.close()
+    _large(settings, fam)
+
+
+def _large(settings: Settings, fam: Family) -> None:
+    """get, get_into and put of 64 KiB and 1 MiB values, aiovmc and lmdb only."""
+    for size, n_keys in ((64 * KiB, settings.pick(4_000, 4_000, 200)),
+                         (1 * MiB, settings.pick(256, 256, 16))):  # fmt: skip
+        label = fmt(size, "B")
+        value = make_value(size)
+        keys = [make_key(i) for i in range(n_keys)]
+        order = [keys[i] for i in key_order(n_keys)]
+        say(f"  -- {label} values: filling {n_keys:,} keys in aiovmc and lmdb")
+        with scratch("sync-large") as d:
+            cache = aiovmc.Cache(os.path.join(d, "aiovmc"), size=max(256 * MiB, 3 * n_keys * size))
+            env = lmdb.open(os.path.join(d, "lmdb"), map_size=2 * GiB, sync=False, writemap=True)
+            try:
+                with env.begin(write=True) as txn:
+                    for k in keys:
+                        cache.put(k, value)
+                        txn.put(k, value)
+                _check(cache, keys)
+                shared = _shared_cases(cache, env, value)
+                _measure(fam, LARGE, [(f"{op} {label}", shared[op], order, 1)
+                                      for op in ("get", "get_into", "put")], settings)  # fmt: skip
+            finally:
+                cache.close()
+                env.close()

@@ -157,7 +157,7 @@ int vmc_attach(vmc_cache *c, void *base, struct vmc_info *info);
 /* vmc_abort -- undo a vmc_open() (or a failed vmc_attach()): close and free. */
 void vmc_abort(vmc_cache *c);
 /* vmc_after_fork -- in a fork()ed child, take a liveness lock of the child's
- * own. VMC_OK; VMC_E_OS, and the handle is then closed (without unlocking
+ * own and forget the parent's open reservations (closed or not). VMC_OK; VMC_E_OS, and the handle is then closed (without unlocking
  * the parent's lock). */
 int vmc_after_fork(vmc_cache *c);
 /* vmc_close -- detach: wait for calls in flight on other threads, cancel

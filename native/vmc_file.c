@@ -560,9 +560,28 @@ void vmc_abort(vmc_cache *c)
     free(c);
 }
 
+/* forget_rids -- in a child of fork(): the reservations and orphans on the
+ * list are the parent's (vmc_close must not cancel them, a repair must not
+ * free them), and a thread of the parent that is gone here may have held the
+ * lock guarding it (drop_orphans holds it while it waits for the pool lock):
+ * an empty list, a lock nobody holds. The array is freed only if nobody held
+ * the lock: a holder may have been resizing it (left to leak, once). */
+static void forget_rids(vmc_cache *c)
+{
+    if (pthread_mutex_trylock(&c->rids_lock) == 0) {
+        free(c->rids);
+        pthread_mutex_unlock(&c->rids_lock);
+    } else {
+        pthread_mutex_init(&c->rids_lock, NULL);
+    }
+    c->rids = NULL;
+    c->n_rids = c->cap_rids = 0;
+}
+
 int vmc_after_fork(vmc_cache *c)
 {
     atomic_store(&c->active, 0);
+    forget_rids(c);
     if (atomic_load(&c->closed))
         return VMC_OK;
     char self[64];

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,217 @@ def test_a_deferred_put_leaves_no_room_held_after_the_repair(
         assert after == used
         assert b"k" not in cache
         assert cache.statistics().used_bytes == used
+
+
+_FORK_DURING_DROP_ORPHANS = r"""
+import ctypes, os, select, signal, sys, threading
+import aiovmc
+from aiovmc._cache import CacheCore
+from aiovmc._errors import RepairNeeded
+from aiovmc._native._binding import ffi
+from tests.helpers import WAIT
+from tests.test_repair import _fill, _kill_holding_every_shard_lock
+
+so, path = sys.argv[1], sys.argv[2]
+# The interposer's pause talks on fds 0 and 1: pipes this process holds the other ends of.
+go_r, go_w = os.pipe()
+paused_r, paused_w = os.pipe()
+os.dup2(go_r, 0)
+os.dup2(paused_w, 1)
+pause = ctypes.c_size_t.in_dll(ctypes.CDLL(so), "aiovmc_test_pause_at")
+
+
+def read1(fd):
+    assert select.select([fd], [], [], WAIT)[0], "timed out"
+    return os.read(fd, 1)
+
+
+cache = aiovmc.Cache(path, size="2MiB")
+_fill(cache)
+core = CacheCore(cache)
+base = int(ffi.cast("uintptr_t", cache._base))
+
+
+def deferred_put():  # as AsyncCache.put on the loop: its room becomes an orphan
+    try:
+        core.store(b"k", b"v" * 1000, None)
+    except RepairNeeded:
+        return
+    raise AssertionError("stored in a damaged file")
+
+
+pause.value = base + 128  # &header->pool.lock: pause once make_room has the room
+put = threading.Thread(target=deferred_put)
+put.start()
+assert read1(paused_r) == b"P"
+_kill_holding_every_shard_lock(cache, path)
+os.write(go_w, b"g")
+put.join()
+pause.value = base + 128  # the repair thread: pause after vmc_repair's pool unlock...
+repair = threading.Thread(target=core.repair)
+repair.start()
+assert read1(paused_r) == b"P"
+pause.value = base + 128  # ...then in drop_orphans, holding the handle's rids_lock
+os.write(go_w, b"g")
+assert read1(paused_r) == b"P"
+for op in ("close", "reserve"):
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if op == "reserve":
+            cache.reserve(b"r", 10).cancel()
+        cache.close()
+        os.write(done_w, b"d")
+        os._exit(0)
+    os.close(done_w)
+    ready = select.select([done_r], [], [], WAIT)[0]
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert ready, f"a child's {op} hangs on the lock a thread of its parent held"
+    assert os.read(done_r, 1) == b"d"
+os.write(go_w, b"g")
+repair.join()
+assert b"k" not in cache
+cache.close()
+print("ok")
+"""
+
+
+def test_a_child_forked_while_a_thread_holds_the_handles_list_lock_can_use_its_handle(
+    tmp_path: Path, cache_path: str
+) -> None:
+    """A thread freeing the orphans after a repair holds the handle's
+    process-local list lock while it takes the pool lock. A child forked then
+    inherits the lock held by a thread it does not have: its close and reserve
+    must not wait for it (the list is the parent's, forgotten in the child)."""
+    from .test_crash import _build_interposer
+
+    so = _build_interposer(tmp_path)
+    preload = f"{os.environ.get('LD_PRELOAD', '')} {so}".strip()
+    env = dict(os.environ, LD_PRELOAD=preload, PYTHONPATH=str(Path(__file__).parents[1]))
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK_DURING_DROP_ORPHANS, so, cache_path],
+        env=env,
+        capture_output=True,
+        timeout=4 * WAIT,
+    )
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+
+
+def _close_inherited(cache: aiovmc.Cache) -> None:
+    cache.close()
+
+
+def test_a_child_closing_its_inherited_handle_leaves_the_parents_reservation(
+    cache_path: str,
+) -> None:
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        reservation = cache.reserve(b"r", 5)
+        reservation.buffer[:] = b"hello"
+        child = multiprocessing.get_context("fork").Process(target=_close_inherited, args=(cache,))
+        child.start()
+        child.join(WAIT)
+        assert child.exitcode == 0
+        reservation.publish()
+        assert cache.get(b"r") == b"hello"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("call", ["put", "put_many"])
+async def test_a_write_cancelled_while_it_waits_for_the_repair_is_not_done(
+    anyio_backend: str, call: str, cache_path: str
+) -> None:
+    """docs/cancellation.md: a cancellation during the wait for a repair
+    leaves nothing behind but the repair (its thread is shielded: the
+    cancellation is delivered when it is over, before the write is tried)."""
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        entered, release = threading.Event(), threading.Event()
+        repair = acache._core.repair
+
+        def held_repair() -> None:
+            entered.set()
+            assert release.wait(WAIT)
+            repair()
+
+        acache._core.repair = held_repair
+        returned: list[object] = []
+
+        async def write() -> None:
+            if call == "put":
+                returned.append(await acache.put(b"k", b"v" * 100))
+            else:
+                returned.append(await acache.put_many([(b"k", b"v"), (b"k2", b"w")]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            assert await anyio.to_thread.run_sync(entered.wait, WAIT)
+            tg.cancel_scope.cancel()  # while the write waits for the repair
+            release.set()
+        assert returned == []
+        assert b"k" not in acache.cache and b"k2" not in acache.cache
+        assert len(acache.cache) == N  # repaired: every entry kept
+
+
+@pytest.mark.anyio
+async def test_aclose_waits_for_a_repair_in_flight_off_the_loop(
+    anyio_backend: str, cache_path: str
+) -> None:
+    """Closing waits for the calls in flight on the handle; for a repair
+    (O(pool)) that wait is in a worker thread, and the loop runs meanwhile.
+    The repair here cannot finish before a task of the loop lets it: if
+    aclose blocked the loop, the holder's bounded wait would fail."""
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB")
+    _fill(acache.cache)
+    _kill_holding_every_shard_lock(acache.cache, cache_path)
+    pool_lock = int(ffi.cast("uintptr_t", acache.cache._base)) + 128  # &header->pool.lock
+    libc = ctypes.CDLL(None)
+    held, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    def hold_the_pool_lock() -> None:
+        libc.pthread_mutex_lock(ctypes.c_void_p(pool_lock))
+        held.set()
+        released.append(release.wait(WAIT))
+        libc.pthread_mutex_unlock(ctypes.c_void_p(pool_lock))
+
+    def a_thread_sleeps_on_the_pool_lock() -> None:
+        # glibc's lock word has FUTEX_WAITERS set once a locker sleeps on it:
+        # the repair is then inside the core (a call in flight on the handle).
+        word = ctypes.c_uint32.from_address(pool_lock)
+        deadline = time.monotonic() + WAIT
+        while not word.value & 0x80000000:
+            assert time.monotonic() < deadline, "the repair did not wait for the pool lock"
+            time.sleep(0.001)
+
+    holder = threading.Thread(target=hold_the_pool_lock)
+    holder.start()
+    try:
+        assert await anyio.to_thread.run_sync(held.wait, WAIT)
+        got: list[object] = []
+
+        async def get() -> None:  # meets the damage: the repair runs in a worker thread
+            try:
+                got.append(await acache.get(b"e1"))
+            except aiovmc.CacheClosedError as exc:
+                got.append(exc)
+
+        async def release_from_the_loop() -> None:
+            release.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)
+            await anyio.to_thread.run_sync(a_thread_sleeps_on_the_pool_lock)
+            tg.start_soon(release_from_the_loop)  # runs only if aclose lets the loop run
+            await acache.aclose()
+            assert acache.cache.closed
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert released == [True], "aclose blocked the loop while the repair was in flight"
+    assert len(got) == 1
+    assert isinstance(got[0], aiovmc.CacheClosedError) or check_value(b"e1", got[0]) == 1
+    await acache.aclose()  # idempotent
