@@ -121,9 +121,6 @@ class StoreWithTTL(NamedTuple):
     value: bytes
     deadline: float | None
 
-    def ttl_left(self) -> float | None:
-        return ttl_until(self.deadline)
-
 
 def ttl_until(deadline: float | None) -> float | None:
     """The TTL that ends at `deadline` (`time.monotonic()`; None: never) if stored
@@ -479,7 +476,7 @@ class AsyncCache:
         if result is None:
             return None
         if isinstance(result, StoreWithTTL):
-            result, ttl = result.value, result.ttl_left()
+            result, ttl = result.value, ttl_until(result.deadline)
         if _nbytes(result) < self._threshold:
             await self._store(key, result, ttl)
             return result if result.__class__ is bytes else bytes(result)
