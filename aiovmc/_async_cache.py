@@ -31,7 +31,7 @@ import inspect
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, Union, overload
 
@@ -43,6 +43,7 @@ from ._cache import Cache, CacheCore, CacheEntry, CacheStatistics, Reservation, 
 from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
 from ._errors import CacheClosedError, RepairNeeded
+from ._native import compiled_async_get, ready
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -353,35 +354,35 @@ class AsyncCache:
     # -- reads ---------------------------------------------------------------------
 
     @overload
-    async def get(
+    def get(
         self,
         key: Key,
         default: None = None,
         *,
         on_miss: Loader | None = None,
         ttl: TTL = None,
-    ) -> bytes | None: ...
+    ) -> Coroutine[Any, Any, bytes | None]: ...
 
     @overload
-    async def get(
+    def get(
         self,
         key: Key,
         default: D,
         *,
         on_miss: Loader | None = None,
         ttl: TTL = None,
-    ) -> bytes | D: ...
+    ) -> Coroutine[Any, Any, bytes | D]: ...
 
-    async def get(
+    def get(
         self,
         key: Key,
         default: object = None,
         *,
         on_miss: Loader | None = None,
         ttl: TTL = None,
-    ) -> object:
+    ) -> Coroutine[Any, Any, object]:
         """Return the value of ``key``; on a miss, load it (coalesced) or return
-        ``default``.
+        ``default``. Use as ``await cache.get(key)``.
 
         A hit returns without waiting (no checkpoint), unless the value is at least
         ``offload_threshold`` bytes: then it is copied in a worker thread. A miss
@@ -392,14 +393,45 @@ class AsyncCache:
         ``default``. Loader exceptions propagate to every waiter and are not cached.
         Cancelling a waiting task cancels only it; a cancelled loader is retried by
         another waiter.
+
+        Not an ``async def``: the lookup runs in the call, and what it returns is
+        awaitable (a `collections.abc.Coroutine`, which create_task and task
+        groups take too). A hit, or a miss without a loader, returns an awaitable
+        already done (`aiovmc._native.ready`): no coroutine to create and run,
+        the largest part of what an awaited hit cost beyond the sync get
+        (docs/async.md, "The cost of an awaited hit"). A bad key raises here.
         """
+        # On the fast path, the compiled `get` (native/vmc_fast.c) stands in for
+        # this method: the same steps, without a Python frame.
         k = key if key.__class__ is bytes else encode_key(key)
+        found: object
         try:
             found = self._get_inline(k, self._limit)
         except RepairNeeded:
-            found = await self._repaired(self._get_inline, k, self._limit)
+            found = RepairNeeded
         if found.__class__ is bytes:
-            return found
+            return ready(found)
+        return self._get_rest(k, found, default, on_miss, ttl)
+
+    def _get_rest(
+        self, k: bytes, found: object, default: object, on_miss: Loader | None, ttl: TTL
+    ) -> Coroutine[Any, Any, object]:
+        """The rest of `get` when its lookup found no value to return at once:
+        ``found`` is the size of a value to copy off the loop, None (a miss), or
+        `RepairNeeded` (the lookup is made again once the file is repaired). A
+        miss without a loader is answered at once, with ``default``."""
+        if found is None and on_miss is None and self.on_miss is None:
+            return ready(default)
+        return self._get_waiting(k, found, default, on_miss, ttl)
+
+    async def _get_waiting(
+        self, k: bytes, found: object, default: object, on_miss: Loader | None, ttl: TTL
+    ) -> object:
+        """`_get_rest` when it waits: for a repair, an off-loop copy or a load."""
+        if found is RepairNeeded:
+            found = await self._repaired(self._get_inline, k, self._limit)
+            if found.__class__ is bytes:
+                return found
         if found is not None:
             value = await _offload(functools.partial(self._core.fetch, k))
             if value is not None:
@@ -736,3 +768,8 @@ class AsyncCache:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_compiled_get = compiled_async_get(AsyncCache)
+if _compiled_get is not None:
+    AsyncCache.get = _compiled_get  # type: ignore[method-assign]

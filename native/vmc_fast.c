@@ -671,6 +671,245 @@ static PyMethodDef get_many_def = {
     "get_many", fast_get_many, METH_O,
     "get_many(keys)\n--\n\n``{key: value}`` for the keys present; never calls the loader."};
 
+/* ---- Ready: an awaitable that is already done ---- */
+
+/* AsyncCache.get answers a hit without a coroutine: Ready(value), which
+ * `await` finishes at once -- am_send hands the value over with no frame, no
+ * StopIteration -- where a coroutine would cost a frame, its creation and its
+ * return (measured in docs/async.md, "The cost of an awaited hit"). aiovmc
+ * registers the type as a collections.abc.Coroutine, so that asyncio.create_task,
+ * anyio and trio take it as they take the coroutine of a miss. Like a
+ * coroutine, it answers once (await, send(None), next()), then raises
+ * RuntimeError; throw() raises what it is given, close() drops the value. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *value; /* NULL once answered or closed */
+} Ready;
+
+static PyTypeObject ReadyType;
+
+/* ready_take -- the value, handed over once (a new reference); NULL with
+ * RuntimeError after that. */
+static PyObject *ready_take(Ready *self)
+{
+    PyObject *value = self->value;
+    if (value == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse an already awaited aiovmc result");
+    self->value = NULL;
+    return value;
+}
+
+static PySendResult ready_am_send(PyObject *self, PyObject *arg, PyObject **result)
+{
+    (void)arg;
+    *result = ready_take((Ready *)self);
+    return *result ? PYGEN_RETURN : PYGEN_ERROR;
+}
+
+/* The protocol without am_send (next(), send()): the value as StopIteration's. */
+static PyObject *ready_next(PyObject *self)
+{
+    PyObject *value = ready_take((Ready *)self);
+    if (value == NULL)
+        return NULL;
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, value);
+    Py_DECREF(value);
+    if (stop != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, stop);
+        Py_DECREF(stop);
+    }
+    return NULL;
+}
+
+static PyObject *ready_send(PyObject *self, PyObject *arg)
+{
+    (void)arg;
+    return ready_next(self);
+}
+
+static PyObject *ready_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3)
+        return PyErr_Format(PyExc_TypeError, "throw() takes 1 to 3 arguments (%zd given)", nargs);
+    Py_CLEAR(((Ready *)self)->value);
+    PyObject *exc = args[0];
+    if (PyExceptionInstance_Check(exc))
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    else if (PyExceptionClass_Check(exc))
+        PyErr_SetObject(exc, nargs > 1 && args[1] != Py_None ? args[1] : NULL);
+    else
+        PyErr_SetString(PyExc_TypeError, "throw() takes an exception class or instance");
+    return NULL;
+}
+
+static PyObject *ready_close(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(((Ready *)self)->value);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ready_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *ready_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames)
+{
+    (void)type;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL)
+        return PyErr_Format(PyExc_TypeError, "Ready(value) takes one argument");
+    Ready *self = PyObject_New(Ready, &ReadyType);
+    if (self != NULL)
+        self->value = Py_NewRef(args[0]);
+    return (PyObject *)self;
+}
+
+static void ready_dealloc(PyObject *self)
+{
+    Py_XDECREF(((Ready *)self)->value);
+    PyObject_Free(self);
+}
+
+static PyAsyncMethods ready_async = {.am_await = ready_await, .am_send = ready_am_send};
+
+static PyMethodDef ready_methods[] = {
+    {"send", ready_send, METH_O, "send(None): raise StopIteration with the value."},
+    {"throw", (PyCFunction)(void (*)(void))ready_throw, METH_FASTCALL,
+     "throw(exc): raise exc (the value is dropped)."},
+    {"close", ready_close, METH_NOARGS, "Drop the value."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReadyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_aiovmc_native.Ready",
+    .tp_basicsize = sizeof(Ready),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ready(value): an awaitable already done, whose await returns value.",
+    .tp_as_async = &ready_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = ready_next,
+    .tp_methods = ready_methods,
+    .tp_vectorcall = ready_vectorcall,
+    .tp_dealloc = ready_dealloc,
+};
+
+/* ---- AsyncCache.get ---- */
+
+/* Where AsyncCache keeps its Cache (`_cache`) and the largest value it copies
+ * on the loop (`_limit`): slots, found by fast_bind_async. */
+static Py_ssize_t async_cache_offset, async_limit_offset;
+static PyTypeObject *handle_type; /* aiovmc's Handle: what `_cache` must be */
+static PyObject *repair_needed;   /* aiovmc.RepairNeeded */
+static PyObject *str_get_rest;    /* "_get_rest" */
+
+/* slot -- the object in the slot at `offset` of self (borrowed), or NULL with
+ * AttributeError if it is unset. */
+static PyObject *slot(PyObject *self, Py_ssize_t offset, const char *name)
+{
+    PyObject *value = *(PyObject **)((char *)self + offset);
+    if (value == NULL)
+        PyErr_Format(PyExc_AttributeError, "%R has no %s", self, name);
+    return value;
+}
+
+/* get(key, default=None, *, on_miss=None, ttl=None): as AsyncCache.get in
+ * aiovmc/_async_cache.py -- a hit of at most `_limit` bytes as Ready(value),
+ * anything else as self._get_rest(key, found, default, on_miss, ttl). */
+static PyObject *fast_async_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const names[] = {"key", "default", "on_miss", "ttl"};
+    PyObject *given[4] = {NULL, Py_None, Py_None, Py_None};
+    if (parse("get", names, 4, 2, 1, args, nargs, kwnames, given) < 0)
+        return NULL;
+    PyObject *cache = slot(self, async_cache_offset, "_cache");
+    PyObject *limit_obj = cache ? slot(self, async_limit_offset, "_limit") : NULL;
+    if (limit_obj == NULL)
+        return NULL;
+    if (!PyObject_TypeCheck(cache, handle_type) || !PyLong_CheckExact(limit_obj))
+        return PyErr_Format(PyExc_TypeError, "%R is not set up", self);
+    int64_t limit = PyLong_AsLongLong(limit_obj);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    FastHandle *fast = handle_of(cache);
+    if (fast == NULL)
+        return NULL;
+    PyObject *result = NULL, *found = NULL;
+    PyObject *key = encoded(given[0]);
+    if (key == NULL)
+        goto done;
+    int64_t n = 0;
+    PyObject *value = lookup(fast->c, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
+                             limit, VMC_F_NO_REPAIR, &n);
+    if (value) {
+        result = ready_vectorcall(NULL, &value, 1, NULL);
+        Py_DECREF(value);
+        goto done;
+    }
+    if (PyErr_Occurred())
+        goto done;
+    if (n >= 0)
+        found = PyLong_FromLongLong(n);
+    else if (n == VMC_MISS)
+        found = Py_NewRef(Py_None);
+    else if (raise_status(n), PyErr_ExceptionMatches(repair_needed)) {
+        PyErr_Clear();
+        found = Py_NewRef(repair_needed);
+    }
+    if (found) {
+        PyObject *call[7] = {NULL, self, key, found, given[1], given[2], given[3]};
+        result = PyObject_VectorcallMethod(str_get_rest, call + 1,
+                                           6 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(found);
+    }
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef async_get_def = {
+    "get", (PyCFunction)(void (*)(void))fast_async_get, METH_FASTCALL | METH_KEYWORDS,
+    "get(key, default=None, *, on_miss=None, ttl=None)\n--\n\nThe value of `key`, awaitable; "
+    "on a miss, loaded (coalesced) or `default` (the compiled fast path)."};
+
+/* slot_offset -- the offset of the slot `name` of cls, or -1 with TypeError. */
+static Py_ssize_t slot_offset(PyObject *cls, const char *name)
+{
+    PyObject *descr = PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%R has no `%s` slot", cls, name);
+        return -1;
+    }
+    return ((PyMemberDescrObject *)descr)->d_member->offset;
+}
+
+/* fast_bind_async(cls, handle_cls, RepairNeeded) -> the method descriptor of
+ * cls (aiovmc's AsyncCache) for `get`; fast_bind(handle_cls, ...) first. */
+static PyObject *fast_bind_async(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyType_Check(args[1]) ||
+        !PyExceptionClass_Check(args[2]) || fast_offset == 0)
+        return PyErr_Format(PyExc_TypeError,
+                            "fast_bind_async(cls, handle_cls, RepairNeeded), after fast_bind");
+    if ((async_cache_offset = slot_offset(args[0], "_cache")) < 0 ||
+        (async_limit_offset = slot_offset(args[0], "_limit")) < 0)
+        return NULL;
+    Py_XSETREF(handle_type, (PyTypeObject *)Py_NewRef(args[1]));
+    Py_XSETREF(repair_needed, Py_NewRef(args[2]));
+    return PyDescr_NewMethod((PyTypeObject *)args[0], &async_get_def);
+}
+
+static PyMethodDef fast_bind_async_def = {
+    "fast_bind_async", (PyCFunction)(void (*)(void))fast_bind_async, METH_FASTCALL,
+    "fast_bind_async(cls, handle_cls, RepairNeeded)\n--\n\nThe fast path's `get` for "
+    "AsyncCache."};
+
 /* fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put) -> {name: method descriptor of cls} */
 static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -714,17 +953,25 @@ static int install(void)
     if (str_on_evict == NULL &&
         (str_on_evict = PyUnicode_InternFromString("_on_evict")) == NULL)
         return -1;
-    if (PyType_Ready(&FastHandleType) < 0)
+    if (str_get_rest == NULL && (str_get_rest = PyUnicode_InternFromString("_get_rest")) == NULL)
+        return -1;
+    if (PyType_Ready(&FastHandleType) < 0 || PyType_Ready(&ReadyType) < 0)
         return -1;
     PyObject *module = PyImport_ImportModule("_aiovmc_native");
     if (module == NULL)
         return -1;
     PyObject *bind = PyCFunction_NewEx(&fast_bind_def, NULL, NULL);
-    int rc = bind == NULL ? -1
+    PyObject *bind_async = PyCFunction_NewEx(&fast_bind_async_def, NULL, NULL);
+    int rc = bind == NULL || bind_async == NULL ? -1
              : PyObject_SetAttrString(module, "FastHandle", (PyObject *)&FastHandleType) < 0
+                 ? -1
+             : PyObject_SetAttrString(module, "Ready", (PyObject *)&ReadyType) < 0
+                 ? -1
+             : PyObject_SetAttrString(module, "fast_bind_async", bind_async) < 0
                  ? -1
                  : PyObject_SetAttrString(module, "fast_bind", bind);
     Py_XDECREF(bind);
+    Py_XDECREF(bind_async);
     Py_DECREF(module);
     return rc;
 }

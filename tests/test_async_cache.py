@@ -8,6 +8,7 @@ not completes.
 
 from __future__ import annotations
 
+import collections.abc
 import threading
 import time
 from collections.abc import Iterator
@@ -81,6 +82,50 @@ async def test_hit_and_plain_miss_are_not_checkpoints(acache: AsyncCache) -> Non
     assert await acache.get("absent", b"dflt") == b"dflt"
     assert acache.get_nowait("k") == b"small"
     assert acache.get_nowait("absent", 7) == 7
+
+
+async def test_a_get_is_a_coroutine_that_answers_once(acache: AsyncCache) -> None:
+    # A hit is answered by an awaitable already done (docs/async.md, "The cost of
+    # an awaited hit"): it keeps a coroutine's protocol.
+    await acache.put("k", b"v")
+    for key, value in (("k", b"v"), ("absent", None)):
+        once = acache.get(key)
+        assert isinstance(once, collections.abc.Coroutine)
+        assert await once == value
+        with pytest.raises(RuntimeError):
+            await once
+    sent = acache.get("k")
+    with pytest.raises(StopIteration) as stop:
+        sent.send(None)
+    assert stop.value.value == b"v"
+    thrown = acache.get("k")
+    with pytest.raises(ValueError, match="thrown"):
+        thrown.throw(ValueError("thrown"))
+    closed = acache.get("k")
+    closed.close()
+    with pytest.raises(RuntimeError):
+        await closed
+    stats = acache.statistics()
+    assert (stats.hits, stats.misses) == (4, 1)  # counted when called, awaited or not
+
+
+async def test_a_get_runs_as_a_task_of_its_own(acache: AsyncCache, anyio_backend: str) -> None:
+    await acache.put("k", b"v")
+    got: list[bytes | None] = []
+
+    async def keep(key: str) -> None:
+        got.append(await acache.get(key))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acache.get, "k")  # a hit, started as a task
+        tg.start_soon(acache.get, "absent")
+        tg.start_soon(keep, "k")
+    assert got == [b"v"]
+    if anyio_backend == "asyncio":
+        import asyncio
+
+        assert await asyncio.create_task(acache.get("k")) == b"v"
+        assert await asyncio.gather(acache.get("k"), acache.get("absent", b"d")) == [b"v", b"d"]
 
 
 async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> None:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
+from .._errors import RepairNeeded
 from ._binding import _aiovmc_native, ffi, lib
 from ._status import error_for, raise_for
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 D = TypeVar("D")
+T = TypeVar("T")
 
 __all__ = [
     "ABSENT",
@@ -53,8 +55,10 @@ __all__ = [
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
+    "compiled_async_get",
     "new_ticket",
     "peek",
+    "ready",
     "set_clock_offset",
 ]
 
@@ -790,3 +794,24 @@ def _install_fast_path() -> bool:
 
 
 FAST_PATH = _install_fast_path()
+
+
+async def _finished(value: T) -> T:
+    """The pure binding's `ready`: a coroutine that returns `value`."""
+    return value
+
+
+#: ``ready(value)``: an awaitable already done, whose await returns `value` (once),
+#: and a `collections.abc.Coroutine`. On the fast path, the compiled `Ready`
+#: (native/vmc_fast.c): no coroutine frame to create and finish; else a coroutine.
+ready: Callable[[T], Coroutine[Any, Any, T]] = _aiovmc_native.Ready if FAST_PATH else _finished
+if FAST_PATH:
+    Coroutine.register(_aiovmc_native.Ready)
+
+
+def compiled_async_get(cls: type) -> Any | None:
+    """The fast path's `get` for `cls` (aiovmc's AsyncCache: a hit answered as a
+    compiled `Ready`, without a Python frame), or None on the pure binding."""
+    if not FAST_PATH:
+        return None
+    return _aiovmc_native.fast_bind_async(cls, Handle, RepairNeeded)
