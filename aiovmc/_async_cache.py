@@ -567,29 +567,31 @@ class AsyncCache:
         """As `Cache.get_many`: ``{key: value}`` for the hits, keyed by the encoded
         keys, in the order given; never loads.
 
-        Values of at least ``offload_threshold`` bytes are copied in a worker thread
-        (a checkpoint); the others on the loop.
+        The keys are looked up in batches (one C call per 64 keys on the fast
+        path), the values under ``offload_threshold`` bytes copied there, on the
+        loop; the larger ones are then copied in a worker thread (a checkpoint).
         """
+        encoded = [key if key.__class__ is bytes else encode_key(key) for key in keys]
+        found: list[bytes | int | None] = []
+        get_many_inline, limit = self._core.get_many_inline, self._limit
+        try:
+            get_many_inline(encoded, limit, found)
+        except RepairNeeded:  # `found` holds the answers for the keys before
+            await self._repaired(lambda: get_many_inline(encoded[len(found) :], limit, found))
         result: dict[bytes, bytes] = {}
         large: dict[bytes, None] = {}  # each key copied once, however often it is asked
-        get_inline, limit = self._get_inline, self._limit
-        for key in keys:
-            k = key if key.__class__ is bytes else encode_key(key)
-            try:
-                found = get_inline(k, limit)
-            except RepairNeeded:
-                found = await self._repaired(get_inline, k, limit)
-            if isinstance(found, bytes):
-                result[k] = found
-            elif found is not None:
+        for k, value in zip(encoded, found, strict=True):
+            if value.__class__ is bytes:
+                result[k] = value
+            elif value is not None:
                 large[k] = None
                 result[k] = b""  # keeps the order
         for k in large:
-            value = await _offload(functools.partial(self._core.fetch, k))
-            if value is None:
+            copied = await _offload(functools.partial(self._core.fetch, k))
+            if copied is None:
                 del result[k]
             else:
-                result[k] = value
+                result[k] = copied
         return result
 
     # -- writes --------------------------------------------------------------------

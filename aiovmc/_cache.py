@@ -627,6 +627,7 @@ class CacheCore:
         "flight_kick",
         "flight_wait",
         "get_inline",
+        "get_many_inline",
         "host",
         "load_timeout_ns",
         "repair",
@@ -642,6 +643,11 @@ class CacheCore:
         #: (key, limit) -> a counted hit of at most `limit` bytes as bytes, a
         #: larger one as its size (not copied: `fetch` it), a miss as None.
         self.get_inline: Callable[[bytes, int], bytes | int | None] = cache._get_inline
+        #: (keys, limit, out) -> None: `get_inline` of each key in order, in
+        #: batches (one C call per 64 keys on the fast path), appended to `out`.
+        self.get_many_inline: Callable[[list[bytes], int, list[bytes | int | None]], None] = (
+            cache._get_many_inline
+        )
         #: (key) -> the whole value, quietly (no count, no LRU touch), or None;
         #: for worker threads (repairs).
         self.fetch: Callable[[bytes], bytes | None] = cache._fetch

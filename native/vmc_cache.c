@@ -848,7 +848,7 @@ int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink
 #define AHEAD_ENTRY 4
 
 size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *klens, size_t n,
-                         int64_t *status, struct vmc_sink *sink)
+                         int64_t *status, struct vmc_sink *sink, uint32_t flags)
 {
     uint64_t hashes[16]; /* a ring: key i's hash at [i % 16], computed AHEAD_SLOT keys early */
     size_t i = 0;
@@ -858,6 +858,7 @@ size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *kl
             status[0] = rc;
         return 0;
     }
+    bool no_repair_prev = vmc_no_repair_begin((flags & VMC_F_NO_REPAIR) != 0);
     for (size_t j = 0; j < n && j < AHEAD_SLOT; j++) {
         hashes[j % 16] = vmc_hash_key(c, keys[j], klens[j]);
         vmc_index_prefetch(c, hashes[j % 16], false);
@@ -873,13 +874,13 @@ size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *kl
         sink->item = i;
         int64_t got = check_key(klens[i]);
         if (got == VMC_OK)
-            got = get_hashed(c, keys[i], klens[i], hashes[i % 16], NULL, 0, 0, VMC_F_WHOLE, NULL,
-                             sink);
+            got = get_hashed(c, keys[i], klens[i], hashes[i % 16], NULL, 0, 0,
+                             (flags & VMC_F_NO_REPAIR) | VMC_F_WHOLE, NULL, sink);
         status[i] = got;
         if (got < 0 && got != VMC_MISS)
             break; /* VMC_BUSY or a failure: the caller goes on from key i */
     }
-    leave(c);
+    leave_flags(c, no_repair_prev);
     return i;
 }
 

@@ -586,12 +586,16 @@ static PyMethodDef put_def = {
 /* Keys looked up per core call of get_many: the batch its prefetching runs over. */
 #define BATCH 64
 
-/* many_batch -- look keys[0..n) up into found (a dict), in order: hits
- * copied under the lock in one core call, then each key that call stopped at
- * (VMC_BUSY: it would wait) finished as a get is, and the call made again
- * for the rest. 0, or -1 with an exception. */
-static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *found)
+/* many_batch -- look keys[0..n) up, in order: hits copied under the lock in
+ * one core call, then each key that call stopped at (VMC_BUSY: it would wait)
+ * finished as a get is, and the call made again for the rest. Into `found`:
+ * a dict, {key: value} of the hits (`limit` INT64_MAX, `flags` 0: get_many);
+ * or a list, one item per key, as _get_inline answers (_get_many_inline).
+ * 0, or -1 with an exception (the list then holds the keys before). */
+static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit, uint32_t flags,
+                      PyObject *found)
 {
+    bool listed = PyList_CheckExact(found);
     const char *ptrs[BATCH];
     size_t lens[BATCH];
     int64_t status[BATCH];
@@ -602,9 +606,10 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
     }
     int rc = 0;
     for (Py_ssize_t from = 0; from < n && rc == 0;) {
-        struct bytes_sink sink = {{bytes_dst, 0}, VMC_SCRATCH_SIZE, results + from, false};
+        uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
+        struct bytes_sink sink = {{bytes_dst, 0}, max, results + from, false};
         size_t done = vmc_get_many_sink(c, ptrs + from, lens + from, (size_t)(n - from),
-                                        status + from, &sink.base);
+                                        status + from, &sink.base, flags);
         Py_ssize_t end = from + (Py_ssize_t)done;
         if (sink.no_memory)
             rc = -1;
@@ -613,9 +618,11 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
             results[i] = NULL;
             int64_t got = status[i];
             if (value == NULL && (got >= 0 || (i == end && got == VMC_BUSY)))
-                value = finish(c, ptrs[i], lens[i], got, INT64_MAX, 0, &got);
+                value = finish(c, ptrs[i], lens[i], got, limit, flags, &got);
+            if (value == NULL && listed && !PyErr_Occurred() && (got >= 0 || got == VMC_MISS))
+                value = got >= 0 ? PyLong_FromLongLong(got) : Py_NewRef(Py_None);
             if (value) {
-                rc = PyDict_SetItem(found, keys[i], value);
+                rc = listed ? PyList_Append(found, value) : PyDict_SetItem(found, keys[i], value);
                 Py_DECREF(value);
             } else if (PyErr_Occurred()) {
                 rc = -1;
@@ -653,7 +660,7 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
             batch[n++] = enc;
         else if (PyErr_Occurred())
             Py_CLEAR(found);
-        if (found && n && (n == BATCH || enc == NULL) && many_batch(fast->c, batch, n, found) < 0)
+        if (found && n && (n == BATCH || enc == NULL) && many_batch(fast->c, batch, n, INT64_MAX, 0, found) < 0)
             Py_CLEAR(found);
         if (n == BATCH || enc == NULL || found == NULL) {
             while (n)
@@ -666,6 +673,44 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
     Py_DECREF(iter);
     return found;
 }
+
+/* _get_many_inline(keys, limit, out): as Handle._get_many_inline (keys: a
+ * list of bytes) -- for each key, in order, what _get_inline answers,
+ * appended to the list `out`. */
+static PyObject *fast_get_many_inline(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) ||
+        !PyList_CheckExact(args[2]))
+        return PyErr_Format(PyExc_TypeError,
+                            "_get_many_inline(keys: list[bytes], limit: int, out: list)");
+    int64_t limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    /* A tuple holds the keys while the GIL is released (another thread may
+     * change the list meanwhile). */
+    PyObject *keys = PyList_AsTuple(args[0]);
+    Py_ssize_t n = keys ? PyTuple_GET_SIZE(keys) : 0;
+    int rc = keys ? 0 : -1;
+    for (Py_ssize_t i = 0; i < n && rc == 0; i++)
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(keys, i))) {
+            PyErr_SetString(PyExc_TypeError, "_get_many_inline: the keys must be bytes");
+            rc = -1;
+        }
+    for (Py_ssize_t from = 0; from < n && rc == 0; from += BATCH)
+        rc = many_batch(fast->c, &PyTuple_GET_ITEM(keys, from), n - from < BATCH ? n - from : BATCH,
+                        limit, VMC_F_NO_REPAIR, args[2]);
+    Py_XDECREF(keys);
+    Py_DECREF(fast);
+    return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyMethodDef get_many_inline_def = {
+    "_get_many_inline", (PyCFunction)(void (*)(void))fast_get_many_inline, METH_FASTCALL,
+    "_get_many_inline(keys, limit, out)\n--\n\nFor each key, what `_get_inline` answers, "
+    "appended to `out`; never repairs the file."};
 
 static PyMethodDef get_many_def = {
     "get_many", fast_get_many, METH_O,
@@ -929,7 +974,7 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_XSETREF(slow_put, Py_NewRef(args[4]));
     PyObject *methods = PyDict_New();
     PyMethodDef *defs[] = {&get_def,     &get_inline_def, &copy_whole_def, &contains_def,
-                           &get_into_def, &put_def,       &get_many_def};
+                           &get_into_def, &put_def,       &get_many_def,   &get_many_inline_def};
     for (size_t i = 0; methods && i < sizeof defs / sizeof defs[0]; i++) {
         PyObject *method = PyDescr_NewMethod((PyTypeObject *)args[0], defs[i]);
         if (method == NULL || PyDict_SetItemString(methods, defs[i]->ml_name, method) < 0)

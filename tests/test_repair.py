@@ -74,6 +74,7 @@ def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: st
         value = make_value(b"new", 0, 100)
         calls: list[Callable[[], object]] = [
             lambda: core.get_inline(b"e1", 1 << 20),
+            lambda: core.get_many_inline([b"e1", b"e2"], 1 << 20, []),
             lambda: core.get_entry(b"e2", 1 << 20, inline=True),
             lambda: core.size(b"e3", inline=True),
             lambda: core.store(b"new", value, None),

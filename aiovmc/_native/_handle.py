@@ -379,6 +379,14 @@ class Handle:
             return None
         raise_for(n)
 
+    def _get_many_inline(
+        self, keys: list[bytes], limit: int, out: list[bytes | int | None]
+    ) -> None:
+        """For each key, in order, what `_get_inline` answers, appended to
+        `out` (which holds the answers for the keys before one that raised)."""
+        for key in keys:
+            out.append(self._get_inline(key, limit))
+
     def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
         total size, or None on a miss. Never calls a loader."""
