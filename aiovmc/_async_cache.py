@@ -571,28 +571,27 @@ class AsyncCache:
         path), the values under ``offload_threshold`` bytes copied there, on the
         loop; the larger ones are then copied in a worker thread (a checkpoint).
         """
-        encoded = [key if key.__class__ is bytes else encode_key(key) for key in keys]
-        found: list[bytes | int | None] = []
+        asked = keys if keys.__class__ is list else list(keys)
+        found: dict[bytes, bytes] = {}
+        large: dict[bytes, int] = {}  # each key copied once, however often it is asked
         get_many_inline, limit = self._core.get_many_inline, self._limit
-        try:
-            get_many_inline(encoded, limit, found)
-        except RepairNeeded:  # `found` holds the answers for the keys before
-            await self._repaired(lambda: get_many_inline(encoded[len(found) :], limit, found))
-        result: dict[bytes, bytes] = {}
-        large: dict[bytes, None] = {}  # each key copied once, however often it is asked
-        for k, value in zip(encoded, found, strict=True):
-            if value.__class__ is bytes:
-                result[k] = value
-            elif value is not None:
-                large[k] = None
-                result[k] = b""  # keeps the order
+        done = get_many_inline(asked, limit, found, large, 0)
+        if done < len(asked):  # the next key needs a repair first
+
+            def the_rest() -> None:
+                nonlocal done
+                done = get_many_inline(asked, limit, found, large, done)
+                if done < len(asked):
+                    raise RepairNeeded("get_many: a key still needs a repair")
+
+            await self._repaired(the_rest)
         for k in large:
             copied = await _offload(functools.partial(self._core.fetch, k))
             if copied is None:
-                del result[k]
+                del found[k]  # deleted meanwhile: a miss after all
             else:
-                result[k] = copied
-        return result
+                found[k] = copied
+        return found
 
     # -- writes --------------------------------------------------------------------
 

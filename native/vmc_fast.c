@@ -586,16 +586,19 @@ static PyMethodDef put_def = {
 /* Keys looked up per core call of get_many: the batch its prefetching runs over. */
 #define BATCH 64
 
-/* many_batch -- look keys[0..n) up, in order: hits copied under the lock in
- * one core call, then each key that call stopped at (VMC_BUSY: it would wait)
- * finished as a get is, and the call made again for the rest. Into `found`:
- * a dict, {key: value} of the hits (`limit` INT64_MAX, `flags` 0: get_many);
- * or a list, one item per key, as _get_inline answers (_get_many_inline).
- * 0, or -1 with an exception (the list then holds the keys before). */
-static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit, uint32_t flags,
-                      PyObject *found)
+static PyObject *empty_bytes; /* b"" */
+
+/* many_batch -- look keys[0..n) up into found (a dict), in order: hits
+ * copied under the lock in one core call, then each key that call stopped at
+ * (VMC_BUSY: it would wait) finished as a get is, and the call made again
+ * for the rest. A hit of more than `limit` bytes is counted, not copied: it
+ * goes into found as b"" (holding its place) and into `large` as its size
+ * (_get_many_inline; get_many's limit is INT64_MAX). The number of keys done:
+ * n, or fewer when (with VMC_F_NO_REPAIR) the next one needs a repair; -1
+ * with an exception. */
+static Py_ssize_t many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit,
+                             uint32_t flags, PyObject *found, PyObject *large)
 {
-    bool listed = PyList_CheckExact(found);
     const char *ptrs[BATCH];
     size_t lens[BATCH];
     int64_t status[BATCH];
@@ -604,13 +607,14 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit
         ptrs[i] = PyBytes_AS_STRING(keys[i]);
         lens[i] = (size_t)PyBytes_GET_SIZE(keys[i]);
     }
-    int rc = 0;
+    uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
+    Py_ssize_t done = n;
+    int rc = 0; /* 1: stopped before a key that needs a repair */
     for (Py_ssize_t from = 0; from < n && rc == 0;) {
-        uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
         struct bytes_sink sink = {{bytes_dst, 0}, max, results + from, false};
-        size_t done = vmc_get_many_sink(c, ptrs + from, lens + from, (size_t)(n - from),
-                                        status + from, &sink.base, flags);
-        Py_ssize_t end = from + (Py_ssize_t)done;
+        size_t looked = vmc_get_many_sink(c, ptrs + from, lens + from, (size_t)(n - from),
+                                          status + from, &sink.base, flags);
+        Py_ssize_t end = from + (Py_ssize_t)looked;
         if (sink.no_memory)
             rc = -1;
         for (Py_ssize_t i = from; i <= end && i < n && rc == 0; i++) {
@@ -619,13 +623,21 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit
             int64_t got = status[i];
             if (value == NULL && (got >= 0 || (i == end && got == VMC_BUSY)))
                 value = finish(c, ptrs[i], lens[i], got, limit, flags, &got);
-            if (value == NULL && listed && !PyErr_Occurred() && (got >= 0 || got == VMC_MISS))
-                value = got >= 0 ? PyLong_FromLongLong(got) : Py_NewRef(Py_None);
             if (value) {
-                rc = listed ? PyList_Append(found, value) : PyDict_SetItem(found, keys[i], value);
+                rc = PyDict_SetItem(found, keys[i], value);
                 Py_DECREF(value);
             } else if (PyErr_Occurred()) {
                 rc = -1;
+            } else if (got >= 0 && large) { /* more than `limit` bytes: its size */
+                PyObject *size = PyLong_FromLongLong(got);
+                rc = size == NULL || PyDict_SetItem(large, keys[i], size) < 0 ||
+                             PyDict_SetItem(found, keys[i], empty_bytes) < 0
+                         ? -1
+                         : 0;
+                Py_XDECREF(size);
+            } else if (got == VMC_E_REPAIR && (flags & VMC_F_NO_REPAIR)) {
+                done = i;
+                rc = 1;
             } else if (got != VMC_MISS) {
                 raise_status(got);
                 rc = -1;
@@ -635,7 +647,7 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit
     }
     for (Py_ssize_t i = 0; i < n; i++)
         Py_XDECREF(results[i]);
-    return rc;
+    return rc < 0 ? -1 : done;
 }
 
 /* get_many(keys): as Cache.get_many -- {key: value} of the hits, keyed by the
@@ -660,7 +672,8 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
             batch[n++] = enc;
         else if (PyErr_Occurred())
             Py_CLEAR(found);
-        if (found && n && (n == BATCH || enc == NULL) && many_batch(fast->c, batch, n, INT64_MAX, 0, found) < 0)
+        if (found && n && (n == BATCH || enc == NULL) && 
+            many_batch(fast->c, batch, n, INT64_MAX, 0, found, NULL) < 0)
             Py_CLEAR(found);
         if (n == BATCH || enc == NULL || found == NULL) {
             while (n)
@@ -674,17 +687,18 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
     return found;
 }
 
-/* _get_many_inline(keys, limit, out): as Handle._get_many_inline (keys: a
- * list of bytes) -- for each key, in order, what _get_inline answers,
- * appended to the list `out`. */
+/* _get_many_inline(keys, limit, found, large, start): as
+ * Handle._get_many_inline -- keys[start:] (a list) looked up into found and
+ * large, in batches; the number of keys done. */
 static PyObject *fast_get_many_inline(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyList_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) ||
-        !PyList_CheckExact(args[2]))
-        return PyErr_Format(PyExc_TypeError,
-                            "_get_many_inline(keys: list[bytes], limit: int, out: list)");
+    if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) ||
+        !PyDict_CheckExact(args[2]) || !PyDict_CheckExact(args[3]) || !PyLong_CheckExact(args[4]))
+        return PyErr_Format(PyExc_TypeError, "_get_many_inline(keys: list, limit: int, "
+                                             "found: dict, large: dict, start: int)");
     int64_t limit = PyLong_AsLongLong(args[1]);
-    if (limit == -1 && PyErr_Occurred())
+    Py_ssize_t at = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
         return NULL;
     FastHandle *fast = handle_of(self);
     if (fast == NULL)
@@ -693,24 +707,35 @@ static PyObject *fast_get_many_inline(PyObject *self, PyObject *const *args, Py_
      * change the list meanwhile). */
     PyObject *keys = PyList_AsTuple(args[0]);
     Py_ssize_t n = keys ? PyTuple_GET_SIZE(keys) : 0;
-    int rc = keys ? 0 : -1;
-    for (Py_ssize_t i = 0; i < n && rc == 0; i++)
-        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(keys, i))) {
-            PyErr_SetString(PyExc_TypeError, "_get_many_inline: the keys must be bytes");
-            rc = -1;
-        }
-    for (Py_ssize_t from = 0; from < n && rc == 0; from += BATCH)
-        rc = many_batch(fast->c, &PyTuple_GET_ITEM(keys, from), n - from < BATCH ? n - from : BATCH,
-                        limit, VMC_F_NO_REPAIR, args[2]);
+    at = at < 0 ? 0 : at;
+    Py_ssize_t done = keys ? 0 : -1;
+    while (at < n && done >= 0) {
+        PyObject *batch[BATCH];
+        Py_ssize_t m = 0, want = n - at < BATCH ? n - at : BATCH;
+        while (m < want && (batch[m] = encoded(PyTuple_GET_ITEM(keys, at + m))) != NULL)
+            m++;
+        /* A key that fails to encode fails its batch before it is looked up
+         * (as get_many). */
+        done = m < want ? -1
+                        : many_batch(fast->c, batch, m, limit, VMC_F_NO_REPAIR, args[2], args[3]);
+        while (m)
+            Py_DECREF(batch[--m]);
+        if (done >= 0)
+            at += done;
+        if (done < want)
+            break; /* a key to repair first, or an error */
+    }
     Py_XDECREF(keys);
     Py_DECREF(fast);
-    return rc < 0 ? NULL : Py_NewRef(Py_None);
+    return done < 0 ? NULL : PyLong_FromSsize_t(at);
 }
 
 static PyMethodDef get_many_inline_def = {
     "_get_many_inline", (PyCFunction)(void (*)(void))fast_get_many_inline, METH_FASTCALL,
-    "_get_many_inline(keys, limit, out)\n--\n\nFor each key, what `_get_inline` answers, "
-    "appended to `out`; never repairs the file."};
+    "_get_many_inline(keys, limit, found, large, start)\n--\n\nLook keys[start:] up: hits of at "
+    "most `limit` bytes into `found`, larger ones into `large` (their size) and into `found` "
+    "(b\"\", holding their place); the number of keys done, fewer than len(keys) when the "
+    "next one needs a repair (never made here)."};
 
 static PyMethodDef get_many_def = {
     "get_many", fast_get_many, METH_O,
@@ -999,6 +1024,8 @@ static int install(void)
         (str_on_evict = PyUnicode_InternFromString("_on_evict")) == NULL)
         return -1;
     if (str_get_rest == NULL && (str_get_rest = PyUnicode_InternFromString("_get_rest")) == NULL)
+        return -1;
+    if (empty_bytes == NULL && (empty_bytes = PyBytes_FromStringAndSize("", 0)) == NULL)
         return -1;
     if (PyType_Ready(&FastHandleType) < 0 || PyType_Ready(&ReadyType) < 0)
         return -1;

@@ -380,12 +380,32 @@ class Handle:
         raise_for(n)
 
     def _get_many_inline(
-        self, keys: list[bytes], limit: int, out: list[bytes | int | None]
-    ) -> None:
-        """For each key, in order, what `_get_inline` answers, appended to
-        `out` (which holds the answers for the keys before one that raised)."""
-        for key in keys:
-            out.append(self._get_inline(key, limit))
+        self,
+        keys: list[Key],
+        limit: int,
+        found: dict[bytes, bytes],
+        large: dict[bytes, int],
+        start: int,
+    ) -> int:
+        """Look ``keys[start:]`` up in order, each as `_get_inline` (counted; never
+        repairs the file): hits of at most `limit` bytes into `found` (keyed by the
+        encoded key), larger ones into `large` as their size and into `found` as
+        b"" (holding their place). Returns the number of keys done: fewer than
+        ``len(keys)`` when the next one needs a repair (`RepairNeeded`).
+        The fast path looks them up in batches, one C call per 64 keys."""
+        for at in range(start, len(keys)):
+            key = keys[at]
+            k = key if type(key) is bytes else encode_key(key)
+            try:
+                value = self._get_inline(k, limit)
+            except RepairNeeded:
+                return at
+            if value.__class__ is bytes:
+                found[k] = value
+            elif value is not None:
+                large[k] = value  # type: ignore[assignment]
+                found[k] = b""
+        return len(keys)
 
     def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
