@@ -2,8 +2,9 @@
 
 1. Hit path: 100k keys, 100 B values, random order; one task awaits
    `AsyncCache.get` hits (asyncio, asyncio+uvloop, trio), against the sync
-   `Cache.get` and `get_nowait` of the same file in the same loop, and against the
-   hits of in-process async memoizers on asyncio (async-lru `@alru_cache`, cachebox
+   `Cache.get` and `get_nowait` of the same file in the same loop; `get_many` of
+   100 keys a call, awaited and sync (per key); and against the hits of in-process
+   async memoizers on asyncio (async-lru `@alru_cache`, cachebox
    `@cached(LRUCache)`, theine `@Memoize`, warmed with every key).
 2. Stampede: 500 tasks ask for one cold key at once, the loader sleeping 10 ms
    (a fresh key per round): loader calls and wall time. Peers: async-lru, aiocache
@@ -95,6 +96,7 @@ TABLES = [
 ]  # fmt: skip
 N_KEYS = 100_000
 HIT_VALUE = 100
+MANY = 100  # keys per get_many call
 STAMPEDE_TASKS = 500
 LOADER_SLEEP = 0.010
 TICK = 0.0005
@@ -140,6 +142,7 @@ def _hit_path(fam: Family, settings: Settings, n_keys: int) -> None:
         ac = aiovmc.AsyncCache(os.path.join(d, "cache"), size=256 * MiB)
         for k in keys:
             ac.cache.put(k, value)
+        batches = [order[i : i + MANY] for i in range(0, len(order) - MANY + 1, MANY)]
         for bname, backend in BACKENDS.items():
 
             async def main(bname: str = bname) -> dict[str, list[float]]:
@@ -151,7 +154,13 @@ def _hit_path(fam: Family, settings: Settings, n_keys: int) -> None:
                 if bname == "asyncio":
                     memo = await _memoizers(keys, value)
                     cases += [Case(name, aloop_over(f)) for name, f in memo.items()]
-                return await ainterleaved(cases, order, settings)
+                hits = await ainterleaved(cases, order, settings)
+                many = await ainterleaved(
+                    [Case(f"aiovmc await get_many ({bname}), per key", aloop_over(ac.get_many)),
+                     Case(f"aiovmc Cache.get_many (sync) [{bname}], per key",
+                          _sync_as_async(ac.cache.get_many))],
+                    batches, settings)  # fmt: skip
+                return hits | {name: [x / MANY for x in ns] for name, ns in many.items()}
 
             for name, ns in _run(main, backend).items():
                 fam.add("hit path", name, "per hit", ns, "ns")

@@ -419,6 +419,27 @@ static PyMethodDef copy_whole_def = {
     "_copy_whole(key, size, flags=0)\n--\n\nA value whose size is known, copied quietly (no "
     "statistics, no LRU touch) into a new bytes object; None if it has gone meanwhile."};
 
+/* fresh_bytes(size): a bytes object of `size` bytes, not initialised, for
+ * the pure binding's large results that the core then fills (get_entry):
+ * bytes(size) would zero it with the GIL held, O(size) work that stalls the
+ * event loop when a worker thread copies a large value (see _copy_whole). Its
+ * caller fills every byte, or drops it unseen. */
+static PyObject *fresh_bytes(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size < 0)
+        return PyErr_Format(PyExc_ValueError, "fresh_bytes: size %zd", size);
+    return PyBytes_FromStringAndSize(NULL, size);
+}
+
+static PyMethodDef fresh_bytes_def = {
+    "fresh_bytes", fresh_bytes, METH_O,
+    "fresh_bytes(size)\n--\n\nA bytes object of `size` bytes, not initialised: fill every "
+    "byte, or drop it unseen."};
+
 /* __contains__(key): as Handle.__contains__. */
 static PyObject *fast_contains(PyObject *self, PyObject *key)
 {
@@ -707,7 +728,7 @@ static PyObject *fast_get_many_inline(PyObject *self, PyObject *const *args, Py_
      * change the list meanwhile). */
     PyObject *keys = PyList_AsTuple(args[0]);
     Py_ssize_t n = keys ? PyTuple_GET_SIZE(keys) : 0;
-    at = at < 0 ? 0 : at;
+    at = at < 0 ? 0 : at > n ? n : at;
     Py_ssize_t done = keys ? 0 : -1;
     while (at < n && done >= 0) {
         PyObject *batch[BATCH];
@@ -1034,16 +1055,20 @@ static int install(void)
         return -1;
     PyObject *bind = PyCFunction_NewEx(&fast_bind_def, NULL, NULL);
     PyObject *bind_async = PyCFunction_NewEx(&fast_bind_async_def, NULL, NULL);
-    int rc = bind == NULL || bind_async == NULL ? -1
+    PyObject *fresh = PyCFunction_NewEx(&fresh_bytes_def, NULL, NULL);
+    int rc = bind == NULL || bind_async == NULL || fresh == NULL ? -1
              : PyObject_SetAttrString(module, "FastHandle", (PyObject *)&FastHandleType) < 0
                  ? -1
              : PyObject_SetAttrString(module, "Ready", (PyObject *)&ReadyType) < 0
                  ? -1
              : PyObject_SetAttrString(module, "fast_bind_async", bind_async) < 0
                  ? -1
+             : PyObject_SetAttrString(module, "fresh_bytes", fresh) < 0
+                 ? -1
                  : PyObject_SetAttrString(module, "fast_bind", bind);
     Py_XDECREF(bind);
     Py_XDECREF(bind_async);
+    Py_XDECREF(fresh);
     Py_DECREF(module);
     return rc;
 }

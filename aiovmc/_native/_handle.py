@@ -312,7 +312,7 @@ class Handle:
         if n > limit:
             return int(n)
         while n >= 0:  # counted, not copied: copy into a result of the right size
-            out = bytes(n)
+            out = _fresh_result(n)  # every byte filled below, or dropped unseen
             size = n
             n = lib.vmc_get_entry(
                 self._h, key, len(key), ffi.from_buffer(out), size, _QUIET | _FRESH | flags, meta
@@ -822,6 +822,11 @@ def _install_fast_path() -> bool:
 
 
 FAST_PATH = _install_fast_path()
+
+#: A new bytes object of a given size for a large result the core fills: not
+#: zeroed on the fast path (zeroing a large one would hold the GIL for O(size):
+#: native/vmc_fast.c, fresh_bytes), `bytes(size)` on the pure binding.
+_fresh_result: Callable[[int], bytes] = _aiovmc_native.fresh_bytes if FAST_PATH else bytes
 
 
 async def _finished(value: T) -> T:
