@@ -1,4 +1,4 @@
-/* vmc_fast.c -- the CPython fast path: `get`, `_get_inline` and `in` as C-API methods.
+/* vmc_fast.c -- the CPython fast path: `get`, `_get_inline`, `in` and more as C-API methods.
  *
  * The cffi binding pays, per get, a cffi call that releases and retakes the
  * GIL, and a per-thread scratch buffer (with a re-entrancy flag) from which
@@ -15,7 +15,11 @@
  * object of that size). Values above VMC_SCRATCH_SIZE take that path too, so
  * that no long copy runs with the GIL held.
  *
- * `_get_inline` (AsyncCache's get on the loop) and `in` go the same way.
+ * `_get_inline` (AsyncCache's get on the loop) and `in` go the same way, and
+ * so does AsyncCache.get itself (fast_async_get, bound by fast_bind_async): a
+ * hit is answered as Ready(value), an awaitable already done, so that an
+ * awaited hit creates no coroutine. `_get_many_inline` is AsyncCache's
+ * get_many on the loop; fresh_bytes allocates get_entry's large results.
  *
  * Installation goes through the one cffi-declared function vmc_fast_install():
  * cffi cannot declare PyObject, so it adds to this module (_aiovmc_native,
