@@ -190,7 +190,11 @@ async def _wait_for_wave_on_trio(
         wave.kick()  # the thread returns at once (and releases the slot)
         return trio.lowlevel.Abort.SUCCEEDED
 
-    trio.lowlevel.start_thread_soon(wave.wait, deliver)
+    try:
+        trio.lowlevel.start_thread_soon(wave.wait, deliver)
+    except BaseException:  # no thread: nothing will give the slot back
+        limiter.release_on_behalf_of(borrower)
+        raise
     await trio.lowlevel.wait_task_rescheduled(abort)  # the thread's outcome, unwrapped
 
 
