@@ -631,6 +631,18 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
     return rc;
 }
 
+/* new_dict -- an empty dict with room for n items (as every key may hit): no
+ * resizing as it fills (docs/design.md, "Reads"). */
+static PyObject *new_dict(Py_ssize_t n)
+{
+#if PY_VERSION_HEX < 0x030D0000 /* private since 3.13 */
+    return _PyDict_NewPresized(n);
+#else
+    (void)n;
+    return PyDict_New();
+#endif
+}
+
 /* get_many(keys): as Cache.get_many -- {key: value} of the hits, keyed by the
  * encoded key; never loads. */
 static PyObject *fast_get_many(PyObject *self, PyObject *keys)
@@ -639,7 +651,8 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
     if (iter == NULL)
         return NULL;
     FastHandle *fast = handle_of(self);
-    PyObject *found = fast ? PyDict_New() : NULL;
+    Py_ssize_t hint = fast ? PyObject_LengthHint(keys, 0) : -1;
+    PyObject *found = hint >= 0 ? new_dict(hint) : NULL;
     PyObject *batch[BATCH];
     Py_ssize_t n = 0;
     PyObject *key = NULL;
