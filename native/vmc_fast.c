@@ -651,8 +651,9 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
     if (iter == NULL)
         return NULL;
     FastHandle *fast = handle_of(self);
-    Py_ssize_t hint = fast ? PyObject_LengthHint(keys, 0) : -1;
-    PyObject *found = hint >= 0 ? new_dict(hint) : NULL;
+    /* sized for a list or tuple of keys (no Python code runs to learn it) */
+    bool sized = PyList_CheckExact(keys) || PyTuple_CheckExact(keys);
+    PyObject *found = fast ? new_dict(sized ? Py_SIZE(keys) : 0) : NULL;
     PyObject *batch[BATCH];
     Py_ssize_t n = 0;
     PyObject *key = NULL;
