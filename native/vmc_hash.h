@@ -102,6 +102,20 @@ static inline uint64_t vmc_hash(const void *data, size_t n, uint64_t seed)
     return vmc_fold(VMC_K1 ^ (uint64_t)n, vmc_fold(a ^ VMC_K1, b ^ s));
 }
 
+/* vmc_copy_chunk -- memcpy, called out of line: given the chunk's bounds
+ * and alignment, GCC would inline it as `rep movsq`, which glibc's vector
+ * copy beats at these sizes (a 4 KiB get measured 0.71 vs 0.76 x lmdb).
+ * noipa keeps GCC from propagating those bounds into it. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((noipa))
+#else
+__attribute__((noinline))
+#endif
+static void vmc_copy_chunk(void *dst, const void *src, size_t n)
+{
+    memcpy(dst, src, n);
+}
+
 /* The bytes vmc_hash_copy copies before it hashes them: a whole number of
  * blocks, small enough to be hashed from the L1 cache it was just written to. */
 #define VMC_COPY_CHUNK (48 * 128)
@@ -126,7 +140,7 @@ static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint6
     while (left > 48) {
         size_t blocks = (left - 1) / 48; /* as vmc_hash: 1 to 48 bytes left for the tail */
         size_t chunk = blocks * 48 < VMC_COPY_CHUNK ? blocks * 48 : VMC_COPY_CHUNK;
-        memcpy(d, p, chunk);
+        vmc_copy_chunk(d, p, chunk);
         /* hashed from dst while the next chunk of src is fetched */
         vmc_hash_blocks(lane, d, chunk / 48, p + chunk, left - chunk);
         p += chunk;
