@@ -53,15 +53,19 @@ static inline uint64_t vmc_hash_tail(uint64_t s, const unsigned char *p, size_t 
 }
 
 /* vmc_hash_blocks -- the three lanes of vmc_hash over `blocks` 48-byte blocks
- * at p; meanwhile, a prefetch every 48 bytes of fetch[0, fetch_len) (which
- * touches every cache line of it) so the CPU fetches the next input as it hashes. */
+ * at p; meanwhile, a prefetch every 48 bytes (which touches every cache line)
+ * of read[0, fetch_len) and, for writing, of write[0, fetch_len), so the CPU
+ * fetches the next chunk of a copy as it hashes this one. */
 static inline void vmc_hash_blocks(uint64_t lane[3], const unsigned char *p, size_t blocks,
-                                   const unsigned char *fetch, size_t fetch_len)
+                                   const unsigned char *read, unsigned char *write,
+                                   size_t fetch_len)
 {
     uint64_t s = lane[0], s1 = lane[1], s2 = lane[2];
     for (size_t at = 0; blocks; blocks--, p += 48, at += 48) {
-        if (at < fetch_len)
-            __builtin_prefetch(fetch + at);
+        if (at < fetch_len) {
+            __builtin_prefetch(read + at);
+            __builtin_prefetch(write + at, 1);
+        }
         s = vmc_fold(vmc_rd64(p) ^ VMC_K1, vmc_rd64(p + 8) ^ s);
         s1 = vmc_fold(vmc_rd64(p + 16) ^ VMC_K2, vmc_rd64(p + 24) ^ s1);
         s2 = vmc_fold(vmc_rd64(p + 32) ^ VMC_K3, vmc_rd64(p + 40) ^ s2);
@@ -80,7 +84,7 @@ static inline uint64_t vmc_hash(const void *data, size_t n, uint64_t seed)
         if (left > 48) {
             uint64_t lane[3] = {s, s ^ VMC_K2, s ^ VMC_K3};
             size_t blocks = (left - 1) / 48; /* leaving 1 to 48 bytes for the tail */
-            vmc_hash_blocks(lane, p, blocks, NULL, 0);
+            vmc_hash_blocks(lane, p, blocks, NULL, NULL, 0);
             p += blocks * 48;
             left -= blocks * 48;
             s = lane[0] ^ lane[1] ^ lane[2];
@@ -141,8 +145,8 @@ static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint6
         size_t blocks = (left - 1) / 48; /* as vmc_hash: 1 to 48 bytes left for the tail */
         size_t chunk = blocks * 48 < VMC_COPY_CHUNK ? blocks * 48 : VMC_COPY_CHUNK;
         vmc_copy_chunk(d, p, chunk);
-        /* hashed from dst while the next chunk of src is fetched */
-        vmc_hash_blocks(lane, d, chunk / 48, p + chunk, left - chunk);
+        /* hashed from dst while the next chunk of src and dst is fetched */
+        vmc_hash_blocks(lane, d, chunk / 48, p + chunk, d + chunk, left - chunk);
         p += chunk;
         d += chunk;
         left -= chunk;
