@@ -632,7 +632,7 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
 }
 
 /* new_dict -- an empty dict with room for n items (as every key may hit): no
- * resizing as it fills (docs/design.md, "Reads"). */
+ * resizing as it fills (docs/design.md, "Where a get's time goes"). */
 static PyObject *new_dict(Py_ssize_t n)
 {
 #if PY_VERSION_HEX < 0x030D0000 /* private since 3.13 */

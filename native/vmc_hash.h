@@ -127,9 +127,9 @@ static void vmc_copy_chunk(void *dst, const void *src, size_t n)
 /* vmc_hash_copy -- copy n bytes from src to dst (not overlapping) and return
  * vmc_hash(dst, n, seed), in one pass over src: each chunk is copied by
  * memcpy (whose wide loads keep many cache misses in flight), then hashed
- * from dst while it is still in the L1 cache (and the next chunk of src is
- * prefetched), so what is hashed is exactly what was written, even if src
- * changes meanwhile. */
+ * from dst while it is still in the L1 cache (and the next chunk of src and
+ * dst is prefetched), so what is hashed is exactly what was written, even if
+ * src changes meanwhile. */
 static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint64_t seed)
 {
     if (n <= 48) {
@@ -151,7 +151,7 @@ static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint6
         d += chunk;
         left -= chunk;
     }
-    memcpy(d, p, left);
+    memcpy(d, p, left); /* the tail is hashed from dst too */
     return vmc_hash_tail(lane[0] ^ lane[1] ^ lane[2], d, left, n);
 }
 
