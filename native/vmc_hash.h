@@ -120,6 +120,10 @@ static void vmc_copy_chunk(void *dst, const void *src, size_t n)
     memcpy(dst, src, n);
 }
 
+/* Up to this many bytes, vmc_hash_copy copies 48 bytes at a time inline:
+ * for a small value the call to memcpy costs more than it saves. */
+#define VMC_INLINE_COPY (48 * 5)
+
 /* The bytes vmc_hash_copy copies before it hashes them: a whole number of
  * blocks, small enough to be hashed from the L1 cache it was just written to. */
 #define VMC_COPY_CHUNK (48 * 128)
@@ -144,7 +148,12 @@ static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint6
     while (left > 48) {
         size_t blocks = (left - 1) / 48; /* as vmc_hash: 1 to 48 bytes left for the tail */
         size_t chunk = blocks * 48 < VMC_COPY_CHUNK ? blocks * 48 : VMC_COPY_CHUNK;
-        vmc_copy_chunk(d, p, chunk);
+        if (chunk <= VMC_INLINE_COPY) { /* a small value: no call */
+            for (size_t at = 0; at < chunk; at += 48)
+                memcpy(d + at, p + at, 48);
+        } else {
+            vmc_copy_chunk(d, p, chunk);
+        }
         /* hashed from dst while the next chunk of src and dst is fetched */
         vmc_hash_blocks(lane, d, chunk / 48, p + chunk, d + chunk, left - chunk);
         p += chunk;
