@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, overload
 
@@ -62,6 +62,7 @@ from ._async_cache import AsyncCache, Loader, StoreWithTTL, ttl_until
 from ._cache import CacheCore, CacheStatistics
 from ._convert import TTL, Key, encode_key, ttl_to_ns, value_buffer
 from ._errors import CacheConfigError, CacheFormatError, RepairNeeded
+from ._native import ready
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -560,20 +561,21 @@ class TieredCache:
     # -- reads -----------------------------------------------------------------------
 
     @overload
-    async def get(
+    def get(
         self, key: Key, default: None = None, *, on_miss: Loader | None = None, ttl: TTL = None
-    ) -> bytes | None: ...
+    ) -> Coroutine[Any, Any, bytes | None]: ...
 
     @overload
-    async def get(
+    def get(
         self, key: Key, default: D, *, on_miss: Loader | None = None, ttl: TTL = None
-    ) -> bytes | D: ...
+    ) -> Coroutine[Any, Any, bytes | D]: ...
 
-    async def get(
+    def get(
         self, key: Key, default: object = None, *, on_miss: Loader | None = None, ttl: TTL = None
-    ) -> object:
+    ) -> Coroutine[Any, Any, object]:
         """The value of ``key``: from L1, else from redis, else from the loader
-        (``on_miss`` here, else the handle's) called once across all hosts.
+        (``on_miss`` here, else the handle's) called once across all hosts. Use as
+        ``await tiered.get(key)``.
 
         An L1 hit returns at once (no checkpoint) and never touches the network. A
         redis hit is stored in L1 with redis's remaining TTL; a loaded value is stored
@@ -581,6 +583,9 @@ class TieredCache:
         stores nothing and every waiter gets its own ``default``; a loader exception
         propagates to the tasks of this process waiting on it (another host then
         loads in turn). With redis unreachable, a miss calls the loader directly.
+
+        Not an ``async def``, as `AsyncCache.get` is not: the L1 lookup runs in the
+        call, and a hit returns an awaitable already done (`aiovmc._native.ready`).
         """
         k = key if key.__class__ is bytes else encode_key(key)
         try:
@@ -588,7 +593,14 @@ class TieredCache:
         except RepairNeeded:  # L1's get below waits for the repair off the loop
             found = None
         if found.__class__ is bytes:
-            return found
+            return ready(found)
+        return self._get_missed(k, default, on_miss, ttl)
+
+    async def _get_missed(
+        self, k: bytes, default: object, on_miss: Loader | None, ttl: TTL
+    ) -> object:
+        """`get` past an L1 miss: L1's own get (which waits for a repair or copies a
+        large value off the loop), whose loader looks in redis, then loads."""
         loader = on_miss if on_miss is not None else self.on_miss
         effective = ttl if ttl is not None else self._ttl
         fill = _Fill()

@@ -7,6 +7,7 @@ such test. The in-process tests run on both backends through `anyio_backend`.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import itertools
 import os
@@ -371,6 +372,37 @@ async def test_ttl_carried_from_redis(redis_server: RedisServer, hosts: Any) -> 
         assert entry is not None and entry.expires_at is not None
         assert time.time() + 50 < entry.expires_at <= time.time() + 100
         assert (await cache.get_many([b"long", b"absent"])) == {b"long": b"l"}
+
+
+@pytest.mark.anyio
+async def test_get_is_awaitable_once_and_runs_as_a_task(
+    redis_server: RedisServer, hosts: Any, anyio_backend: str
+) -> None:
+    # An L1 hit is answered by an awaitable already done (as AsyncCache.get's); a
+    # miss by a coroutine. Either runs as a task of its own.
+    async with aiovmc.TieredCache(hosts(), redis=redis_server.url, namespace="t",
+                                  timeout=TIMEOUT, size="4MiB") as cache:
+        await cache.put(b"k", b"v")
+        hit, miss = cache.get(b"k"), cache.get(b"absent", b"d")
+        assert isinstance(hit, collections.abc.Coroutine)
+        assert isinstance(miss, collections.abc.Coroutine)
+        assert (await hit, await miss) == (b"v", b"d")
+        with pytest.raises(RuntimeError):
+            await hit
+        got: list[bytes | None] = []
+
+        async def keep(key: bytes) -> None:
+            got.append(await cache.get(key, on_miss=lambda k: b"loaded"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.get, b"k")
+            tg.start_soon(keep, b"k")
+            tg.start_soon(keep, b"new")
+        assert sorted(got) == [b"loaded", b"v"]
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            assert await asyncio.create_task(cache.get(b"k")) == b"v"
 
 
 @pytest.mark.anyio
