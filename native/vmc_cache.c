@@ -584,6 +584,11 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
                                         "policy is \"none\"", s);
         }
         uint32_t vslot = victim ? vmc_index_slot_of(c, s, victim) : 0;
+        /* Taken under the shard lock (timestamps follow publication order per
+         * key, and committed() relies on it), but before the pool lock: the
+         * clock's line is shared by every publisher. A publication that fails
+         * below leaves a timestamp unused, which nothing minds. */
+        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         rc = vmc_pool_lock_nested(c);
         if (rc == VMC_RETRY) {
             vmc_shard_unlock(c, s);
@@ -603,8 +608,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         /* What the checksum seals must be what the owner wrote: sizes changed
          * under us, or a clock too large to be real, are damage. */
         if (e->key_len != klen || e->value_len != vlen ||
-            memcmp(vmc_entry_key(e), key, klen) != 0 ||
-            VMC_LOAD(c->hdr->clock) >= VMC_MAX_CLOCK) {
+            memcmp(vmc_entry_key(e), key, klen) != 0 || ts >= VMC_MAX_CLOCK) {
             vmc_mark_damaged(c);
             vmc_reserved_unlink(c, head);
             vmc_release_entry(c, head);
@@ -617,14 +621,13 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         vmc_reserved_unlink(c, head);
         /* The new value is published before the old one goes: a crash in
          * between leaves both, and recovery keeps the newer. */
-        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
         VMC_STORE(e->checksum, vmc_entry_seal(e, data));
         VMC_STORE(e->atime_ns, now); /* replaces the owner id: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (oe) {
             vmc_index_set(c, s, slot, hash, head);
-            vmc_lru_remove(c, s, old);
+            vmc_lru_takeover(c, s, old, head);
             vmc_release_entry(c, old);
             if (old_expired)
                 VMC_COUNT(sh->expirations);
@@ -652,7 +655,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             VMC_COUNT(sh->count);
         }
         vmc_pool_unlock(c);
-        vmc_lru_insert(c, s, head);
+        if (!oe)
+            vmc_lru_insert(c, s, head);
         VMC_COUNT(sh->puts);
         vmc_shard_unlock(c, s);
         return (int64_t)ts;
