@@ -156,10 +156,9 @@ void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit)
  * reaches the top (vmc_lru_settle), like any item whose entry was touched.
  * Only the tie-break on the unit changed, so the item is sifted by it (keys
  * are nanosecond times: it stays where it is). */
-void vmc_lru_takeover(vmc_cache *c, uint32_t shard, uint32_t old, uint32_t unit)
+void vmc_lru_takeover(vmc_cache *c, uint32_t shard, uint32_t old, uint32_t i, uint32_t unit)
 {
     struct vmc_heap_item *h = heap_of(c, shard);
-    uint32_t i = ((struct vmc_entry *)vmc_unit(c, old))->link_prev;
     if (i >= c->shards[shard].heap_len || h[i].unit != old) {
         vmc_mark_damaged(c);
         return;
