@@ -113,16 +113,21 @@ def _stats_worker(path: str, wid: int, n: int, out: Any) -> None:
     out.put((wid, error))
 
 
+def _replacement(wid: int, i: int, r: int) -> tuple[bytes, bytes]:
+    """Key i of worker wid and its value of round r: of alternating sizes, so
+    that some replacements fill the handle's spare extent and some free it."""
+    key = b"rp-%d-%d" % (wid, i)
+    return key, make_value(key, r, 100 if (r + i) % 3 else 3000)
+
+
 def _replace_worker(path: str, wid: int, n: int, rounds: int, out: Any) -> None:
-    """`rounds` replacements of each of n own keys (values of alternating sizes:
-    some replacements reuse the handle's spare extent, some free it)."""
+    """`rounds` replacements of each of n own keys."""
     error = None
     try:
         with aiovmc.Cache(path) as cache:
             for r in range(1, rounds + 1):
                 for i in range(n):
-                    key = b"rp-%d-%d" % (wid, i)
-                    cache.put(key, make_value(key, r, 100 if (r + i) % 3 else 3000))
+                    cache.put(*_replacement(wid, i, r))
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
     out.put((wid, error))
@@ -264,9 +269,11 @@ def test_concurrent_replacements_keep_statistics_and_lru_order_exact(
     n, rounds, nproc = 120, 8, 2
     evicted: list[bytes] = []
     with aiovmc.Cache(cache_path, size="8MiB", on_evict=evicted.append) as cache:
-        keys = [b"rp-%d-%d" % (w, i) for w in range(nproc) for i in range(n)]
-        for key in keys:
-            cache.put(key, make_value(key, 0, 100))
+        last = dict(_replacement(w, i, rounds) for w in range(nproc) for i in range(n))
+        keys = list(last)
+        for w in range(nproc):
+            for i in range(n):
+                cache.put(*_replacement(w, i, 0))
         before = cache.statistics()
         out = ctx.Queue()
         procs = [
@@ -283,9 +290,7 @@ def test_concurrent_replacements_keep_statistics_and_lru_order_exact(
         assert (after.entries, after.evictions, after.expirations) == (len(keys), 0, 0)
         order = random.Random(5).sample(keys, len(keys))
         for key in order:
-            value = cache.get(key)
-            check_value(key, value)
-            assert value == make_value(key, rounds, 100 if (rounds + int(key.split(b"-")[2])) % 3 else 3000)
+            assert cache.get(key) == last[key]
         assert cache.statistics().hits - after.hits == len(keys)
         while cache.evict():
             pass
