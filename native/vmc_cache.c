@@ -639,6 +639,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         struct vmc_entry *oe = old ? vmc_unit(c, old) : NULL;
         bool old_expired = oe && vmc_expired(oe, now);
         uint32_t old_item = oe ? oe->link_prev : 0; /* read before its extent goes */
+        if (oe)
+            vmc_lru_prefetch(c, s, old_item); /* taken over after the pool section */
         if (add && oe && !old_expired) {
             vmc_shard_unlock(c, s);
             rc = drop_reservation(c, head, nonce);
@@ -1045,6 +1047,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     if (rc < 0)
         goto out;
     uint64_t hash = vmc_hash_key(c, key, klen);
+    vmc_index_prefetch(c, hash, false); /* publish looks the key up: its home slot... */
     bool add = flags & VMC_F_ADD;
     if (add && vmc_contains(c, key, klen) == 1) {
         rc = 0; /* present: evict nothing */
@@ -1055,6 +1058,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     uint32_t head = take_spare(c, klen, vlen, expires, &unfit);
     if (head == 0 && (rc = make_room(c, klen, vlen, expires, false, flags, 0, unfit, &head)) < 0)
         goto out;
+    vmc_index_prefetch(c, hash, true); /* ...then the entry it points to */
     struct vmc_entry *e = vmc_unit(c, head);
     if (vlen > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
         vmc_before_wait();

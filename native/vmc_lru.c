@@ -171,6 +171,12 @@ void vmc_lru_takeover(vmc_cache *c, uint32_t shard, uint32_t old, uint32_t i, ui
         sift_down(c, h, c->shards[shard].heap_len, i);
 }
 
+void vmc_lru_prefetch(vmc_cache *c, uint32_t shard, uint32_t item)
+{
+    if (item < c->slots)
+        __builtin_prefetch(heap_of(c, shard) + item, 1);
+}
+
 void vmc_lru_remove(vmc_cache *c, uint32_t shard, uint32_t unit)
 {
     struct vmc_entry *e = vmc_unit(c, unit);
