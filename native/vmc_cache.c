@@ -335,8 +335,10 @@ int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, 
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce);
 
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
- * owned by this process), evicting as the policy allows. Everything recovery
- * reads of a reservation is written here, under the pool lock. */
+ * owned by this process), evicting as the policy allows; first free `spare`
+ * (the handle's spare, which did not fit), if not 0. Everything recovery
+ * reads of a reservation is written here, under the pool lock (a spare's
+ * sizes excepted: take_spare). */
 static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
                      uint32_t flags, uint32_t nonce, uint32_t spare, uint32_t *head)
 {
@@ -591,9 +593,11 @@ static uint32_t take_spare(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t ex
     if (spare == 0)
         return 0;
     struct vmc_entry *e = vmc_head(c, spare);
-    uint64_t need = sizeof *e + klen + vlen, room = e ? vmc_extent_bytes(c, e->tag) : 0;
+    /* relaxed loads: the allocator may set PREV_FREE in the tag meanwhile */
+    uint64_t need = sizeof *e + klen + vlen;
+    uint64_t room = e ? vmc_extent_bytes(c, vmc_tag_at(c, spare)) : 0;
     /* exactly the units a new allocation would take: no room is wasted */
-    if (e == NULL || !still_reserved(c, spare, 0) || e->next != 0 || need > room ||
+    if (e == NULL || !still_reserved(c, spare, 0) || VMC_LOAD(e->next) != 0 || need > room ||
         room - need >= c->unit_size) {
         *unfit = spare;
         return 0;
