@@ -336,7 +336,8 @@ static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce);
 
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
  * owned by this process), evicting as the policy allows; first free `spare`
- * (the handle's spare, which did not fit), if not 0. Everything recovery
+ * (the handle's spare, which this allocation does not use), if not 0: a
+ * spare never makes an allocation of its own handle evict. Everything recovery
  * reads of a reservation is written here, under the pool lock (a spare's
  * sizes excepted: take_spare). */
 static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
@@ -1419,7 +1420,8 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     uint32_t head, nonce = next_nonce();
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
     if (rc == VMC_OK &&
-        (rc = make_room(c, klen, size, expires, true, flags, nonce, 0, &head)) == VMC_OK) {
+        (rc = make_room(c, klen, size, expires, true, flags, nonce,
+                        __atomic_exchange_n(&c->spare, 0, __ATOMIC_ACQ_REL), &head)) == VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);
