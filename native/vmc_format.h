@@ -191,7 +191,8 @@ struct vmc_pool {
     uint32_t reserved_head;            /* RESERVED entries, linked by link_prev/link_next; lock */
     uint32_t heads;                    /* HEAD extents in the pool (published, reserved or being
                                           freed): +1 when the allocator takes one, -1 when it
-                                          frees one; lock. Never above max_entries.
+                                          frees one; lock. Never above max_entries (but
+                                          in a recovered damaged file: docs/format.md).
                                           Recovery recounts it from the entries it keeps. */
     uint64_t free_units;               /* lock; read without it by statistics */
     uint64_t last_reclaim_ns;          /* when dead owners' reservations were last looked for; lock */

@@ -480,6 +480,11 @@ def _put_fresh_keys(path: str, start: int, progress: Any) -> None:
             progress.value = i
 
 
+def _reached(progress: Any, target: int, proc: Any) -> Callable[[], bool]:
+    """A wait_for predicate: the writer's progress reached `target`, or it died."""
+    return lambda: progress.value >= target or not proc.is_alive()
+
+
 def _heads(path: str) -> int:
     """`pool.heads`, the pool's count of HEAD extents, read from the file."""
     return int.from_bytes(Path(path).read_bytes()[300:304], "little")
@@ -498,8 +503,7 @@ def test_entry_count_survives_sigkill_and_is_recounted(cache_path: str) -> None:
         progress = ctx.RawValue("q", -1)
         p = ctx.Process(target=_put_fresh_keys, args=(cache_path, start, progress))
         p.start()
-        wait_for(lambda: progress.value >= start + 2 * budget or not p.is_alive(), WAIT,
-                 "the writer to fill the cache")  # fmt: skip
+        wait_for(_reached(progress, start + 2 * budget, p), WAIT, "the writer to fill the cache")
         assert p.is_alive(), f"the writer failed: exit code {p.exitcode}"
         time.sleep(rng.uniform(0.0, 0.01))
         _kill(p)
@@ -508,7 +512,7 @@ def test_entry_count_survives_sigkill_and_is_recounted(cache_path: str) -> None:
             assert cache.info.recovered
             assert cache.info.max_entries == budget
             assert _heads(cache_path) == len(cache) <= budget
-            for key in cache.keys():
+            for key in cache.keys():  # noqa: SIM118 (a Cache)
                 check_value(key, cache.get(key))
     evicted: list[bytes] = []
     with aiovmc.Cache(cache_path, on_evict=evicted.append) as cache:
