@@ -14,7 +14,9 @@ Per-entry overhead: an empty 64 MiB cache receives fixed-size values until a qua
 of it is used, without eviction: (used_bytes − value bytes − key bytes) / entries.
 Entry layout: values of growing size under fresh keys; the smallest allocation is
 the first `used_bytes` step, and its fixed part what a 16 B key and the largest
-value that still fits leave of it.
+value that still fits leave of it. Hot path: get and put (replace) of 100 B values,
+100k keys in random order, in two 64 MiB caches of 64 B and 256 B extents, rounds
+interleaved: what the finer unit (and its larger index) costs per operation.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from harness import (
     SEED,
+    Case,
     Family,
     KiB,
     MiB,
@@ -32,6 +35,10 @@ from harness import (
     Settings,
     Table,
     fmt,
+    interleaved,
+    key_order,
+    loop_over,
+    make_key,
     median,
     say,
     scratch,
@@ -48,6 +55,8 @@ TABLES = [
                           "first eviction; 64 B extents unless said"),
     Table("per-entry overhead", "Fixed-size values (16 B keys), a quarter of the pool used"),
     Table("entry layout", "The smallest allocation and an entry's fixed part"),
+    Table("hot path", "100 B values, 16 B keys, 100k keys in random order, 64 MiB caches; "
+                      "ns per operation, rounds interleaved"),
     Table("fill", "", Plot("lines", "bench_pool.png", "64 MiB cache, values 256 B..17.5 KiB",
                            xlabel="puts / puts at first eviction",
                            ylabel="fraction of capacity", hline=0.90, hline_label="target 0.90"),
@@ -134,6 +143,36 @@ def _layout(d: str) -> tuple[int, int]:
         return deltas[0], max(v for v, dl in enumerate(deltas) if dl == deltas[0])
 
 
+def _hot_path(d: str, settings: Settings, fam: Family) -> None:
+    """get and put (replace) of 100 B values with 64 B and 256 B extents."""
+    n = settings.pick(100_000, 100_000, 2_000)
+    keys = [make_key(i) for i in range(n)]
+    order = [keys[i] for i in key_order(n)]
+    value = b"v" * 100
+    caches = {u: aiovmc.Cache(os.path.join(d, f"hot-{u}"), size=SIZE, extent_size=u)
+              for u in (64, 256)}  # fmt: skip
+    try:
+        for c in caches.values():
+            for k in keys:
+                c.put(k, value)
+        for op in ("get", "put"):
+            cases = [
+                Case(f"{u} B extents", loop_over(c.get) if op == "get"
+                     else loop_over(lambda k, put=c.put: put(k, value)))
+                for u, c in caches.items()
+            ]  # fmt: skip
+            rounds = interleaved(cases, order, settings)
+            row = f"{op} 100 B" if op == "get" else "put 100 B (replace)"
+            for name, ns in rounds.items():
+                fam.add("hot path", row, name, ns, "ns")
+            ratio = median(rounds["64 B extents"]) / median(rounds["256 B extents"])
+            fam.add("hot path", row, "64 B / 256 B", ratio, "")
+            say(f"  {row}: 64 B extents / 256 B extents {ratio:.3f}")
+    finally:
+        for c in caches.values():
+            c.close()
+
+
 def run(settings: Settings, fam: Family) -> None:
     seeds = [SEED + s for s in range(settings.rounds)]
     with scratch("pool") as d:
@@ -143,6 +182,7 @@ def run(settings: Settings, fam: Family) -> None:
                  for unit in (64, 256)}  # fmt: skip
         over = {vs: _overhead(d, vs) for vs in SMALL_SIZES}
         extent, fits = _layout(d)
+        _hot_path(d, settings, fam)
     col = "median of seeds"
     for label, k, unit in (
         ("used_bytes / capacity", "used", ""),
