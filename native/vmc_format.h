@@ -112,7 +112,9 @@ struct vmc_entry {
     uint32_t link_next;     /* RESERVED: the pool's reserved list; pool lock. Else unused */
     uint16_t key_len;       /* pool lock, at allocation */
     uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
-                               -> REMOVED (pool lock, and the shard lock if it was published) */
+                               -> REMOVED (pool lock, and the shard lock if it was published);
+                               a replaced entry kept as its handle's spare goes on REMOVED ->
+                               RESERVED (shard and pool locks: vmc_cache.c, "the spare") */
     uint8_t reserved0;
     uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; shard lock, at publication */
     uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */

@@ -722,6 +722,31 @@ def test_reservation_cancel_and_context(cache: Cache) -> None:
     assert cache.statistics().used_bytes == used + 256
 
 
+def test_a_replaced_small_entry_is_the_spare_of_the_next_put(cache_path: str) -> None:
+    """A replacement keeps the old entry's extent as its handle's spare (room
+    in use), which the handle's next put of an entry of the same size fills;
+    a put of another size frees it, and so does closing the handle."""
+    with Cache(cache_path, size=MiB) as c, Cache(cache_path) as other:
+        c.put(b"k", b"1" * 100)
+        one = other.statistics().used_bytes
+        c.put(b"k", b"2" * 100)
+        assert other.statistics().used_bytes == 2 * one  # the entry and the spare
+        c.put(b"j", b"3" * 100)
+        assert other.statistics().used_bytes == 2 * one  # the spare was filled
+        c.put(b"k", b"4" * 3000)
+        big = other.statistics().used_bytes - 2 * one  # the old 100 B entry is the spare
+        c.put(b"j", b"5" * 100)  # and is filled
+        assert other.statistics().used_bytes == 2 * one + big
+        c.put(b"k", b"6" * 3000)  # the old 3000 B entry is the spare...
+        c.put(b"new", b"7" * 100)  # ...which does not fit: freed
+        assert other.statistics().used_bytes == 2 * one + big
+        c.put(b"j", b"8" * 100)
+        assert other.statistics().used_bytes == 3 * one + big
+        c.close()
+        assert other.statistics().used_bytes == 2 * one + big
+        assert [other.get(k) for k in (b"k", b"j", b"new")] == [b"6" * 3000, b"8" * 100, b"7" * 100]
+
+
 def test_reservation_replaces_and_close_cancels(cache_path: str) -> None:
     c = Cache(cache_path, size=MiB)
     c.put(b"k", b"old")

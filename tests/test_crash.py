@@ -260,6 +260,40 @@ def test_killed_reservation_reclaimed_when_another_process_attaches(
         check_value(b"k", cache.get(b"k"))
 
 
+def _replace_and_hang(path: str, ready: Any) -> None:
+    """Replace a key (its old extent becomes this handle's spare), say so,
+    and wait to be killed."""
+    cache = aiovmc.Cache(path)
+    cache.put(b"spare", make_value(b"spare", 1, 100))
+    cache.put(b"spare", make_value(b"spare", 2, 100))
+    ready.set()
+    time.sleep(WAIT)
+
+
+def test_killed_process_spare_extent_reclaimed_when_another_process_attaches(
+    ctx: Any, cache_path: str
+) -> None:
+    """A process dies holding the spare extent its last replacement left: a
+    reservation of a dead owner, reclaimed like any other; its entry stays."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        cache.put(b"k", make_value(b"k", 1, 1000))
+        base = cache.statistics().used_bytes
+        ready = ctx.Event()
+        p = ctx.Process(target=_replace_and_hang, args=(cache_path, ready))
+        p.start()
+        assert ready.wait(WAIT)
+        _kill(p)
+        held = cache.statistics().used_bytes - base  # the entry and the spare: one size
+        assert held > 0 and cache.get(b"spare") == make_value(b"spare", 2, 100)
+        p = ctx.Process(target=_attach_and_leave, args=(cache_path,))
+        p.start()
+        join_all([p])
+        assert p.exitcode == 0
+        assert cache.statistics().used_bytes == base + held // 2
+        assert cache.get(b"spare") == make_value(b"spare", 2, 100)
+        check_value(b"k", cache.get(b"k"))
+
+
 def test_killed_reservation_does_not_fill_a_no_evict_cache(ctx: Any, cache_path: str) -> None:
     """Policy "none": a dead process's reservation holds most of the pool; a
     put that needs that room must get it (reclaimed), not CacheFullError."""
