@@ -257,8 +257,9 @@ static int evict_victim(vmc_cache *c, uint32_t head, uint64_t stamp, uint64_t ha
 #define WINDOW_VICTIMS 4096
 
 /* evict_for -- evict what an entry of klen + vlen bytes still lacks room for.
- * A put, which may scatter: the least recently used entry while the pool has
- * fewer free units than it takes. Otherwise no run is long enough for it
+ * The least recently used entry while the pool holds its entry budget, or,
+ * for a put, which may scatter, while it has fewer free units than the entry
+ * takes. Otherwise no run is long enough for it
  * (contiguous: the whole entry, a reservation; else its HEAD, which holds the
  * key): the entries of the stretch vmc_pool_window picks -- so what is
  * evicted is about the room needed, not every older entry until a run
@@ -276,7 +277,9 @@ static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguo
     int rc = vmc_pool_lock(c);
     if (rc < 0)
         return rc;
-    if (!contiguous && VMC_LOAD(c->hdr->pool.free_units) < (total + c->unit_size - 1) >> c->shift) {
+    bool budget_full = c->hdr->pool.heads >= c->max_entries;
+    if (budget_full ||
+        (!contiguous && VMC_LOAD(c->hdr->pool.free_units) < (total + c->unit_size - 1) >> c->shift)) {
         vmc_pool_unlock(c);
         rc = evict_lru(c, kout ? kout + 2 : NULL, kout && kcap >= 2 ? kcap - 2 : 0, false);
         if (rc < 0)
@@ -382,6 +385,10 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             if (n > 0)
                 continue;
         }
+        if (c->policy == VMC_POLICY_NONE && VMC_LOAD(c->hdr->pool.heads) >= c->max_entries)
+            return vmc_fail(VMC_E_FULL,
+                            "cache full: it holds its maximum of %u entries and the policy is "
+                            "\"none\"", c->max_entries);
         if (c->policy == VMC_POLICY_NONE)
             return vmc_fail(VMC_E_FULL,
                             "cache full: no room for a %llu-byte entry and the policy is \"none\"",

@@ -54,6 +54,7 @@ struct vmc_cache {
     uint32_t slots;               /* per shard */
     uint32_t n_flights;           /* slots in the flight table (a power of two) */
     uint32_t max_load;            /* entries a shard may hold before it must evict */
+    uint32_t max_entries;         /* the pool's entry budget (vmc_entry_budget) */
     uint32_t policy;
     uint64_t default_ttl_ns;
     int fd;

@@ -79,6 +79,7 @@ def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
 @pytest.mark.parametrize(
     "options, text",
     [({"extent_size": 512}, "extent_size=256, not extent_size=512"),
+     ({"max_entries": 100}, "max_entries=6880, not max_entries=100"),
      ({"policy": "none"}, "policy='lru', not policy='none'"),
      ({"ttl": 5}, r"ttl=None, not ttl=5:")],
 )
@@ -115,9 +116,13 @@ def test_missing_file_without_size(cache_path: str) -> None:
         ({"size": 1000}, "minimum of 1 MiB"),
         ({"size": "512k"}, "minimum of 1 MiB"),
         ({"size": MiB, "extent_size": 300}, "power of two"),
-        ({"size": MiB, "extent_size": 128}, "power of two"),
+        ({"size": MiB, "extent_size": 32}, r"power of two between 64 and 2\*\*31"),
         ({"size": MiB, "extent_size": 2 * MiB}, "power of two"),
-        ({"size": MiB, "extent_size": 512 * 1024}, "less than 80%"),
+        ({"size": MiB, "extent_size": 512 * 1024}, "less than 80%.*smaller extent_size"),
+        ({"size": MiB, "extent_size": 64}, "less than 80%.*entry budget.*larger size"),
+        ({"size": MiB, "max_entries": 0}, "max_entries 0 must be between 1 and 4294967280"),
+        ({"size": MiB, "max_entries": 2**32}, "max_entries 4294967296 must be between"),
+        ({"size": MiB, "max_entries": 4000}, "max_entries 4000 is more than .* at most 3328"),
         ({"size": MiB, "policy": "fifo"}, "policy"),
         ({"size": MiB, "ttl": -1}, "positive"),
         ({"size": "lots"}, "is not a size"),
@@ -137,6 +142,9 @@ def test_parameter_types(cache_path: str) -> None:
         Cache(cache_path, size=MiB, ttl="5")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Cache(cache_path, size=MiB, on_miss=42)  # type: ignore[arg-type]
+    for bad in ("5", 5.0, True):
+        with pytest.raises(TypeError, match="max_entries is an int or None"):
+            Cache(cache_path, size=MiB, max_entries=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -146,6 +146,7 @@ class NativeInfo:
         "dropped_entries",
         "extent_size",
         "file_size",
+        "max_entries",
         "max_value_size",
         "policy",
         "recovered",
@@ -158,6 +159,7 @@ class NativeInfo:
         self.extent_size: int = info.extent_size
         self.policy: str = "none" if info.policy == lib.VMC_POLICY_NONE else "lru"
         self.default_ttl_ns: int = info.default_ttl_ns
+        self.max_entries: int = info.max_entries
         self.max_value_size: int = info.max_value_size
         self.created = bool(info.created)
         self.recovered = bool(info.recovered)
@@ -201,6 +203,7 @@ class Handle:
         *,
         size: int,
         extent_size: int,
+        max_entries: int,
         policy: str,
         default_ttl_ns: int,
         mode: int,
@@ -213,6 +216,7 @@ class Handle:
             {
                 "size": size,
                 "extent_size": extent_size,
+                "max_entries": max_entries,
                 "policy": lib.VMC_POLICY_NONE if policy == "none" else lib.VMC_POLICY_LRU,
                 "default_ttl_ns": default_ttl_ns,
                 "mode": mode,
