@@ -114,7 +114,26 @@ static bool miss_unsure(vmc_cache *c, uint32_t u, int round)
 
 /* ---- removal and eviction ---- */
 
-/* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
+static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce);
+
+/* free_spare -- (pool lock held) free `spare`, a spare of this handle taken
+ * off it (see "the spare" below), if it is still one; 0 is none. */
+static void free_spare(vmc_cache *c, uint32_t spare)
+{
+    if (spare && still_reserved(c, spare, 0)) {
+        vmc_reserved_unlink(c, spare);
+        vmc_release_entry(c, spare);
+    }
+}
+
+/* take_off_spare -- the handle's spare, now no longer its (0 if none). */
+static uint32_t take_off_spare(vmc_cache *c)
+{
+    return __atomic_exchange_n(&c->spare, 0, __ATOMIC_ACQ_REL);
+}
+
+/* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it,
+ * and the handle's spare with it (an emptied cache holds no room).
  * The pool lock is taken before anything changes, so VMC_RETRY leaves the
  * shard as it was. */
 static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot)
@@ -130,6 +149,7 @@ static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t s
     vmc_lru_remove(c, shard, unit);
     VMC_UNCOUNT(c->shards[shard].count);
     vmc_release_entry(c, unit);
+    free_spare(c, take_off_spare(c));
     vmc_pool_unlock(c);
     return VMC_OK;
 }
@@ -335,8 +355,6 @@ int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, 
 }
 
 
-static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce);
-
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
  * owned by this process), evicting as the policy allows; first free `spare`
  * (the handle's spare, which this allocation does not use), if not 0: a
@@ -352,10 +370,7 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
         int rc = vmc_pool_lock(c);
         if (rc < 0)
             return rc;
-        if (spare && still_reserved(c, spare, 0)) { /* a spare that does not fit */
-            vmc_reserved_unlink(c, spare);
-            vmc_release_entry(c, spare);
-        }
+        free_spare(c, spare);
         spare = 0;
         rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
         if (rc == VMC_OK) {
@@ -511,7 +526,7 @@ static void untrack_rid(vmc_cache *c, uint64_t rid)
 
 void vmc_cache_drop_reservations(vmc_cache *c)
 {
-    uint32_t spare = __atomic_exchange_n(&c->spare, 0, __ATOMIC_ACQ_REL);
+    uint32_t spare = take_off_spare(c);
     if (spare)
         drop_reservation(c, spare, 0);
     pthread_mutex_lock(&c->rids_lock);
@@ -596,7 +611,7 @@ static bool keep_spare(vmc_cache *c, uint32_t old)
 static uint32_t take_spare(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
                            uint32_t *unfit)
 {
-    uint32_t spare = __atomic_exchange_n(&c->spare, 0, __ATOMIC_ACQ_REL);
+    uint32_t spare = take_off_spare(c);
     *unfit = 0;
     if (spare == 0)
         return 0;
@@ -1344,6 +1359,7 @@ int vmc_clear_shard(vmc_cache *c, int shard)
             VMC_STORE(sh->heap_len, 0);
             VMC_STORE(sh->count, 0);
             VMC_STORE(sh->top_atime, UINT64_MAX);
+            free_spare(c, take_off_spare(c));
             vmc_pool_unlock(c);
         }
         vmc_shard_unlock(c, s);
@@ -1427,8 +1443,8 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     uint32_t head, nonce = next_nonce();
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
     if (rc == VMC_OK &&
-        (rc = make_room(c, klen, size, expires, true, flags, nonce,
-                        __atomic_exchange_n(&c->spare, 0, __ATOMIC_ACQ_REL), &head)) == VMC_OK) {
+        (rc = make_room(c, klen, size, expires, true, flags, nonce, take_off_spare(c), &head)) ==
+            VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);

@@ -725,7 +725,8 @@ def test_reservation_cancel_and_context(cache: Cache) -> None:
 def test_a_replaced_small_entry_is_the_spare_of_the_next_put(cache_path: str) -> None:
     """A replacement keeps the old entry's extent as its handle's spare (room
     in use), which the handle's next put of an entry of the same size fills;
-    a put of another size frees it, and so does closing the handle."""
+    a put of another size frees it, and so do a delete, a clear and closing
+    the handle: an emptied cache holds no room."""
     with Cache(cache_path, size=MiB) as c, Cache(cache_path) as other:
         c.put(b"k", b"1" * 100)
         one = other.statistics().used_bytes
@@ -745,6 +746,12 @@ def test_a_replaced_small_entry_is_the_spare_of_the_next_put(cache_path: str) ->
         c.close()
         assert other.statistics().used_bytes == 2 * one + big
         assert [other.get(k) for k in (b"k", b"j", b"new")] == [b"6" * 3000, b"8" * 100, b"7" * 100]
+        other.put(b"j", b"9" * 100)
+        other.delete(b"new")
+        assert other.statistics().used_bytes == one + big
+        other.put(b"j", b"0" * 100)
+        other.clear()
+        assert other.statistics().used_bytes == 0
 
 
 def test_reservation_replaces_and_close_cancels(cache_path: str) -> None:
