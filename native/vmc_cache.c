@@ -581,9 +581,11 @@ static int clocks_sane(vmc_cache *c)
  * fills it without taking the pool lock. A steady stream of replacements thus
  * takes the pool lock once per put (the publication's section) instead of
  * twice, and touches no free list. Invariants: a handle has at most one
- * spare; it is counted as used room (it is allocated); a dead owner's spare is
- * freed by vmc_reclaim_dead or recovery like any reservation of it; closing
- * the handle frees it; a fork()ed child forgets its parent's (not its own). */
+ * spare; it is counted as used room (it is allocated); the handle's next
+ * allocation that does not use it, its next removal (delete, evict, clear)
+ * and its close free it; a dead owner's spare is freed by vmc_reclaim_dead or
+ * recovery like any reservation of it; a fork()ed child forgets its parent's
+ * (the parent's owner id holds it). */
 #define SPARE_MAX_BYTES 4096u
 
 /* keep_spare -- (pool and shard locks held) make the unlinked old entry at
