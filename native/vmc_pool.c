@@ -256,7 +256,10 @@ static void free_chain(vmc_cache *c, uint32_t head)
     }
     uint32_t next = e->next;
     free_extent(c, head, VMC_TAG_UNITS(e->tag));
-    c->hdr->pool.heads--;
+    if (c->hdr->pool.heads > 0)
+        c->hdr->pool.heads--;
+    else
+        vmc_mark_damaged(c); /* a head nobody counted: repair recounts */
     for (uint32_t steps = 0; next; steps++) {
         struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
         if (b == NULL || b->head != head || steps > c->pool_units) {
