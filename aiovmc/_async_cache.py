@@ -31,7 +31,7 @@ import inspect
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, Union, overload
 
@@ -43,6 +43,7 @@ from ._cache import Cache, CacheCore, CacheEntry, CacheStatistics, Reservation, 
 from ._coalesce import HostWave, LoadMark, Peek, SingleFlight, Wait, load_steps
 from ._convert import TTL, Key, encode_key, parse_size
 from ._errors import CacheClosedError, RepairNeeded
+from ._native import compiled_async_get, ready
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer, Self
@@ -145,11 +146,56 @@ async def _wait_for_wave(wave: HostWave) -> None:
     if limiter is None:
         limiter = anyio.CapacityLimiter(WAIT_CONCURRENCY)
         _wait_limiter.set(limiter)
+    trio = sys.modules.get("trio")
+    if trio is not None and trio.lowlevel.in_trio_task():
+        await _wait_for_wave_on_trio(trio, wave, limiter)
+        return
     try:
         await anyio.to_thread.run_sync(wave.wait, abandon_on_cancel=True, limiter=limiter)
     except BaseException:
         wave.kick()
         raise
+
+
+async def _wait_for_wave_on_trio(
+    trio: Any, wave: HostWave, limiter: anyio.CapacityLimiter
+) -> None:
+    """`_wait_for_wave` on trio, through trio's thread cache itself
+    (`trio.lowlevel.start_thread_soon`): `trio.to_thread.run_sync` names the
+    thread for each job (two system calls) and wraps the result twice before
+    it wakes the loop, which put trio's waiters ~0.1-0.3 ms behind asyncio's
+    (docs/async.md, "Waking a waiter"). The limiter's slot is held until the
+    thread has returned, as `to_thread` holds it, even after a cancellation."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    borrower = object()
+    await limiter.acquire_on_behalf_of(borrower)
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+    waiting = True
+
+    def back_on_the_loop(result: Any) -> None:
+        limiter.release_on_behalf_of(borrower)
+        if waiting:
+            trio.lowlevel.reschedule(task, result)
+
+    def deliver(result: Any) -> None:  # in the thread, once `wave.wait` returned
+        try:
+            token.run_sync_soon(back_on_the_loop, result)
+        except trio.RunFinishedError:
+            pass  # the run is over: nobody waits any more
+
+    def abort(_raise_cancel: Any) -> Any:
+        nonlocal waiting
+        waiting = False
+        wave.kick()  # the thread returns at once (and releases the slot)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    try:
+        trio.lowlevel.start_thread_soon(wave.wait, deliver)
+    except BaseException:  # no thread: nothing will give the slot back
+        limiter.release_on_behalf_of(borrower)
+        raise
+    await trio.lowlevel.wait_task_rescheduled(abort)  # the thread's outcome, unwrapped
 
 
 async def _offload(func: Callable[[], T]) -> T:
@@ -353,35 +399,35 @@ class AsyncCache:
     # -- reads ---------------------------------------------------------------------
 
     @overload
-    async def get(
+    def get(
         self,
         key: Key,
         default: None = None,
         *,
         on_miss: Loader | None = None,
         ttl: TTL = None,
-    ) -> bytes | None: ...
+    ) -> Coroutine[Any, Any, bytes | None]: ...
 
     @overload
-    async def get(
+    def get(
         self,
         key: Key,
         default: D,
         *,
         on_miss: Loader | None = None,
         ttl: TTL = None,
-    ) -> bytes | D: ...
+    ) -> Coroutine[Any, Any, bytes | D]: ...
 
-    async def get(
+    def get(
         self,
         key: Key,
         default: object = None,
         *,
         on_miss: Loader | None = None,
         ttl: TTL = None,
-    ) -> object:
+    ) -> Coroutine[Any, Any, object]:
         """Return the value of ``key``; on a miss, load it (coalesced) or return
-        ``default``.
+        ``default``. Use as ``await cache.get(key)``.
 
         A hit returns without waiting (no checkpoint), unless the value is at least
         ``offload_threshold`` bytes: then it is copied in a worker thread. A miss
@@ -392,14 +438,45 @@ class AsyncCache:
         ``default``. Loader exceptions propagate to every waiter and are not cached.
         Cancelling a waiting task cancels only it; a cancelled loader is retried by
         another waiter.
+
+        Not an ``async def``: the lookup runs in the call, and what it returns is
+        awaitable (a `collections.abc.Coroutine`, which create_task and task
+        groups take too). A hit, or a miss without a loader, returns an awaitable
+        already done (`aiovmc._native.ready`): no coroutine to create and run,
+        the largest part of what an awaited hit cost beyond the sync get
+        (docs/async.md, "The cost of an awaited hit"). A bad key raises here.
         """
+        # On the fast path, the compiled `get` (native/vmc_fast.c) stands in for
+        # this method: the same steps, without a Python frame.
         k = key if key.__class__ is bytes else encode_key(key)
+        found: object
         try:
             found = self._get_inline(k, self._limit)
         except RepairNeeded:
-            found = await self._repaired(self._get_inline, k, self._limit)
+            found = RepairNeeded
         if found.__class__ is bytes:
-            return found
+            return ready(found)
+        return self._get_rest(k, found, default, on_miss, ttl)
+
+    def _get_rest(
+        self, k: bytes, found: object, default: object, on_miss: Loader | None, ttl: TTL
+    ) -> Coroutine[Any, Any, object]:
+        """The rest of `get` when its lookup found no value to return at once:
+        ``found`` is the size of a value to copy off the loop, None (a miss), or
+        `RepairNeeded` (the lookup is made again once the file is repaired). A
+        miss without a loader is answered at once, with ``default``."""
+        if found is None and on_miss is None and self.on_miss is None:
+            return ready(default)
+        return self._get_waiting(k, found, default, on_miss, ttl)
+
+    async def _get_waiting(
+        self, k: bytes, found: object, default: object, on_miss: Loader | None, ttl: TTL
+    ) -> object:
+        """`_get_rest` when it waits: for a repair, an off-loop copy or a load."""
+        if found is RepairNeeded:
+            found = await self._repaired(self._get_inline, k, self._limit)
+            if found.__class__ is bytes:
+                return found
         if found is not None:
             value = await _offload(functools.partial(self._core.fetch, k))
             if value is not None:
@@ -535,30 +612,31 @@ class AsyncCache:
         """As `Cache.get_many`: ``{key: value}`` for the hits, keyed by the encoded
         keys, in the order given; never loads.
 
-        Values of at least ``offload_threshold`` bytes are copied in a worker thread
-        (a checkpoint); the others on the loop.
+        The keys are looked up in batches (one C call per 64 keys on the fast
+        path), the values under ``offload_threshold`` bytes copied there, on the
+        loop; the larger ones are then copied in a worker thread (a checkpoint).
         """
-        result: dict[bytes, bytes] = {}
-        large: dict[bytes, None] = {}  # each key copied once, however often it is asked
-        get_inline, limit = self._get_inline, self._limit
-        for key in keys:
-            k = key if key.__class__ is bytes else encode_key(key)
-            try:
-                found = get_inline(k, limit)
-            except RepairNeeded:
-                found = await self._repaired(get_inline, k, limit)
-            if isinstance(found, bytes):
-                result[k] = found
-            elif found is not None:
-                large[k] = None
-                result[k] = b""  # keeps the order
+        asked = keys if keys.__class__ is list else list(keys)
+        found: dict[bytes, bytes] = {}
+        large: dict[bytes, int] = {}  # each key copied once, however often it is asked
+        get_many_inline, limit = self._core.get_many_inline, self._limit
+        done = get_many_inline(asked, limit, found, large, 0)
+        if done < len(asked):  # the next key needs a repair first
+
+            def the_rest() -> None:
+                nonlocal done
+                done = get_many_inline(asked, limit, found, large, done)
+                if done < len(asked):
+                    raise RepairNeeded("get_many: a key still needs a repair")
+
+            await self._repaired(the_rest)
         for k in large:
-            value = await _offload(functools.partial(self._core.fetch, k))
-            if value is None:
-                del result[k]
+            copied = await _offload(functools.partial(self._core.fetch, k))
+            if copied is None:
+                del found[k]  # deleted meanwhile: a miss after all
             else:
-                result[k] = value
-        return result
+                found[k] = copied
+        return found
 
     # -- writes --------------------------------------------------------------------
 
@@ -736,3 +814,8 @@ class AsyncCache:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_compiled_get = compiled_async_get(AsyncCache)
+if _compiled_get is not None:
+    AsyncCache.get = _compiled_get  # type: ignore[method-assign]

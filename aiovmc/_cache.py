@@ -647,6 +647,7 @@ class CacheCore:
         "flight_kick",
         "flight_wait",
         "get_inline",
+        "get_many_inline",
         "host",
         "load_timeout_ns",
         "repair",
@@ -662,6 +663,12 @@ class CacheCore:
         #: (key, limit) -> a counted hit of at most `limit` bytes as bytes, a
         #: larger one as its size (not copied: `fetch` it), a miss as None.
         self.get_inline: Callable[[bytes, int], bytes | int | None] = cache._get_inline
+        #: (keys, limit, found, large, start) -> the number of keys done:
+        #: `get_inline` of keys[start:] in batches (one C call per 64 keys on
+        #: the fast path), fewer done when the next key needs a repair.
+        self.get_many_inline: Callable[
+            [list[Any], int, dict[bytes, bytes], dict[bytes, int], int], int
+        ] = cache._get_many_inline
         #: (key) -> the whole value, quietly (no count, no LRU touch), or None;
         #: for worker threads (repairs).
         self.fetch: Callable[[bytes], bytes | None] = cache._fetch

@@ -2,8 +2,9 @@
 
 1. Hit path: 100k keys, 100 B values, random order; one task awaits
    `AsyncCache.get` hits (asyncio, asyncio+uvloop, trio), against the sync
-   `Cache.get` and `get_nowait` of the same file in the same loop, and against the
-   hits of in-process async memoizers on asyncio (async-lru `@alru_cache`, cachebox
+   `Cache.get` and `get_nowait` of the same file in the same loop; `get_many` of
+   100 keys a call, awaited and sync (per key); and against the hits of in-process
+   async memoizers on asyncio (async-lru `@alru_cache`, cachebox
    `@cached(LRUCache)`, theine `@Memoize`, warmed with every key).
 2. Stampede: 500 tasks ask for one cold key at once, the loader sleeping 10 ms
    (a fresh key per round): loader calls and wall time. Peers: async-lru, aiocache
@@ -16,7 +17,10 @@
    at 64 MiB offloaded `get_into` a buffer allocated once (no fresh result to
    allocate and free). The ticker alone gives each backend's idle baseline. The
    stall is the max gap minus the tick; the time the loop spends dropping one
-   result is timed apart (the application's part).
+   result is timed apart (the application's part), and so is the most CPU time
+   the loop thread used between two ticks (its own work; the rest of a gap is
+   waiting for a CPU or the GIL, which a loaded machine lengthens). A 0.5 ms
+   sleep is a 1 ms epoll timeout on both backends: the idle gap is ~1.1 ms.
 4. Offload threshold: sync `Cache.get`/`put` time against value size (4 KiB..64 MiB)
    and one `anyio.to_thread.run_sync` round trip; the recommended default
    `offload_threshold` is the power of two where the slower of an inline get and put
@@ -86,6 +90,10 @@ TABLES = [
     Table("loop stall: MiB/s moved", "Put + get traffic of the 4 tasks"),
     Table("loop stall: dropping one result", "The longest time the loop spent dropping a "
                                              "result (the application's part)"),
+    Table("loop stall: loop thread's CPU", "The most CPU time the loop thread used between "
+                                           "two ticks (its own work: a gap longer than this "
+                                           "was spent waiting for a CPU or the GIL), median "
+                                           "of rounds"),
     Table("inline copy", "Sync `Cache.get` / `put` of one key against value size",
           Plot("lines", "bench_offload.png", "Inline copy time vs value size",
                xlabel="value size (bytes)", ylabel="ns per op (loop time if inline)",
@@ -95,6 +103,7 @@ TABLES = [
 ]  # fmt: skip
 N_KEYS = 100_000
 HIT_VALUE = 100
+MANY = 100  # keys per get_many call
 STAMPEDE_TASKS = 500
 LOADER_SLEEP = 0.010
 TICK = 0.0005
@@ -140,6 +149,7 @@ def _hit_path(fam: Family, settings: Settings, n_keys: int) -> None:
         ac = aiovmc.AsyncCache(os.path.join(d, "cache"), size=256 * MiB)
         for k in keys:
             ac.cache.put(k, value)
+        batches = [order[i : i + MANY] for i in range(0, len(order) - MANY + 1, MANY)]
         for bname, backend in BACKENDS.items():
 
             async def main(bname: str = bname) -> dict[str, list[float]]:
@@ -151,7 +161,13 @@ def _hit_path(fam: Family, settings: Settings, n_keys: int) -> None:
                 if bname == "asyncio":
                     memo = await _memoizers(keys, value)
                     cases += [Case(name, aloop_over(f)) for name, f in memo.items()]
-                return await ainterleaved(cases, order, settings)
+                hits = await ainterleaved(cases, order, settings)
+                many = await ainterleaved(
+                    [Case(f"aiovmc await get_many ({bname}), per key", aloop_over(ac.get_many)),
+                     Case(f"aiovmc Cache.get_many (sync) [{bname}], per key",
+                          _sync_as_async(ac.cache.get_many))],
+                    batches, settings)  # fmt: skip
+                return hits | {name: [x / MANY for x in ns] for name, ns in many.items()}
 
             for name, ns in _run(main, backend).items():
                 fam.add("hit path", name, "per hit", ns, "ns")
@@ -269,17 +285,19 @@ class _GetIntoMode:
 async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float
                      ) -> dict[str, float]:  # fmt: skip
     gaps: list[int] = []
+    cpu: list[int] = []  # the loop thread's CPU time in each gap
     drops: list[int] = [0]
     moved = [0]
     stop = anyio.Event()
 
     async def ticker() -> None:
-        last = time.perf_counter_ns()
+        last, last_cpu = time.perf_counter_ns(), time.thread_time_ns()
         while not stop.is_set():
             await anyio.sleep(TICK)
-            now = time.perf_counter_ns()
+            now, now_cpu = time.perf_counter_ns(), time.thread_time_ns()
             gaps.append(now - last)
-            last = now
+            cpu.append(now_cpu - last_cpu)
+            last, last_cpu = now, now_cpu
 
     async def worker(k: bytes) -> None:
         while not stop.is_set():
@@ -303,8 +321,10 @@ async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float
         stop.set()
     elapsed = (time.perf_counter_ns() - t0) / 1e9
     gaps = gaps[2:] or gaps  # the first wake-ups include the tasks' start
+    cpu = cpu[2:] or cpu
     return {"stall": max(gaps) / 1e6 - TICK * 1e3, "p99": percentile(gaps, 99) / 1e6,
-            "drop": max(drops) / 1e6, "mib_s": moved[0] / MiB / elapsed}  # fmt: skip
+            "cpu": max(cpu) / 1e6, "drop": max(drops) / 1e6,
+            "mib_s": moved[0] / MiB / elapsed}  # fmt: skip
 
 
 def _loop_lag(fam: Family, settings: Settings) -> None:
@@ -343,6 +363,7 @@ def _loop_lag(fam: Family, settings: Settings) -> None:
                 fam.add(STALL, row, col, [r["stall"] for r in rs], "ms", x=x)
                 fam.add("loop stall: worst round", row, col, max(r["stall"] for r in rs), "ms")
                 fam.add("loop stall: p99 gap", row, col, [r["p99"] for r in rs], "ms")
+                fam.add("loop stall: loop thread's CPU", row, col, [r["cpu"] for r in rs], "ms")
                 if size:
                     fam.add("loop stall: MiB/s moved", row, col, [r["mib_s"] for r in rs], "")
                     fam.add("loop stall: dropping one result", row, col,

@@ -774,8 +774,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
 /* get -- vmc_get, and on a hit (if meta is not NULL) the entry's publication
  * timestamp and expiry in meta[0] and meta[1], read under the same lock as
  * the value; with a sink (VMC_F_WHOLE), vmc_get_sink. */
-static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, char *dst,
-                          size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
+static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, uint64_t at,
+                          char *dst, size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
                           struct vmc_sink *sink);
 
 /* The huge page size of x86-64 and of arm64 with 4 KiB pages: the alignment
@@ -814,15 +814,16 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
     ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
     if (rc == VMC_OK)
-        rc = get_hashed(c, key, klen, vmc_hash_key(c, key, klen), dst, cap, offset, flags, meta,
-                        sink);
+        rc = get_hashed(c, key, klen, vmc_hash_key(c, key, klen), 0, dst, cap, offset, flags,
+                        meta, sink);
     leave_flags(c, no_repair_prev_);
     return rc;
 }
 
-/* get_hashed -- get, for a key of a sound length and its hash, in a call entered. */
-static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, char *dst,
-                          size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
+/* get_hashed -- get, for a key of a sound length and its hash, in a call
+ * entered, at time `at` (its expiry check and access time; 0: the clock's). */
+static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, uint64_t at,
+                          char *dst, size_t cap, uint64_t offset, uint32_t flags, uint64_t *meta,
                           struct vmc_sink *sink)
 {
     int64_t rc;
@@ -834,7 +835,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         bool no_wait = sink && !counted;
         if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) < 0)
             return rc;
-        uint64_t now = vmc_now_ns();
+        uint64_t now = at ? at : vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
         if (miss_unsure(c, u, round)) {
@@ -958,7 +959,7 @@ int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink
 #define AHEAD_ENTRY 4
 
 size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *klens, size_t n,
-                         int64_t *status, struct vmc_sink *sink)
+                         int64_t *status, struct vmc_sink *sink, uint32_t flags)
 {
     uint64_t hashes[16]; /* a ring: key i's hash at [i % 16], computed AHEAD_SLOT keys early */
     size_t i = 0;
@@ -968,6 +969,11 @@ size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *kl
             status[0] = rc;
         return 0;
     }
+    bool no_repair_prev = vmc_no_repair_begin((flags & VMC_F_NO_REPAIR) != 0);
+    /* One clock read per call: key i is looked up at start + i ns, a time within
+     * the call (each lookup takes longer than 1 ns) that orders the keys' LRU
+     * touches as they were asked, as a clock read per key would. */
+    uint64_t start = vmc_now_ns();
     for (size_t j = 0; j < n && j < AHEAD_SLOT; j++) {
         hashes[j % 16] = vmc_hash_key(c, keys[j], klens[j]);
         vmc_index_prefetch(c, hashes[j % 16], false);
@@ -983,13 +989,13 @@ size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *kl
         sink->item = i;
         int64_t got = check_key(klens[i]);
         if (got == VMC_OK)
-            got = get_hashed(c, keys[i], klens[i], hashes[i % 16], NULL, 0, 0, VMC_F_WHOLE, NULL,
-                             sink);
+            got = get_hashed(c, keys[i], klens[i], hashes[i % 16], start + i, NULL, 0, 0,
+                             (flags & VMC_F_NO_REPAIR) | VMC_F_WHOLE, NULL, sink);
         status[i] = got;
         if (got < 0 && got != VMC_MISS)
             break; /* VMC_BUSY or a failure: the caller goes on from key i */
     }
-    leave(c);
+    leave_flags(c, no_repair_prev);
     return i;
 }
 

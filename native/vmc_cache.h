@@ -35,9 +35,10 @@ int64_t vmc_get_sink(vmc_cache *c, const char *key, size_t klen, struct vmc_sink
  * prefetches index slots and entries ahead of the lookups (sink->item says
  * which key sink->dst is called for). status[i] is what vmc_get_sink says
  * of key i; the call stops after the first key whose status is VMC_BUSY or
- * a failure. Returns the number of keys done (hits and misses) before it. */
+ * a failure. Returns the number of keys done (hits and misses) before it.
+ * `flags`: 0 or VMC_F_NO_REPAIR. */
 size_t vmc_get_many_sink(vmc_cache *c, const char *const *keys, const size_t *klens, size_t n,
-                         int64_t *status, struct vmc_sink *sink);
+                         int64_t *status, struct vmc_sink *sink, uint32_t flags);
 
 /* vmc_contains_now -- vmc_contains, or VMC_BUSY where it would wait (a shard
  * lock taken, a repair pending). */

@@ -1,4 +1,4 @@
-/* vmc_fast.c -- the CPython fast path: `get`, `_get_inline` and `in` as C-API methods.
+/* vmc_fast.c -- the CPython fast path: `get`, `_get_inline`, `in` and more as C-API methods.
  *
  * The cffi binding pays, per get, a cffi call that releases and retakes the
  * GIL, and a per-thread scratch buffer (with a re-entrancy flag) from which
@@ -15,7 +15,11 @@
  * object of that size). Values above VMC_SCRATCH_SIZE take that path too, so
  * that no long copy runs with the GIL held.
  *
- * `_get_inline` (AsyncCache's get on the loop) and `in` go the same way.
+ * `_get_inline` (AsyncCache's get on the loop) and `in` go the same way, and
+ * so does AsyncCache.get itself (fast_async_get, bound by fast_bind_async): a
+ * hit is answered as Ready(value), an awaitable already done, so that an
+ * awaited hit creates no coroutine. `_get_many_inline` is AsyncCache's
+ * get_many on the loop; fresh_bytes allocates get_entry's large results.
  *
  * Installation goes through the one cffi-declared function vmc_fast_install():
  * cffi cannot declare PyObject, so it adds to this module (_aiovmc_native,
@@ -419,6 +423,27 @@ static PyMethodDef copy_whole_def = {
     "_copy_whole(key, size, flags=0)\n--\n\nA value whose size is known, copied quietly (no "
     "statistics, no LRU touch) into a new bytes object; None if it has gone meanwhile."};
 
+/* fresh_bytes(size): a bytes object of `size` bytes, not initialised, for
+ * the pure binding's large results that the core then fills (get_entry):
+ * bytes(size) would zero it with the GIL held, O(size) work that stalls the
+ * event loop when a worker thread copies a large value (see _copy_whole). Its
+ * caller fills every byte, or drops it unseen. */
+static PyObject *fresh_bytes(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size < 0)
+        return PyErr_Format(PyExc_ValueError, "fresh_bytes: size %zd", size);
+    return PyBytes_FromStringAndSize(NULL, size);
+}
+
+static PyMethodDef fresh_bytes_def = {
+    "fresh_bytes", fresh_bytes, METH_O,
+    "fresh_bytes(size)\n--\n\nA bytes object of `size` bytes, not initialised: fill every "
+    "byte, or drop it unseen."};
+
 /* __contains__(key): as Handle.__contains__. */
 static PyObject *fast_contains(PyObject *self, PyObject *key)
 {
@@ -586,11 +611,18 @@ static PyMethodDef put_def = {
 /* Keys looked up per core call of get_many: the batch its prefetching runs over. */
 #define BATCH 64
 
+static PyObject *empty_bytes; /* b"" */
+
 /* many_batch -- look keys[0..n) up into found (a dict), in order: hits
  * copied under the lock in one core call, then each key that call stopped at
  * (VMC_BUSY: it would wait) finished as a get is, and the call made again
- * for the rest. 0, or -1 with an exception. */
-static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *found)
+ * for the rest. A hit of more than `limit` bytes is counted, not copied: it
+ * goes into found as b"" (holding its place) and into `large` as its size
+ * (_get_many_inline; get_many's limit is INT64_MAX). The number of keys done:
+ * n, or fewer when (with VMC_F_NO_REPAIR) the next one needs a repair; -1
+ * with an exception. */
+static Py_ssize_t many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit,
+                             uint32_t flags, PyObject *found, PyObject *large)
 {
     const char *ptrs[BATCH];
     size_t lens[BATCH];
@@ -600,12 +632,14 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
         ptrs[i] = PyBytes_AS_STRING(keys[i]);
         lens[i] = (size_t)PyBytes_GET_SIZE(keys[i]);
     }
-    int rc = 0;
+    uint64_t max = limit < VMC_SCRATCH_SIZE ? (uint64_t)limit : VMC_SCRATCH_SIZE;
+    Py_ssize_t done = n;
+    int rc = 0; /* 1: stopped before a key that needs a repair */
     for (Py_ssize_t from = 0; from < n && rc == 0;) {
-        struct bytes_sink sink = {{bytes_dst, 0}, VMC_SCRATCH_SIZE, results + from, false};
-        size_t done = vmc_get_many_sink(c, ptrs + from, lens + from, (size_t)(n - from),
-                                        status + from, &sink.base);
-        Py_ssize_t end = from + (Py_ssize_t)done;
+        struct bytes_sink sink = {{bytes_dst, 0}, max, results + from, false};
+        size_t looked = vmc_get_many_sink(c, ptrs + from, lens + from, (size_t)(n - from),
+                                          status + from, &sink.base, flags);
+        Py_ssize_t end = from + (Py_ssize_t)looked;
         if (sink.no_memory)
             rc = -1;
         for (Py_ssize_t i = from; i <= end && i < n && rc == 0; i++) {
@@ -613,12 +647,22 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
             results[i] = NULL;
             int64_t got = status[i];
             if (value == NULL && (got >= 0 || (i == end && got == VMC_BUSY)))
-                value = finish(c, ptrs[i], lens[i], got, INT64_MAX, 0, &got);
+                value = finish(c, ptrs[i], lens[i], got, limit, flags, &got);
             if (value) {
                 rc = PyDict_SetItem(found, keys[i], value);
                 Py_DECREF(value);
             } else if (PyErr_Occurred()) {
                 rc = -1;
+            } else if (got >= 0 && large) { /* more than `limit` bytes: its size */
+                PyObject *size = PyLong_FromLongLong(got);
+                rc = size == NULL || PyDict_SetItem(large, keys[i], size) < 0 ||
+                             PyDict_SetItem(found, keys[i], empty_bytes) < 0
+                         ? -1
+                         : 0;
+                Py_XDECREF(size);
+            } else if (got == VMC_E_REPAIR && (flags & VMC_F_NO_REPAIR)) {
+                done = i;
+                rc = 1;
             } else if (got != VMC_MISS) {
                 raise_status(got);
                 rc = -1;
@@ -628,7 +672,19 @@ static int many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, PyObject *fou
     }
     for (Py_ssize_t i = 0; i < n; i++)
         Py_XDECREF(results[i]);
-    return rc;
+    return rc < 0 ? -1 : done;
+}
+
+/* new_dict -- an empty dict with room for n items (as every key may hit): no
+ * resizing as it fills (docs/design.md, "Where a get's time goes"). */
+static PyObject *new_dict(Py_ssize_t n)
+{
+#if PY_VERSION_HEX < 0x030D0000 /* private since 3.13 */
+    return _PyDict_NewPresized(n);
+#else
+    (void)n;
+    return PyDict_New();
+#endif
 }
 
 /* get_many(keys): as Cache.get_many -- {key: value} of the hits, keyed by the
@@ -639,7 +695,9 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
     if (iter == NULL)
         return NULL;
     FastHandle *fast = handle_of(self);
-    PyObject *found = fast ? PyDict_New() : NULL;
+    /* sized for a list or tuple of keys (no Python code runs to learn it) */
+    bool sized = PyList_CheckExact(keys) || PyTuple_CheckExact(keys);
+    PyObject *found = fast ? new_dict(sized ? Py_SIZE(keys) : 0) : NULL;
     PyObject *batch[BATCH];
     Py_ssize_t n = 0;
     PyObject *key = NULL;
@@ -653,7 +711,8 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
             batch[n++] = enc;
         else if (PyErr_Occurred())
             Py_CLEAR(found);
-        if (found && n && (n == BATCH || enc == NULL) && many_batch(fast->c, batch, n, found) < 0)
+        if (found && n && (n == BATCH || enc == NULL) && 
+            many_batch(fast->c, batch, n, INT64_MAX, 0, found, NULL) < 0)
             Py_CLEAR(found);
         if (n == BATCH || enc == NULL || found == NULL) {
             while (n)
@@ -667,9 +726,298 @@ static PyObject *fast_get_many(PyObject *self, PyObject *keys)
     return found;
 }
 
+/* _get_many_inline(keys, limit, found, large, start): as
+ * Handle._get_many_inline -- keys[start:] (a list) looked up into found and
+ * large, in batches; the number of keys done. */
+static PyObject *fast_get_many_inline(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) ||
+        !PyDict_CheckExact(args[2]) || !PyDict_CheckExact(args[3]) || !PyLong_CheckExact(args[4]))
+        return PyErr_Format(PyExc_TypeError, "_get_many_inline(keys: list, limit: int, "
+                                             "found: dict, large: dict, start: int)");
+    int64_t limit = PyLong_AsLongLong(args[1]);
+    Py_ssize_t at = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    FastHandle *fast = handle_of(self);
+    if (fast == NULL)
+        return NULL;
+    /* A tuple holds the keys while the GIL is released (another thread may
+     * change the list meanwhile). */
+    PyObject *keys = PyList_AsTuple(args[0]);
+    Py_ssize_t n = keys ? PyTuple_GET_SIZE(keys) : 0;
+    at = at < 0 ? 0 : at > n ? n : at;
+    Py_ssize_t done = keys ? 0 : -1;
+    while (at < n && done >= 0) {
+        PyObject *batch[BATCH];
+        Py_ssize_t m = 0, want = n - at < BATCH ? n - at : BATCH;
+        while (m < want && (batch[m] = encoded(PyTuple_GET_ITEM(keys, at + m))) != NULL)
+            m++;
+        /* A key that fails to encode fails its batch before it is looked up
+         * (as get_many). */
+        done = m < want ? -1
+                        : many_batch(fast->c, batch, m, limit, VMC_F_NO_REPAIR, args[2], args[3]);
+        while (m)
+            Py_DECREF(batch[--m]);
+        if (done >= 0)
+            at += done;
+        if (done < want)
+            break; /* a key to repair first, or an error */
+    }
+    Py_XDECREF(keys);
+    Py_DECREF(fast);
+    return done < 0 ? NULL : PyLong_FromSsize_t(at);
+}
+
+static PyMethodDef get_many_inline_def = {
+    "_get_many_inline", (PyCFunction)(void (*)(void))fast_get_many_inline, METH_FASTCALL,
+    "_get_many_inline(keys, limit, found, large, start)\n--\n\nLook keys[start:] up: hits of at "
+    "most `limit` bytes into `found`, larger ones into `large` (their size) and into `found` "
+    "(b\"\", holding their place); the number of keys done, fewer than len(keys) when the "
+    "next one needs a repair (never made here)."};
+
 static PyMethodDef get_many_def = {
     "get_many", fast_get_many, METH_O,
     "get_many(keys)\n--\n\n``{key: value}`` for the keys present; never calls the loader."};
+
+/* ---- Ready: an awaitable that is already done ---- */
+
+/* AsyncCache.get answers a hit without a coroutine: Ready(value), which
+ * `await` finishes at once -- am_send hands the value over with no frame, no
+ * StopIteration -- where a coroutine would cost a frame, its creation and its
+ * return (measured in docs/async.md, "The cost of an awaited hit"). aiovmc
+ * registers the type as a collections.abc.Coroutine, so that asyncio.create_task,
+ * anyio and trio take it as they take the coroutine of a miss. Like a
+ * coroutine, it answers once (await, send(None), next()), then raises
+ * RuntimeError; throw() raises what it is given, close() drops the value. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *value; /* NULL once answered or closed */
+} Ready;
+
+static PyTypeObject ReadyType;
+
+/* ready_take -- the value, handed over once (a new reference); NULL with
+ * RuntimeError after that. */
+static PyObject *ready_take(Ready *self)
+{
+    PyObject *value = self->value;
+    if (value == NULL)
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse an already awaited aiovmc result");
+    self->value = NULL;
+    return value;
+}
+
+static PySendResult ready_am_send(PyObject *self, PyObject *arg, PyObject **result)
+{
+    (void)arg;
+    *result = ready_take((Ready *)self);
+    return *result ? PYGEN_RETURN : PYGEN_ERROR;
+}
+
+/* The protocol without am_send (next(), send()): the value as StopIteration's. */
+static PyObject *ready_next(PyObject *self)
+{
+    PyObject *value = ready_take((Ready *)self);
+    if (value == NULL)
+        return NULL;
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, value);
+    Py_DECREF(value);
+    if (stop != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, stop);
+        Py_DECREF(stop);
+    }
+    return NULL;
+}
+
+static PyObject *ready_send(PyObject *self, PyObject *arg)
+{
+    (void)arg;
+    return ready_next(self);
+}
+
+static PyObject *ready_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3)
+        return PyErr_Format(PyExc_TypeError, "throw() takes 1 to 3 arguments (%zd given)", nargs);
+    Py_CLEAR(((Ready *)self)->value);
+    PyObject *exc = args[0];
+    if (PyExceptionInstance_Check(exc))
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    else if (PyExceptionClass_Check(exc))
+        PyErr_SetObject(exc, nargs > 1 && args[1] != Py_None ? args[1] : NULL);
+    else
+        PyErr_SetString(PyExc_TypeError, "throw() takes an exception class or instance");
+    return NULL;
+}
+
+static PyObject *ready_close(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    Py_CLEAR(((Ready *)self)->value);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ready_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *ready_vectorcall(PyObject *type, PyObject *const *args, size_t nargsf,
+                                  PyObject *kwnames)
+{
+    (void)type;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL)
+        return PyErr_Format(PyExc_TypeError, "Ready(value) takes one argument");
+    Ready *self = PyObject_New(Ready, &ReadyType);
+    if (self != NULL)
+        self->value = Py_NewRef(args[0]);
+    return (PyObject *)self;
+}
+
+static void ready_dealloc(PyObject *self)
+{
+    Py_XDECREF(((Ready *)self)->value);
+    PyObject_Free(self);
+}
+
+static PyAsyncMethods ready_async = {.am_await = ready_await, .am_send = ready_am_send};
+
+static PyMethodDef ready_methods[] = {
+    {"send", ready_send, METH_O, "send(None): raise StopIteration with the value."},
+    {"throw", (PyCFunction)(void (*)(void))ready_throw, METH_FASTCALL,
+     "throw(exc): raise exc (the value is dropped)."},
+    {"close", ready_close, METH_NOARGS, "Drop the value."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReadyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "_aiovmc_native.Ready",
+    .tp_basicsize = sizeof(Ready),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ready(value): an awaitable already done, whose await returns value.",
+    .tp_as_async = &ready_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = ready_next,
+    .tp_methods = ready_methods,
+    .tp_vectorcall = ready_vectorcall,
+    .tp_dealloc = ready_dealloc,
+};
+
+/* ---- AsyncCache.get ---- */
+
+/* Where AsyncCache keeps its Cache (`_cache`) and the largest value it copies
+ * on the loop (`_limit`): slots, found by fast_bind_async. */
+static Py_ssize_t async_cache_offset, async_limit_offset;
+static PyTypeObject *handle_type; /* aiovmc's Handle: what `_cache` must be */
+static PyObject *repair_needed;   /* aiovmc.RepairNeeded */
+static PyObject *str_get_rest;    /* "_get_rest" */
+
+/* slot -- the object in the slot at `offset` of self (borrowed), or NULL with
+ * AttributeError if it is unset. */
+static PyObject *slot(PyObject *self, Py_ssize_t offset, const char *name)
+{
+    PyObject *value = *(PyObject **)((char *)self + offset);
+    if (value == NULL)
+        PyErr_Format(PyExc_AttributeError, "%R has no %s", self, name);
+    return value;
+}
+
+/* get(key, default=None, *, on_miss=None, ttl=None): as AsyncCache.get in
+ * aiovmc/_async_cache.py -- a hit of at most `_limit` bytes as Ready(value),
+ * anything else as self._get_rest(key, found, default, on_miss, ttl). */
+static PyObject *fast_async_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames)
+{
+    static const char *const names[] = {"key", "default", "on_miss", "ttl"};
+    PyObject *given[4] = {NULL, Py_None, Py_None, Py_None};
+    if (parse("get", names, 4, 2, 1, args, nargs, kwnames, given) < 0)
+        return NULL;
+    PyObject *cache = slot(self, async_cache_offset, "_cache");
+    PyObject *limit_obj = cache ? slot(self, async_limit_offset, "_limit") : NULL;
+    if (limit_obj == NULL)
+        return NULL;
+    if (!PyObject_TypeCheck(cache, handle_type) || !PyLong_CheckExact(limit_obj))
+        return PyErr_Format(PyExc_TypeError, "%R is not set up", self);
+    int64_t limit = PyLong_AsLongLong(limit_obj);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    FastHandle *fast = handle_of(cache);
+    if (fast == NULL)
+        return NULL;
+    PyObject *result = NULL, *found = NULL;
+    PyObject *key = encoded(given[0]);
+    if (key == NULL)
+        goto done;
+    int64_t n = 0;
+    PyObject *value = lookup(fast->c, PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
+                             limit, VMC_F_NO_REPAIR, &n);
+    if (value) {
+        result = ready_vectorcall(NULL, &value, 1, NULL);
+        Py_DECREF(value);
+        goto done;
+    }
+    if (PyErr_Occurred())
+        goto done;
+    if (n >= 0)
+        found = PyLong_FromLongLong(n);
+    else if (n == VMC_MISS)
+        found = Py_NewRef(Py_None);
+    else if (raise_status(n), PyErr_ExceptionMatches(repair_needed)) {
+        PyErr_Clear();
+        found = Py_NewRef(repair_needed);
+    }
+    if (found) {
+        PyObject *call[7] = {NULL, self, key, found, given[1], given[2], given[3]};
+        result = PyObject_VectorcallMethod(str_get_rest, call + 1,
+                                           6 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(found);
+    }
+done:
+    Py_XDECREF(key);
+    Py_DECREF(fast);
+    return result;
+}
+
+static PyMethodDef async_get_def = {
+    "get", (PyCFunction)(void (*)(void))fast_async_get, METH_FASTCALL | METH_KEYWORDS,
+    "get(key, default=None, *, on_miss=None, ttl=None)\n--\n\nThe value of `key`, awaitable; "
+    "on a miss, loaded (coalesced) or `default` (the compiled fast path)."};
+
+/* slot_offset -- the offset of the slot `name` of cls, or -1 with TypeError. */
+static Py_ssize_t slot_offset(PyObject *cls, const char *name)
+{
+    PyObject *descr = PyDict_GetItemString(((PyTypeObject *)cls)->tp_dict, name);
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%R has no `%s` slot", cls, name);
+        return -1;
+    }
+    return ((PyMemberDescrObject *)descr)->d_member->offset;
+}
+
+/* fast_bind_async(cls, handle_cls, RepairNeeded) -> the method descriptor of
+ * cls (aiovmc's AsyncCache) for `get`; fast_bind(handle_cls, ...) first. */
+static PyObject *fast_bind_async(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyType_Check(args[1]) ||
+        !PyExceptionClass_Check(args[2]) || fast_offset == 0)
+        return PyErr_Format(PyExc_TypeError,
+                            "fast_bind_async(cls, handle_cls, RepairNeeded), after fast_bind");
+    if ((async_cache_offset = slot_offset(args[0], "_cache")) < 0 ||
+        (async_limit_offset = slot_offset(args[0], "_limit")) < 0)
+        return NULL;
+    Py_XSETREF(handle_type, (PyTypeObject *)Py_NewRef(args[1]));
+    Py_XSETREF(repair_needed, Py_NewRef(args[2]));
+    return PyDescr_NewMethod((PyTypeObject *)args[0], &async_get_def);
+}
+
+static PyMethodDef fast_bind_async_def = {
+    "fast_bind_async", (PyCFunction)(void (*)(void))fast_bind_async, METH_FASTCALL,
+    "fast_bind_async(cls, handle_cls, RepairNeeded)\n--\n\nThe fast path's `get` for "
+    "AsyncCache."};
 
 /* fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put) -> {name: method descriptor of cls} */
 static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -690,7 +1038,7 @@ static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t n
     Py_XSETREF(slow_put, Py_NewRef(args[4]));
     PyObject *methods = PyDict_New();
     PyMethodDef *defs[] = {&get_def,     &get_inline_def, &copy_whole_def, &contains_def,
-                           &get_into_def, &put_def,       &get_many_def};
+                           &get_into_def, &put_def,       &get_many_def,   &get_many_inline_def};
     for (size_t i = 0; methods && i < sizeof defs / sizeof defs[0]; i++) {
         PyObject *method = PyDescr_NewMethod((PyTypeObject *)args[0], defs[i]);
         if (method == NULL || PyDict_SetItemString(methods, defs[i]->ml_name, method) < 0)
@@ -714,17 +1062,31 @@ static int install(void)
     if (str_on_evict == NULL &&
         (str_on_evict = PyUnicode_InternFromString("_on_evict")) == NULL)
         return -1;
-    if (PyType_Ready(&FastHandleType) < 0)
+    if (str_get_rest == NULL && (str_get_rest = PyUnicode_InternFromString("_get_rest")) == NULL)
+        return -1;
+    if (empty_bytes == NULL && (empty_bytes = PyBytes_FromStringAndSize("", 0)) == NULL)
+        return -1;
+    if (PyType_Ready(&FastHandleType) < 0 || PyType_Ready(&ReadyType) < 0)
         return -1;
     PyObject *module = PyImport_ImportModule("_aiovmc_native");
     if (module == NULL)
         return -1;
     PyObject *bind = PyCFunction_NewEx(&fast_bind_def, NULL, NULL);
-    int rc = bind == NULL ? -1
+    PyObject *bind_async = PyCFunction_NewEx(&fast_bind_async_def, NULL, NULL);
+    PyObject *fresh = PyCFunction_NewEx(&fresh_bytes_def, NULL, NULL);
+    int rc = bind == NULL || bind_async == NULL || fresh == NULL ? -1
              : PyObject_SetAttrString(module, "FastHandle", (PyObject *)&FastHandleType) < 0
+                 ? -1
+             : PyObject_SetAttrString(module, "Ready", (PyObject *)&ReadyType) < 0
+                 ? -1
+             : PyObject_SetAttrString(module, "fast_bind_async", bind_async) < 0
+                 ? -1
+             : PyObject_SetAttrString(module, "fresh_bytes", fresh) < 0
                  ? -1
                  : PyObject_SetAttrString(module, "fast_bind", bind);
     Py_XDECREF(bind);
+    Py_XDECREF(bind_async);
+    Py_XDECREF(fresh);
     Py_DECREF(module);
     return rc;
 }

@@ -8,6 +8,7 @@ not completes.
 
 from __future__ import annotations
 
+import collections.abc
 import threading
 import time
 from collections.abc import Iterator
@@ -83,6 +84,50 @@ async def test_hit_and_plain_miss_are_not_checkpoints(acache: AsyncCache) -> Non
     assert acache.get_nowait("absent", 7) == 7
 
 
+async def test_a_get_is_a_coroutine_that_answers_once(acache: AsyncCache) -> None:
+    # A hit is answered by an awaitable already done (docs/async.md, "The cost of
+    # an awaited hit"): it keeps a coroutine's protocol.
+    await acache.put("k", b"v")
+    for key, value in (("k", b"v"), ("absent", None)):
+        once = acache.get(key)
+        assert isinstance(once, collections.abc.Coroutine)
+        assert await once == value
+        with pytest.raises(RuntimeError):
+            await once
+    sent = acache.get("k")
+    with pytest.raises(StopIteration) as stop:
+        sent.send(None)
+    assert stop.value.value == b"v"
+    thrown = acache.get("k")
+    with pytest.raises(ValueError, match="thrown"):
+        thrown.throw(ValueError("thrown"))
+    closed = acache.get("k")
+    closed.close()
+    with pytest.raises(RuntimeError):
+        await closed
+    stats = acache.statistics()
+    assert (stats.hits, stats.misses) == (4, 1)  # counted when called, awaited or not
+
+
+async def test_a_get_runs_as_a_task_of_its_own(acache: AsyncCache, anyio_backend: str) -> None:
+    await acache.put("k", b"v")
+    got: list[bytes | None] = []
+
+    async def keep(key: str) -> None:
+        got.append(await acache.get(key))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acache.get, "k")  # a hit, started as a task
+        tg.start_soon(acache.get, "absent")
+        tg.start_soon(keep, "k")
+    assert got == [b"v"]
+    if anyio_backend == "asyncio":
+        import asyncio
+
+        assert await asyncio.create_task(acache.get("k")) == b"v"
+        assert await asyncio.gather(acache.get("k"), acache.get("absent", b"d")) == [b"v", b"d"]
+
+
 async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> None:
     value = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
     await acache.put("big", value)
@@ -135,6 +180,78 @@ async def test_get_many(acache: AsyncCache) -> None:
     got = await acache.get_many(["a", "missing", "big", "c"])
     assert got == {b"a": b"1", b"big": big, b"c": b"3"}
     assert list(got) == [b"a", b"big", b"c"]
+
+
+async def test_get_many_batches_hits_misses_duplicates_and_expired(
+    acache: AsyncCache, clock: Clock
+) -> None:
+    # More keys than one batch of the core's call (64), in an order that mixes
+    # hits, misses, keys asked twice and expired keys across batch boundaries.
+    values = {b"k%03d" % i: b"v%d" % i * (i % 7 + 1) for i in range(150)}
+    for key, value in values.items():
+        await acache.put(key, value, ttl=1 if key.endswith(b"5") else None)
+    clock.advance(2)  # the keys ending in 5 have expired
+    asked = [b"k%03d" % i for i in range(0, 200, 3)] + [b"k%03d" % i for i in range(0, 150, 4)]
+    every = [*asked, b"k001", b"k002"]
+    before = acache.statistics()
+    got = await acache.get_many([*asked, "k001", "k002"])
+    want = {k: values[k] for k in every if k in values and not k.endswith(b"5")}
+    assert got == want
+    assert list(got) == list(want)  # in the order first asked
+    after = acache.statistics()
+    assert after.gets - before.gets == len(every)  # every lookup counted, repeats too
+    assert after.hits - before.hits == sum(1 for k in every if k in want)
+    expired = {k for k in every if k in values and k.endswith(b"5")}
+    assert after.expirations - before.expirations == len(expired)
+    assert not await checkpoints(acache.get_many(asked))  # no large value: nothing waits
+
+
+async def test_get_many_copies_large_values_off_the_loop(acache: AsyncCache) -> None:
+    big = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
+    await acache.put_many({"a": b"1", "big": big, "big2": big[::-1]})
+    threads: list[int] = []
+    fetch = acache._core.fetch
+
+    def spy(key: bytes) -> bytes | None:
+        threads.append(threading.get_ident())
+        return fetch(key)
+
+    acache._core.fetch = spy
+    got = await acache.get_many(["big", "a", "big", "big2"])
+    assert got == {b"big": big, b"a": b"1", b"big2": big[::-1]}
+    assert list(got) == [b"big", b"a", b"big2"]
+    assert len(threads) == 2 and threading.get_ident() not in threads  # each large key once
+    stats = acache.statistics()
+    assert (stats.gets, stats.hits) == (4, 4)
+
+
+async def test_get_many_cancelled_in_the_middle(acache: AsyncCache) -> None:
+    big = bytes(range(256)) * 64
+    await acache.put_many({"a": b"1", "big": big, "big2": big})
+    copying, release = threading.Event(), threading.Event()
+    fetch = acache._core.fetch
+
+    def held(key: bytes) -> bytes | None:
+        copying.set()
+        assert release.wait(30), "the test did not release the copy"
+        return fetch(key)
+
+    acache._core.fetch = held
+    outcome: list[object] = []
+
+    async def get_many() -> None:
+        outcome.append(await acache.get_many(["a", "big", "big2"]))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get_many)
+        await anyio.to_thread.run_sync(copying.wait)  # the first large copy has started
+        tg.cancel_scope.cancel()
+        release.set()  # the copy runs to its end; the cancel takes effect after it
+    assert outcome == []  # the call returned nothing
+    stats = acache.statistics()
+    assert (stats.gets, stats.hits) == (3, 3)  # the lookups made are counted
+    acache._core.fetch = fetch
+    assert await acache.get_many(["big2", "a"]) == {b"big2": big, b"a": b"1"}
 
 
 # -- writes ----------------------------------------------------------------------

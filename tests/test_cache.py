@@ -333,6 +333,25 @@ def test_get_into_spanning_extents(cache_path: str) -> None:
             assert buf[: len(piece)] == piece
 
 
+def test_checksums_at_every_length_around_a_copy_chunk(cache_path: str) -> None:
+    """Puts and gets checksum a value in chunks as they copy it (vmc_hash_copy:
+    6 KiB at a time, in 48-byte blocks); reopening recomputes every checksum in
+    one pass over the stored bytes (vmc_hash). Values of every length around
+    the block and chunk boundaries read back, and all survive the reopening."""
+    rng = random.Random(11)
+    lengths = {n for edge in (48, 96, 6144, 12288) for n in range(max(0, edge - 49), edge + 50)}
+    values = {f"v{n}".encode(): rng.randbytes(n) for n in sorted(lengths)}
+    with Cache(cache_path, size=8 * MiB) as c:
+        for key, value in values.items():
+            c.put(key, value)
+        assert all(c.get(key) == value for key, value in values.items())
+        assert c.get_many(list(values)) == values
+    with Cache(cache_path) as c:
+        assert c.info.recovered and c.info.dropped_entries == 0
+        assert c.info.recovered_entries == len(values)
+        assert c.get_many(list(values)) == values
+
+
 # ---- put, add, delete, evict ----
 
 

@@ -11,6 +11,7 @@ held, and statistics that stay exact through all of it.
 
 from __future__ import annotations
 
+import collections.abc
 import os
 import platform
 import random
@@ -23,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from aiovmc import Cache, CacheConfigError
-from aiovmc._native import FAST_PATH, SCRATCH_SIZE
+from aiovmc import AsyncCache, Cache, CacheConfigError
+from aiovmc._native import FAST_PATH, SCRATCH_SIZE, ready
 
 from .conftest import Clock
 
@@ -44,6 +45,36 @@ def test_the_path_in_use_is_the_one_the_environment_asks_for() -> None:
     )
     assert FAST_PATH is wanted
     assert (type(Cache.get).__name__ == "method_descriptor") is wanted
+
+
+def test_the_async_get_and_its_ready_result_follow_the_path() -> None:
+    assert (type(AsyncCache.get).__name__ == "method_descriptor") is FAST_PATH
+    done = ready(b"v")
+    assert isinstance(done, collections.abc.Coroutine)
+    assert type(done).__name__ == ("Ready" if FAST_PATH else "coroutine")
+    done.close()
+
+
+def test_the_compiled_helpers_check_their_arguments(cache: Cache) -> None:
+    if not FAST_PATH:
+        pytest.skip("the compiled helpers exist on the fast path only")
+    from aiovmc._native._binding import _aiovmc_native as native
+
+    with pytest.raises(TypeError):
+        native.Ready()
+    with pytest.raises(TypeError):
+        native.Ready(b"v", b"w")
+    with pytest.raises(ValueError):
+        native.fresh_bytes(-1)
+    assert len(native.fresh_bytes(10)) == 10
+    with pytest.raises(TypeError):
+        cache._get_many_inline((b"k",), 10, {}, {}, 0)  # type: ignore[arg-type]  # a tuple
+    with pytest.raises(TypeError):
+        cache._get_many_inline([b"k", 3.5], 10, {}, {}, 0)  # type: ignore[list-item]
+    found: dict[bytes, bytes] = {}
+    cache.put(b"k", b"v")
+    assert cache._get_many_inline([b"k", "k"], 10, found, {}, 5) == 2  # from past the end
+    assert found == {}
 
 
 def test_the_environment_variable_selects_the_pure_binding(cache_path: str) -> None:

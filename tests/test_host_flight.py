@@ -10,6 +10,7 @@ synchronise. Children run on asyncio or trio, started by "spawn" or "fork".
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import random
@@ -25,6 +26,7 @@ import pytest
 
 import aiovmc
 from aiovmc import AsyncCache, Cache
+from aiovmc._async_cache import WAIT_CONCURRENCY
 
 from .helpers import WAIT
 
@@ -684,6 +686,45 @@ async def test_full_table_falls_back_to_process_coalescing(cache_path: str) -> N
         assert acache.cache._flights_in_use() == 0
         stats = acache.statistics()
         assert (stats.loader_calls, stats.coalesced_gets) == (n_keys, n_keys)
+
+
+@pytest.mark.anyio
+async def test_cancelled_waiters_give_their_waiting_threads_back(cache_path: str) -> None:
+    """More waiters than a loop's waiting threads (`WAIT_CONCURRENCY`), each
+    cancelled while its thread sleeps on another handle's load: every slot
+    comes back, and the next waiters are served."""
+    n = WAIT_CONCURRENCY + 6
+    async with AsyncCache(cache_path, size="4MiB") as leader, AsyncCache(cache_path) as other:
+        release = anyio.Event()
+
+        async def slow(key: bytes) -> bytes:
+            await release.wait()
+            return key.upper()
+
+        async def never(key: bytes) -> bytes:
+            raise AssertionError("the waiting handle loaded")
+
+        async with anyio.create_task_group() as loads:
+            for i in range(n):
+                loads.start_soon(functools.partial(leader.get, b"k%d" % i, on_miss=slow))
+            await anyio.wait_all_tasks_blocked()
+            for i in range(n):  # one after another: each waits in a thread, then is cancelled
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(functools.partial(other.get, b"k%d" % i, on_miss=never))
+                    await anyio.wait_all_tasks_blocked()
+                    tg.cancel_scope.cancel()
+            got: list[bytes | None] = []
+
+            async def wait_for(key: bytes) -> None:
+                got.append(await other.get(key, on_miss=never))
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    for i in range(n):
+                        tg.start_soon(wait_for, b"k%d" % i)
+                    await anyio.wait_all_tasks_blocked()
+                    release.set()
+        assert sorted(g or b"" for g in got) == sorted(b"K%d" % i for i in range(n))
 
 
 def test_coalesce_and_load_timeout_are_checked(cache_path: str) -> None:

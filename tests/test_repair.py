@@ -87,6 +87,9 @@ def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: st
         for call in calls:  # each finds the damage, none repairs it: the next finds it too
             with pytest.raises(RepairNeeded):
                 call()
+        found: dict[bytes, bytes] = {}
+        assert core.get_many_inline([b"e1", b"e2"], 1 << 20, found, {}, 0) == 0  # stops there
+        assert found == {}
         assert core.persisted() == 0  # takes no lock: nothing to repair first
         assert b"new" not in cache.keys()  # nothing was stored (keys() repairs first)  # noqa: SIM118
         for i in range(N):  # repaired by keys(): every entry kept, every call answers
@@ -160,6 +163,34 @@ async def test_async_repair_runs_in_a_worker_thread_while_the_loop_runs(
             b"e2": make_value(b"e2", 2, 300),
         }
         assert len(repairs) == 1
+
+
+@pytest.mark.anyio
+async def test_async_get_many_waits_for_the_repair_and_counts_each_key_once(
+    anyio_backend: str, cache_path: str
+) -> None:
+    acache = aiovmc.AsyncCache(cache_path, size="2MiB", offload_threshold=200)
+    async with acache:
+        _fill(acache.cache)
+        _kill_holding_every_shard_lock(acache.cache, cache_path)
+        loop_thread = threading.get_ident()
+        repairs: list[int] = []
+        repair = acache._core.repair
+
+        def spy() -> None:
+            repairs.append(threading.get_ident())
+            repair()
+
+        acache._core.repair = spy
+        keys = [b"e%d" % i for i in range(0, N, 2)] + [b"absent"]
+        before = acache.statistics()
+        got = await acache.get_many(keys)  # values of 300 B: copied off the loop too
+        assert len(repairs) == 1 and repairs[0] != loop_thread
+        assert list(got) == keys[:-1]
+        for i, key in enumerate(keys[:-1]):
+            assert check_value(key, got[key]) == 2 * i
+        after = acache.statistics()
+        assert (after.gets - before.gets, after.hits - before.hits) == (len(keys), len(keys) - 1)
 
 
 @pytest.mark.anyio

@@ -17,8 +17,10 @@ from ._handle import (
     SCRATCH_SIZE,
     Handle,
     NativeInfo,
+    compiled_async_get,
     new_ticket,
     peek,
+    ready,
     set_clock_offset,
 )
 from ._status import ERRORS, raise_for
@@ -41,8 +43,10 @@ __all__ = [
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
+    "compiled_async_get",
     "new_ticket",
     "peek",
     "raise_for",
+    "ready",
     "set_clock_offset",
 ]

@@ -24,10 +24,11 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._convert import MAX_SIZE, TTL, Key, encode_key, ttl_to_ns, value_buffer
+from .._errors import RepairNeeded
 from ._binding import _aiovmc_native, ffi, lib
 from ._status import error_for, raise_for
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 D = TypeVar("D")
+T = TypeVar("T")
 
 __all__ = [
     "ABSENT",
@@ -53,8 +55,10 @@ __all__ = [
     "SCRATCH_SIZE",
     "Handle",
     "NativeInfo",
+    "compiled_async_get",
     "new_ticket",
     "peek",
+    "ready",
     "set_clock_offset",
 ]
 
@@ -312,7 +316,7 @@ class Handle:
         if n > limit:
             return int(n)
         while n >= 0:  # counted, not copied: copy into a result of the right size
-            out = bytes(n)
+            out = _fresh_result(n)  # every byte filled below, or dropped unseen
             size = n
             n = lib.vmc_get_entry(
                 self._h, key, len(key), ffi.from_buffer(out), size, _QUIET | _FRESH | flags, meta
@@ -378,6 +382,34 @@ class Handle:
         if n == _MISS:
             return None
         raise_for(n)
+
+    def _get_many_inline(
+        self,
+        keys: list[Key],
+        limit: int,
+        found: dict[bytes, bytes],
+        large: dict[bytes, int],
+        start: int,
+    ) -> int:
+        """Look ``keys[start:]`` up in order, each as `_get_inline` (counted; never
+        repairs the file): hits of at most `limit` bytes into `found` (keyed by the
+        encoded key), larger ones into `large` as their size and into `found` as
+        b"" (holding their place). Returns the number of keys done: fewer than
+        ``len(keys)`` when the next one needs a repair (`RepairNeeded`).
+        The fast path looks them up in batches, one C call per 64 keys."""
+        for at in range(start, len(keys)):
+            key = keys[at]
+            k = key if type(key) is bytes else encode_key(key)
+            try:
+                value = self._get_inline(k, limit)
+            except RepairNeeded:
+                return at
+            if value.__class__ is bytes:
+                found[k] = value
+            elif value is not None:
+                large[k] = value  # type: ignore[assignment]
+                found[k] = b""
+        return len(keys)
 
     def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
         """Copy value[offset:offset+len(buffer)] into `buffer`; return the value's
@@ -794,3 +826,29 @@ def _install_fast_path() -> bool:
 
 
 FAST_PATH = _install_fast_path()
+
+#: A new bytes object of a given size for a large result the core fills: not
+#: zeroed on the fast path (zeroing a large one would hold the GIL for O(size):
+#: native/vmc_fast.c, fresh_bytes), `bytes(size)` on the pure binding.
+_fresh_result: Callable[[int], bytes] = _aiovmc_native.fresh_bytes if FAST_PATH else bytes
+
+
+async def _finished(value: T) -> T:
+    """The pure binding's `ready`: a coroutine that returns `value`."""
+    return value
+
+
+#: ``ready(value)``: an awaitable already done, whose await returns `value` (once),
+#: and a `collections.abc.Coroutine`. On the fast path, the compiled `Ready`
+#: (native/vmc_fast.c): no coroutine frame to create and finish; else a coroutine.
+ready: Callable[[T], Coroutine[Any, Any, T]] = _aiovmc_native.Ready if FAST_PATH else _finished
+if FAST_PATH:
+    Coroutine.register(_aiovmc_native.Ready)
+
+
+def compiled_async_get(cls: type) -> Any | None:
+    """The fast path's `get` for `cls` (aiovmc's AsyncCache: a hit answered as a
+    compiled `Ready`, without a Python frame), or None on the pure binding."""
+    if not FAST_PATH:
+        return None
+    return _aiovmc_native.fast_bind_async(cls, Handle, RepairNeeded)

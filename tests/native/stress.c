@@ -152,7 +152,7 @@ static void *worker(void *arg)
                 keys[i] = names[i];
             }
             struct many_sink sink = {{many_dst, 0}, buf, {false}};
-            size_t done = vmc_get_many_sink(cache, keys, klens, MANY, status, &sink.base);
+            size_t done = vmc_get_many_sink(cache, keys, klens, MANY, status, &sink.base, 0);
             for (size_t i = 0; i < done; i++)
                 if (status[i] >= 0 && sink.copied[i])
                     verify(buf + i * VMC_SCRATCH_SIZE, (size_t)status[i], ids[i]);
