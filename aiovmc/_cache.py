@@ -47,7 +47,8 @@ __all__ = [
 T = TypeVar("T")
 
 _POLICIES = ("lru", "none")
-_MIN_EXTENT, _MAX_EXTENT = 256, 1 << 31
+_MIN_EXTENT, _MAX_EXTENT = 64, 1 << 31
+_MAX_ENTRIES = 0xFFFFFFF0  # VMC_MAX_UNITS: the budget is a 32-bit count
 _COALESCE = ("host", "process")
 
 
@@ -122,8 +123,8 @@ _SYNC_LOADER: Final = (
 class Cache(Handle):
     """A cache in a memory-mapped file, shared by every process that opens it.
 
-    ``Cache(path=None, *, size=None, extent_size=256, policy="lru", ttl=None,
-    reset=False, mode=0o600, on_evict=None, on_miss=None, coalesce="host",
+    ``Cache(path=None, *, size=None, extent_size=256, max_entries=None, policy="lru",
+    ttl=None, reset=False, mode=0o600, on_evict=None, on_miss=None, coalesce="host",
     load_timeout=30.0)``
 
     Every operation is safe from many threads and many processes at once. A miss
@@ -150,6 +151,7 @@ class Cache(Handle):
         *,
         size: int | str | None = None,
         extent_size: int | str = 256,
+        max_entries: int | None = None,
         policy: str = "lru",
         ttl: float | None = None,
         reset: bool = False,
@@ -174,7 +176,16 @@ class Cache(Handle):
             raise CacheConfigError(f"mode {mode!r} is not a permission mode (0 to 0o7777)")
         if not _MIN_EXTENT <= unit <= _MAX_EXTENT or unit & (unit - 1):
             raise CacheConfigError(
-                f"extent_size {extent_size!r} must be a power of two between 256 and 2**31"
+                f"extent_size {extent_size!r} must be a power of two between "
+                f"{_MIN_EXTENT} and 2**31"
+            )
+        if max_entries is not None and (
+            isinstance(max_entries, bool) or not isinstance(max_entries, int)
+        ):
+            raise TypeError(f"max_entries is an int or None, not {type(max_entries).__name__}")
+        if max_entries is not None and not 1 <= max_entries <= _MAX_ENTRIES:
+            raise CacheConfigError(
+                f"max_entries {max_entries!r} must be between 1 and {_MAX_ENTRIES} (or None)"
             )
         for name, callback in (("on_evict", on_evict), ("on_miss", on_miss)):
             if callback is not None and not callable(callback):
@@ -195,6 +206,7 @@ class Cache(Handle):
             self._path,
             size=size_bytes or 0,
             extent_size=unit,
+            max_entries=max_entries or 0,
             policy=policy,
             default_ttl_ns=ttl_ns,
             mode=mode,
@@ -216,17 +228,25 @@ class Cache(Handle):
         self._loads: ThreadFlight[bytes | None] = ThreadFlight()
         self._reservations: weakref.WeakSet[Reservation] = weakref.WeakSet()
         if not self.info.created:
-            self._check_attached_config(unit, policy, ttl_ns, extent_size, ttl)
+            self._check_attached_config(unit, max_entries, policy, ttl_ns, extent_size, ttl)
         _open_caches.add(self)
 
     def _check_attached_config(
-        self, unit: int, policy: str, ttl_ns: int, extent_size: object, ttl: object
+        self,
+        unit: int,
+        max_entries: int | None,
+        policy: str,
+        ttl_ns: int,
+        extent_size: object,
+        ttl: object,
     ) -> None:
         """Geometry and policy belong to the file: a conflicting request is an error."""
         info = self.info
         conflicts = []
         if extent_size != 256 and unit != info.extent_size:
             conflicts.append(f"extent_size={info.extent_size}, not extent_size={extent_size!r}")
+        if max_entries is not None and max_entries != info.max_entries:
+            conflicts.append(f"max_entries={info.max_entries}, not max_entries={max_entries!r}")
         if policy != "lru" and policy != info.policy:
             conflicts.append(f"policy={info.policy!r}, not policy={policy!r}")
         if ttl is not None and ttl_ns != info.default_ttl_ns:

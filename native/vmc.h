@@ -75,10 +75,11 @@ enum { VMC_SCRATCH_SIZE = 65536 };
 /* Parameters for creating (or resetting) a cache file. */
 struct vmc_config {
     uint64_t size;               /* file size in bytes */
-    uint32_t extent_size;        /* allocation unit: power of two, >= 256 */
+    uint32_t extent_size;        /* allocation unit: power of two, >= 64 */
     uint32_t policy;             /* enum vmc_policy */
     uint64_t default_ttl_ns;     /* 0: no expiry */
     uint32_t mode;               /* permission bits of a new file */
+    uint64_t max_entries;        /* entry budget; 0: the default (vmc_entry_budget) */
 };
 
 /* What an attached handle learns from the file (its geometry). */
@@ -89,6 +90,7 @@ struct vmc_info {
     uint32_t extent_size;
     uint32_t policy;
     uint64_t default_ttl_ns;
+    uint64_t max_entries;        /* the most entries the file holds (its entry budget) */
     uint32_t max_key_size;
     uint64_t max_value_size;     /* the largest value the pool could ever hold */
     int created;                 /* 1 if this open created or reset the file */

@@ -114,7 +114,26 @@ static bool miss_unsure(vmc_cache *c, uint32_t u, int round)
 
 /* ---- removal and eviction ---- */
 
-/* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it.
+static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce);
+
+/* free_spare -- (pool lock held) free `spare`, a spare of this handle taken
+ * off it (see "the spare" below), if it is still one; 0 is none. */
+static void free_spare(vmc_cache *c, uint32_t spare)
+{
+    if (spare && still_reserved(c, spare, 0)) {
+        vmc_reserved_unlink(c, spare);
+        vmc_release_entry(c, spare);
+    }
+}
+
+/* take_off_spare -- the handle's spare, now no longer its (0 if none). */
+static uint32_t take_off_spare(vmc_cache *c)
+{
+    return __atomic_exchange_n(&c->spare, 0, __ATOMIC_ACQ_REL);
+}
+
+/* remove_locked -- unlink a PUBLISHED entry found at `slot` and free it,
+ * and the handle's spare with it (an emptied cache holds no room).
  * The pool lock is taken before anything changes, so VMC_RETRY leaves the
  * shard as it was. */
 static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t slot)
@@ -130,6 +149,7 @@ static int remove_locked(vmc_cache *c, uint32_t shard, uint32_t unit, uint32_t s
     vmc_lru_remove(c, shard, unit);
     VMC_UNCOUNT(c->shards[shard].count);
     vmc_release_entry(c, unit);
+    free_spare(c, take_off_spare(c));
     vmc_pool_unlock(c);
     return VMC_OK;
 }
@@ -257,8 +277,9 @@ static int evict_victim(vmc_cache *c, uint32_t head, uint64_t stamp, uint64_t ha
 #define WINDOW_VICTIMS 4096
 
 /* evict_for -- evict what an entry of klen + vlen bytes still lacks room for.
- * A put, which may scatter: the least recently used entry while the pool has
- * fewer free units than it takes. Otherwise no run is long enough for it
+ * The least recently used entry while the pool holds its entry budget, or,
+ * for a put, which may scatter, while it has fewer free units than the entry
+ * takes. Otherwise no run is long enough for it
  * (contiguous: the whole entry, a reservation; else its HEAD, which holds the
  * key): the entries of the stretch vmc_pool_window picks -- so what is
  * evicted is about the room needed, not every older entry until a run
@@ -276,7 +297,9 @@ static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguo
     int rc = vmc_pool_lock(c);
     if (rc < 0)
         return rc;
-    if (!contiguous && VMC_LOAD(c->hdr->pool.free_units) < (total + c->unit_size - 1) >> c->shift) {
+    bool budget_full = c->hdr->pool.heads >= c->max_entries;
+    if (budget_full ||
+        (!contiguous && VMC_LOAD(c->hdr->pool.free_units) < (total + c->unit_size - 1) >> c->shift)) {
         vmc_pool_unlock(c);
         rc = evict_lru(c, kout ? kout + 2 : NULL, kout && kcap >= 2 ? kcap - 2 : 0, false);
         if (rc < 0)
@@ -333,10 +356,13 @@ int64_t vmc_evict_for(vmc_cache *c, size_t klen, uint64_t vlen, uint32_t flags, 
 
 
 /* make_room -- reserve room for an entry (RESERVED, on the reserved list,
- * owned by this process), evicting as the policy allows. Everything recovery
- * reads of a reservation is written here, under the pool lock. */
+ * owned by this process), evicting as the policy allows; first free `spare`
+ * (the handle's spare, which this allocation does not use), if not 0: a
+ * spare never makes an allocation of its own handle evict. Everything recovery
+ * reads of a reservation is written here, under the pool lock (a spare's
+ * sizes excepted: take_spare). */
 static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires, bool contiguous,
-                     uint32_t flags, uint32_t nonce, uint32_t *head)
+                     uint32_t flags, uint32_t nonce, uint32_t spare, uint32_t *head)
 {
     bool purged = false;
     int stalled = 0;
@@ -344,6 +370,8 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
         int rc = vmc_pool_lock(c);
         if (rc < 0)
             return rc;
+        free_spare(c, spare);
+        spare = 0;
         rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
         if (rc == VMC_OK) {
             struct vmc_entry *e = vmc_unit(c, *head);
@@ -372,6 +400,10 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
             if (n > 0)
                 continue;
         }
+        if (c->policy == VMC_POLICY_NONE && VMC_LOAD(c->hdr->pool.heads) >= c->max_entries)
+            return vmc_fail(VMC_E_FULL,
+                            "cache full: it holds its maximum of %u entries and the policy is "
+                            "\"none\"", c->max_entries);
         if (c->policy == VMC_POLICY_NONE)
             return vmc_fail(VMC_E_FULL,
                             "cache full: no room for a %llu-byte entry and the policy is \"none\"",
@@ -494,6 +526,9 @@ static void untrack_rid(vmc_cache *c, uint64_t rid)
 
 void vmc_cache_drop_reservations(vmc_cache *c)
 {
+    uint32_t spare = take_off_spare(c);
+    if (spare)
+        drop_reservation(c, spare, 0);
     pthread_mutex_lock(&c->rids_lock);
     for (uint32_t i = 0; i < c->n_rids; i++) /* gone: harmless */
         drop_reservation(c, RID_HEAD(c->rids[i]), RID_NONCE(c->rids[i] & ~RID_ORPHAN));
@@ -537,6 +572,70 @@ static int clocks_sane(vmc_cache *c)
     return vmc_repair_needed(c);
 }
 
+/* ---- the spare: a put's reservation kept for the next put ----
+ *
+ * A replacement's old entry, if it is one small extent, is not freed: it
+ * becomes a RESERVED head of this handle's (on the reserved list, owned by
+ * its owner id, nonce 0, as a put's reservation is between make_room and
+ * publish), and the handle's next put of an entry of the same number of units
+ * fills it without taking the pool lock. A steady stream of replacements thus
+ * takes the pool lock once per put (the publication's section) instead of
+ * twice, and touches no free list. Invariants: a handle has at most one
+ * spare; it is counted as used room (it is allocated); the handle's next
+ * allocation that does not use it, its next removal (delete, evict, clear)
+ * and its close free it; a dead owner's spare is freed by vmc_reclaim_dead or
+ * recovery like any reservation of it; a fork()ed child forgets its parent's
+ * (the parent's owner id holds it). */
+#define SPARE_MAX_BYTES 4096u
+
+/* keep_spare -- (pool and shard locks held) make the unlinked old entry at
+ * `old` this handle's spare; false if it does not qualify or the handle has
+ * one (the caller frees it then). */
+static bool keep_spare(vmc_cache *c, uint32_t old)
+{
+    struct vmc_entry *e = vmc_unit(c, old);
+    uint32_t none = 0;
+    if (e->next != 0 || vmc_extent_bytes(c, e->tag) > SPARE_MAX_BYTES ||
+        !__atomic_compare_exchange_n(&c->spare, &none, old, false, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_RELAXED))
+        return false;
+    VMC_STORE(e->state, VMC_REMOVED); /* tells a reader copying it without a lock */
+    VMC_STORE(e->atime_ns, c->owner);
+    VMC_STORE(e->checksum, 0);
+    VMC_STORE(e->state, VMC_RESERVED);
+    vmc_reserved_push(c, old);
+    return true;
+}
+
+/* take_spare -- the handle's spare, filled in for an entry of klen + vlen
+ * bytes if it has exactly the units that entry takes (0 if not: *unfit then
+ * holds a spare for make_room to free). */
+static uint32_t take_spare(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
+                           uint32_t *unfit)
+{
+    uint32_t spare = take_off_spare(c);
+    *unfit = 0;
+    if (spare == 0)
+        return 0;
+    struct vmc_entry *e = vmc_head(c, spare);
+    /* relaxed loads: the allocator may set PREV_FREE in the tag meanwhile */
+    uint64_t need = sizeof *e + klen + vlen;
+    uint64_t room = e ? vmc_extent_bytes(c, vmc_tag_at(c, spare)) : 0;
+    /* exactly the units a new allocation would take: no room is wasted */
+    if (e == NULL || !still_reserved(c, spare, 0) || VMC_LOAD(e->next) != 0 || need > room ||
+        room - need >= c->unit_size) {
+        *unfit = spare;
+        return 0;
+    }
+    /* Sizes that are sound at every step for a recovery reading them now
+     * (the value fits beside the key, so no BODY extent is looked for). */
+    __atomic_store_n(&e->value_len, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&e->key_len, (uint16_t)klen, __ATOMIC_RELEASE);
+    __atomic_store_n(&e->value_len, (uint32_t)vlen, __ATOMIC_RELEASE);
+    VMC_STORE(e->expires_ns, expires);
+    return spare;
+}
+
 /* publish -- link a filled RESERVED head into its shard, replacing an older
  * value of its key; `data` is the entry's data hash (vmc_entry_data_hash),
  * computed before locking: values may be large. Returns the timestamp, or 0
@@ -568,6 +667,9 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         }
         struct vmc_entry *oe = old ? vmc_unit(c, old) : NULL;
         bool old_expired = oe && vmc_expired(oe, now);
+        uint32_t old_item = oe ? oe->link_prev : 0; /* read before its extent goes */
+        if (oe)
+            vmc_lru_prefetch(c, s, old_item); /* taken over after the pool section */
         if (add && oe && !old_expired) {
             vmc_shard_unlock(c, s);
             rc = drop_reservation(c, head, nonce);
@@ -584,6 +686,11 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
                                         "policy is \"none\"", s);
         }
         uint32_t vslot = victim ? vmc_index_slot_of(c, s, victim) : 0;
+        /* Taken under the shard lock (timestamps follow publication order per
+         * key, and committed() relies on it), but before the pool lock: the
+         * clock's line is shared by every publisher. A publication that fails
+         * below leaves a timestamp unused, which nothing minds. */
+        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         rc = vmc_pool_lock_nested(c);
         if (rc == VMC_RETRY) {
             vmc_shard_unlock(c, s);
@@ -603,8 +710,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         /* What the checksum seals must be what the owner wrote: sizes changed
          * under us, or a clock too large to be real, are damage. */
         if (e->key_len != klen || e->value_len != vlen ||
-            memcmp(vmc_entry_key(e), key, klen) != 0 ||
-            VMC_LOAD(c->hdr->clock) >= VMC_MAX_CLOCK) {
+            memcmp(vmc_entry_key(e), key, klen) != 0 || ts >= VMC_MAX_CLOCK) {
             vmc_mark_damaged(c);
             vmc_reserved_unlink(c, head);
             vmc_release_entry(c, head);
@@ -617,18 +723,13 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         vmc_reserved_unlink(c, head);
         /* The new value is published before the old one goes: a crash in
          * between leaves both, and recovery keeps the newer. */
-        uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
         e->stamp = ts;
         VMC_STORE(e->checksum, vmc_entry_seal(e, data));
         VMC_STORE(e->atime_ns, now); /* replaces the owner id: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
-        if (oe) {
-            vmc_index_set(c, s, slot, hash, head);
-            vmc_lru_remove(c, s, old);
+        if (oe && (nonce != 0 || !keep_spare(c, old)))
             vmc_release_entry(c, old);
-            if (old_expired)
-                VMC_COUNT(sh->expirations);
-        } else {
+        if (!oe) {
             if (victim && vslot == UINT32_MAX)
                 vmc_mark_damaged(c);
             if (victim && vslot != UINT32_MAX) {
@@ -652,7 +753,16 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             VMC_COUNT(sh->count);
         }
         vmc_pool_unlock(c);
-        vmc_lru_insert(c, s, head);
+        /* A replacement is linked under the shard lock alone: nobody reads
+         * the shard's index or heap without it, and a crash here repairs. */
+        if (oe) {
+            vmc_index_set(c, s, slot, hash, head);
+            vmc_lru_takeover(c, s, old, old_item, head);
+            if (old_expired)
+                VMC_COUNT(sh->expirations);
+        } else {
+            vmc_lru_insert(c, s, head);
+        }
         VMC_COUNT(sh->puts);
         vmc_shard_unlock(c, s);
         return (int64_t)ts;
@@ -972,15 +1082,18 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     if (rc < 0)
         goto out;
     uint64_t hash = vmc_hash_key(c, key, klen);
+    vmc_index_prefetch(c, hash, false); /* publish looks the key up: its home slot... */
     bool add = flags & VMC_F_ADD;
     if (add && vmc_contains(c, key, klen) == 1) {
         rc = 0; /* present: evict nothing */
         goto out;
     }
-    uint32_t head;
+    uint32_t unfit;
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
-    if ((rc = make_room(c, klen, vlen, expires, false, flags, 0, &head)) < 0)
+    uint32_t head = take_spare(c, klen, vlen, expires, &unfit);
+    if (head == 0 && (rc = make_room(c, klen, vlen, expires, false, flags, 0, unfit, &head)) < 0)
         goto out;
+    vmc_index_prefetch(c, hash, true); /* ...then the entry it points to */
     struct vmc_entry *e = vmc_unit(c, head);
     if (vlen > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
         vmc_before_wait();
@@ -1254,6 +1367,7 @@ int vmc_clear_shard(vmc_cache *c, int shard)
             VMC_STORE(sh->heap_len, 0);
             VMC_STORE(sh->count, 0);
             VMC_STORE(sh->top_atime, UINT64_MAX);
+            free_spare(c, take_off_spare(c));
             vmc_pool_unlock(c);
         }
         vmc_shard_unlock(c, s);
@@ -1337,7 +1451,8 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
     uint32_t head, nonce = next_nonce();
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
     if (rc == VMC_OK &&
-        (rc = make_room(c, klen, size, expires, true, flags, nonce, &head)) == VMC_OK) {
+        (rc = make_room(c, klen, size, expires, true, flags, nonce, take_off_spare(c), &head)) ==
+            VMC_OK) {
         struct vmc_entry *e = vmc_unit(c, head);
         memcpy(vmc_entry_key(e), key, klen);
         *data_offset = (uint64_t)(vmc_entry_key(e) + klen - c->base);

@@ -101,14 +101,15 @@ static uint64_t isqrt(uint64_t n)
     return r;
 }
 
-/* slots_for -- index slots (and heap items) per shard. A shard holds at most
- * max_load = 8/9 of them; max_load is a shard's share m of the pool's units
- * plus five standard deviations of how keys spread over shards (sqrt m), so
- * that even a pool full of one-extent entries practically never fills one
- * shard (which would then evict its own oldest entry, out of LRU order). */
-static uint32_t slots_for(uint64_t units)
+/* slots_for -- index slots (and heap items) per shard for a pool that holds
+ * at most `entries` entries (vmc_entry_budget). A shard holds at most
+ * max_load = 8/9 of them; max_load is a shard's share m of the budget plus
+ * five standard deviations of how keys spread over shards (sqrt m), so that
+ * even a pool holding its whole budget practically never fills one shard
+ * (which would then evict its own oldest entry, out of LRU order). */
+static uint32_t slots_for(uint64_t entries)
 {
-    uint64_t m = units / VMC_SHARDS;
+    uint64_t m = entries / VMC_SHARDS;
     uint64_t max_load = m + 5 * isqrt(m) + 8;
     return (uint32_t)(max_load + max_load / 8);
 }
@@ -139,8 +140,12 @@ static int validate_config(const struct vmc_config *cfg)
     uint32_t u = cfg->extent_size;
     if (u < VMC_MIN_UNIT || (u & (u - 1)) != 0 || u > cfg->size)
         return vmc_fail(VMC_E_CONFIG,
-                        "extent_size %u must be a power of two between 256 and size (%llu)", u,
+                        "extent_size %u must be a power of two between %u and size (%llu)", u,
+                        VMC_MIN_UNIT,
                         (unsigned long long)cfg->size);
+    if (cfg->max_entries > VMC_MAX_UNITS)
+        return vmc_fail(VMC_E_CONFIG, "max_entries %llu is above the maximum of %u",
+                        (unsigned long long)cfg->max_entries, VMC_MAX_UNITS);
     if (cfg->policy != VMC_POLICY_LRU && cfg->policy != VMC_POLICY_NONE)
         return vmc_fail(VMC_E_CONFIG, "unknown policy %u", cfg->policy);
     if (cfg->mode > 07777)
@@ -148,18 +153,33 @@ static int validate_config(const struct vmc_config *cfg)
     return VMC_OK;
 }
 
-/* pool_units_for -- the units that fit after index_off, and their slots. */
-static uint64_t pool_units_for(uint64_t size, uint64_t index_off, uint32_t shift, uint32_t *slots)
+/* entries_for -- the entry budget of a pool of `units` units: the default
+ * (vmc_entry_budget), or the creator's cap if lower (0: no cap). */
+static uint64_t entries_for(uint64_t units, uint32_t shift, uint64_t cap)
+{
+    uint64_t budget = vmc_entry_budget(units, shift);
+    return cap && cap < budget ? cap : budget;
+}
+
+static uint64_t pool_bytes_with_tables(uint64_t units, uint32_t shift, uint64_t cap)
+{
+    return tables_bytes(slots_for(entries_for(units, shift, cap))) + (units << shift);
+}
+
+/* pool_units_for -- the most units that fit after index_off with their
+ * tables (a binary search: the bytes needed grow with the units). */
+static uint64_t pool_units_for(uint64_t size, uint64_t index_off, uint32_t shift, uint64_t cap)
 {
     uint64_t avail = size - index_off;
-    uint64_t units = avail >> shift;
-    *slots = slots_for(units);
-    while (units > 0 && tables_bytes(*slots) + (units << shift) > avail) {
-        uint64_t idx = tables_bytes(*slots);
-        units = idx < avail ? (avail - idx) >> shift : 0;
-        *slots = slots_for(units);
+    uint64_t lo = 0, hi = avail >> shift; /* lo fits (or is 0); hi + 1 does not */
+    while (lo < hi) {
+        uint64_t mid = hi - (hi - lo) / 2;
+        if (pool_bytes_with_tables(mid, shift, cap) <= avail)
+            lo = mid;
+        else
+            hi = mid - 1;
     }
-    return units;
+    return lo;
 }
 
 /* layout -- the geometry of a file of cfg->size bytes (rounded up to a page).
@@ -169,11 +189,11 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg)
 {
     uint64_t size = round_up(cfg->size, VMC_PAGE);
     uint32_t shift = (uint32_t)__builtin_ctz(cfg->extent_size);
-    uint32_t flights = VMC_MAX_FLIGHTS, slots;
+    uint32_t flights = VMC_MAX_FLIGHTS;
     uint64_t index_off, units;
     for (;; flights /= 2) {
         index_off = VMC_PAGE + shards_bytes() + flights_bytes(flights);
-        units = pool_units_for(size, index_off, shift, &slots);
+        units = pool_units_for(size, index_off, shift, cfg->max_entries);
         if (flights == VMC_MIN_FLIGHTS || (units > 0 && (units << shift) * 5 >= size * 4))
             break;
     }
@@ -181,12 +201,25 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg)
         return vmc_fail(VMC_E_CONFIG, "size %llu needs more than 2^32 extents of %u bytes: "
                                       "use a larger extent_size",
                         (unsigned long long)size, cfg->extent_size);
-    if (units == 0 || (units << shift) * 5 < size * 4)
+    uint64_t entries = entries_for(units, shift, cfg->max_entries);
+    uint32_t slots = slots_for(entries);
+    if (cfg->max_entries > entries && units > 0)
         return vmc_fail(VMC_E_CONFIG,
-                        "extent_size %u is too large for a file of %llu bytes: the usable pool "
-                        "would be %llu bytes, less than 80%% of it",
+                        "max_entries %llu is more than a pool of %llu bytes in %u-byte extents "
+                        "can hold: at most %llu (one entry per %u bytes)",
+                        (unsigned long long)cfg->max_entries, (unsigned long long)(units << shift),
+                        cfg->extent_size, (unsigned long long)entries,
+                        cfg->extent_size > VMC_ENTRY_BYTES ? cfg->extent_size : VMC_ENTRY_BYTES);
+    if (units == 0 || entries == 0 || (units << shift) * 5 < size * 4)
+        return vmc_fail(VMC_E_CONFIG,
+                        "extent_size %u does not suit a file of %llu bytes: the usable pool "
+                        "would be %llu bytes, less than 80%% of it (%s)",
                         cfg->extent_size, (unsigned long long)size,
-                        (unsigned long long)(units << shift));
+                        (unsigned long long)(units << shift),
+                        tables_bytes(slots) > (units << shift) / 16
+                            ? "the index and LRU heaps sized for its entry budget take the "
+                              "rest: use a larger size or extent_size"
+                            : "use a smaller extent_size");
     memset(h, 0, sizeof *h);
     memcpy(h->magic, VMC_MAGIC, 8);
     h->format_version = VMC_FORMAT_VERSION;
@@ -205,6 +238,7 @@ static int layout(struct vmc_header *h, const struct vmc_config *cfg)
     h->default_ttl_ns = cfg->default_ttl_ns;
     h->flights_off = VMC_PAGE + shards_bytes();
     h->n_flights = flights;
+    h->max_entries = (uint32_t)entries;
     if (getrandom(&h->hash_seed, sizeof h->hash_seed, 0) != sizeof h->hash_seed)
         h->hash_seed = vmc_now_ns() ^ ((uint64_t)getpid() << 32);
     h->geometry_check = geometry_check(h);
@@ -241,7 +275,9 @@ static int validate_header(const struct vmc_header *h, uint64_t size, const char
                  h->n_flights >= VMC_MIN_FLIGHTS && h->n_flights <= VMC_MAX_FLIGHTS &&
                  (h->n_flights & (h->n_flights - 1)) == 0 &&
                  h->index_off == h->flights_off + flights_bytes(h->n_flights) &&
-                 h->slots_per_shard >= 1 && h->slots_per_shard == slots_for(h->pool_units) &&
+                 h->slots_per_shard >= 1 && h->max_entries >= 1 &&
+                 h->max_entries <= vmc_entry_budget(h->pool_units, h->unit_shift) &&
+                 h->slots_per_shard == slots_for(h->max_entries) &&
                  h->heap_off == h->index_off + index_bytes(h->slots_per_shard) &&
                  h->pool_off == h->heap_off + heap_bytes(h->slots_per_shard) &&
                  h->pool_units >= 1 && h->pool_units <= VMC_MAX_UNITS &&
@@ -499,6 +535,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     c->slots = h.slots_per_shard;
     c->n_flights = h.n_flights;
     c->max_load = (uint32_t)((uint64_t)h.slots_per_shard * 8 / 9);
+    c->max_entries = h.max_entries;
     c->policy = h.policy;
     c->default_ttl_ns = h.default_ttl_ns;
     info->fd = fd;
@@ -507,6 +544,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     info->extent_size = h.unit_size;
     info->policy = h.policy;
     info->default_ttl_ns = h.default_ttl_ns;
+    info->max_entries = h.max_entries;
     info->max_key_size = VMC_MAX_KEY;
     info->max_value_size = info->capacity - sizeof(struct vmc_entry);
     if (info->max_value_size > UINT32_MAX)
@@ -582,6 +620,7 @@ int vmc_after_fork(vmc_cache *c)
 {
     atomic_store(&c->active, 0);
     forget_rids(c);
+    c->spare = 0; /* the parent's, which the parent may fill */
     if (atomic_load(&c->closed))
         return VMC_OK;
     char self[64];

@@ -1,4 +1,4 @@
-/* vmc_format.h -- the layout of an aiovmc cache file (format version 2).
+/* vmc_format.h -- the layout of an aiovmc cache file (format version 3).
  *
  * docs/format.md mirrors this header; change both together and bump
  * VMC_FORMAT_VERSION whenever a byte moves.
@@ -36,6 +36,11 @@
  * allocator alone writes (value bytes ending an allocated extent may look like
  * a footer: they are never consulted).
  *
+ * Entry budget: the pool holds at most max_entries HEAD extents (a count
+ * kept in pool.heads); an allocation that would exceed it evicts the
+ * global LRU entry exactly as one that finds no room does. The index and the
+ * heaps are sized for that budget, not for one entry per unit.
+ *
  * An entry is a HEAD extent (struct vmc_entry, then the key, then the value)
  * followed by zero or more BODY extents (struct vmc_body, then more value bytes)
  * chained by `next`. Reservations are always one contiguous HEAD extent so that
@@ -49,12 +54,16 @@
 #include <stdint.h>
 
 #define VMC_MAGIC "AIOVMC\x00\x01"
-#define VMC_FORMAT_VERSION 2u
+#define VMC_FORMAT_VERSION 3u
 #define VMC_PAGE 4096u
 #define VMC_SHARDS 64u               /* power of two */
 #define VMC_NCLASSES 32              /* free-list size classes: [2^k, 2^(k+1)) units */
 #define VMC_MAX_KEY 65535u
-#define VMC_MIN_UNIT 256u
+#define VMC_MIN_UNIT 64u             /* a unit always holds the 56-byte entry header */
+/* The default entry budget: the index and the LRU heaps are sized for one
+ * entry per VMC_ENTRY_BYTES pool bytes, or per unit if units are larger (see
+ * vmc_entry_budget), and the pool never holds more HEAD extents than that. */
+#define VMC_ENTRY_BYTES 128u
 #define VMC_MIN_FILE (1u << 20)
 #define VMC_MAX_FILE (1ull << 62)      /* sizes stay far from 64-bit overflow */
 #define VMC_MAX_UNITS 0xfffffff0u    /* unit numbers are 32-bit */
@@ -103,7 +112,9 @@ struct vmc_entry {
     uint32_t link_next;     /* RESERVED: the pool's reserved list; pool lock. Else unused */
     uint16_t key_len;       /* pool lock, at allocation */
     uint8_t state;          /* RESERVED (pool lock, at allocation) -> PUBLISHED (shard lock)
-                               -> REMOVED (pool lock, and the shard lock if it was published) */
+                               -> REMOVED (pool lock, and the shard lock if it was published);
+                               a replaced entry kept as its handle's spare goes on REMOVED ->
+                               RESERVED (shard and pool locks: vmc_cache.c, "the spare") */
     uint8_t reserved0;
     uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; shard lock, at publication */
     uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */
@@ -180,7 +191,11 @@ struct vmc_pool {
     pthread_mutex_t lock;
     uint32_t free_head[VMC_NCLASSES];  /* lock */
     uint32_t reserved_head;            /* RESERVED entries, linked by link_prev/link_next; lock */
-    uint32_t reserved0;
+    uint32_t heads;                    /* HEAD extents in the pool (published, reserved or being
+                                          freed): +1 when the allocator takes one, -1 when it
+                                          frees one; lock. Never above max_entries (but
+                                          in a recovered damaged file: docs/format.md).
+                                          Recovery recounts it from the entries it keeps. */
     uint64_t free_units;               /* lock; read without it by statistics */
     uint64_t last_reclaim_ns;          /* when dead owners' reservations were last looked for; lock */
 } __attribute__((aligned(64)));
@@ -206,7 +221,8 @@ struct vmc_header {
     uint64_t hash_seed;
     uint64_t flights_off;     /* the flight table: n_flights slots (vmc_flight.h) */
     uint32_t n_flights;       /* a power of two in [VMC_MIN_FLIGHTS, VMC_MAX_FLIGHTS] */
-    uint32_t reserved0;
+    uint32_t max_entries;     /* the entry budget: at most vmc_entry_budget(pool_units,
+                                 unit_shift), less if the creator asked; sizes the tables */
     uint64_t geometry_check;  /* hash of every field above */
 
     struct vmc_pool pool;
@@ -226,7 +242,18 @@ struct vmc_header {
     uint64_t load_takeovers;
 };
 
+/* vmc_entry_budget -- the default entry budget (the most HEAD extents) of a
+ * pool of `units` units of 2^shift bytes: one per VMC_ENTRY_BYTES bytes, or
+ * one per unit if a unit is larger. An entry of 16 B key and 100 B value takes three
+ * 64-byte units (192 B), so 64-byte units are not count-limited for it. */
+static inline uint64_t vmc_entry_budget(uint64_t units, uint32_t shift)
+{
+    return (units << shift) / ((1ull << shift) > VMC_ENTRY_BYTES ? (1ull << shift)
+                                                                  : VMC_ENTRY_BYTES);
+}
+
 _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes");
+_Static_assert(sizeof(struct vmc_entry) <= VMC_MIN_UNIT, "a unit holds an entry header");
 _Static_assert(offsetof(struct vmc_shard, top_atime) == 64 || sizeof(pthread_mutex_t) != 40,
                "a get hit must write the shard's first cache line only");
 _Static_assert(sizeof(struct vmc_body) == 16, "body header must stay 16 bytes");

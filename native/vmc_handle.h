@@ -54,6 +54,7 @@ struct vmc_cache {
     uint32_t slots;               /* per shard */
     uint32_t n_flights;           /* slots in the flight table (a power of two) */
     uint32_t max_load;            /* entries a shard may hold before it must evict */
+    uint32_t max_entries;         /* the pool's entry budget (vmc_entry_budget) */
     uint32_t policy;
     uint64_t default_ttl_ns;
     int fd;
@@ -63,6 +64,8 @@ struct vmc_cache {
                                      handle inherited by fork() is usable in the
                                      child only once vmc_after_fork gave it its own */
     uint64_t purge_cursor;        /* where the next bounded purge starts (atomic) */
+    uint32_t spare;               /* a put's reservation kept for the next put (atomic
+                                     exchange; 0 = none): see vmc_cache.c, "spare" */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;
     pthread_mutex_t rids_lock;    /* guards the next three (process-local) */

@@ -152,6 +152,31 @@ void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit)
     publish_top(c, sh, h);
 }
 
+/* The key stays: the item is re-keyed to the new entry's atime when it
+ * reaches the top (vmc_lru_settle), like any item whose entry was touched.
+ * Only the tie-break on the unit changed, so the item is sifted by it (keys
+ * are nanosecond times: it stays where it is). */
+void vmc_lru_takeover(vmc_cache *c, uint32_t shard, uint32_t old, uint32_t i, uint32_t unit)
+{
+    struct vmc_heap_item *h = heap_of(c, shard);
+    if (i >= c->shards[shard].heap_len || h[i].unit != old) {
+        vmc_mark_damaged(c);
+        return;
+    }
+    h[i].unit = unit;
+    h[i].gen = (uint32_t)((struct vmc_entry *)vmc_unit(c, unit))->stamp;
+    if (i > 0 && before(&h[i], &h[(i - 1) / ARITY]))
+        sift_up(c, h, i);
+    else
+        sift_down(c, h, c->shards[shard].heap_len, i);
+}
+
+void vmc_lru_prefetch(vmc_cache *c, uint32_t shard, uint32_t item)
+{
+    if (item < c->slots)
+        __builtin_prefetch(heap_of(c, shard) + item, 1);
+}
+
 void vmc_lru_remove(vmc_cache *c, uint32_t shard, uint32_t unit)
 {
     struct vmc_entry *e = vmc_unit(c, unit);

@@ -16,6 +16,14 @@
 bool vmc_lru_sound(const vmc_cache *c, uint32_t shard);
 /* vmc_lru_insert -- a newly published entry joins its shard's heap. */
 void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit);
+/* vmc_lru_takeover -- a replacement: the new entry `unit` takes the item of
+ * the entry `old` it replaces, at that item's position `item` (read from the
+ * old entry's link_prev before its extent was freed or reused), with its key:
+ * a lower bound of the new entry's atime too, so that no sift is needed. */
+void vmc_lru_takeover(vmc_cache *c, uint32_t shard, uint32_t old, uint32_t item, uint32_t unit);
+/* vmc_lru_prefetch -- a hint to the CPU: the item at position `item` of the
+ * shard's heap will be used soon. */
+void vmc_lru_prefetch(vmc_cache *c, uint32_t shard, uint32_t item);
 /* vmc_lru_remove -- an entry leaves its shard: its item goes too. */
 void vmc_lru_remove(vmc_cache *c, uint32_t shard, uint32_t unit);
 /* vmc_lru_settle -- bring the shard's least recently used entry to the top,

@@ -98,8 +98,10 @@ static void take(vmc_cache *c, uint32_t unit, struct vmc_free *f, uint32_t units
          * single store below shortens the extent: the walk never breaks. */
         list_add(c, unit + units, have - units);
     }
-    if (kind == VMC_KIND_HEAD) /* no stale state byte may outlive the tag store */
+    if (kind == VMC_KIND_HEAD) { /* no stale state byte may outlive the tag store */
         VMC_STORE(((struct vmc_entry *)f)->state, VMC_DEAD);
+        c->hdr->pool.heads++;
+    }
     VMC_STORE_TAG(f->tag, VMC_TAG(units, kind));
     if (have == units)
         set_prev_free(c, unit + units, false);
@@ -159,6 +161,8 @@ static uint32_t units_for(const vmc_cache *c, uint64_t bytes)
 int vmc_alloc_entry(vmc_cache *c, uint64_t key_len, uint64_t value_len, bool contiguous,
                     uint32_t *head_out)
 {
+    if (c->hdr->pool.heads >= c->max_entries)
+        return VMC_E_NEED_ROOM; /* the entry budget: evict as for room */
     uint64_t need = sizeof(struct vmc_entry) + key_len + value_len;
     uint32_t units = units_for(c, need);
     uint32_t head = alloc_contiguous(c, units, VMC_KIND_HEAD);
@@ -252,6 +256,10 @@ static void free_chain(vmc_cache *c, uint32_t head)
     }
     uint32_t next = e->next;
     free_extent(c, head, VMC_TAG_UNITS(e->tag));
+    if (c->hdr->pool.heads > 0)
+        c->hdr->pool.heads--;
+    else
+        vmc_mark_damaged(c); /* a head nobody counted: repair recounts */
     for (uint32_t steps = 0; next; steps++) {
         struct vmc_body *b = vmc_extent(c, next, VMC_KIND_BODY);
         if (b == NULL || b->head != head || steps > c->pool_units) {

@@ -2,8 +2,8 @@
  *
  * The pool is the truth: extents with walkable tags, entries with their key,
  * value, state, timestamp and checksum. The shard indexes, LRU lists, free
- * lists, reserved list and counts of entries are derived, and rebuilt here by
- * mark and sweep:
+ * lists, reserved list and counts of entries (per shard, and the pool's count
+ * of heads) are derived, and rebuilt here by mark and sweep:
  *   1. walk the tags; where a tag cannot be valid (a new file's zeroed pool,
  *      pages torn by an OS crash, hostile bytes), skip unit by unit to the next
  *      plausible tag and make the gap one free extent;
@@ -101,6 +101,7 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
         vmc_mutex_init(&p->lock);
     memset(p->free_head, 0, sizeof p->free_head);
     p->reserved_head = 0;
+    p->heads = 0; /* recounted: the kept reservations, then the indexed entries */
     VMC_STORE(p->free_units, 0);
     p->last_reclaim_ns = 0;
 }
@@ -169,6 +170,7 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
                vmc_owner_alive(c, e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
         vmc_reserved_push(c, u);
+        c->hdr->pool.heads++;
         return;
     }
     /* the sweep frees it; its header may outlive it in a free extent */
@@ -270,6 +272,7 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
         vmc_lru_heapify(c, s);
     for (uint32_t s = 0; s < c->n_shards; s++)
         *kept += c->shards[s].count;
+    c->hdr->pool.heads += (uint32_t)*kept;
     uint64_t clock = __atomic_load_n(&c->hdr->clock, __ATOMIC_ACQUIRE);
     if (clock > VMC_MAX_CLOCK) /* damaged: no publication could have got there */
         __atomic_store_n(&c->hdr->clock, clock = newest, __ATOMIC_RELEASE);

@@ -260,14 +260,14 @@ def chaos_worker(
 
 # The header's first block. The format is young: three layouts exist (without
 # `heap_off`, with it, and format version 2 with the flight table's
-# `flights_off` and `n_flights`); read_header() tells them apart by the geometry
-# checksum.
+# `flights_off` and `n_flights`, whose spare word version 3 made `max_entries`);
+# read_header() tells them apart by the geometry checksum.
 _LAYOUTS = [
     (
         struct.Struct("<8sIIQQQQQIIIIIIQQQIIQ"),
         "magic format_version abi_signature file_size shards_off index_off heap_off pool_off "
         "unit_size unit_shift pool_units n_shards slots_per_shard policy default_ttl_ns "
-        "hash_seed flights_off n_flights reserved0 geometry_check",
+        "hash_seed flights_off n_flights max_entries geometry_check",
     ),
     (
         struct.Struct("<8sIIQQQQIIIIIIQQQ"),
@@ -602,6 +602,7 @@ HEADER_FIELDS = {  # name: (offset, size)
     "needs_repair": (336, 4),
     "fresh": (340, 4),
     "reserved_head": (296, 4),
+    "heads": (300, 4),
     "free_units": (304, 8),
     "last_reclaim_ns": (312, 8),
     "next_owner": (424, 8),

@@ -79,6 +79,7 @@ def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
 @pytest.mark.parametrize(
     "options, text",
     [({"extent_size": 512}, "extent_size=256, not extent_size=512"),
+     ({"max_entries": 100}, "max_entries=6880, not max_entries=100"),
      ({"policy": "none"}, "policy='lru', not policy='none'"),
      ({"ttl": 5}, r"ttl=None, not ttl=5:")],
 )
@@ -115,9 +116,13 @@ def test_missing_file_without_size(cache_path: str) -> None:
         ({"size": 1000}, "minimum of 1 MiB"),
         ({"size": "512k"}, "minimum of 1 MiB"),
         ({"size": MiB, "extent_size": 300}, "power of two"),
-        ({"size": MiB, "extent_size": 128}, "power of two"),
+        ({"size": MiB, "extent_size": 32}, r"power of two between 64 and 2\*\*31"),
         ({"size": MiB, "extent_size": 2 * MiB}, "power of two"),
-        ({"size": MiB, "extent_size": 512 * 1024}, "less than 80%"),
+        ({"size": MiB, "extent_size": 512 * 1024}, "less than 80%.*smaller extent_size"),
+        ({"size": MiB, "extent_size": 64}, "less than 80%.*entry budget.*larger size"),
+        ({"size": MiB, "max_entries": 0}, "max_entries 0 must be between 1 and 4294967280"),
+        ({"size": MiB, "max_entries": 2**32}, "max_entries 4294967296 must be between"),
+        ({"size": MiB, "max_entries": 4000}, "max_entries 4000 is more than .* at most 3328"),
         ({"size": MiB, "policy": "fifo"}, "policy"),
         ({"size": MiB, "ttl": -1}, "positive"),
         ({"size": "lots"}, "is not a size"),
@@ -137,6 +142,9 @@ def test_parameter_types(cache_path: str) -> None:
         Cache(cache_path, size=MiB, ttl="5")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Cache(cache_path, size=MiB, on_miss=42)  # type: ignore[arg-type]
+    for bad in ("5", 5.0, True):
+        with pytest.raises(TypeError, match="max_entries is an int or None"):
+            Cache(cache_path, size=MiB, max_entries=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -731,6 +739,38 @@ def test_reservation_cancel_and_context(cache: Cache) -> None:
         1 / 0  # noqa: B018
     assert cache.get(b"k") == b"abc" and r2.state == "cancelled"
     assert cache.statistics().used_bytes == used + 256
+
+
+def test_a_replaced_small_entry_is_the_spare_of_the_next_put(cache_path: str) -> None:
+    """A replacement keeps the old entry's extent as its handle's spare (room
+    in use), which the handle's next put of an entry of the same size fills;
+    a put of another size frees it, and so do a delete, a clear and closing
+    the handle: an emptied cache holds no room."""
+    with Cache(cache_path, size=MiB) as c, Cache(cache_path) as other:
+        c.put(b"k", b"1" * 100)
+        one = other.statistics().used_bytes
+        c.put(b"k", b"2" * 100)
+        assert other.statistics().used_bytes == 2 * one  # the entry and the spare
+        c.put(b"j", b"3" * 100)
+        assert other.statistics().used_bytes == 2 * one  # the spare was filled
+        c.put(b"k", b"4" * 3000)
+        big = other.statistics().used_bytes - 2 * one  # the old 100 B entry is the spare
+        c.put(b"j", b"5" * 100)  # and is filled
+        assert other.statistics().used_bytes == 2 * one + big
+        c.put(b"k", b"6" * 3000)  # the old 3000 B entry is the spare...
+        c.put(b"new", b"7" * 100)  # ...which does not fit: freed
+        assert other.statistics().used_bytes == 2 * one + big
+        c.put(b"j", b"8" * 100)
+        assert other.statistics().used_bytes == 3 * one + big
+        c.close()
+        assert other.statistics().used_bytes == 2 * one + big
+        assert [other.get(k) for k in (b"k", b"j", b"new")] == [b"6" * 3000, b"8" * 100, b"7" * 100]
+        other.put(b"j", b"9" * 100)
+        other.delete(b"new")
+        assert other.statistics().used_bytes == one + big
+        other.put(b"j", b"0" * 100)
+        other.clear()
+        assert other.statistics().used_bytes == 0
 
 
 def test_reservation_replaces_and_close_cancels(cache_path: str) -> None:

@@ -14,6 +14,7 @@ The default runs are short; `AIOVMC_SLOW=1` adds longer soak variants.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import multiprocessing
 import os
 import random
@@ -259,6 +260,40 @@ def test_killed_reservation_reclaimed_when_another_process_attaches(
         check_value(b"k", cache.get(b"k"))
 
 
+def _replace_and_hang(path: str, ready: Any) -> None:
+    """Replace a key (its old extent becomes this handle's spare), say so,
+    and wait to be killed."""
+    cache = aiovmc.Cache(path)
+    cache.put(b"spare", make_value(b"spare", 1, 100))
+    cache.put(b"spare", make_value(b"spare", 2, 100))
+    ready.set()
+    time.sleep(WAIT)
+
+
+def test_killed_process_spare_extent_reclaimed_when_another_process_attaches(
+    ctx: Any, cache_path: str
+) -> None:
+    """A process dies holding the spare extent its last replacement left: a
+    reservation of a dead owner, reclaimed like any other; its entry stays."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        cache.put(b"k", make_value(b"k", 1, 1000))
+        base = cache.statistics().used_bytes
+        ready = ctx.Event()
+        p = ctx.Process(target=_replace_and_hang, args=(cache_path, ready))
+        p.start()
+        assert ready.wait(WAIT)
+        _kill(p)
+        held = cache.statistics().used_bytes - base  # the entry and the spare: one size
+        assert held > 0 and cache.get(b"spare") == make_value(b"spare", 2, 100)
+        p = ctx.Process(target=_attach_and_leave, args=(cache_path,))
+        p.start()
+        join_all([p])
+        assert p.exitcode == 0
+        assert cache.statistics().used_bytes == base + held // 2
+        assert cache.get(b"spare") == make_value(b"spare", 2, 100)
+        check_value(b"k", cache.get(b"k"))
+
+
 def test_killed_reservation_does_not_fill_a_no_evict_cache(ctx: Any, cache_path: str) -> None:
     """Policy "none": a dead process's reservation holds most of the pool; a
     put that needs that room must get it (reclaimed), not CacheFullError."""
@@ -463,6 +498,73 @@ def test_sigkill_during_recovery_at_open(cache_path: str) -> None:
         for i in range(n):
             key = b"e%d" % i
             assert check_value(key, cache.get(key)) == i
+
+
+def _put_fresh_keys(path: str, start: int, progress: Any) -> None:
+    """Put fresh keys forever into a cache at its entry budget: every put
+    evicts, and reservations open and close all the time."""
+    with aiovmc.Cache(path) as cache:
+        for i in itertools.count(start):
+            key = b"b%d" % i
+            if i % 3:
+                cache.put(key, make_value(key, i, 100))
+            else:
+                with cache.reserve(key, 100) as res:
+                    res.buffer[:] = make_value(key, i, 100)
+            progress.value = i
+
+
+def _reached(progress: Any, target: int, proc: Any) -> Callable[[], bool]:
+    """A wait_for predicate: the writer's progress reached `target`, or it died."""
+    return lambda: progress.value >= target or not proc.is_alive()
+
+
+def _heads(path: str) -> int:
+    """`pool.heads`, the pool's count of HEAD extents, read from the file."""
+    return int.from_bytes(Path(path).read_bytes()[300:304], "little")
+
+
+def test_entry_count_survives_sigkill_and_is_recounted(cache_path: str) -> None:
+    """A writer at the entry budget (max_entries) is SIGKILLed mid-put, again and
+    again; recovery at open and a live repair recount the pool's entries, so the
+    budget stays exact: the cache fills to max_entries again, never beyond, and
+    every further put evicts exactly one entry, the least recently used."""
+    ctx = multiprocessing.get_context("fork")
+    budget, rng = 300, random.Random(11)
+    aiovmc.Cache(cache_path, size="2MiB", max_entries=budget).close()
+    start = 0
+    for _ in range(6):
+        progress = ctx.RawValue("q", -1)
+        p = ctx.Process(target=_put_fresh_keys, args=(cache_path, start, progress))
+        p.start()
+        wait_for(_reached(progress, start + 2 * budget, p), WAIT, "the writer to fill the cache")
+        assert p.is_alive(), f"the writer failed: exit code {p.exitcode}"
+        time.sleep(rng.uniform(0.0, 0.01))
+        _kill(p)
+        start = progress.value + 10
+        with aiovmc.Cache(cache_path) as cache:  # the only user: recovery at open
+            assert cache.info.recovered
+            assert cache.info.max_entries == budget
+            assert _heads(cache_path) == len(cache) <= budget
+            for key in cache.keys():  # noqa: SIM118 (a Cache)
+                check_value(key, cache.get(key))
+    evicted: list[bytes] = []
+    with aiovmc.Cache(cache_path, on_evict=evicted.append) as cache:
+        # A live repair (a dead pool-lock owner) recounts too.
+        base = int(ffi.cast("uintptr_t", cache._base))
+        p = ctx.Process(target=_lock_and_die, args=(base, 128))  # &header->pool.lock
+        p.start()
+        p.join(WAIT)
+        assert p.exitcode == -signal.SIGKILL
+        for i in range(budget):
+            cache.put(b"f%d" % i, b"v")
+        assert len(cache) == budget == _heads(cache_path)
+        evicted.clear()
+        cache.get(b"f0")  # now the most recent: f1 is the least recently used
+        before = cache.statistics().evictions
+        cache.put(b"last", b"v")
+        assert evicted == [b"f1"] and cache.statistics().evictions == before + 1
+        assert len(cache) == budget == _heads(cache_path)
 
 
 def _lock_and_die(base: int, offset: int) -> None:

@@ -741,15 +741,17 @@ def test_coalesce_and_load_timeout_are_checked(cache_path: str) -> None:
         assert (cache.coalesce, cache.load_timeout) == ("host", 30.0)
 
 
-def test_file_of_the_previous_format_is_refused_untouched(cache_path: str) -> None:
+# 1: before the flight table; 2: 256-byte minimum extents, tables one entry per extent
+@pytest.mark.parametrize("version", [1, 2])
+def test_file_of_a_previous_format_is_refused_untouched(cache_path: str, version: int) -> None:
     Cache(cache_path, size="1MiB").close()
     with open(cache_path, "r+b") as f:
         f.seek(8)
-        f.write((1).to_bytes(4, "little"))  # format_version 1: before the flight table
+        f.write(version.to_bytes(4, "little"))
     before = Path(cache_path).read_bytes()
     with pytest.raises(
         aiovmc.CacheFormatError,
-        match=r"has format version 1; this aiovmc reads version 2 only .*reset=True",
+        match=rf"has format version {version}; this aiovmc reads version 3 only .*reset=True",
     ):
         Cache(cache_path)
     assert Path(cache_path).read_bytes() == before

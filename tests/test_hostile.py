@@ -260,7 +260,7 @@ def test_other_format_version_and_abi_are_refused_untouched(
     with a correct geometry checksum: refused, untouched."""
     specs, digests = [], []
     for i, fields in enumerate(
-        [{"format_version": 1}, {"format_version": 3}, {"abi_signature": 0x12345678}]
+        [{"format_version": 2}, {"format_version": 4}, {"abi_signature": 0x12345678}]
     ):
         data = bytearray(template.data)
         forge_header(data, **fields)
@@ -430,7 +430,7 @@ def _forged_specs(template: Template, directory: Path, n: int, seed: int) -> lis
     for i in range(n):
         kind = rng.choice(("geometry", "geometry", "ttl", "seed", "policy", "raw"))
         if kind == "geometry":
-            shift = rng.choice((8, 8, 9, 10, 12))
+            shift = rng.choice((6, 8, 8, 9, 10, 12))
             units = rng.randrange(1, hdr["pool_units"] * 2)
             slots = units // 64 * 3 // 2 + 64
             index = (64 * slots * 8 + PAGE - 1) // PAGE * PAGE
@@ -459,6 +459,7 @@ def _forged_specs(template: Template, directory: Path, n: int, seed: int) -> lis
                     "pool_units",
                     "n_shards",
                     "slots_per_shard",
+                    "max_entries",
                 ]
             )
             fields = {

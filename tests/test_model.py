@@ -23,11 +23,16 @@ EXTENT, ENTRY_HEADER = 256, 56  # the file's extent size; an entry's fixed heade
 
 
 class CacheVersusModel(RuleBasedStateMachine):
+    # None: the default entry budget, which 40 keys never reach (byte evictions only)
+    MAX_ENTRIES: int | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.path = f"/dev/shm/aiovmc-model-{uuid.uuid4().hex}.cache"
         self.evicted: list[bytes] = []
-        self.cache = Cache(self.path, size=1 << 20, on_evict=self.evicted.append)
+        self.cache = Cache(
+            self.path, size=1 << 20, max_entries=self.MAX_ENTRIES, on_evict=self.evicted.append
+        )
         self.model = ModelCache()
 
     def teardown(self) -> None:
@@ -124,6 +129,7 @@ class CacheVersusModel(RuleBasedStateMachine):
         assert stats.evictions == self.model.evictions
         assert 0 <= stats.used_bytes <= stats.capacity
         assert (stats.used_bytes == 0) == (stats.entries == 0)
+        assert stats.entries <= self.cache.info.max_entries
 
 
 CacheVersusModel.TestCase.settings = settings(
@@ -133,3 +139,15 @@ CacheVersusModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_cache_versus_model = CacheVersusModel.TestCase
+
+
+class CacheAtEntryBudgetVersusModel(CacheVersusModel):
+    """The same with a budget of 6 entries: puts evict because the budget is
+    reached as well as because the pool is full, and either way every victim
+    is the model's least recently used key."""
+
+    MAX_ENTRIES = 6
+
+
+CacheAtEntryBudgetVersusModel.TestCase.settings = CacheVersusModel.TestCase.settings
+test_cache_at_entry_budget_versus_model = CacheAtEntryBudgetVersusModel.TestCase

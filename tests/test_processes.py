@@ -113,6 +113,26 @@ def _stats_worker(path: str, wid: int, n: int, out: Any) -> None:
     out.put((wid, error))
 
 
+def _replacement(wid: int, i: int, r: int) -> tuple[bytes, bytes]:
+    """Key i of worker wid and its value of round r: of alternating sizes, so
+    that some replacements fill the handle's spare extent and some free it."""
+    key = b"rp-%d-%d" % (wid, i)
+    return key, make_value(key, r, 100 if (r + i) % 3 else 3000)
+
+
+def _replace_worker(path: str, wid: int, n: int, rounds: int, out: Any) -> None:
+    """`rounds` replacements of each of n own keys."""
+    error = None
+    try:
+        with aiovmc.Cache(path) as cache:
+            for r in range(1, rounds + 1):
+                for i in range(n):
+                    cache.put(*_replacement(wid, i, r))
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put((wid, error))
+
+
 def _create_worker(path: str, wid: int, start: Any, out: Any) -> None:
     """Race to create the same file; write a key; report what the handle saw."""
     error = None
@@ -236,6 +256,45 @@ def test_statistics_are_shared_and_exact(ctx: Any, cache_path: str) -> None:
             after.misses,
             after.entries,
         )
+
+
+def test_concurrent_replacements_keep_statistics_and_lru_order_exact(
+    ctx: Any, cache_path: str
+) -> None:
+    """Processes replacing their keys at the same time (each replacement takes
+    over the old entry's LRU item, and may fill or leave a spare extent): the
+    counters are the sum of the work exactly, every key holds its last value,
+    and the LRU order is exact afterwards: evicting everything follows the
+    order in which this process then read the keys."""
+    n, rounds, nproc = 120, 8, 2
+    evicted: list[bytes] = []
+    with aiovmc.Cache(cache_path, size="8MiB", on_evict=evicted.append) as cache:
+        last = dict(_replacement(w, i, rounds) for w in range(nproc) for i in range(n))
+        keys = list(last)
+        for w in range(nproc):
+            for i in range(n):
+                cache.put(*_replacement(w, i, 0))
+        before = cache.statistics()
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(target=_replace_worker, args=(cache_path, w, n, rounds, out))
+            for w in range(nproc)
+        ]
+        for p in procs:
+            p.start()
+        results = _results(out, nproc)
+        join_all(procs)
+        assert not [r for r in results if r[1]], results
+        after = cache.statistics()
+        assert after.puts - before.puts == n * nproc * rounds
+        assert (after.entries, after.evictions, after.expirations) == (len(keys), 0, 0)
+        order = random.Random(5).sample(keys, len(keys))
+        for key in order:
+            assert cache.get(key) == last[key]
+        assert cache.statistics().hits - after.hits == len(keys)
+        while cache.evict():
+            pass
+        assert evicted == order
 
 
 def test_timestamps_strictly_increase_across_processes(ctx: Any, cache_path: str) -> None:

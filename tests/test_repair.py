@@ -487,3 +487,23 @@ async def test_aclose_waits_for_a_repair_in_flight_off_the_loop(
     assert len(got) == 1
     assert isinstance(got[0], aiovmc.CacheClosedError) or check_value(b"e1", got[0]) == 1
     await acache.aclose()  # idempotent
+
+
+def test_an_entry_count_damaged_to_zero_is_repaired_not_wrapped(cache_path: str) -> None:
+    """`pool.heads` (the entries the budget counts) overwritten with 0 while the
+    cache holds entries: the next free finds no count to take from, marks the
+    file for repair instead of wrapping to 2^32 - 1 (which would evict every
+    entry and then refuse every put), and the repair recounts it."""
+    heads = 300  # offset of pool.heads (docs/format.md)
+    with aiovmc.Cache(cache_path, size="1MiB", max_entries=50) as cache:
+        for i in range(10):
+            cache.put(b"k%d" % i, b"v")
+        fd = os.open(cache_path, os.O_RDWR)
+        try:
+            os.pwrite(fd, (0).to_bytes(4, "little"), heads)
+            assert cache.delete(b"k0")
+            cache.put(b"new", b"v")
+            assert len(cache) == 10 and cache.statistics().evictions == 0
+            assert int.from_bytes(os.pread(fd, 4, heads), "little") == 10
+        finally:
+            os.close(fd)

@@ -150,6 +150,7 @@ class NativeInfo:
         "dropped_entries",
         "extent_size",
         "file_size",
+        "max_entries",
         "max_value_size",
         "policy",
         "recovered",
@@ -162,6 +163,7 @@ class NativeInfo:
         self.extent_size: int = info.extent_size
         self.policy: str = "none" if info.policy == lib.VMC_POLICY_NONE else "lru"
         self.default_ttl_ns: int = info.default_ttl_ns
+        self.max_entries: int = info.max_entries
         self.max_value_size: int = info.max_value_size
         self.created = bool(info.created)
         self.recovered = bool(info.recovered)
@@ -205,6 +207,7 @@ class Handle:
         *,
         size: int,
         extent_size: int,
+        max_entries: int,
         policy: str,
         default_ttl_ns: int,
         mode: int,
@@ -217,6 +220,7 @@ class Handle:
             {
                 "size": size,
                 "extent_size": extent_size,
+                "max_entries": max_entries,
                 "policy": lib.VMC_POLICY_NONE if policy == "none" else lib.VMC_POLICY_LRU,
                 "default_ttl_ns": default_ttl_ns,
                 "mode": mode,

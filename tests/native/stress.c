@@ -6,7 +6,8 @@
  * Every operation of vmc.h (host-wide single-flight included), and the
  * no-wait calls of the CPython fast path (vmc_cache.h), runs
  * concurrently on a few keys, with values large
- * enough to take the unlocked copy path and the scattered allocation. Values
+ * enough to take the unlocked copy path and the scattered allocation, in a
+ * file whose entry budget is below the number of keys. Values
  * verify themselves: [key id u64][seq u64] then bytes derived from both; a get
  * that returns anything else fails the run. Exit status 0: clean.
  */
@@ -243,7 +244,10 @@ int main(int argc, char **argv)
     }
     int threads = atoi(argv[2]);
     deadline = now_s() + atoi(argv[3]) / 100.0;
-    struct vmc_config cfg = {8u << 20, 256, VMC_POLICY_LRU, 0, 0600};
+    /* A budget under KEYS: puts evict because the entry count is reached as
+     * well as for room. */
+    struct vmc_config cfg = {.size = 8u << 20, .extent_size = 256, .policy = VMC_POLICY_LRU,
+                             .mode = 0600, .max_entries = KEYS * 2 / 3};
     struct vmc_info info;
     if (vmc_open(argv[1], &cfg, VMC_F_CREATE | VMC_F_RESET, &cache, &info) < 0) {
         fprintf(stderr, "stress: open: %s\n", vmc_last_error());
