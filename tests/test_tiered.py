@@ -389,10 +389,10 @@ async def test_get_is_awaitable_once_and_runs_as_a_task(
         assert (await hit, await miss) == (b"v", b"d")
         with pytest.raises(RuntimeError):
             await hit
-        got: list[bytes | None] = []
+        got: list[bytes] = []
 
         async def keep(key: bytes) -> None:
-            got.append(await cache.get(key, on_miss=lambda k: b"loaded"))
+            got.append(await cache.get(key, b"", on_miss=lambda k: b"loaded"))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(cache.get, b"k")
