@@ -62,7 +62,7 @@ from ._async_cache import AsyncCache, Loader, StoreWithTTL, ttl_until
 from ._cache import CacheCore, CacheStatistics
 from ._convert import TTL, Key, encode_key, ttl_to_ns, value_buffer
 from ._errors import CacheConfigError, CacheFormatError, RepairNeeded
-from ._native import ready
+from ._native import compiled_async_get, ready
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -443,6 +443,7 @@ class TieredCache:
     """
 
     __slots__ = (
+        "_cache",
         "_channel",
         "_client",
         "_client_owned",
@@ -521,7 +522,8 @@ class TieredCache:
         except BaseException:
             self._l1.cache.close()
             raise
-        self._get_inline = CacheCore(self._l1.cache).get_inline
+        self._cache = self._l1.cache  # what the compiled `get` reads, as AsyncCache's
+        self._get_inline = CacheCore(self._cache).get_inline
         self._limit = max(self._l1.offload_threshold - 1, 0)  # as AsyncCache's inline get
         try:
             self._listener = _Listener(self)
@@ -587,20 +589,25 @@ class TieredCache:
         Not an ``async def``, as `AsyncCache.get` is not: the L1 lookup runs in the
         call, and a hit returns an awaitable already done (`aiovmc._native.ready`).
         """
+        # On the fast path, the compiled `get` of AsyncCache (native/vmc_fast.c)
+        # stands in for this method: the same steps, without a Python frame.
         k = key if key.__class__ is bytes else encode_key(key)
+        found: object
         try:
             found = self._get_inline(k, self._limit)
-        except RepairNeeded:  # L1's get below waits for the repair off the loop
-            found = None
+        except RepairNeeded:
+            found = RepairNeeded
         if found.__class__ is bytes:
             return ready(found)
-        return self._get_missed(k, default, on_miss, ttl)
+        return self._get_rest(k, found, default, on_miss, ttl)
 
-    async def _get_missed(
-        self, k: bytes, default: object, on_miss: Loader | None, ttl: TTL
+    async def _get_rest(
+        self, k: bytes, found: object, default: object, on_miss: Loader | None, ttl: TTL
     ) -> object:
-        """`get` past an L1 miss: L1's own get (which waits for a repair or copies a
-        large value off the loop), whose loader looks in redis, then loads."""
+        """`get` past its L1 lookup, which found no value to return at once (``found``:
+        a large value's size, None or `RepairNeeded`, as for `AsyncCache._get_rest`):
+        L1's own get, which waits for a repair or copies a large value off the loop,
+        and whose loader looks in redis, then loads."""
         loader = on_miss if on_miss is not None else self.on_miss
         effective = ttl if ttl is not None else self._ttl
         fill = _Fill()
@@ -1001,3 +1008,8 @@ def _glob_escape(prefix: bytes) -> bytes:
             out += b"\\"
         out.append(byte)
     return bytes(out)
+
+
+_compiled_get = compiled_async_get(TieredCache)
+if _compiled_get is not None:
+    TieredCache.get = _compiled_get  # type: ignore[method-assign]

@@ -907,9 +907,14 @@ static PyTypeObject ReadyType = {
 
 /* ---- AsyncCache.get ---- */
 
-/* Where AsyncCache keeps its Cache (`_cache`) and the largest value it copies
+/* The classes whose `get` is fast_async_get (AsyncCache, TieredCache), each
+ * with where it keeps its Cache (`_cache`) and the largest value it answers
  * on the loop (`_limit`): slots, found by fast_bind_async. */
-static Py_ssize_t async_cache_offset, async_limit_offset;
+#define ASYNC_CLASSES 2
+static struct async_class {
+    PyTypeObject *cls;
+    Py_ssize_t cache_offset, limit_offset;
+} async_classes[ASYNC_CLASSES];
 static PyTypeObject *handle_type; /* aiovmc's Handle: what `_cache` must be */
 static PyObject *repair_needed;   /* aiovmc.RepairNeeded */
 static PyObject *str_get_rest;    /* "_get_rest" */
@@ -924,9 +929,20 @@ static PyObject *slot(PyObject *self, Py_ssize_t offset, const char *name)
     return value;
 }
 
+/* async_class_of -- the bound class self is an instance of, or NULL with TypeError. */
+static const struct async_class *async_class_of(PyObject *self)
+{
+    for (int i = 0; i < ASYNC_CLASSES && async_classes[i].cls; i++)
+        if (PyObject_TypeCheck(self, async_classes[i].cls))
+            return &async_classes[i];
+    PyErr_Format(PyExc_TypeError, "get of %R: not a bound class", self);
+    return NULL;
+}
+
 /* get(key, default=None, *, on_miss=None, ttl=None): as AsyncCache.get in
- * aiovmc/_async_cache.py -- a hit of at most `_limit` bytes as Ready(value),
- * anything else as self._get_rest(key, found, default, on_miss, ttl). */
+ * aiovmc/_async_cache.py (and TieredCache.get) -- a hit of at most `_limit`
+ * bytes as Ready(value), anything else as
+ * self._get_rest(key, found, default, on_miss, ttl). */
 static PyObject *fast_async_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                                 PyObject *kwnames)
 {
@@ -934,8 +950,9 @@ static PyObject *fast_async_get(PyObject *self, PyObject *const *args, Py_ssize_
     PyObject *given[4] = {NULL, Py_None, Py_None, Py_None};
     if (parse("get", names, 4, 2, 1, args, nargs, kwnames, given) < 0)
         return NULL;
-    PyObject *cache = slot(self, async_cache_offset, "_cache");
-    PyObject *limit_obj = cache ? slot(self, async_limit_offset, "_limit") : NULL;
+    const struct async_class *bound = async_class_of(self);
+    PyObject *cache = bound ? slot(self, bound->cache_offset, "_cache") : NULL;
+    PyObject *limit_obj = cache ? slot(self, bound->limit_offset, "_limit") : NULL;
     if (limit_obj == NULL)
         return NULL;
     if (!PyObject_TypeCheck(cache, handle_type) || !PyLong_CheckExact(limit_obj))
@@ -998,7 +1015,8 @@ static Py_ssize_t slot_offset(PyObject *cls, const char *name)
 }
 
 /* fast_bind_async(cls, handle_cls, RepairNeeded) -> the method descriptor of
- * cls (aiovmc's AsyncCache) for `get`; fast_bind(handle_cls, ...) first. */
+ * cls (aiovmc's AsyncCache or TieredCache) for `get`; fast_bind(handle_cls, ...)
+ * first. */
 static PyObject *fast_bind_async(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
@@ -1006,9 +1024,21 @@ static PyObject *fast_bind_async(PyObject *module, PyObject *const *args, Py_ssi
         !PyExceptionClass_Check(args[2]) || fast_offset == 0)
         return PyErr_Format(PyExc_TypeError,
                             "fast_bind_async(cls, handle_cls, RepairNeeded), after fast_bind");
-    if ((async_cache_offset = slot_offset(args[0], "_cache")) < 0 ||
-        (async_limit_offset = slot_offset(args[0], "_limit")) < 0)
+    int i = 0;
+    while (i < ASYNC_CLASSES && async_classes[i].cls &&
+           async_classes[i].cls != (PyTypeObject *)args[0])
+        i++;
+    if (i == ASYNC_CLASSES)
+        return PyErr_Format(PyExc_TypeError, "fast_bind_async: more than %d classes",
+                            ASYNC_CLASSES);
+    Py_ssize_t cache_offset = slot_offset(args[0], "_cache");
+    Py_ssize_t limit_offset = cache_offset < 0 ? -1 : slot_offset(args[0], "_limit");
+    if (limit_offset < 0)
         return NULL;
+    if (async_classes[i].cls == NULL)
+        async_classes[i].cls = (PyTypeObject *)Py_NewRef(args[0]);
+    async_classes[i].cache_offset = cache_offset;
+    async_classes[i].limit_offset = limit_offset;
     Py_XSETREF(handle_type, (PyTypeObject *)Py_NewRef(args[1]));
     Py_XSETREF(repair_needed, Py_NewRef(args[2]));
     return PyDescr_NewMethod((PyTypeObject *)args[0], &async_get_def);
@@ -1017,7 +1047,7 @@ static PyObject *fast_bind_async(PyObject *module, PyObject *const *args, Py_ssi
 static PyMethodDef fast_bind_async_def = {
     "fast_bind_async", (PyCFunction)(void (*)(void))fast_bind_async, METH_FASTCALL,
     "fast_bind_async(cls, handle_cls, RepairNeeded)\n--\n\nThe fast path's `get` for "
-    "AsyncCache."};
+    "AsyncCache or TieredCache."};
 
 /* fast_bind(cls, encode_key, raise_for, ttl_to_ns, slow_put) -> {name: method descriptor of cls} */
 static PyObject *fast_bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)

@@ -847,7 +847,7 @@ if FAST_PATH:
 
 
 def compiled_async_get(cls: type) -> Any | None:
-    """The fast path's `get` for `cls` (aiovmc's AsyncCache: a hit answered as a
+    """The fast path's `get` for `cls` (aiovmc's AsyncCache or TieredCache: a hit answered as a
     compiled `Ready`, without a Python frame), or None on the pure binding."""
     if not FAST_PATH:
         return None
