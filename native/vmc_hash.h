@@ -1,9 +1,11 @@
 /* vmc_hash.h -- a seeded 64-bit hash for keys and entry checksums.
  *
  * A multiply-fold construction: 128-bit products of the input with odd
- * constants, folded to 64 bits. Three independent lanes consume 48 bytes per
- * round so long inputs (checksums of large values) run near memory speed;
- * short inputs (keys) take one or two products. Not cryptographic: the seed is
+ * constants, folded to 64 bits. Six independent lanes consume a 96-byte block
+ * per round, so the products of one lane do not wait on each other and long
+ * inputs (checksums of large values) run near the multiplier's throughput
+ * (format version 3; version 2 had three lanes and 48-byte blocks); short
+ * inputs (keys) take one or two products. Not cryptographic: the seed is
  * random per file, which is what defeats chosen-key flooding of the index.
  */
 #ifndef VMC_HASH_H
@@ -17,6 +19,12 @@
 #define VMC_K1 0xd6e8feb86659fd93ull
 #define VMC_K2 0xa0761d6478bd642full
 #define VMC_K3 0xe7037ed1a0b428dbull
+#define VMC_K4 0x8ebc6af09c88c6e3ull
+#define VMC_K5 0x589965cc75374cc3ull
+#define VMC_K6 0x1d8e4e27c47d124full
+
+#define VMC_LANES 6
+#define VMC_BLOCK (16 * VMC_LANES) /* bytes per round: 16 per lane */
 
 static inline uint64_t vmc_fold(uint64_t a, uint64_t b)
 {
@@ -39,8 +47,8 @@ static inline uint64_t vmc_rd32(const unsigned char *p)
 }
 
 /* vmc_hash_tail -- the end of vmc_hash: the last `left` bytes at p (16 < n,
- * 0 < left <= 48; the 16 bytes before p are readable) with the state s of
- * the bytes before them. */
+ * 0 < left <= VMC_BLOCK; the 16 bytes before p are readable) with the state s
+ * of the bytes before them. */
 static inline uint64_t vmc_hash_tail(uint64_t s, const unsigned char *p, size_t left, size_t n)
 {
     while (left > 16) {
@@ -52,25 +60,43 @@ static inline uint64_t vmc_hash_tail(uint64_t s, const unsigned char *p, size_t 
     return vmc_fold(VMC_K1 ^ (uint64_t)n, vmc_fold(a ^ VMC_K1, b ^ s));
 }
 
-/* vmc_hash_blocks -- the three lanes of vmc_hash over `blocks` 48-byte blocks
- * at p; meanwhile, a prefetch every 48 bytes (which touches every cache line)
- * of read[0, fetch_len) and, for writing, of write[0, fetch_len), so the CPU
- * fetches the next chunk of a copy as it hashes this one. */
-static inline void vmc_hash_blocks(uint64_t lane[3], const unsigned char *p, size_t blocks,
-                                   const unsigned char *read, unsigned char *write,
-                                   size_t fetch_len)
+/* vmc_hash_lanes -- the lanes' starting states for a hash whose state is s. */
+static inline void vmc_hash_lanes(uint64_t lane[VMC_LANES], uint64_t s)
 {
-    uint64_t s = lane[0], s1 = lane[1], s2 = lane[2];
-    for (size_t at = 0; blocks; blocks--, p += 48, at += 48) {
+    lane[0] = s, lane[1] = s ^ VMC_K2, lane[2] = s ^ VMC_K3;
+    lane[3] = s ^ VMC_K4, lane[4] = s ^ VMC_K5, lane[5] = s ^ VMC_K6;
+}
+
+/* vmc_hash_lanes_end -- the state the lanes leave for the tail. */
+static inline uint64_t vmc_hash_lanes_end(const uint64_t lane[VMC_LANES])
+{
+    return lane[0] ^ lane[1] ^ lane[2] ^ lane[3] ^ lane[4] ^ lane[5];
+}
+
+/* vmc_hash_blocks -- the lanes of vmc_hash over `blocks` blocks of VMC_BLOCK
+ * bytes at p; meanwhile, a prefetch every 48 bytes (which touches every cache
+ * line) of read[0, fetch_len) and, for writing, of write[0, fetch_len), so the
+ * CPU fetches the next chunk of a copy as it hashes this one. */
+static inline void vmc_hash_blocks(uint64_t lane[VMC_LANES], const unsigned char *p,
+                                   size_t blocks, const unsigned char *read,
+                                   unsigned char *write, size_t fetch_len)
+{
+    uint64_t s0 = lane[0], s1 = lane[1], s2 = lane[2], s3 = lane[3], s4 = lane[4], s5 = lane[5];
+    for (size_t at = 0; blocks; blocks--, p += VMC_BLOCK, at += VMC_BLOCK) {
         if (at < fetch_len) {
             __builtin_prefetch(read + at);
             __builtin_prefetch(write + at, 1);
+            __builtin_prefetch(read + at + 48);
+            __builtin_prefetch(write + at + 48, 1);
         }
-        s = vmc_fold(vmc_rd64(p) ^ VMC_K1, vmc_rd64(p + 8) ^ s);
+        s0 = vmc_fold(vmc_rd64(p) ^ VMC_K1, vmc_rd64(p + 8) ^ s0);
         s1 = vmc_fold(vmc_rd64(p + 16) ^ VMC_K2, vmc_rd64(p + 24) ^ s1);
         s2 = vmc_fold(vmc_rd64(p + 32) ^ VMC_K3, vmc_rd64(p + 40) ^ s2);
+        s3 = vmc_fold(vmc_rd64(p + 48) ^ VMC_K4, vmc_rd64(p + 56) ^ s3);
+        s4 = vmc_fold(vmc_rd64(p + 64) ^ VMC_K5, vmc_rd64(p + 72) ^ s4);
+        s5 = vmc_fold(vmc_rd64(p + 80) ^ VMC_K6, vmc_rd64(p + 88) ^ s5);
     }
-    lane[0] = s, lane[1] = s1, lane[2] = s2;
+    lane[0] = s0, lane[1] = s1, lane[2] = s2, lane[3] = s3, lane[4] = s4, lane[5] = s5;
 }
 
 /* vmc_hash -- hash n bytes at data with seed. */
@@ -81,13 +107,14 @@ static inline uint64_t vmc_hash(const void *data, size_t n, uint64_t seed)
     uint64_t a, b;
     if (n > 16) {
         size_t left = n;
-        if (left > 48) {
-            uint64_t lane[3] = {s, s ^ VMC_K2, s ^ VMC_K3};
-            size_t blocks = (left - 1) / 48; /* leaving 1 to 48 bytes for the tail */
+        if (left > VMC_BLOCK) {
+            uint64_t lane[VMC_LANES];
+            vmc_hash_lanes(lane, s);
+            size_t blocks = (left - 1) / VMC_BLOCK; /* leaving 1 to VMC_BLOCK bytes */
             vmc_hash_blocks(lane, p, blocks, NULL, NULL, 0);
-            p += blocks * 48;
-            left -= blocks * 48;
-            s = lane[0] ^ lane[1] ^ lane[2];
+            p += blocks * VMC_BLOCK;
+            left -= blocks * VMC_BLOCK;
+            s = vmc_hash_lanes_end(lane);
         }
         return vmc_hash_tail(s, p, left, n);
     }
@@ -126,7 +153,7 @@ static void vmc_copy_chunk(void *dst, const void *src, size_t n)
 
 /* The bytes vmc_hash_copy copies before it hashes them: a whole number of
  * blocks, small enough to be hashed from the L1 cache it was just written to. */
-#define VMC_COPY_CHUNK (48 * 128)
+#define VMC_COPY_CHUNK (VMC_BLOCK * 64)
 
 /* vmc_hash_copy -- copy n bytes from src to dst (not overlapping) and return
  * vmc_hash(dst, n, seed), in one pass over src: each chunk is copied by
@@ -136,18 +163,19 @@ static void vmc_copy_chunk(void *dst, const void *src, size_t n)
  * src changes meanwhile. */
 static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint64_t seed)
 {
-    if (n <= 48) {
+    if (n <= VMC_BLOCK) {
         memcpy(dst, src, n);
         return vmc_hash(dst, n, seed);
     }
     unsigned char *d = dst;
     const unsigned char *p = src;
-    uint64_t s = vmc_fold(seed ^ VMC_K0, (uint64_t)n ^ VMC_K1);
-    uint64_t lane[3] = {s, s ^ VMC_K2, s ^ VMC_K3};
+    uint64_t lane[VMC_LANES];
+    vmc_hash_lanes(lane, vmc_fold(seed ^ VMC_K0, (uint64_t)n ^ VMC_K1));
     size_t left = n;
-    while (left > 48) {
-        size_t blocks = (left - 1) / 48; /* as vmc_hash: 1 to 48 bytes left for the tail */
-        size_t chunk = blocks * 48 < VMC_COPY_CHUNK ? blocks * 48 : VMC_COPY_CHUNK;
+    while (left > VMC_BLOCK) {
+        size_t blocks = (left - 1) / VMC_BLOCK; /* as vmc_hash: 1 to VMC_BLOCK bytes left */
+        size_t all = blocks * VMC_BLOCK;
+        size_t chunk = all < VMC_COPY_CHUNK ? all : VMC_COPY_CHUNK;
         if (chunk <= VMC_INLINE_COPY) { /* a small value: no call */
             for (size_t at = 0; at < chunk; at += 48)
                 memcpy(d + at, p + at, 48);
@@ -155,13 +183,13 @@ static inline uint64_t vmc_hash_copy(void *dst, const void *src, size_t n, uint6
             vmc_copy_chunk(d, p, chunk);
         }
         /* hashed from dst while the next chunk of src and dst is fetched */
-        vmc_hash_blocks(lane, d, chunk / 48, p + chunk, d + chunk, left - chunk);
+        vmc_hash_blocks(lane, d, chunk / VMC_BLOCK, p + chunk, d + chunk, left - chunk);
         p += chunk;
         d += chunk;
         left -= chunk;
     }
     memcpy(d, p, left); /* the tail is hashed from dst too */
-    return vmc_hash_tail(lane[0] ^ lane[1] ^ lane[2], d, left, n);
+    return vmc_hash_tail(vmc_hash_lanes_end(lane), d, left, n);
 }
 
 #endif

@@ -341,12 +341,17 @@ def extents(data: bytes, hdr: dict[str, Any]) -> list[tuple[int, int, int]]:
 
 # The core's hash (native/vmc_hash.h), to forge headers whose checksum is right.
 _M64 = (1 << 64) - 1
-_K0, _K1, _K2, _K3 = (
+_K0, _K1, _K2, _K3, _K4, _K5, _K6 = (
     0x9E3779B97F4A7C15,
     0xD6E8FEB86659FD93,
     0xA0761D6478BD642F,
     0xE7037ED1A0B428DB,
+    0x8EBC6AF09C88C6E3,
+    0x589965CC75374CC3,
+    0x1D8E4E27C47D124F,
 )
+_LANE_K = (_K1, _K2, _K3, _K4, _K5, _K6)  # each lane's constant
+_BLOCK = 16 * len(_LANE_K)
 
 
 def _fold(a: int, b: int) -> int:
@@ -373,17 +378,19 @@ def vmc_hash(p: bytes, seed: int) -> int:
             a = b = 0
     else:
         at, left = 0, n
-        if left > 48:
-            s1, s2 = s ^ _K2, s ^ _K3
+        if left > _BLOCK:
+            lanes = [s] + [s ^ k for k in _LANE_K[1:]]
             while True:
-                s = _fold(_rd(p, at, 8) ^ _K1, _rd(p, at + 8, 8) ^ s)
-                s1 = _fold(_rd(p, at + 16, 8) ^ _K2, _rd(p, at + 24, 8) ^ s1)
-                s2 = _fold(_rd(p, at + 32, 8) ^ _K3, _rd(p, at + 40, 8) ^ s2)
-                at += 48
-                left -= 48
-                if left <= 48:
+                for i, k in enumerate(_LANE_K):
+                    o = at + 16 * i
+                    lanes[i] = _fold(_rd(p, o, 8) ^ k, _rd(p, o + 8, 8) ^ lanes[i])
+                at += _BLOCK
+                left -= _BLOCK
+                if left <= _BLOCK:
                     break
-            s ^= s1 ^ s2
+            s = 0
+            for lane in lanes:
+                s ^= lane
         while left > 16:
             s = _fold(_rd(p, at, 8) ^ _K1, _rd(p, at + 8, 8) ^ s)
             at += 16
