@@ -128,9 +128,9 @@ async def test_a_get_runs_as_a_task_of_its_own(acache: AsyncCache, anyio_backend
         assert await asyncio.gather(acache.get("k"), acache.get("absent", b"d")) == [b"v", b"d"]
 
 
-async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> None:
-    value = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
-    await acache.put("big", value)
+def _fetching_threads(acache: AsyncCache) -> list[int]:
+    """The threads that copy large values (the core's ``fetch``), as a list that
+    grows with every call from now on."""
     threads: list[int] = []
     fetch = acache._core.fetch
 
@@ -139,6 +139,13 @@ async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> Non
         return fetch(key)
 
     acache._core.fetch = spy
+    return threads
+
+
+async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> None:
+    value = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
+    await acache.put("big", value)
+    threads = _fetching_threads(acache)
     assert await acache.get("big") == value
     assert threads and threads[0] != threading.get_ident()
     assert await checkpoints(acache.get("big"))  # an offloaded copy is a checkpoint
@@ -209,14 +216,7 @@ async def test_get_many_batches_hits_misses_duplicates_and_expired(
 async def test_get_many_copies_large_values_off_the_loop(acache: AsyncCache) -> None:
     big = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
     await acache.put_many({"a": b"1", "big": big, "big2": big[::-1]})
-    threads: list[int] = []
-    fetch = acache._core.fetch
-
-    def spy(key: bytes) -> bytes | None:
-        threads.append(threading.get_ident())
-        return fetch(key)
-
-    acache._core.fetch = spy
+    threads = _fetching_threads(acache)
     got = await acache.get_many(["big", "a", "big", "big2"])
     assert got == {b"big": big, b"a": b"1", b"big2": big[::-1]}
     assert list(got) == [b"big", b"a", b"big2"]
