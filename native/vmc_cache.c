@@ -116,12 +116,33 @@ static bool miss_unsure(vmc_cache *c, uint32_t u, int round)
 
 static bool still_reserved(vmc_cache *c, uint32_t head, uint32_t nonce);
 
+/* unname_spare -- this handle's spare slot no longer names `head` (a spare
+ * freed, or refilled and published); a slot naming another is left alone. */
+static void unname_spare(vmc_cache *c, uint32_t head)
+{
+    struct vmc_spare_slot *slot = vmc_spare_slot(c);
+    if (slot && head)
+        __atomic_compare_exchange_n(&slot->unit, &head, 0, false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_RELAXED);
+}
+
+/* unlist -- (pool lock held, or the shard lock for a spare) take a RESERVED
+ * head off where it is found: its owner's spare slot for a spare (nonce
+ * VMC_SPARE_NONCE), else the reserved list. */
+static void unlist(vmc_cache *c, uint32_t head, uint32_t nonce)
+{
+    if (nonce == VMC_SPARE_NONCE)
+        unname_spare(c, head);
+    else
+        vmc_reserved_unlink(c, head);
+}
+
 /* free_spare -- (pool lock held) free `spare`, a spare of this handle taken
  * off it (see "the spare" below), if it is still one; 0 is none. */
 static void free_spare(vmc_cache *c, uint32_t spare)
 {
-    if (spare && still_reserved(c, spare, 0)) {
-        vmc_reserved_unlink(c, spare);
+    if (spare && still_reserved(c, spare, VMC_SPARE_NONCE)) {
+        unname_spare(c, spare);
         vmc_release_entry(c, spare);
     }
 }
@@ -476,7 +497,7 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
         return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
                         head);
     }
-    vmc_reserved_unlink(c, head);
+    unlist(c, head, nonce);
     vmc_release_entry(c, head); /* REMOVED: a stale id can never match it again */
     vmc_pool_unlock(c);
     return VMC_OK;
@@ -528,7 +549,11 @@ void vmc_cache_drop_reservations(vmc_cache *c)
 {
     uint32_t spare = take_off_spare(c);
     if (spare)
-        drop_reservation(c, spare, 0);
+        drop_reservation(c, spare, VMC_SPARE_NONCE);
+    if (c->spare_slot && vmc_pool_lock(c) == VMC_OK) { /* else freed as a dead owner's */
+        vmc_spare_slot_release(c);
+        vmc_pool_unlock(c);
+    }
     pthread_mutex_lock(&c->rids_lock);
     for (uint32_t i = 0; i < c->n_rids; i++) /* gone: harmless */
         drop_reservation(c, RID_HEAD(c->rids[i]), RID_NONCE(c->rids[i] & ~RID_ORPHAN));
@@ -575,36 +600,48 @@ static int clocks_sane(vmc_cache *c)
 /* ---- the spare: a put's reservation kept for the next put ----
  *
  * A replacement's old entry, if it is one small extent, is not freed: it
- * becomes a RESERVED head of this handle's (on the reserved list, owned by
- * its owner id, nonce 0, as a put's reservation is between make_room and
- * publish), and the handle's next put of an entry of the same number of units
- * fills it without taking the pool lock. A steady stream of replacements thus
- * takes the pool lock once per put (the publication's section) instead of
- * twice, and touches no free list. Invariants: a handle has at most one
- * spare; it is counted as used room (it is allocated); the handle's next
- * allocation that does not use it, its next removal (delete, evict, clear)
- * and its close free it; a dead owner's spare is freed by vmc_reclaim_dead or
- * recovery like any reservation of it; a fork()ed child forgets its parent's
- * (the parent's owner id holds it). */
+ * becomes a RESERVED head of this handle's (owned by its owner id, nonce
+ * VMC_SPARE_NONCE), and the handle's next put of an entry of the same number
+ * of units fills it without taking the pool lock. A spare is on no list: the
+ * handle's spare slot in the header names it (vmc_format.h), so that a dead
+ * owner's is found. A steady stream of replacements of one size thus takes no
+ * pool lock at all: the put fills its spare, and its publication makes the
+ * replaced entry the next spare (the slot names the one instead of the
+ * other) under the shard lock alone; no extent changes hands and no shared
+ * line but the shard's and the clock's is written. Invariants: a handle has
+ * at most one spare and its slot names it (c->spare != 0 implies slot.unit ==
+ * c->spare); while a put fills it (taken off c->spare) the slot still names
+ * it, until its publication; it is counted as used room (it is allocated);
+ * the handle's next allocation that does not use it, its next removal
+ * (delete, evict, clear) and its close free it; a dead owner's spare is freed
+ * with its slot by vmc_reclaim_dead, and by repair or recovery like any
+ * reservation of it; a fork()ed child forgets its parent's spare and slot. */
 #define SPARE_MAX_BYTES 4096u
 
-/* keep_spare -- (pool and shard locks held) make the unlinked old entry at
- * `old` this handle's spare; false if it does not qualify or the handle has
- * one (the caller frees it then). */
-static bool keep_spare(vmc_cache *c, uint32_t old)
+/* name_spare -- make this handle's slot name the replaced entry at `old` in
+ * place of `named` (the spare being refilled, or 0); false if the handle has
+ * no slot, the entry does not qualify (one extent of at most 4 KiB) or the
+ * slot names another (the handle holds a spare: the caller frees `old`). */
+static bool name_spare(vmc_cache *c, uint32_t old, uint32_t named)
+{
+    struct vmc_spare_slot *slot = vmc_spare_slot(c);
+    struct vmc_entry *e = vmc_unit(c, old);
+    /* a relaxed load of the tag: the allocator may set PREV_FREE meanwhile */
+    return slot && e->next == 0 && vmc_extent_bytes(c, vmc_tag_at(c, old)) <= SPARE_MAX_BYTES &&
+           __atomic_compare_exchange_n(&slot->unit, &named, old, false, __ATOMIC_ACQ_REL,
+                                       __ATOMIC_RELAXED);
+}
+
+/* make_spare -- (shard lock held, the new value published) turn the replaced
+ * entry at `old`, which the slot names, into this handle's spare. */
+static void make_spare(vmc_cache *c, uint32_t old)
 {
     struct vmc_entry *e = vmc_unit(c, old);
-    uint32_t none = 0;
-    if (e->next != 0 || vmc_extent_bytes(c, e->tag) > SPARE_MAX_BYTES ||
-        !__atomic_compare_exchange_n(&c->spare, &none, old, false, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_RELAXED))
-        return false;
     VMC_STORE(e->state, VMC_REMOVED); /* tells a reader copying it without a lock */
     VMC_STORE(e->atime_ns, c->owner);
-    VMC_STORE(e->checksum, 0);
+    VMC_STORE(e->checksum, VMC_SPARE_NONCE);
     VMC_STORE(e->state, VMC_RESERVED);
-    vmc_reserved_push(c, old);
-    return true;
+    __atomic_store_n(&c->spare, old, __ATOMIC_RELEASE);
 }
 
 /* take_spare -- the handle's spare, filled in for an entry of klen + vlen
@@ -622,7 +659,8 @@ static uint32_t take_spare(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t ex
     uint64_t need = sizeof *e + klen + vlen;
     uint64_t room = e ? vmc_extent_bytes(c, vmc_tag_at(c, spare)) : 0;
     /* exactly the units a new allocation would take: no room is wasted */
-    if (e == NULL || !still_reserved(c, spare, 0) || VMC_LOAD(e->next) != 0 || need > room ||
+    if (e == NULL || !still_reserved(c, spare, VMC_SPARE_NONCE) || VMC_LOAD(e->next) != 0 ||
+        need > room ||
         room - need >= c->unit_size) {
         *unfit = spare;
         return 0;
@@ -648,8 +686,9 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
+    bool spare = nonce == VMC_SPARE_NONCE; /* a refilled spare: on no list */
     for (int round = 0;; round++) {
-        if ((rc = clocks_sane(c)) < 0 || (rc = vmc_shard_lock(c, s)) < 0) {
+        if ((rc = vmc_shard_lock(c, s)) < 0) {
             drop_reservation(c, head, nonce);
             return rc;
         }
@@ -689,45 +728,65 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         /* Taken under the shard lock (timestamps follow publication order per
          * key, and committed() relies on it), but before the pool lock: the
          * clock's line is shared by every publisher. A publication that fails
-         * below leaves a timestamp unused, which nothing minds. */
+         * below leaves a timestamp unused, which nothing minds. A clock at or
+         * beyond VMC_MAX_CLOCK (wrapped included) is damage: the next round's
+         * shard lock repairs, and the rebuild resets it. */
         uint64_t ts = __atomic_add_fetch(&c->hdr->clock, 1, __ATOMIC_SEQ_CST);
-        rc = vmc_pool_lock_nested(c);
-        if (rc == VMC_RETRY) {
+        if (ts - 1 >= VMC_MAX_CLOCK - 1) {
+            vmc_mark_damaged(c);
             vmc_shard_unlock(c, s);
             continue;
         }
-        if (rc < 0) {
-            vmc_shard_unlock(c, s);
-            drop_reservation(c, head, nonce);
-            return rc;
-        }
-        if (!still_reserved(c, head, nonce)) { /* a concurrent publish or cancel won */
-            vmc_pool_unlock(c);
-            vmc_shard_unlock(c, s);
-            return vmc_fail(VMC_E_STATE, "reservation %u was published or cancelled meanwhile",
-                            head);
-        }
         /* What the checksum seals must be what the owner wrote: sizes changed
-         * under us, or a clock too large to be real, are damage. */
-        if (e->key_len != klen || e->value_len != vlen ||
-            memcmp(vmc_entry_key(e), key, klen) != 0 || ts >= VMC_MAX_CLOCK) {
-            vmc_mark_damaged(c);
-            vmc_reserved_unlink(c, head);
-            vmc_release_entry(c, head);
-            vmc_pool_unlock(c);
-            vmc_shard_unlock(c, s);
-            return vmc_fail(VMC_E_CORRUPT, "the reservation of a %llu-byte value was damaged "
-                                           "before its publication; the file will be repaired",
-                            (unsigned long long)vlen);
+         * under us are damage. */
+        bool sound = e->key_len == klen && e->value_len == vlen &&
+                     memcmp(vmc_entry_key(e), key, klen) == 0;
+        /* A refilled spare replacing an entry fit to be the next spare takes
+         * no pool lock: neither is on a list, the slot names the one instead of
+         * the other, and no extent changes hands (see "the spare"). */
+        bool pooled = !(spare && oe && sound && still_reserved(c, head, nonce) &&
+                        name_spare(c, old, head));
+        if (pooled) {
+            rc = vmc_pool_lock_nested(c);
+            if (rc == VMC_RETRY) {
+                vmc_shard_unlock(c, s);
+                continue;
+            }
+            if (rc < 0) {
+                vmc_shard_unlock(c, s);
+                drop_reservation(c, head, nonce);
+                return rc;
+            }
+            if (!still_reserved(c, head, nonce)) { /* a concurrent publish or cancel won */
+                vmc_pool_unlock(c);
+                vmc_shard_unlock(c, s);
+                return vmc_fail(VMC_E_STATE,
+                                "reservation %u was published or cancelled meanwhile", head);
+            }
+            if (!sound) {
+                vmc_mark_damaged(c);
+                unlist(c, head, nonce);
+                vmc_release_entry(c, head);
+                vmc_pool_unlock(c);
+                vmc_shard_unlock(c, s);
+                return vmc_fail(VMC_E_CORRUPT, "the reservation of a %llu-byte value was "
+                                               "damaged before its publication; the file "
+                                               "will be repaired",
+                                (unsigned long long)vlen);
+            }
+            unlist(c, head, nonce);
         }
-        vmc_reserved_unlink(c, head);
         /* The new value is published before the old one goes: a crash in
          * between leaves both, and recovery keeps the newer. */
         e->stamp = ts;
         VMC_STORE(e->checksum, vmc_entry_seal(e, data));
         VMC_STORE(e->atime_ns, now); /* replaces the owner id: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
-        if (oe && (nonce != 0 || !keep_spare(c, old)))
+        if (!pooled)
+            make_spare(c, old); /* named in place of head by name_spare */
+        else if (oe && (nonce == 0 || spare) && vmc_spare_slot_claim(c) && name_spare(c, old, 0))
+            make_spare(c, old);
+        else if (oe)
             vmc_release_entry(c, old);
         if (!oe) {
             if (victim && vslot == UINT32_MAX)
@@ -752,7 +811,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
             }
             VMC_COUNT(sh->count);
         }
-        vmc_pool_unlock(c);
+        if (pooled)
+            vmc_pool_unlock(c);
         /* A replacement is linked under the shard lock alone: nobody reads
          * the shard's index or heap without it, and a crash here repairs. */
         if (oe) {
@@ -1091,6 +1151,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     uint32_t unfit;
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
     uint32_t head = take_spare(c, klen, vlen, expires, &unfit);
+    uint32_t nonce = head ? VMC_SPARE_NONCE : 0;
     if (head == 0 && (rc = make_room(c, klen, vlen, expires, false, flags, 0, unfit, &head)) < 0)
         goto out;
     vmc_index_prefetch(c, hash, true); /* ...then the entry it points to */
@@ -1101,11 +1162,11 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     uint64_t data = hash; /* the key's hash, then the data hash, as the value is copied */
     if (vmc_entry_fill(c, head, value, &data) < 0) { /* the chain just allocated is damaged */
         vmc_mark_damaged(c);
-        drop_reservation(c, head, 0);
+        drop_reservation(c, head, nonce);
         rc = vmc_fail(VMC_E_CORRUPT, "a damaged extent chain was found; it will be repaired");
         goto out;
     }
-    rc = publish(c, head, 0, hash, data, add, key, klen, vlen);
+    rc = publish(c, head, nonce, hash, data, add, key, klen, vlen);
 out:
     leave_flags(c, no_repair_prev_);
     return rc;

@@ -81,6 +81,12 @@
 #define VMC_TAG_UNITS(tag) ((uint32_t)(tag))
 #define VMC_TAG_KIND(tag) ((uint32_t)((tag) >> 32) & ~1u)
 
+/* The `checksum` of a RESERVED head that is a handle's spare (or a put filling
+ * it): on no list, named by its owner's spare slot instead. Reservation nonces
+ * are 31 bits and a put's own reservation has 0, so this never names one. */
+#define VMC_SPARE_NONCE 0x80000000u
+#define VMC_SPARE_SLOTS 48u          /* spare slots in the header page */
+
 /* Entry states. */
 #define VMC_RESERVED 1u              /* allocated, invisible; atime_ns = owner id */
 #define VMC_PUBLISHED 2u             /* linked in its shard; stamp = timestamp */
@@ -200,6 +206,24 @@ struct vmc_pool {
     uint64_t last_reclaim_ns;          /* when dead owners' reservations were last looked for; lock */
 } __attribute__((aligned(64)));
 
+/* A handle's spare slot: where the file names the handle's spare, a RESERVED
+ * head on no list, so that a dead owner's spare is found (vmc_reclaim_dead)
+ * without a walk over the pool. A line of its own: only its owner writes
+ * `unit`, on every put that refills or renews its spare. */
+struct vmc_spare_slot {
+    uint64_t owner;         /* the owner id holding the slot, 0 = free; pool lock. A slot
+                               of a dead owner is freed (with its spare) by
+                               vmc_reclaim_dead and by repair; recovery at open frees all */
+    uint32_t unit;          /* the owner's spare or the put filling it (RESERVED, nonce
+                               VMC_SPARE_NONCE), 0 = none; may be stale (the head since
+                               published or freed: believe it only with that state, owner
+                               and nonce). Written by the owner alone (compare-and-swap:
+                               threads of one handle), with its shard lock or the pool
+                               lock held; read by others under the pool lock once the
+                               owner is dead, or under every lock (repair) */
+    uint32_t reserved0;
+} __attribute__((aligned(64)));
+
 /* The header page. The first block is written once by the creator, before the
  * file is linked into place, and never changes: geometry_check covers it. */
 struct vmc_header {
@@ -227,9 +251,11 @@ struct vmc_header {
 
     struct vmc_pool pool;
 
-    /* Clocks: atomics, no lock. */
+    /* Clocks: atomics, no lock. `clock` has its line to itself: every
+     * publication writes it, while every lock taken reads `needs_repair`. */
     uint64_t clock __attribute__((aligned(64)));  /* last timestamp handed out (fetch_add) */
-    uint64_t persisted;       /* highest timestamp known durable; only grows (CAS) */
+    uint64_t persisted __attribute__((aligned(64))); /* highest timestamp known durable;
+                                                        only grows (CAS) */
     uint32_t needs_repair;    /* set by whoever finds a dead lock owner or damage */
     uint32_t fresh;           /* set by the creator: the pool is all zeros, so the first
                                  recovery need not read it; cleared by that recovery */
@@ -240,6 +266,9 @@ struct vmc_header {
     uint64_t loader_calls;    /* file-wide load counters: atomic adds, read relaxed */
     uint64_t coalesced_gets;
     uint64_t load_takeovers;
+
+    /* Spare slots: one per handle that keeps a spare (vmc_cache.c, "the spare"). */
+    struct vmc_spare_slot spares[VMC_SPARE_SLOTS];
 };
 
 /* vmc_entry_budget -- the default entry budget (the most HEAD extents) of a

@@ -66,6 +66,9 @@ struct vmc_cache {
     uint64_t purge_cursor;        /* where the next bounded purge starts (atomic) */
     uint32_t spare;               /* a put's reservation kept for the next put (atomic
                                      exchange; 0 = none): see vmc_cache.c, "spare" */
+    uint32_t spare_slot;          /* this handle's slot in hdr->spares, plus 1; 0 = none
+                                     claimed yet, UINT32_MAX = none free (no spare is
+                                     kept). Claimed under the pool lock (vmc_pool.c) */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;
     pthread_mutex_t rids_lock;    /* guards the next three (process-local) */

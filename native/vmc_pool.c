@@ -329,19 +329,92 @@ uint64_t vmc_self_pid(void)
     return __atomic_load_n(&self_pid, __ATOMIC_RELAXED);
 }
 
+/* ---- spare slots (vmc_format.h): where a handle's spare is named ---- */
+
+struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c)
+{
+    uint32_t i = __atomic_load_n(&c->spare_slot, __ATOMIC_ACQUIRE);
+    return i && i <= VMC_SPARE_SLOTS ? &c->hdr->spares[i - 1] : NULL;
+}
+
+/* free_slot -- free a dead owner's slot, and the spare it names if that is
+ * still one of its owner's. */
+static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot)
+{
+    uint32_t u = slot->unit;
+    struct vmc_entry *e = u ? vmc_head(c, u) : NULL;
+    if (e && e->state == VMC_RESERVED && e->atime_ns == slot->owner &&
+        e->checksum == VMC_SPARE_NONCE)
+        vmc_release_entry(c, u);
+    VMC_STORE(slot->unit, 0);
+    VMC_STORE(slot->owner, 0);
+}
+
+struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c)
+{
+    if (c->spare_slot)
+        return vmc_spare_slot(c);
+    struct vmc_spare_slot *slots = c->hdr->spares;
+    uint32_t i = 0;
+    while (i < VMC_SPARE_SLOTS && slots[i].owner != 0)
+        i++;
+    for (uint32_t j = 0; i == VMC_SPARE_SLOTS && j < VMC_SPARE_SLOTS; j++)
+        if (!vmc_owner_alive(c, slots[j].owner)) { /* a dead owner's: free it for us */
+            free_slot(c, &slots[j]);
+            i = j;
+        }
+    if (i == VMC_SPARE_SLOTS) { /* every slot held by a live handle: this one keeps no spare */
+        __atomic_store_n(&c->spare_slot, UINT32_MAX, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    VMC_STORE(slots[i].unit, 0);
+    VMC_STORE(slots[i].owner, c->owner);
+    __atomic_store_n(&c->spare_slot, i + 1, __ATOMIC_RELEASE);
+    return &slots[i];
+}
+
+void vmc_spare_slot_release(vmc_cache *c)
+{
+    struct vmc_spare_slot *slot = vmc_spare_slot(c);
+    if (slot && slot->owner == c->owner) {
+        VMC_STORE(slot->unit, 0);
+        VMC_STORE(slot->owner, 0);
+    }
+    __atomic_store_n(&c->spare_slot, 0, __ATOMIC_RELEASE);
+}
+
+void vmc_spare_slots_reset(vmc_cache *c, bool all)
+{
+    for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
+        struct vmc_spare_slot *slot = &c->hdr->spares[i];
+        if (all || (slot->owner != 0 && !vmc_owner_alive(c, slot->owner))) {
+            VMC_STORE(slot->unit, 0); /* the spare itself: the sweep frees it */
+            VMC_STORE(slot->owner, 0);
+        }
+    }
+}
+
 #define RECLAIM_INTERVAL_NS 100000000u /* look for dead owners at most every 100 ms */
 
-/* Bounded by the number of open reservations. */
+/* Bounded by the number of open reservations and the spare slots. The
+ * interval spaces the searches of failing allocations; a forced search
+ * neither waits for it nor counts as one (an attach's must not delay the
+ * search of a put that finds a dead owner's room a moment later). */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
 {
     struct vmc_pool *p = &c->hdr->pool;
-    if (p->reserved_head == 0)
-        return 0;
-    uint64_t now = vmc_now_ns();
-    if (!force && now - p->last_reclaim_ns < RECLAIM_INTERVAL_NS)
-        return 0;
-    p->last_reclaim_ns = now;
+    if (!force) {
+        uint64_t now = vmc_now_ns();
+        if (now - p->last_reclaim_ns < RECLAIM_INTERVAL_NS)
+            return 0;
+        p->last_reclaim_ns = now;
+    }
     uint64_t before = p->free_units;
+    for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
+        struct vmc_spare_slot *slot = &c->hdr->spares[i];
+        if (slot->owner != 0 && !vmc_owner_alive(c, slot->owner))
+            free_slot(c, slot);
+    }
     uint32_t u = p->reserved_head;
     for (uint32_t steps = 0; u && steps <= c->pool_units; steps++) {
         struct vmc_entry *e = vmc_head(c, u);

@@ -27,6 +27,20 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
  * or its process dead: vmc_owner_alive); rate-limited unless forced; returns
  * the units freed. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
+/* vmc_spare_slot -- this handle's spare slot, or NULL if it has none (no
+ * lock needed: only the pool lock's holder claims or releases it). */
+struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c);
+/* vmc_spare_slot_claim -- this handle's spare slot, claimed on first use (a
+ * free slot, or a dead owner's, freed with its spare); NULL when every slot
+ * belongs to a live handle (the handle then keeps no spare). */
+struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c);
+/* vmc_spare_slot_release -- give this handle's slot back (its close, its
+ * spare freed before). */
+void vmc_spare_slot_release(vmc_cache *c);
+/* vmc_spare_slots_reset -- (recovery, repair) free every slot (`all`: no
+ * handle is attached) or those of dead owners; the spares themselves are the
+ * sweep's. */
+void vmc_spare_slots_reset(vmc_cache *c, bool all);
 /* vmc_pool_window -- where to make a run of `units` contiguous units: the
  * stretch of the pool, near the largest free extent, that holds that many
  * units with the fewest entries in it and no reservation. Writes the heads of

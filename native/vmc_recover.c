@@ -2,8 +2,8 @@
  *
  * The pool is the truth: extents with walkable tags, entries with their key,
  * value, state, timestamp and checksum. The shard indexes, LRU lists, free
- * lists, reserved list and counts of entries (per shard, and the pool's count
- * of heads) are derived, and rebuilt here by mark and sweep:
+ * lists, reserved list, spare slots and counts of entries (per shard, and the
+ * pool's count of heads) are derived, and rebuilt here by mark and sweep:
  *   1. walk the tags; where a tag cannot be valid (a new file's zeroed pool,
  *      pages torn by an OS crash, hostile bytes), skip unit by unit to the next
  *      plausible tag and make the gap one free extent;
@@ -104,6 +104,7 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
     p->heads = 0; /* recounted: the kept reservations, then the indexed entries */
     VMC_STORE(p->free_units, 0);
     p->last_reclaim_ns = 0;
+    vmc_spare_slots_reset(c, mode == VMC_REBUILD_RECOVER);
 }
 
 /* keep_published -- index a sound PUBLISHED head and give it a heap item;
@@ -169,7 +170,8 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         (*dropped)++;
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
                vmc_owner_alive(c, e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
-        vmc_reserved_push(c, u);
+        if (e->checksum != VMC_SPARE_NONCE) /* a spare is on no list: its slot names it */
+            vmc_reserved_push(c, u);
         c->hdr->pool.heads++;
         return;
     }

@@ -605,17 +605,19 @@ def run_attempts(
 
 HEADER_FIELDS = {  # name: (offset, size)
     "clock": (320, 8),
-    "persisted": (328, 8),
-    "needs_repair": (336, 4),
-    "fresh": (340, 4),
+    "persisted": (384, 8),
+    "needs_repair": (392, 4),
+    "fresh": (396, 4),
     "reserved_head": (296, 4),
     "heads": (300, 4),
     "free_units": (304, 8),
     "last_reclaim_ns": (312, 8),
-    "next_owner": (424, 8),
-    "loader_calls": (432, 8),
-    "coalesced_gets": (440, 8),
-    "load_takeovers": (448, 8),
+    "next_owner": (488, 8),
+    "loader_calls": (496, 8),
+    "coalesced_gets": (504, 8),
+    "load_takeovers": (512, 8),
+    "spares[0].owner": (576, 8),
+    "spares[0].unit": (584, 4),
     **{f"free_head[{k}]": (168 + 4 * k, 4) for k in range(32)},
 }
 SHARD_FIELDS = {"heap_len": (40, 4), "count": (72, 4), "top_atime": (64, 8)}

@@ -819,7 +819,7 @@ async def test_a_scribbled_flight_table_delays_loads_at_most_load_timeout(
         assert mapping is not None
         hdr = read_header(mapping[:4096])
         off, n = hdr["flights_off"], hdr["n_flights"]
-        live_owner = int.from_bytes(mapping[424:432], "little")  # next_owner: the keeper's id
+        live_owner = int.from_bytes(mapping[488:496], "little")  # next_owner: the keeper's id
         mapping[off : off + n * 32] = random.Random(3).randbytes(n * 32)
         forged = [b"forged-1", b"forged-2"]
         for key in forged:

@@ -51,9 +51,9 @@ from .helpers import (
 # Where the mutable part of the header page lives (native/vmc_format.h):
 # struct vmc_pool at 128 (its mutex first), then the clock block at 320.
 POOL_OFF, POOL_MUTEX_SIZE = 128, 40
-CLOCK_OFF, PERSISTED_OFF, NEEDS_REPAIR_OFF = 320, 328, 336
+CLOCK_OFF, PERSISTED_OFF, NEEDS_REPAIR_OFF = 320, 384, 392
 SHARD_MUTEX_SIZE = 40  # the mutex opens every struct vmc_shard
-FLIGHT_LOCK_OFF, FLIGHT_LOCK_SIZE = 384, 40  # the flight table's mutex, in the header page
+FLIGHT_LOCK_OFF, FLIGHT_LOCK_SIZE = 448, 40  # the flight table's mutex, in the header page
 
 
 @pytest.fixture(scope="module")
