@@ -741,6 +741,66 @@ def test_reservation_cancel_and_context(cache: Cache) -> None:
     assert cache.statistics().used_bytes == used + 256
 
 
+SPARE_SLOTS = 48  # the header's spare slots (docs/format.md)
+
+
+def test_a_handle_keeps_a_spare_while_it_holds_a_spare_slot(cache_path: str) -> None:
+    """Each handle that keeps a spare holds one of the header's spare slots,
+    where the file names its spare; a handle that finds every slot held by a
+    live handle keeps no spare (what it replaces is freed), and a closed
+    handle's slot serves the next handle."""
+    with Cache(cache_path, size=MiB) as c:
+        c.put(b"k", b"0" * 100)
+        one = c.statistics().used_bytes
+        handles = [Cache(cache_path) for _ in range(SPARE_SLOTS)]
+        try:
+            for i, h in enumerate(handles):
+                h.put(b"k", bytes([65 + i % 26]) * 100)  # the old entry is h's spare
+            assert c.statistics().used_bytes == (1 + SPARE_SLOTS) * one
+            with Cache(cache_path) as slotless:
+                slotless.put(b"k", b"s" * 100)
+                slotless.put(b"k", b"t" * 100)
+                assert c.statistics().used_bytes == (1 + SPARE_SLOTS) * one
+            handles.pop().close()  # frees its spare and its slot
+            assert c.statistics().used_bytes == SPARE_SLOTS * one
+            with Cache(cache_path) as late:
+                late.put(b"k", b"u" * 100)  # takes the slot given back
+                assert c.statistics().used_bytes == (1 + SPARE_SLOTS) * one
+            assert c.get(b"k") == b"u" * 100
+        finally:
+            for h in handles:
+                h.close()
+        assert c.statistics().used_bytes == one
+
+
+def test_a_forked_child_keeps_its_own_spare_and_leaves_its_parents(cache_path: str) -> None:
+    """A fork()ed child forgets its parent's spare and spare slot: its
+    replacements keep a spare of its own in a slot of its own, which its
+    close gives back, while the parent's spare stays the parent's."""
+    with Cache(cache_path, size=MiB) as c, Cache(cache_path) as other:
+        c.put(b"k", b"0" * 100)
+        c.put(b"j", b"0" * 100)
+        c.put(b"k", b"1" * 100)  # the old k is c's spare
+        with_spare = other.statistics().used_bytes
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read)
+            c.put(b"j", b"2" * 100)  # the child's own spare: the old j
+            ok = other.statistics().used_bytes == with_spare + (with_spare // 3)
+            c.close()  # frees the child's spare and slot, not the parent's
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 1) == b"1"
+        os.close(read)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert other.statistics().used_bytes == with_spare
+        c.put(b"k", b"3" * 100)  # refills the parent's spare
+        assert other.statistics().used_bytes == with_spare
+        assert (c.get(b"k"), c.get(b"j")) == (b"3" * 100, b"2" * 100)
+
+
 def test_a_replaced_small_entry_is_the_spare_of_the_next_put(cache_path: str) -> None:
     """A replacement keeps the old entry's extent as its handle's spare (room
     in use), which the handle's next put of an entry of the same size fills;

@@ -294,6 +294,53 @@ def test_killed_process_spare_extent_reclaimed_when_another_process_attaches(
         check_value(b"k", cache.get(b"k"))
 
 
+def _replace_forever(path: str, seed: int, progress: Any) -> None:
+    """Replace the 100 B values of keys r0..r199 forever, counting puts: each
+    put refills the handle's spare and leaves the replaced entry as the next
+    one, without the pool lock."""
+    cache = aiovmc.Cache(path)
+    rng = random.Random(seed)
+    for n in itertools.count(1):
+        key = b"r%d" % rng.randrange(200)
+        cache.put(key, make_value(key, n, 100))
+        progress.value = n
+
+
+def test_killed_while_refilling_its_spare_leaves_no_room_behind(ctx: Any, cache_path: str) -> None:
+    """A process SIGKILLed at a random moment of a stream of replacements
+    (filling its spare, naming the next one in its spare slot, publishing, or
+    holding the shard lock between): once another process attached (which
+    frees dead owners' slots and spares) and the survivor read every key
+    (repairing if the dead process held a lock), every key is there with a
+    sound value and the pool holds exactly the entries, no spare."""
+    rng = random.Random(1)
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        for i in range(200):
+            cache.put(b"r%d" % i, make_value(b"r%d" % i, 0, 100))
+        used = cache.statistics().used_bytes  # new keys only: this handle holds no spare
+        for round_ in range(4):
+            progress = ctx.Value("q", 0)
+            p = ctx.Process(target=_replace_forever, args=(cache_path, round_, progress))
+            p.start()
+            target = rng.randrange(50, 3000)
+            wait_for(
+                lambda p=p, progress=progress, target=target: (
+                    progress.value > target or not p.is_alive()
+                ),
+                what="replacements",
+            )
+            assert p.is_alive()
+            _kill(p)
+            q = ctx.Process(target=_attach_and_leave, args=(cache_path,))
+            q.start()
+            join_all([q])
+            assert q.exitcode == 0
+            for i in range(200):
+                check_value(b"r%d" % i, cache.get(b"r%d" % i))
+            stats = cache.statistics()
+            assert (stats.entries, stats.used_bytes) == (200, used)
+
+
 def test_killed_reservation_does_not_fill_a_no_evict_cache(ctx: Any, cache_path: str) -> None:
     """Policy "none": a dead process's reservation holds most of the pool; a
     put that needs that room must get it (reclaimed), not CacheFullError."""

@@ -29,7 +29,7 @@ from aiovmc._cache import CacheCore
 from aiovmc._errors import RepairNeeded
 from aiovmc._native._binding import ffi
 
-from .helpers import WAIT, check_value, make_value, read_header
+from .helpers import HEADER_FIELDS, WAIT, check_value, make_value, read_header
 
 N = 200
 
@@ -273,6 +273,29 @@ def test_a_deferred_put_leaves_no_room_held_after_the_repair(
         assert after == used
         assert b"k" not in cache
         assert cache.statistics().used_bytes == used
+
+
+def test_a_repair_keeps_a_live_handles_spare_off_the_reserved_list(cache_path: str) -> None:
+    """A live repair keeps the spare of a live handle (a reservation of a live
+    owner) where the handle's spare slot names it, not on the reserved list:
+    the handle's next replacement refills it, and its close frees it."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache, aiovmc.Cache(cache_path) as other:
+        _fill(cache)
+        used = cache.statistics().used_bytes
+        cache.put(b"e0", make_value(b"e0", 1, 300))  # the old e0 is now the spare
+        assert cache.statistics().used_bytes > used
+        with_spare = cache.statistics().used_bytes
+        _kill_holding_every_shard_lock(cache, cache_path)
+        check_value(b"e1", other.get(b"e1"))  # repairs: the spare's owner is alive
+        assert cache.statistics().used_bytes == with_spare
+        cache.put(b"e2", make_value(b"e2", 1, 300))  # refills it; the old e2 is the next
+        assert cache.statistics().used_bytes == with_spare
+        off, size = HEADER_FIELDS["reserved_head"]
+        assert Path(cache_path).read_bytes()[off : off + size] == bytes(size)  # no list
+        cache.close()
+        assert other.statistics().used_bytes == used
+        for i in range(N):
+            check_value(b"e%d" % i, other.get(b"e%d" % i))
 
 
 _FORK_DURING_DROP_ORPHANS = r"""
