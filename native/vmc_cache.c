@@ -547,9 +547,7 @@ static void untrack_rid(vmc_cache *c, uint64_t rid)
 
 void vmc_cache_drop_reservations(vmc_cache *c)
 {
-    uint32_t spare = take_off_spare(c);
-    if (spare)
-        drop_reservation(c, spare, VMC_SPARE_NONCE);
+    take_off_spare(c); /* its slot names it: freed with the slot */
     if (c->spare_slot && vmc_pool_lock(c) == VMC_OK) { /* else freed as a dead owner's */
         vmc_spare_slot_release(c);
         vmc_pool_unlock(c);
@@ -630,6 +628,16 @@ static bool name_spare(vmc_cache *c, uint32_t old, uint32_t named)
     return slot && e->next == 0 && vmc_extent_bytes(c, vmc_tag_at(c, old)) <= SPARE_MAX_BYTES &&
            __atomic_compare_exchange_n(&slot->unit, &named, old, false, __ATOMIC_ACQ_REL,
                                        __ATOMIC_RELAXED);
+}
+
+/* stale_name -- (pool lock held) what this handle's slot names if that is no
+ * spare of the handle's any more (a spare dropped by a failure, or damage),
+ * so that the next spare replaces the name; else 0. */
+static uint32_t stale_name(vmc_cache *c)
+{
+    struct vmc_spare_slot *slot = vmc_spare_slot(c);
+    uint32_t named = slot ? VMC_LOAD(slot->unit) : 0;
+    return named && !still_reserved(c, named, VMC_SPARE_NONCE) ? named : 0;
 }
 
 /* make_spare -- (shard lock held, the new value published) turn the replaced
@@ -784,7 +792,8 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
         if (!pooled)
             make_spare(c, old); /* named in place of head by name_spare */
-        else if (oe && (nonce == 0 || spare) && vmc_spare_slot_claim(c) && name_spare(c, old, 0))
+        else if (oe && (nonce == 0 || spare) && vmc_spare_slot_claim(c) &&
+                 name_spare(c, old, stale_name(c)))
             make_spare(c, old);
         else if (oe)
             vmc_release_entry(c, old);

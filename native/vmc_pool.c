@@ -337,8 +337,8 @@ struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c)
     return i && i <= VMC_SPARE_SLOTS ? &c->hdr->spares[i - 1] : NULL;
 }
 
-/* free_slot -- free a dead owner's slot, and the spare it names if that is
- * still one of its owner's. */
+/* free_slot -- free a slot (a dead owner's, or this handle's at its close),
+ * and the spare it names if that is still one of its owner's. */
 static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot)
 {
     uint32_t u = slot->unit;
@@ -376,10 +376,8 @@ struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c)
 void vmc_spare_slot_release(vmc_cache *c)
 {
     struct vmc_spare_slot *slot = vmc_spare_slot(c);
-    if (slot && slot->owner == c->owner) {
-        VMC_STORE(slot->unit, 0);
-        VMC_STORE(slot->owner, 0);
-    }
+    if (slot && slot->owner == c->owner)
+        free_slot(c, slot);
     __atomic_store_n(&c->spare_slot, 0, __ATOMIC_RELEASE);
 }
 

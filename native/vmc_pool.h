@@ -34,8 +34,8 @@ struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c);
  * free slot, or a dead owner's, freed with its spare); NULL when every slot
  * belongs to a live handle (the handle then keeps no spare). */
 struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c);
-/* vmc_spare_slot_release -- give this handle's slot back (its close, its
- * spare freed before). */
+/* vmc_spare_slot_release -- give this handle's slot back, and free the spare
+ * it names (its close). */
 void vmc_spare_slot_release(vmc_cache *c);
 /* vmc_spare_slots_reset -- (recovery, repair) free every slot (`all`: no
  * handle is attached) or those of dead owners; the spares themselves are the
