@@ -11,7 +11,7 @@
  *   vmc_repair  -- stop-the-world repair, outer locks -> recover, mutex
  *   vmc_recover -- rebuild derived state from the pool -> entry, pool, index, lru, flight, mutex
  *   vmc_index, vmc_lru, vmc_entry                    -> mutex
- *   vmc_pool    -- the allocator, reserved list      -> entry, flight, mutex
+ *   vmc_pool    -- the allocator, reserved list, spare slots -> entry, flight, mutex
  *   vmc_flight  -- owner ids and locks, the flight table -> mutex
  *   vmc_mutex   -- robust process-shared locks, the damage flag
  *   vmc_error   -- failure messages, debug assertions

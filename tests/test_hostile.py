@@ -287,8 +287,9 @@ def _header_flip_specs(
 ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     specs = []
-    # Every bit of the clock, the persisted watermark and the repair flag.
-    for pos in range(CLOCK_OFF, NEEDS_REPAIR_OFF + 4):
+    # Every bit of the clock, the persisted watermark and the repair flag
+    # (the clock has its cache line to itself: the other two are on the next).
+    for pos in [*range(CLOCK_OFF, CLOCK_OFF + 8), *range(PERSISTED_OFF, NEEDS_REPAIR_OFF + 4)]:
         for bit in range(8):
             data = bytearray(template.data)
             data[pos] ^= 1 << bit

@@ -275,6 +275,21 @@ def test_a_deferred_put_leaves_no_room_held_after_the_repair(
         assert cache.statistics().used_bytes == used
 
 
+def test_a_clock_damaged_while_attached_is_repaired_by_the_next_put(cache_path: str) -> None:
+    """A publication checks the timestamp its fetch_add returns: a clock
+    damaged past 2^62 (here to wrap to 0) marks the file, the put starts again
+    at its shard lock, which repairs (the rebuild resets the clock to the
+    newest kept timestamp), and the put succeeds with the next timestamp."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        first = cache.put(b"a", b"1")
+        off, size = HEADER_FIELDS["clock"]
+        with open(cache_path, "r+b") as f:  # the file's pages are the mapping's
+            f.seek(off)
+            f.write((2**64 - 1).to_bytes(size, "little"))
+        assert cache.put(b"b", b"2") == first + 1
+        assert (cache.get(b"a"), cache.get(b"b")) == (b"1", b"2")
+
+
 def test_a_repair_keeps_a_live_handles_spare_off_the_reserved_list(cache_path: str) -> None:
     """A live repair keeps the spare of a live handle (a reservation of a live
     owner) where the handle's spare slot names it, not on the reserved list:
