@@ -461,13 +461,12 @@ def _loop_lag(fam: Family, settings: Settings) -> None:
     keys = [b"lag-%d" % i for i in range(WORKERS)]
     values = {size: make_value(size) for size in sizes}
     clock = _Clock()
-    with scratch("async-lag") as d:
-        cache = aiovmc.Cache(os.path.join(d, "cache"), size=2 * GiB)
-        modes = {
-            "inline": aiovmc.AsyncCache.from_cache(cache, offload_threshold=INLINE),
-            "offloaded": aiovmc.AsyncCache.from_cache(cache, offload_threshold=OFFLOAD_SMALL),
-        }
-        try:
+    try:
+        with scratch("async-lag") as d, aiovmc.Cache(os.path.join(d, "c"), size=2 * GiB) as cache:
+            modes = {
+                "inline": aiovmc.AsyncCache.from_cache(cache, offload_threshold=INLINE),
+                "offloaded": aiovmc.AsyncCache.from_cache(cache, offload_threshold=OFFLOAD_SMALL),
+            }
             for bname in ("asyncio", "trio"):
                 runs: list[tuple[str, int, Any]] = [(f"{bname} idle (no workers)", 0, None)]
                 for size in sizes:
@@ -479,15 +478,14 @@ def _loop_lag(fam: Family, settings: Settings) -> None:
                 rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
                 for r in range(settings.warmup + settings.rounds):
                     for row, size, ac in runs:
-                        res = _run(_lag_round, BACKENDS[bname], clock, ac,
-                                   keys if size else [], values.get(size, b""), duration)
+                        res = _run(_lag_round, BACKENDS[bname], clock, ac, keys if size else [],
+                                   values.get(size, b""), duration)  # fmt: skip
                         if r >= settings.warmup:
                             rounds.setdefault((row, size), []).append(res)
                 for (row, size), rs in rounds.items():
                     _record_lag(fam, row, size, rs)
-        finally:
-            clock.close()
-            cache.close()
+    finally:
+        clock.close()
 
 
 def _record_lag(fam: Family, row: str, size: int, rs: list[dict[str, Any]]) -> None:
