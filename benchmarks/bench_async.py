@@ -104,7 +104,8 @@ TABLES = [
                xlabel="value size (bytes)", ylabel="ms", logx=True, logy=True, hline=1.0,
                hline_label="target 1 ms")),
     Table("loop stall: worst round", "The same, the worst round"),
-    Table("loop stall: p99 / p99.9", "The lateness of every event of every round"),
+    Table("loop stall: p99", "The p99 lateness of every event of every round"),
+    Table("loop stall: p99.9", "The p99.9 lateness of every event of every round"),
     Table(STEP, "The longest single callback (asyncio) or task step (trio) on the loop "
                 "thread, median of rounds: work done on the loop"),
     Table("loop stall: loop thread's CPU", "The most CPU time the loop thread used between "
@@ -494,8 +495,8 @@ def _record_lag(fam: Family, row: str, size: int, rs: list[dict[str, Any]]) -> N
     late = [x for r in rs for x in r["late"]]
     fam.add(STALL, row, col, [max(r["late"]) for r in rs], "ms", x=x)
     fam.add("loop stall: worst round", row, col, max(late), "ms")
-    fam.add("loop stall: p99 / p99.9", row, f"{col} p99", percentile(late, 99), "ms")
-    fam.add("loop stall: p99 / p99.9", row, f"{col} p99.9", percentile(late, 99.9), "ms")
+    fam.add("loop stall: p99", row, col, percentile(late, 99), "ms")
+    fam.add("loop stall: p99.9", row, col, percentile(late, 99.9), "ms")
     fam.add(STEP, row, col, [r["step"] for r in rs], "ms", x=x)
     fam.add("loop stall: loop thread's CPU", row, col, [r["cpu"] for r in rs], "ms")
     if size:
