@@ -26,12 +26,13 @@
    0.5 ms sleep is a 1 ms one, and every earlier wake-up of a loaded loop rounds
    the rest up again. Reported: the longest lateness of a round (median of
    rounds: the §8 figure; the worst round apart), p99 and p99.9 of every stamp of
-   every round; the longest single callback or task step on the loop thread
-   (asyncio: `asyncio.events.Handle._run` timed; trio: a `trio.abc.Instrument`) —
-   the work done on the loop thread, the rest of a lateness being time the loop
-   thread was off the CPU or waiting for the GIL; the most CPU time the loop
-   thread used between two reads of the clock; and the time the loop spends
-   dropping one result (the application's part).
+   every round; the longest stretch the loop thread ran between two polls for
+   I/O, and its CPU time (asyncio: the loop's `selector.select` wrapped; trio:
+   a `trio.abc.Instrument`'s I/O-wait hooks) — the work done on the loop
+   thread, callbacks, task steps and what is freed between them; the rest of a
+   lateness is time the loop thread was off the CPU or waiting for the GIL; the
+   most CPU time the loop thread used between two reads of the clock; and the
+   time the loop spends dropping one result (the application's part).
 4. Offload threshold: sync `Cache.get`/`put` time against value size (4 KiB..64 MiB)
    and one `anyio.to_thread.run_sync` round trip; the recommended default
    `offload_threshold` is the power of two where the slower of an inline get and put
@@ -91,7 +92,7 @@ import aiovmc
 
 TITLE = "AsyncCache"
 STALL = "loop stall: event lateness"
-STEP = "loop stall: longest step"
+BUSY = "loop stall: longest stretch between polls"
 TABLES = [
     Table("hit path", "Per hit, 100 B values, 100k keys, random order",
           Plot("bars", "bench_async_hit.png", "Hit path: awaited get vs sync get vs "
@@ -106,8 +107,11 @@ TABLES = [
     Table("loop stall: worst round", "The same, the worst round"),
     Table("loop stall: p99", "The p99 lateness of every event of every round"),
     Table("loop stall: p99.9", "The p99.9 lateness of every event of every round"),
-    Table(STEP, "The longest single callback (asyncio) or task step (trio) on the loop "
-                "thread, median of rounds: work done on the loop"),
+    Table(BUSY, "The longest time the loop thread ran between two polls for I/O (callbacks, "
+                "task steps, what is freed between them), median of rounds: work done on "
+                "the loop"),
+    Table("loop stall: CPU of the longest stretch", "The loop thread's CPU time in that "
+                                                    "stretch, median of rounds"),
     Table("loop stall: loop thread's CPU", "The most CPU time the loop thread used between "
                                            "two reads of the clock, median of rounds"),
     Table("loop stall: MiB/s moved", "Put + get traffic of the 4 tasks"),
@@ -325,61 +329,64 @@ class _Clock:
         self.proc.wait()
 
 
-class _StepTimer:
-    """The longest run of one callback (asyncio: `asyncio.events.Handle._run`, which runs
-    task steps and every other callback) or task step (trio: an instrument) on the
-    loop thread while installed: the time the loop was kept from polling by work done
-    on it, GIL waits inside the step included."""
+class _BusyTimer:
+    """The longest stretch the loop thread ran between two polls for I/O while
+    installed, and the CPU time it used in it: every callback or task step run in
+    one pass of the loop, and whatever is freed between them (asyncio drops a
+    finished callback, and the arguments it holds, after it has run). The poll is
+    asyncio's `selector.select` (wrapped on the running loop's selector) or trio's
+    I/O wait (`before_io_wait` / `after_io_wait` of a `trio.abc.Instrument`); a
+    GIL wait on waking is inside the poll, not in a stretch."""
 
     def __init__(self) -> None:
-        self.longest = 0
-        self.what = ""
+        self.longest = self.longest_cpu = 0
+        self.woke = self.woke_cpu = 0
 
-    def record(self, ns: int, what: Callable[[], str]) -> None:
-        if ns > self.longest:
-            self.longest, self.what = ns, what()
+    def polling(self) -> None:
+        if self.woke:
+            busy = time.perf_counter_ns() - self.woke
+            if busy > self.longest:
+                self.longest, self.longest_cpu = busy, time.thread_time_ns() - self.woke_cpu
+        self.woke = 0
+
+    def polled(self) -> None:
+        self.woke, self.woke_cpu = time.perf_counter_ns(), time.thread_time_ns()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         trio = sys.modules.get("trio")
         if trio is not None and trio.lowlevel.in_trio_run():
-            instrument = self._trio_instrument(trio)
+            timer = self
+
+            class Polls(trio.abc.Instrument):  # type: ignore[misc]
+                def before_io_wait(self, timeout: float) -> None:
+                    timer.polling()
+
+                def after_io_wait(self, timeout: float) -> None:
+                    timer.polled()
+
+            instrument = Polls()
             trio.lowlevel.add_instrument(instrument)
             try:
                 yield
             finally:
                 trio.lowlevel.remove_instrument(instrument)
             return
-        run = asyncio.events.Handle._run
-        record = self.record
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        select = selector.select
 
-        def timed_run(handle: asyncio.Handle) -> None:
-            callback = handle._callback  # type: ignore[attr-defined]  # (run clears it)
-            t0 = time.perf_counter_ns()
-            run(handle)
-            record(time.perf_counter_ns() - t0, lambda: repr(callback))
+        def timed_select(timeout: float | None = None) -> Any:
+            self.polling()
+            try:
+                return select(timeout)
+            finally:
+                self.polled()
 
-        asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
+        selector.select = timed_select
         try:
             yield
         finally:
-            asyncio.events.Handle._run = run  # type: ignore[method-assign]
-
-    def _trio_instrument(self, trio: Any) -> Any:
-        timer = self
-
-        class Steps(trio.abc.Instrument):  # type: ignore[misc]
-            t0 = 0
-
-            def before_task_step(self, task: Any) -> None:
-                self.t0 = time.perf_counter_ns()
-
-            def after_task_step(self, task: Any) -> None:
-                if self.t0:  # not the step that installed the instrument
-                    timer.record(time.perf_counter_ns() - self.t0, lambda: task.name)
-                self.t0 = 0
-
-        return Steps()
+            del selector.select  # the class's method again
 
 
 class _GetIntoMode:
@@ -407,7 +414,7 @@ async def _lag_round(clock: _Clock, ac: Any, keys: list[bytes], value: bytes, du
     drops: list[int] = [0]
     moved = [0]
     stop = anyio.Event()
-    steps = _StepTimer()
+    busy = _BusyTimer()
 
     async def listener() -> None:
         while True:  # drop what the clock sent before the round
@@ -442,7 +449,7 @@ async def _lag_round(clock: _Clock, ac: Any, keys: list[bytes], value: bytes, du
             moved[0] += 2 * len(value)
 
     t0 = time.perf_counter_ns()
-    with steps.installed():
+    with busy.installed():
         async with anyio.create_task_group() as tg:
             tg.start_soon(listener)
             for k in keys:
@@ -450,7 +457,8 @@ async def _lag_round(clock: _Clock, ac: Any, keys: list[bytes], value: bytes, du
             await anyio.sleep(duration)
             stop.set()
     elapsed = (time.perf_counter_ns() - t0) / 1e9
-    return {"late": [x / 1e6 for x in late], "step": steps.longest / 1e6, "step_what": steps.what,
+    return {"late": [x / 1e6 for x in late], "busy": busy.longest / 1e6,
+            "busy_cpu": busy.longest_cpu / 1e6,
             "cpu": max(cpu[2:] or cpu) / 1e6, "drop": max(drops) / 1e6,
             "mib_s": moved[0] / MiB / elapsed}  # fmt: skip
 
@@ -497,15 +505,15 @@ def _record_lag(fam: Family, row: str, size: int, rs: list[dict[str, Any]]) -> N
     fam.add("loop stall: worst round", row, col, max(late), "ms")
     fam.add("loop stall: p99", row, col, percentile(late, 99), "ms")
     fam.add("loop stall: p99.9", row, col, percentile(late, 99.9), "ms")
-    fam.add(STEP, row, col, [r["step"] for r in rs], "ms", x=x)
+    fam.add(BUSY, row, col, [r["busy"] for r in rs], "ms", x=x)
+    fam.add("loop stall: CPU of the longest stretch", row, col, [r["busy_cpu"] for r in rs], "ms")
     fam.add("loop stall: loop thread's CPU", row, col, [r["cpu"] for r in rs], "ms")
     if size:
         fam.add("loop stall: MiB/s moved", row, col, [r["mib_s"] for r in rs], "")
         fam.add("loop stall: dropping one result", row, col, [r["drop"] for r in rs], "ms")
-    longest = max(rs, key=lambda r: r["step"])
     say(f"  stall {row:<28} {col:>7}: late {fam.value(STALL, row, col):6.2f} ms (p99.9 "
-        f"{percentile(late, 99.9):.2f}), longest step {fam.value(STEP, row, col):.2f} ms "
-        f"[{longest['step_what'][:60]}]")  # fmt: skip
+        f"{percentile(late, 99.9):.2f}), longest stretch between polls "
+        f"{fam.value(BUSY, row, col):.2f} ms")  # fmt: skip
 
 
 # ----------------------------------------------------------------------- 4. threshold
