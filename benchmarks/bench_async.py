@@ -505,7 +505,7 @@ def _record_lag(fam: Family, row: str, size: int, rs: list[dict[str, Any]]) -> N
     fam.add("loop stall: worst round", row, col, max(late), "ms")
     fam.add("loop stall: p99", row, col, percentile(late, 99), "ms")
     fam.add("loop stall: p99.9", row, col, percentile(late, 99.9), "ms")
-    fam.add(BUSY, row, col, [r["busy"] for r in rs], "ms", x=x)
+    fam.add(BUSY, row, col, [r["busy"] for r in rs], "ms")
     fam.add("loop stall: CPU of the longest stretch", row, col, [r["busy_cpu"] for r in rs], "ms")
     fam.add("loop stall: loop thread's CPU", row, col, [r["cpu"] for r in rs], "ms")
     if size:
