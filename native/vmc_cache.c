@@ -813,9 +813,11 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
         advise_fresh(dst, cap);
     ENTER_FLAGS(c, flags);
     int64_t rc = check_key(klen);
-    if (rc == VMC_OK)
-        rc = get_hashed(c, key, klen, vmc_hash_key(c, key, klen), 0, dst, cap, offset, flags,
-                        meta, sink);
+    if (rc == VMC_OK) {
+        uint64_t hash = vmc_hash_key(c, key, klen);
+        vmc_index_prefetch(c, hash, false); /* the slot's miss overlaps the lock and clock */
+        rc = get_hashed(c, key, klen, hash, 0, dst, cap, offset, flags, meta, sink);
+    }
     leave_flags(c, no_repair_prev_);
     return rc;
 }

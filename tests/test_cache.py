@@ -1010,9 +1010,11 @@ def test_reader_killed_mid_copy_leaves_nothing_behind(cache_path: str) -> None:
         c.put(b"big", big)
         ctx = multiprocessing.get_context("fork")
         for delay in (0.005, 0.02, 0.05):
-            reader = ctx.Process(target=_read_forever, args=(cache_path,))
+            reading = ctx.Event()
+            reader = ctx.Process(target=_read_forever, args=(cache_path, reading))
             reader.start()
-            time.sleep(0.3 + delay)
+            assert reading.wait(60)
+            time.sleep(delay)  # a kill somewhere in a later copy
             os.kill(reader.pid, signal.SIGKILL)  # type: ignore[arg-type]
             reader.join(10)
         assert c.get(b"big") == big
@@ -1020,8 +1022,10 @@ def test_reader_killed_mid_copy_leaves_nothing_behind(cache_path: str) -> None:
         assert c.statistics().used_bytes == 0
 
 
-def _read_forever(path: str) -> None:
+def _read_forever(path: str, reading: Any) -> None:
     with Cache(path) as c:
+        c.get(b"big")
+        reading.set()
         while True:
             c.get(b"big")
 

@@ -449,14 +449,14 @@ def test_openers_racing_after_a_crash_recover_once(ctx: Any, cache_path: str) ->
     p.start()
     assert ready.wait(WAIT)
     _kill(p)
-    start, out, done = ctx.Event(), ctx.Queue(), ctx.Event()
+    out, done = ctx.Queue(), ctx.Event()
+    start = ctx.Barrier(5)  # the four openers and this process: they open at once
     openers = [
         ctx.Process(target=_open_report, args=(cache_path, start, out, done)) for _ in range(4)
     ]
     for o in openers:
         o.start()
-    time.sleep(0.2)
-    start.set()
+    start.wait(WAIT)
     try:
         reports = [out.get(timeout=WAIT) for _ in openers]
     finally:

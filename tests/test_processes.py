@@ -9,11 +9,13 @@ is bounded.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
 import queue
 import random
+import select
 import signal
 import time
 from typing import Any
@@ -47,11 +49,33 @@ def ctx(request: pytest.FixtureRequest) -> Any:
     return multiprocessing.get_context(request.param)
 
 
-def _results(q: Any, n: int) -> list[Any]:
-    out = []
-    for _ in range(n):
-        out.append(q.get(timeout=WAIT))
-    return out
+def _run_workers(
+    ctx: Any,
+    target: Any,
+    arglists: list[tuple[Any, ...]],
+    *,
+    barrier: bool = False,
+    meanwhile: Any = None,
+) -> list[Any]:
+    """Run `target(*args, [start,] out)` in one process per entry of `arglists`
+    and return what they put on `out`, one report each (in arrival order),
+    once all have exited, each with status 0. With `barrier`, `start` is a
+    barrier the workers pass together with this process, so that they all
+    begin at once; `meanwhile()` runs here while they work."""
+    out = ctx.Queue()
+    start = ctx.Barrier(len(arglists) + 1) if barrier else None
+    extra = (out,) if start is None else (start, out)
+    procs = [ctx.Process(target=target, args=(*args, *extra)) for args in arglists]
+    for p in procs:
+        p.start()
+    if start is not None:
+        start.wait(WAIT)
+    if meanwhile is not None:
+        meanwhile()
+    results = [out.get(timeout=WAIT) for _ in procs]
+    join_all(procs)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -203,16 +227,9 @@ def test_concurrent_readers_and_writers_verify_every_value(ctx: Any, cache_path:
     them reads is intact and belongs to its key; the file ends consistent."""
     with aiovmc.Cache(cache_path, size="1MiB") as cache:
         nproc, ops = 4, 1500
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(target=rw_worker, args=(cache_path, w, 300, ops, 1000 + w, out))
-            for w in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        results = _results(out, nproc)
-        join_all(procs)
-        assert [p.exitcode for p in procs] == [0] * nproc
+        results = _run_workers(
+            ctx, rw_worker, [(cache_path, w, 300, ops, 1000 + w) for w in range(nproc)]
+        )
         errors = [r[3] for r in results if r[3]]
         assert not errors, errors
         # The parent sees a consistent cache: every key's value verifies.
@@ -230,14 +247,7 @@ def test_statistics_are_shared_and_exact(ctx: Any, cache_path: str) -> None:
     n, nproc = 150, 3
     with aiovmc.Cache(cache_path, size="4MiB") as cache:
         before = cache.statistics()
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(target=_stats_worker, args=(cache_path, w, n, out)) for w in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        results = _results(out, nproc)
-        join_all(procs)
+        results = _run_workers(ctx, _stats_worker, [(cache_path, w, n) for w in range(nproc)])
         assert not [r for r in results if r[1]], results
         after = cache.statistics()
         assert after.puts - before.puts == n * nproc
@@ -275,15 +285,9 @@ def test_concurrent_replacements_keep_statistics_and_lru_order_exact(
             for i in range(n):
                 cache.put(*_replacement(w, i, 0))
         before = cache.statistics()
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(target=_replace_worker, args=(cache_path, w, n, rounds, out))
-            for w in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        results = _results(out, nproc)
-        join_all(procs)
+        results = _run_workers(
+            ctx, _replace_worker, [(cache_path, w, n, rounds) for w in range(nproc)]
+        )
         assert not [r for r in results if r[1]], results
         after = cache.statistics()
         assert after.puts - before.puts == n * nproc * rounds
@@ -304,16 +308,9 @@ def test_timestamps_strictly_increase_across_processes(ctx: Any, cache_path: str
     nproc, n = 4, 300
     with aiovmc.Cache(cache_path, size="4MiB") as cache:
         base = cache.committed_timestamp
-        out, start = ctx.Queue(), ctx.Event()
-        procs = [
-            ctx.Process(target=_stamp_worker, args=(cache_path, w, n, start, out))
-            for w in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        start.set()
-        results = _results(out, nproc)
-        join_all(procs)
+        results = _run_workers(
+            ctx, _stamp_worker, [(cache_path, w, n) for w in range(nproc)], barrier=True
+        )
         assert not [r[2] for r in results if r[2]], results
         merged: list[int] = []
         for _, stamps, _ in results:
@@ -334,17 +331,9 @@ def test_add_race_has_exactly_one_winner(ctx: Any, cache_path: str) -> None:
     nproc = 4
     keys = [b"race-%d" % i for i in range(120)]
     with aiovmc.Cache(cache_path, size="4MiB") as cache:
-        out, start = ctx.Queue(), ctx.Event()
-        procs = [
-            ctx.Process(target=_add_worker, args=(cache_path, w, keys, start, out))
-            for w in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        time.sleep(0.2)  # let the spawned interpreters reach the starting line
-        start.set()
-        results = _results(out, nproc)
-        join_all(procs)
+        results = _run_workers(
+            ctx, _add_worker, [(cache_path, w, keys) for w in range(nproc)], barrier=True
+        )
         assert not [r[2] for r in results if r[2]], results
         winners: dict[bytes, list[int]] = {}
         for wid, won, _ in results:
@@ -362,16 +351,9 @@ def test_concurrent_creation_makes_one_file(ctx: Any, cache_path: str) -> None:
     """Processes racing to create the same path all end up on one file: one
     creator, everyone's writes visible, no temporary file left behind."""
     nproc = 4
-    out, start = ctx.Queue(), ctx.Event()
-    procs = [
-        ctx.Process(target=_create_worker, args=(cache_path, w, start, out)) for w in range(nproc)
-    ]
-    for p in procs:
-        p.start()
-    time.sleep(0.2)
-    start.set()
-    results = _results(out, nproc)
-    join_all(procs)
+    results = _run_workers(
+        ctx, _create_worker, [(cache_path, w) for w in range(nproc)], barrier=True
+    )
     assert not [r[2] for r in results if r[2]], results
     assert sum(1 for r in results if r[1]) == 1, results
     with aiovmc.Cache(cache_path) as cache:
@@ -395,16 +377,9 @@ def test_handle_opened_before_fork_works_in_children(method: str, cache_path: st
     nproc = 3
     if method == "fork":
         ctx = multiprocessing.get_context("fork")
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(target=_inherited_worker, args=(cache, w, parent_keys, out))
-            for w in range(nproc)
-        ]
-        for p in procs:
-            p.start()
-        results = _results(out, nproc)
-        join_all(procs)
-        assert [p.exitcode for p in procs] == [0] * nproc
+        results = _run_workers(
+            ctx, _inherited_worker, [(cache, w, parent_keys) for w in range(nproc)]
+        )
         assert not [r for r in results if r[1]], results
     else:
         pids = []
@@ -421,13 +396,13 @@ def test_handle_opened_before_fork_works_in_children(method: str, cache_path: st
             pids.append(pid)
         deadline = time.monotonic() + WAIT
         for pid in pids:
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                assert time.monotonic() < deadline, "a forked child hung"
-                time.sleep(0.01)
-            assert os.waitstatus_to_exitcode(status) == 0
+            exited = os.pidfd_open(pid)  # readable once the child has exited
+            try:
+                ready, _, _ = select.select([exited], [], [], deadline - time.monotonic())
+            finally:
+                os.close(exited)
+            assert ready, "a forked child hung"
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     for w in range(nproc):
         for i in range(0, 200, 37):
             key = b"child-%d-%d" % (w, i)
@@ -531,22 +506,19 @@ def test_many_processes_large_values(ctx: Any, cache_path: str) -> None:
         keys = [b"big-%d" % i for i in range(6)]
         for i, key in enumerate(keys):
             cache.put(key, make_value(key, i, rng.randrange(100_000, 600_000)))
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(
-                target=rw_worker,
-                args=(cache_path, w, 6, 120, 50 + w, out, b"big-", (100_000, 300_000, 600_000)),
-            )
-            for w in range(3)
-        ]
-        for p in procs:
-            p.start()
-        for i in range(60):  # the parent replaces big values meanwhile
-            key = rng.choice(keys)
-            cache.put(key, make_value(key, 1000 + i, rng.randrange(100_000, 600_000)))
-            verify_get(cache, rng.choice(keys))
-        results = _results(out, 3)
-        join_all(procs)
+
+        def replace_big_values() -> None:
+            for i in range(60):
+                key = rng.choice(keys)
+                cache.put(key, make_value(key, 1000 + i, rng.randrange(100_000, 600_000)))
+                verify_get(cache, rng.choice(keys))
+
+        results = _run_workers(
+            ctx,
+            functools.partial(rw_worker, prefix=b"big-", sizes=(100_000, 300_000, 600_000)),
+            [(cache_path, w, 6, 120, 50 + w) for w in range(3)],
+            meanwhile=replace_big_values,
+        )
         assert not [r[3] for r in results if r[3]], results
 
 

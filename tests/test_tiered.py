@@ -25,6 +25,7 @@ import pytest
 
 import aiovmc
 
+from .helpers import wait_for
 from .redis_server import RedisServer
 from .tiered_worker import Worker
 
@@ -76,15 +77,6 @@ def start_host(workers: Callable[..., Worker], path: str, url: str) -> list[Work
     second = workers(path, url, "trio")
     assert second.call("is_listener") is False
     return [first, second]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Wait for something another process or thread does, bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 async def listening(cache: aiovmc.TieredCache) -> None:
@@ -177,23 +169,23 @@ def test_invalidation_across_hosts(
 
     for key in (b"k1", b"k2"):
         writer.call("put", key, b"v1:" + key)
-        wait_until(cached_by_b(key, b"v1:" + key), "host B to cache the value")
+        wait_for(cached_by_b(key, b"v1:" + key), what="host B to cache the value")
 
     def seen_by_b(key: bytes, value: bytes | None) -> Callable[[], bool]:
         return lambda: all(w.call("get_nowait", key) == value for w in host_b)
 
     writer.call("put", b"k1", b"v2")
-    wait_until(seen_by_b(b"k1", None), "host B to drop k1 after a put")
+    wait_for(seen_by_b(b"k1", None), what="host B to drop k1 after a put")
     assert host_b[0].call("get", b"k1") == b"v2"
     assert writer.call("get_nowait", b"k1") == b"v2"  # the writer's own L1 keeps it
 
     assert writer.call("delete", b"k1") is True
-    wait_until(seen_by_b(b"k1", None), "host B to drop k1 after a delete")
+    wait_for(seen_by_b(b"k1", None), what="host B to drop k1 after a delete")
     assert host_b[1].call("get", b"k1") is None
 
-    wait_until(cached_by_b(b"k2", b"v1:k2"), "host B to cache k2")
+    wait_for(cached_by_b(b"k2", b"v1:k2"), what="host B to cache k2")
     writer.call("clear")
-    wait_until(seen_by_b(b"k2", None), "host B to drop everything after a clear")
+    wait_for(seen_by_b(b"k2", None), what="host B to drop everything after a clear")
     assert redis_server.client().keys(b"t:*") == []
     applied = sum(w.call("statistics")["invalidations"] for w in host_b)
     assert applied >= 3
@@ -211,7 +203,7 @@ def test_listener_taken_over_after_sigkill(
     assert standby.call("statistics")["resyncs"] == 1
     assert standby.call("get", b"k") == b"v1"  # refilled after the resync
     writer.call("put", b"k", b"v2")
-    wait_until(lambda: standby.call("get_nowait", b"k") is None, "the new listener to act")
+    wait_for(lambda: standby.call("get_nowait", b"k") is None, what="the new listener to act")
     assert standby.call("get", b"k") == b"v2"
 
 
@@ -233,7 +225,7 @@ def test_leading_host_killed_mid_load(
     count = str(tmp_path / "calls")
     leader = workers(hosts(), redis_server.url, "trio")
     leader.send("storm", b"cold", 5, ("block", count))
-    wait_until(lambda: calls(count) == 1, "the leading host to start loading")
+    wait_for(lambda: calls(count) == 1, what="the leading host to start loading")
     host_b = start_host(workers, hosts(), redis_server.url)
     storms = [(w, w.send("storm", b"cold", 20, ("value", count))) for w in host_b]
     leader.kill()  # its lease is no longer renewed: host B takes over when it runs out
