@@ -443,7 +443,8 @@ async def _lag_round(clock: _Clock, ac: Any, keys: list[bytes], value: bytes, du
             if v is None or len(v) != len(value):
                 raise AssertionError("a loop-stall worker lost its value")
             t0 = time.perf_counter_ns()
-            v = None  # a large bytes is unmapped here, on the loop thread
+            v = None  # unmapped here if this was the last reference (asyncio's future
+            # and trio's outcome may still hold it: then where they are freed)
             drops.append(time.perf_counter_ns() - t0)
             await anyio.lowlevel.checkpoint()
             moved[0] += 2 * len(value)
