@@ -10,17 +10,29 @@
    (a fresh key per round): loader calls and wall time. Peers: async-lru, aiocache
    `@cached` and `@cached_stampede`, cashews `@cache` and `lock=True` (in memory),
    cachebox, theine.
-3. Loop stalls: a ticker task sleeps 0.5 ms in a loop and records the gaps between
-   its wake-ups while 4 tasks loop `put` + `get` of 1..64 MiB values (each its own
-   key, a checkpoint after every operation): copies inline (`offload_threshold`
-   above any value) and offloaded to worker threads (`offload_threshold` 64 KiB), and
-   at 64 MiB offloaded `get_into` a buffer allocated once (no fresh result to
-   allocate and free). The ticker alone gives each backend's idle baseline. The
-   stall is the max gap minus the tick; the time the loop spends dropping one
-   result is timed apart (the application's part), and so is the most CPU time
-   the loop thread used between two ticks (its own work; the rest of a gap is
-   waiting for a CPU or the GIL, which a loaded machine lengthens). A 0.5 ms
-   sleep is a 1 ms epoll timeout on both backends: the idle gap is ~1.1 ms.
+3. Loop stalls: 4 tasks loop `put` + `get` of 1..64 MiB values (each its own key,
+   a checkpoint after every operation), copies inline (`offload_threshold` above any
+   value) and offloaded to worker threads (`offload_threshold` 64 KiB), and at
+   64 MiB offloaded `get_into` a buffer allocated once (no fresh result to allocate
+   and free); each backend's idle baseline (no workers) is run round by round
+   between the loaded runs, so a slow phase of the machine hits both. The
+   instrument is I/O, not a timer: a clock process writes its time
+   (`CLOCK_MONOTONIC`, the same clock on the whole host) to a pipe every 1 ms, and
+   a listener task on the loop awaits the pipe (`anyio.wait_readable`); a stamp's
+   lateness is when the listener got it minus when it was sent — how long an
+   event that had arrived waited for the loop, which is what a stalled loop does
+   to a server. A timer ticker cannot show this under 1 ms: both backends sleep
+   in `epoll_wait`, whose timeout CPython rounds up to the millisecond, so a
+   0.5 ms sleep is a 1 ms one, and every earlier wake-up of a loaded loop rounds
+   the rest up again. Reported: the longest lateness of a round (median of
+   rounds: the §8 figure; the worst round apart), p99 and p99.9 of every stamp of
+   every round; the longest stretch the loop thread ran between two polls for
+   I/O, and its CPU time (asyncio: the loop's `selector.select` wrapped; trio:
+   a `trio.abc.Instrument`'s I/O-wait hooks) — the work done on the loop
+   thread, callbacks, task steps and what is freed between them; the rest of a
+   lateness is time the loop thread was off the CPU or waiting for the GIL; the
+   most CPU time the loop thread used between two reads of the clock; and the
+   time the loop spends dropping one result (the application's part).
 4. Offload threshold: sync `Cache.get`/`put` time against value size (4 KiB..64 MiB)
    and one `anyio.to_thread.run_sync` round trip; the recommended default
    `offload_threshold` is the power of two where the slower of an inline get and put
@@ -32,12 +44,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import math
 import mmap
 import os
+import struct
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiocache
@@ -74,26 +91,32 @@ from harness import (
 import aiovmc
 
 TITLE = "AsyncCache"
-STALL = "loop stall: max gap − tick"
+STALL = "loop stall: event lateness"
+BUSY = "loop stall: longest stretch between polls"
 TABLES = [
     Table("hit path", "Per hit, 100 B values, 100k keys, random order",
           Plot("bars", "bench_async_hit.png", "Hit path: awaited get vs sync get vs "
                "async memoizers", xlabel="ns per hit")),
     Table("stampede", "500 tasks on one cold key, the loader sleeping 10 ms"),
-    Table(STALL, "A 0.5 ms ticker's longest gap minus the tick, median of rounds, while 4 "
-                 "tasks loop put + get",
+    Table(STALL, "How late the loop read an event (a pipe written every 1 ms by another "
+                 "process): the longest lateness of a round, median of rounds; idle = no "
+                 "workers, run between the loaded rounds",
           Plot("lines", "bench_loop_lag.png", "Loop stall, 4 tasks put + get",
                xlabel="value size (bytes)", ylabel="ms", logx=True, logy=True, hline=1.0,
                hline_label="target 1 ms")),
     Table("loop stall: worst round", "The same, the worst round"),
-    Table("loop stall: p99 gap", "The ticker's p99 gap (tick included), median of rounds"),
+    Table("loop stall: p99", "The p99 lateness of every event of every round"),
+    Table("loop stall: p99.9", "The p99.9 lateness of every event of every round"),
+    Table(BUSY, "The longest time the loop thread ran between two polls for I/O (callbacks, "
+                "task steps, what is freed between them), median of rounds: work done on "
+                "the loop"),
+    Table("loop stall: CPU of the longest stretch", "The loop thread's CPU time in that "
+                                                    "stretch, median of rounds"),
+    Table("loop stall: loop thread's CPU", "The most CPU time the loop thread used between "
+                                           "two reads of the clock, median of rounds"),
     Table("loop stall: MiB/s moved", "Put + get traffic of the 4 tasks"),
     Table("loop stall: dropping one result", "The longest time the loop spent dropping a "
                                              "result (the application's part)"),
-    Table("loop stall: loop thread's CPU", "The most CPU time the loop thread used between "
-                                           "two ticks (its own work: a gap longer than this "
-                                           "was spent waiting for a CPU or the GIL), median "
-                                           "of rounds"),
     Table("inline copy", "Sync `Cache.get` / `put` of one key against value size",
           Plot("lines", "bench_offload.png", "Inline copy time vs value size",
                xlabel="value size (bytes)", ylabel="ns per op (loop time if inline)",
@@ -106,7 +129,6 @@ HIT_VALUE = 100
 MANY = 100  # keys per get_many call
 STAMPEDE_TASKS = 500
 LOADER_SLEEP = 0.010
-TICK = 0.0005
 WORKERS = 4
 OFFLOAD_SMALL = 64 * KiB
 INLINE = 1 << 62
@@ -266,6 +288,106 @@ def _named(loader: Callable[..., Any], name: str, r: int) -> Callable[..., Any]:
 
 # ----------------------------------------------------------------------- 3. loop stalls
 
+#: The clock process (section 3): writes its CLOCK_MONOTONIC time to a pipe every
+#: `CLOCK_PERIOD` on an absolute grid, dropping a stamp rather than blocking when the
+#: pipe is full (the loop not reading), so every stamp read is the time it was sent.
+CLOCK_SOURCE = """
+import os, struct, sys, time
+fd, period = int(sys.argv[1]), int(sys.argv[2])
+os.set_blocking(fd, False)
+due = time.monotonic_ns()
+while True:
+    due += period
+    now = time.monotonic_ns()
+    if due > now:
+        time.sleep((due - now) / 1e9)
+    else:
+        due = now  # late itself: the grid restarts here
+    try:
+        os.write(fd, struct.pack("q", time.monotonic_ns()))
+    except BlockingIOError:
+        pass
+    except BrokenPipeError:
+        break
+"""
+CLOCK_PERIOD = 0.001
+
+
+class _Clock:
+    """A process that sends its time on a pipe every `CLOCK_PERIOD` (`CLOCK_SOURCE`)."""
+
+    def __init__(self) -> None:
+        self.fd, w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLOCK_SOURCE, str(w), str(int(CLOCK_PERIOD * 1e9))],
+            pass_fds=[w])  # fmt: skip
+        os.close(w)
+        os.set_blocking(self.fd, False)
+
+    def close(self) -> None:
+        os.close(self.fd)  # the clock's next write fails: it ends
+        self.proc.wait()
+
+
+class _BusyTimer:
+    """The longest stretch the loop thread ran between two polls for I/O while
+    installed, and the CPU time it used in it: every callback or task step run in
+    one pass of the loop, and whatever is freed between them (asyncio drops a
+    finished callback, and the arguments it holds, after it has run). The poll is
+    asyncio's `selector.select` (wrapped on the running loop's selector) or trio's
+    I/O wait (`before_io_wait` / `after_io_wait` of a `trio.abc.Instrument`); a
+    GIL wait on waking is inside the poll, not in a stretch."""
+
+    def __init__(self) -> None:
+        self.longest = self.longest_cpu = 0
+        self.woke = self.woke_cpu = 0
+
+    def polling(self) -> None:
+        if self.woke:
+            busy = time.perf_counter_ns() - self.woke
+            if busy > self.longest:
+                self.longest, self.longest_cpu = busy, time.thread_time_ns() - self.woke_cpu
+        self.woke = 0
+
+    def polled(self) -> None:
+        self.woke, self.woke_cpu = time.perf_counter_ns(), time.thread_time_ns()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_run():
+            timer = self
+
+            class Polls(trio.abc.Instrument):  # type: ignore[misc]
+                def before_io_wait(self, timeout: float) -> None:
+                    timer.polling()
+
+                def after_io_wait(self, timeout: float) -> None:
+                    timer.polled()
+
+            instrument = Polls()
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                yield
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+            return
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        select = selector.select
+
+        def timed_select(timeout: float | None = None) -> Any:
+            self.polling()
+            try:
+                return select(timeout)
+            finally:
+                self.polled()
+
+        selector.select = timed_select
+        try:
+            yield
+        finally:
+            del selector.select  # the class's method again
+
 
 class _GetIntoMode:
     """An AsyncCache whose ``get`` is ``get_into`` a buffer allocated once per key."""
@@ -282,22 +404,36 @@ class _GetIntoMode:
         return None if n is None else self.outs[key]
 
 
-async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float
-                     ) -> dict[str, float]:  # fmt: skip
-    gaps: list[int] = []
-    cpu: list[int] = []  # the loop thread's CPU time in each gap
+async def _lag_round(clock: _Clock, ac: Any, keys: list[bytes], value: bytes, duration: float
+                     ) -> dict[str, Any]:  # fmt: skip
+    """One round: a listener task reads the clock's stamps while the workers (none for
+    the idle baseline) loop put + get; the lateness of a stamp is when the listener
+    got it minus when it was sent."""
+    late: list[int] = []
+    cpu: list[int] = [0]  # the loop thread's CPU time between two reads of the clock
     drops: list[int] = [0]
     moved = [0]
     stop = anyio.Event()
+    busy = _BusyTimer()
 
-    async def ticker() -> None:
-        last, last_cpu = time.perf_counter_ns(), time.thread_time_ns()
+    async def listener() -> None:
+        while True:  # drop what the clock sent before the round
+            try:
+                os.read(clock.fd, 1 << 16)
+            except BlockingIOError:
+                break
+        start = time.monotonic_ns()
+        last_cpu = time.thread_time_ns()
         while not stop.is_set():
-            await anyio.sleep(TICK)
-            now, now_cpu = time.perf_counter_ns(), time.thread_time_ns()
-            gaps.append(now - last)
+            await anyio.wait_readable(clock.fd)
+            now, now_cpu = time.monotonic_ns(), time.thread_time_ns()
+            try:
+                sent = os.read(clock.fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            late.extend(now - t for (t,) in struct.iter_unpack("q", sent) if t >= start)
             cpu.append(now_cpu - last_cpu)
-            last, last_cpu = now, now_cpu
+            last_cpu = now_cpu
 
     async def worker(k: bytes) -> None:
         while not stop.is_set():
@@ -307,23 +443,24 @@ async def _lag_round(ac: Any, keys: list[bytes], value: bytes, duration: float
             if v is None or len(v) != len(value):
                 raise AssertionError("a loop-stall worker lost its value")
             t0 = time.perf_counter_ns()
-            v = None  # a large bytes is unmapped here, on the loop thread
+            v = None  # unmapped here if this was the last reference (asyncio's future
+            # and trio's outcome may still hold it: then where they are freed)
             drops.append(time.perf_counter_ns() - t0)
             await anyio.lowlevel.checkpoint()
             moved[0] += 2 * len(value)
 
     t0 = time.perf_counter_ns()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(ticker)
-        for k in keys:
-            tg.start_soon(worker, k)
-        await anyio.sleep(duration)
-        stop.set()
+    with busy.installed():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener)
+            for k in keys:
+                tg.start_soon(worker, k)
+            await anyio.sleep(duration)
+            stop.set()
     elapsed = (time.perf_counter_ns() - t0) / 1e9
-    gaps = gaps[2:] or gaps  # the first wake-ups include the tasks' start
-    cpu = cpu[2:] or cpu
-    return {"stall": max(gaps) / 1e6 - TICK * 1e3, "p99": percentile(gaps, 99) / 1e6,
-            "cpu": max(cpu) / 1e6, "drop": max(drops) / 1e6,
+    return {"late": [x / 1e6 for x in late], "busy": busy.longest / 1e6,
+            "busy_cpu": busy.longest_cpu / 1e6,
+            "cpu": max(cpu[2:] or cpu) / 1e6, "drop": max(drops) / 1e6,
             "mib_s": moved[0] / MiB / elapsed}  # fmt: skip
 
 
@@ -332,44 +469,52 @@ def _loop_lag(fam: Family, settings: Settings) -> None:
                           (BIG,))  # fmt: skip
     duration = settings.pick(0.8, 0.25, 0.05)
     keys = [b"lag-%d" % i for i in range(WORKERS)]
-    with scratch("async-lag") as d:
-        cache = aiovmc.Cache(os.path.join(d, "cache"), size=2 * GiB)
-        modes = {
-            "inline": aiovmc.AsyncCache.from_cache(cache, offload_threshold=INLINE),
-            "offloaded": aiovmc.AsyncCache.from_cache(cache, offload_threshold=OFFLOAD_SMALL),
-        }
-        for bname in ("asyncio", "trio"):
-            runs: list[tuple[str, int, Any]] = [("idle (ticker alone)", 0, modes["inline"])]
-            for size in sizes:
-                runs += [(f"{bname} {m}", size, ac) for m, ac in modes.items()]
-                if size == BIG:
-                    runs.append((f"{bname} offloaded get_into", size,
-                                 _GetIntoMode(modes["offloaded"], keys, size)))  # fmt: skip
-            for row, size, ac in runs:
-                value = make_value(size) if size else b""
-                for k in keys:
-                    cache.put(k, value)
+    values = {size: make_value(size) for size in sizes}
+    clock = _Clock()
+    try:
+        with scratch("async-lag") as d, aiovmc.Cache(os.path.join(d, "c"), size=2 * GiB) as cache:
+            modes = {
+                "inline": aiovmc.AsyncCache.from_cache(cache, offload_threshold=INLINE),
+                "offloaded": aiovmc.AsyncCache.from_cache(cache, offload_threshold=OFFLOAD_SMALL),
+            }
+            for bname in ("asyncio", "trio"):
+                runs: list[tuple[str, int, Any]] = [(f"{bname} idle (no workers)", 0, None)]
+                for size in sizes:
+                    runs += [(f"{bname} {m}", size, ac) for m, ac in modes.items()]
+                    if size == BIG:
+                        runs.append((f"{bname} offloaded get_into", size,
+                                     _GetIntoMode(modes["offloaded"], keys, size)))  # fmt: skip
+                # round by round, the idle baseline interleaved with the loaded runs
+                rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
+                for r in range(settings.warmup + settings.rounds):
+                    for row, size, ac in runs:
+                        res = _run(_lag_round, BACKENDS[bname], clock, ac, keys if size else [],
+                                   values.get(size, b""), duration)  # fmt: skip
+                        if r >= settings.warmup:
+                            rounds.setdefault((row, size), []).append(res)
+                for (row, size), rs in rounds.items():
+                    _record_lag(fam, row, size, rs)
+    finally:
+        clock.close()
 
-                async def main(ac: Any = ac, value: bytes = value, size: int = size
-                               ) -> list[dict[str, float]]:  # fmt: skip
-                    rs = [await _lag_round(ac, keys if size else [], value, duration)
-                          for _ in range(settings.warmup + settings.rounds)]  # fmt: skip
-                    return rs[settings.warmup :]
 
-                rs = _run(main, BACKENDS[bname])
-                row = row if size else f"{bname} {row}"
-                col = size_label(size) if size else "—"
-                x = float(size) if size else None
-                fam.add(STALL, row, col, [r["stall"] for r in rs], "ms", x=x)
-                fam.add("loop stall: worst round", row, col, max(r["stall"] for r in rs), "ms")
-                fam.add("loop stall: p99 gap", row, col, [r["p99"] for r in rs], "ms")
-                fam.add("loop stall: loop thread's CPU", row, col, [r["cpu"] for r in rs], "ms")
-                if size:
-                    fam.add("loop stall: MiB/s moved", row, col, [r["mib_s"] for r in rs], "")
-                    fam.add("loop stall: dropping one result", row, col,
-                            [r["drop"] for r in rs], "ms")  # fmt: skip
-                say(f"  stall {row:<28} {col:>7}: {fam.value(STALL, row, col):7.2f} ms")
-        cache.close()
+def _record_lag(fam: Family, row: str, size: int, rs: list[dict[str, Any]]) -> None:
+    col = size_label(size) if size else "—"
+    x = float(size) if size else None
+    late = [x for r in rs for x in r["late"]]
+    fam.add(STALL, row, col, [max(r["late"]) for r in rs], "ms", x=x)
+    fam.add("loop stall: worst round", row, col, max(late), "ms")
+    fam.add("loop stall: p99", row, col, percentile(late, 99), "ms")
+    fam.add("loop stall: p99.9", row, col, percentile(late, 99.9), "ms")
+    fam.add(BUSY, row, col, [r["busy"] for r in rs], "ms")
+    fam.add("loop stall: CPU of the longest stretch", row, col, [r["busy_cpu"] for r in rs], "ms")
+    fam.add("loop stall: loop thread's CPU", row, col, [r["cpu"] for r in rs], "ms")
+    if size:
+        fam.add("loop stall: MiB/s moved", row, col, [r["mib_s"] for r in rs], "")
+        fam.add("loop stall: dropping one result", row, col, [r["drop"] for r in rs], "ms")
+    say(f"  stall {row:<28} {col:>7}: late {fam.value(STALL, row, col):6.2f} ms (p99.9 "
+        f"{percentile(late, 99.9):.2f}), longest stretch between polls "
+        f"{fam.value(BUSY, row, col):.2f} ms")  # fmt: skip
 
 
 # ----------------------------------------------------------------------- 4. threshold

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import collections.abc
 import threading
-import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -716,56 +716,45 @@ def test_no_loop_affinity() -> None:
 # -- the event loop stays responsive ---------------------------------------------
 
 
-async def test_large_copies_do_not_stall_the_loop() -> None:
-    """Concurrent 64 MiB puts and gets while a 1 ms ticker measures loop lag.
+async def test_large_copies_run_off_the_loop_while_it_runs_on() -> None:
+    """Concurrent 64 MiB puts and gets (the default offload threshold): each
+    copy runs in a worker thread, and the loop stays free while one is in
+    flight: every copy first waits for the loop to run a call of its own.
 
-    The bounds are generous (CI machines are noisy); benchmarks/ measures the real
-    stall against the 1 ms target.
+    How long the loop is kept waiting is measured in benchmarks/ (section 3
+    of bench_async.py), not asserted here.
     """
     size = 64 * MiB
     values = [bytes([n]) * size for n in range(3)]
-    acache = AsyncCache(size="512MiB")
+    copiers: list[int] = []
+
+    def after_the_loop_answers(copy: Any) -> Any:
+        def copy_in_flight(*args: Any, **kwargs: Any) -> Any:
+            copiers.append(threading.get_ident())
+            anyio.from_thread.run_sync(lambda: None)  # blocks unless the loop runs
+            return copy(*args, **kwargs)
+
+        return copy_in_flight
+
+    class PutInFlight(Cache):
+        put = after_the_loop_answers(Cache.put)
+
+    acache = AsyncCache.from_cache(PutInFlight(size="512MiB"))
     try:
-        for n, value in enumerate(values):
-            await acache.put(f"v{n}", value)  # warm the pages up before measuring
-        gaps: list[float] = []
-        stop = anyio.Event()
+        acache._core.fetch = after_the_loop_answers(acache._core.fetch)
+        got: list[bytes | None] = []
 
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not stop.is_set():
-                await anyio.sleep(0.001)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        async def put(n: int) -> None:
+        async def put_then_get(n: int) -> None:
             await acache.put(f"v{n}", values[n])
-
-        got: list[bytes | None] = []  # freed after the measurement: a 64 MiB free
-        # on the loop thread is the caller's stall, not the cache's.
-
-        async def get(n: int) -> None:
             got.append(await acache.get(f"v{n}"))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
-            await anyio.sleep(0.01)  # let the ticker take a few samples first
-            async with anyio.create_task_group() as work:
-                for _ in range(2):
-                    for n in range(3):
-                        work.start_soon(put, n)
-                        work.start_soon(get, n)
-            stop.set()
-        assert [len(v or b"") for v in got] == [size] * 6
-        assert all(v is not None and v[-1] == v[0] for v in got)
-        assert len(gaps) > 5
-        # Copying on the loop starves the ticker for hundreds of ms (the twelve
-        # copies run back to back); off the loop, gaps stay in the ms range. The
-        # bound leaves room for a noisy shared CI machine without losing that
-        # distinction.
-        assert max(gaps) < 0.2, f"the loop stalled for {max(gaps) * 1e3:.1f} ms"
-        assert sorted(gaps)[len(gaps) // 2] < 0.01
+            for _ in range(2):
+                for n in range(3):
+                    tg.start_soon(put_then_get, n)
+        assert sorted(v[0] for v in got if v is not None) == [0, 0, 1, 1, 2, 2]
+        assert all(v is not None and len(v) == size and v.count(v[0]) == size for v in got)
+        assert len(copiers) == 12 and threading.get_ident() not in copiers
     finally:
         acache.cache.close()
 
