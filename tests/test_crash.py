@@ -306,6 +306,11 @@ def _replace_forever(path: str, seed: int, progress: Any) -> None:
         progress.value = n
 
 
+def _past(p: Any, progress: Any, target: int) -> Callable[[], bool]:
+    """A wait_for predicate: the worker counted more than `target`, or died."""
+    return lambda: progress.value > target or not p.is_alive()
+
+
 def test_killed_while_refilling_its_spare_leaves_no_room_behind(ctx: Any, cache_path: str) -> None:
     """A process SIGKILLed at a random moment of a stream of replacements
     (filling its spare, naming the next one in its spare slot, publishing, or
@@ -323,12 +328,7 @@ def test_killed_while_refilling_its_spare_leaves_no_room_behind(ctx: Any, cache_
             p = ctx.Process(target=_replace_forever, args=(cache_path, round_, progress))
             p.start()
             target = rng.randrange(50, 3000)
-            wait_for(
-                lambda p=p, progress=progress, target=target: (
-                    progress.value > target or not p.is_alive()
-                ),
-                what="replacements",
-            )
+            wait_for(_past(p, progress, target), what="replacements")
             assert p.is_alive()
             _kill(p)
             q = ctx.Process(target=_attach_and_leave, args=(cache_path,))
