@@ -35,9 +35,14 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
         if (VMC_SLOT_TAG(v) == tag) {
             uint32_t u = VMC_SLOT_UNIT(v);
             /* The line after the pair the header and key sit in (a 100-byte value
-             * with a 16-byte key ends there): fetched while the key is compared. */
-            if (vmc_unit_ok(c, u))
+             * with a 16-byte key ends there), and the two after it (where a larger
+             * value's copy starts): fetched while the header's miss is served and
+             * the key compared. */
+            if (vmc_unit_ok(c, u)) {
                 __builtin_prefetch((const char *)vmc_unit(c, u) + 128);
+                __builtin_prefetch((const char *)vmc_unit(c, u) + 192);
+                __builtin_prefetch((const char *)vmc_unit(c, u) + 256);
+            }
             struct vmc_entry *e = vmc_head(c, u);
             if (e == NULL || e->state != VMC_PUBLISHED) {
                 vmc_mark_damaged(c);
