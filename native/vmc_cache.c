@@ -488,6 +488,15 @@ static bool track_rid(vmc_cache *c, uint64_t rid, bool orphan);
 static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     int rc = vmc_pool_lock(c);
+    if (rc == VMC_E_REPAIR && nonce == VMC_SPARE_NONCE) {
+        /* A spare taken off the handle: its slot still names it, so it is
+         * the handle's spare again (a repair keeps a live owner's). The
+         * orphan list could not hold it: its nonce is RID_ORPHAN's bit. */
+        uint32_t none = 0;
+        __atomic_compare_exchange_n(&c->spare, &none, head, false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_RELAXED);
+        return rc;
+    }
     if (rc == VMC_E_REPAIR && !track_rid(c, RID(head, nonce), true))
         rc = vmc_repair(c) == VMC_OK ? drop_reservation(c, head, nonce) : rc; /* no memory */
     if (rc < 0)
@@ -506,7 +515,8 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 /* ---- the reservations open on this handle (vmc_close cancels them) ---- */
 
 /* An orphan: a put's own reservation that a no-repair call could not free
- * (its id has this bit set, which no reservation id has: nonces are 31 bits). */
+ * (its id has this bit set, which no reservation id has: nonces are 31 bits;
+ * a spare, whose nonce has it, is never an orphan: see drop_reservation). */
 #define RID_ORPHAN (1ull << 63)
 
 /* track_rid -- remember an open reservation (an orphan, to free after the
@@ -640,6 +650,23 @@ static uint32_t stale_name(vmc_cache *c)
     return named && !still_reserved(c, named, VMC_SPARE_NONCE) ? named : 0;
 }
 
+/* claim_naming, release_naming -- the right to rename this handle's spare
+ * slot and make the entry it names the spare (c->naming). Without it, a
+ * thread publishing under the pool lock could take the name a refill had
+ * just given its replaced entry (not yet a spare, so "stale") and make a
+ * second spare, one the slot would not name. */
+static bool claim_naming(vmc_cache *c)
+{
+    uint32_t free_ = 0;
+    return __atomic_compare_exchange_n(&c->naming, &free_, 1, false, __ATOMIC_ACQUIRE,
+                                       __ATOMIC_RELAXED);
+}
+
+static void release_naming(vmc_cache *c)
+{
+    __atomic_store_n(&c->naming, 0, __ATOMIC_RELEASE);
+}
+
 /* make_spare -- (shard lock held, the new value published) turn the replaced
  * entry at `old`, which the slot names, into this handle's spare. */
 static void make_spare(vmc_cache *c, uint32_t old)
@@ -743,7 +770,12 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         if (ts - 1 >= VMC_MAX_CLOCK - 1) {
             vmc_mark_damaged(c);
             vmc_shard_unlock(c, s);
-            continue;
+            if (round < 8)
+                continue;
+            drop_reservation(c, head, nonce);
+            return vmc_fail(VMC_E_CORRUPT, "the file's clock stays at its end (%llu) after "
+                                           "repair: its timestamps are damaged",
+                            (unsigned long long)ts);
         }
         /* What the checksum seals must be what the owner wrote: sizes changed
          * under us are damage. */
@@ -752,8 +784,13 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         /* A refilled spare replacing an entry fit to be the next spare takes
          * no pool lock: neither is on a list, the slot names the one instead of
          * the other, and no extent changes hands (see "the spare"). */
-        bool pooled = !(spare && oe && sound && still_reserved(c, head, nonce) &&
-                        name_spare(c, old, head));
+        bool renamed = spare && oe && sound && still_reserved(c, head, nonce) &&
+                       claim_naming(c);
+        if (renamed && !name_spare(c, old, head)) {
+            release_naming(c);
+            renamed = false;
+        }
+        bool pooled = !renamed;
         if (pooled) {
             rc = vmc_pool_lock_nested(c);
             if (rc == VMC_RETRY) {
@@ -790,13 +827,18 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
         VMC_STORE(e->checksum, vmc_entry_seal(e, data));
         VMC_STORE(e->atime_ns, now); /* replaces the owner id: see struct vmc_entry */
         __atomic_store_n(&e->state, VMC_PUBLISHED, __ATOMIC_RELEASE);
-        if (!pooled)
+        if (!pooled) {
             make_spare(c, old); /* named in place of head by name_spare */
-        else if (oe && (nonce == 0 || spare) && vmc_spare_slot_claim(c) &&
-                 name_spare(c, old, stale_name(c)))
-            make_spare(c, old);
-        else if (oe)
+            release_naming(c);
+        } else if (oe && (nonce == 0 || spare) && vmc_spare_slot_claim(c) && claim_naming(c)) {
+            if (name_spare(c, old, stale_name(c)))
+                make_spare(c, old);
+            else
+                vmc_release_entry(c, old);
+            release_naming(c);
+        } else if (oe) {
             vmc_release_entry(c, old);
+        }
         if (!oe) {
             if (victim && vslot == UINT32_MAX)
                 vmc_mark_damaged(c);
@@ -1541,7 +1583,8 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
 /* owned_reservation -- the head of a reservation this process holds. */
 static struct vmc_entry *owned_reservation(vmc_cache *c, uint64_t rid)
 {
-    if (RID_NONCE(rid) == 0 || !still_reserved(c, RID_HEAD(rid), RID_NONCE(rid))) {
+    if (RID_NONCE(rid) == 0 || RID_NONCE(rid) == VMC_SPARE_NONCE ||
+        !still_reserved(c, RID_HEAD(rid), RID_NONCE(rid))) {
         vmc_fail(VMC_E_STATE, "reservation %llx is not open in this process (already "
                               "published or cancelled, or made before a fork)",
                  (unsigned long long)rid);

@@ -621,6 +621,7 @@ int vmc_after_fork(vmc_cache *c)
     atomic_store(&c->active, 0);
     forget_rids(c);
     c->spare = 0; /* the parent's, which the parent may fill */
+    c->naming = 0; /* a parent's thread may have been renaming */
     c->spare_slot = 0; /* the parent's too: the child claims its own */
     if (atomic_load(&c->closed))
         return VMC_OK;

@@ -66,6 +66,10 @@ struct vmc_cache {
     uint64_t purge_cursor;        /* where the next bounded purge starts (atomic) */
     uint32_t spare;               /* a put's reservation kept for the next put (atomic
                                      exchange; 0 = none): see vmc_cache.c, "spare" */
+    uint32_t naming;              /* 1 while a thread of this handle renames its spare
+                                     slot and makes the named entry its spare (from
+                                     name_spare to make_spare): one thread at a time
+                                     (compare-and-swap), see vmc_cache.c, "the spare" */
     uint32_t spare_slot;          /* this handle's slot in hdr->spares, plus 1; 0 = none
                                      claimed yet, UINT32_MAX = none free (no spare is
                                      kept). Claimed under the pool lock (vmc_pool.c) */

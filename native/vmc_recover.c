@@ -276,7 +276,7 @@ int vmc_rebuild(vmc_cache *c, enum vmc_rebuild_mode mode, uint64_t *kept, uint64
         *kept += c->shards[s].count;
     c->hdr->pool.heads += (uint32_t)*kept;
     uint64_t clock = __atomic_load_n(&c->hdr->clock, __ATOMIC_ACQUIRE);
-    if (clock > VMC_MAX_CLOCK) /* damaged: no publication could have got there */
+    if (clock >= VMC_MAX_CLOCK) /* damaged: no publication could have got there */
         __atomic_store_n(&c->hdr->clock, clock = newest, __ATOMIC_RELEASE);
     if (newest > clock)
         __atomic_store_n(&c->hdr->clock, clock = newest, __ATOMIC_RELEASE);

@@ -773,6 +773,36 @@ def test_a_handle_keeps_a_spare_while_it_holds_a_spare_slot(cache_path: str) -> 
         assert c.statistics().used_bytes == one
 
 
+def test_threads_replacing_on_one_handle_keep_at_most_one_spare(cache_path: str) -> None:
+    """Threads of one handle replacing same-sized values at once (on the pure
+    cffi path they run in parallel: every call releases the GIL): one refills
+    the spare under its shard lock while another publishes under the pool
+    lock. The handle still keeps one spare at most, the one its slot names, so
+    that closing it leaves exactly the entries' room in use."""
+    keys = [[b"t%d-%d" % (t, i) for i in range(50)] for t in range(4)]
+    with Cache(cache_path, size=4 * MiB) as other:
+        with Cache(cache_path) as c:
+            for mine in keys:
+                for key in mine:
+                    c.put(key, bytes(100))  # new keys: nothing replaced, no spare yet
+            used = other.statistics().used_bytes
+
+            def replace(mine: list[bytes]) -> None:
+                for n in range(3000):
+                    c.put(mine[n % len(mine)], bytes([n % 251]) * 100)
+
+            threads = [threading.Thread(target=replace, args=(mine,)) for mine in keys]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        stats = other.statistics()
+        assert (stats.entries, stats.used_bytes) == (200, used)
+        for mine in keys:
+            for i, key in enumerate(mine):  # last replaced at n = 2950 + i
+                assert other.get(key) == bytes([(2950 + i) % 251]) * 100
+
+
 def test_a_forked_child_keeps_its_own_spare_and_leaves_its_parents(cache_path: str) -> None:
     """A fork()ed child forgets its parent's spare and spare slot: its
     replacements keep a spare of its own in a slot of its own, which its

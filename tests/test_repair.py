@@ -290,6 +290,23 @@ def test_a_clock_damaged_while_attached_is_repaired_by_the_next_put(cache_path: 
         assert (cache.get(b"a"), cache.get(b"b")) == (b"1", b"2")
 
 
+def test_a_clock_at_its_end_fails_puts_instead_of_repairing_forever(cache_path: str) -> None:
+    """A clock forged to one below its end (2^62): the next put takes the last
+    timestamp; the one after cannot have one, and the repair cannot move the
+    clock back below the newest entry's. That put fails with an error saying
+    so after a bounded number of repairs, instead of looping."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        cache.put(b"a", b"1")
+        off, size = HEADER_FIELDS["clock"]
+        with open(cache_path, "r+b") as f:  # the file's pages are the mapping's
+            f.seek(off)
+            f.write((2**62 - 2).to_bytes(size, "little"))
+        assert cache.put(b"b", b"2") == 2**62 - 1
+        with pytest.raises(aiovmc.AiovmcError, match="clock stays at its end"):
+            cache.put(b"c", b"3")
+        assert (cache.get(b"a"), cache.get(b"b"), cache.get(b"c")) == (b"1", b"2", None)
+
+
 def test_a_repair_keeps_a_live_handles_spare_off_the_reserved_list(cache_path: str) -> None:
     """A live repair keeps the spare of a live handle (a reservation of a live
     owner) where the handle's spare slot names it, not on the reserved list:
