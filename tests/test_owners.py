@@ -169,16 +169,20 @@ def test_a_damaged_owner_counter_starts_again(cache_path: str) -> None:
             r.cancel()
 
 
-# Fork a helper child (it outlives us, never touching the cache), then hold a
-# reservation and lead a load, and say so; the test SIGKILLs us.
+# Fork a helper child (it outlives us, never touching the cache) and wait until
+# its after-fork hooks have run (until then it holds what it inherited), then
+# hold a reservation and lead a load, and say so; the test SIGKILLs us.
 _FORKING_OWNER = """
 import os, sys, threading, time
 from aiovmc import Cache
 cache = Cache(sys.argv[1], on_miss=lambda key: (print("loading", flush=True), time.sleep(600)))
+forked, child_ready = os.pipe()
 helper = os.fork()
 if helper == 0:  # e.g. a pool worker: it only reads stdin, until EOF
+    os.write(child_ready, b"!")  # its after-fork hooks (aiovmc's included) have run
     sys.stdin.read()
     os._exit(0)
+os.read(forked, 1)
 r = cache.reserve(b"owned", 65536)
 print("helper", helper, flush=True)
 threading.Thread(target=cache.get, args=(b"loading",), daemon=True).start()
