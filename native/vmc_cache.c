@@ -933,6 +933,106 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
     return rc;
 }
 
+/* ---- optimistic reads ----
+ *
+ * A get first looks its key up without the shard lock, as the read side of a
+ * seqlock on the shard's `seq` (vmc_format.h): load `seq` (acquire; odd: a
+ * writer is in, take the lock), look up and copy with every address checked
+ * (vmc_index_find_unlocked, vmc_entry_copy: a racing writer may free and
+ * reuse what they read), then load `seq` again: unchanged, nothing the read
+ * saw was changed while it ran. A hit that way writes no line another core
+ * reads: the shard's lock line stays where it is.
+ *
+ * The LRU touch never stores into an unvalidated entry: only after the
+ * validation does the get store its access time, by compare-and-swap from the
+ * access time it read (so it stores only while the word still holds what the
+ * validated entry held), then check `seq` a third time. A writer that chose
+ * this entry as a victim opened its write section before it read the access
+ * time (a seq_cst increment), so either it saw the new time or the third check
+ * sees its section and the get starts again. Exact LRU: as under the lock.
+ *
+ * Its hit is counted in the handle's spare slot (its own line, summed by
+ * vmc_statistics): exact statistics. A miss, an expired entry, a value longer
+ * than VMC_SCRATCH_SIZE, damage, or a failed validation (twice) fall back to
+ * the locked get, which counts and handles them as before. */
+
+#define OPTIMISTIC_TRIES 2
+
+/* hit_counter -- the slot where this handle's optimistic hits are counted,
+ * its spare slot, taken with no lock on first use; NULL if it has none (every
+ * slot held: its hits are counted under the shard lock). */
+static struct vmc_spare_slot *hit_counter(vmc_cache *c)
+{
+    return __atomic_load_n(&c->spare_slot, __ATOMIC_ACQUIRE) ? vmc_spare_slot(c)
+                                                              : vmc_spare_slot_take_free(c);
+}
+
+/* get_optimistic -- the get of get_hashed without the shard lock (above):
+ * true with its answer in *rc (a hit), false if the locked get must answer. */
+static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t klen, uint64_t hash,
+                           uint64_t at, char *dst, size_t cap, uint64_t offset, uint32_t flags,
+                           uint64_t *meta, struct vmc_sink *sink, struct vmc_spare_slot *counter,
+                           int64_t *rc)
+{
+    struct vmc_shard *sh = &c->shards[s];
+    for (int attempt = 0; attempt < OPTIMISTIC_TRIES; attempt++) {
+        uint64_t seq = __atomic_load_n(&sh->seq, __ATOMIC_ACQUIRE);
+        if ((seq & 1) || vmc_damaged(c))
+            return false;
+        uint64_t now = at ? at : vmc_now_ns();
+        bool odd;
+        VMC_IGNORE_READS_BEGIN();
+        uint32_t u = vmc_index_find_unlocked(c, s, hash, key, klen, &odd);
+        struct vmc_entry *e = u ? vmc_unit(c, u) : NULL;
+        uint64_t vlen = e ? VMC_LOAD(e->value_len) : 0;
+        uint64_t expires = e ? VMC_LOAD(e->expires_ns) : 0;
+        uint64_t atime = e ? VMC_LOAD(e->atime_ns) : 0;
+        VMC_IGNORE_READS_END();
+        if (e == NULL || (expires != 0 && now >= expires) || vlen > VMC_SCRATCH_SIZE)
+            return false; /* a miss (counted under the lock), an entry to remove, a long copy */
+        char *to = sink ? sink->dst(sink, vlen) : dst;
+        size_t room = sink ? (to ? vlen : 0) : cap;
+        uint64_t from = 0, len = 0;
+        if (flags & VMC_F_WHOLE) {
+            len = vlen <= room ? vlen : 0;
+        } else if (offset < vlen) {
+            from = offset;
+            len = room < vlen - offset ? room : vlen - offset;
+        }
+        bool whole = from == 0 && len == vlen;
+        uint64_t data = hash;
+        VMC_IGNORE_READS_BEGIN();
+        int copied = len || whole ? vmc_entry_copy(c, u, to, from, len, whole ? &data : NULL)
+                                  : vmc_entry_check(c, u);
+        bool sound = copied == VMC_OK &&
+                     (!whole || vmc_entry_seal(e, data) == VMC_LOAD(e->checksum));
+        if (meta) {
+            meta[0] = VMC_LOAD(e->stamp);
+            meta[1] = expires;
+        }
+        VMC_IGNORE_READS_END();
+        VMC_FENCE(__ATOMIC_ACQUIRE); /* the reads above before the check */
+        if (VMC_LOAD(sh->seq) != seq)
+            continue; /* a writer was in: what was read means nothing */
+        if (!sound)
+            return false; /* damage: the locked get finds it and repairs */
+        if (counter) {
+            /* validated: the entry was the key's all along; touch it while
+             * it still holds the time read, then check for a victim chooser */
+            if (atime < now &&
+                !__atomic_compare_exchange_n(&e->atime_ns, &atime, now, false,
+                                             __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+                continue; /* touched meanwhile (or freed): look again */
+            if (__atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq)
+                continue;
+            __atomic_fetch_add(&counter->hits, 1, __ATOMIC_RELAXED);
+        }
+        *rc = (int64_t)vlen;
+        return true;
+    }
+    return false;
+}
+
 /* get_hashed -- get, for a key of a sound length and its hash, in a call
  * entered, at time `at` (its expiry check and access time; 0: the clock's). */
 static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, uint64_t at,
@@ -944,9 +1044,14 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & VMC_F_QUIET;
     bool counted = false; /* a sink's get may back off (VMC_BUSY) until it counts */
+    struct vmc_spare_slot *counter = quiet ? NULL : hit_counter(c);
+    if ((quiet || counter) &&
+        get_optimistic(c, s, key, klen, hash, at, dst, cap, offset, flags, meta, sink, counter,
+                       &rc))
+        return rc;
     for (int round = 0;; round++) {
         bool no_wait = sink && !counted;
-        if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) < 0)
+        if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock_reading(c, s)) < 0)
             return rc;
         uint64_t now = at ? at : vmc_now_ns();
         uint32_t slot;
@@ -962,6 +1067,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
             return rc;
         }
         if (e && vmc_expired(e, now)) {
+            vmc_shard_writing(c, s);
             rc = remove_locked(c, s, u, slot);
             if (rc == VMC_RETRY) {
                 vmc_shard_unlock(c, s);
@@ -1034,7 +1140,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         uint64_t stamp = e->stamp;
         vmc_shard_unlock(c, s);
         copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
-        if ((rc = vmc_shard_lock(c, s)) < 0)
+        if ((rc = vmc_shard_lock_reading(c, s)) < 0)
             return rc;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
@@ -1159,7 +1265,7 @@ static int contains(vmc_cache *c, const char *key, size_t klen, bool no_wait)
         uint64_t hash = vmc_hash_key(c, key, klen);
         uint32_t s = vmc_shard_of(c, hash), slot, u = 0;
         for (int round = 0;
-             (rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock(c, s)) == VMC_OK;
+             (rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock_reading(c, s)) == VMC_OK;
              round++) {
             u = vmc_index_find(c, s, hash, key, klen, &slot);
             rc = u && !vmc_expired(vmc_unit(c, u), vmc_now_ns());
@@ -1338,7 +1444,7 @@ int64_t vmc_shard_keys(vmc_cache *c, int shard, char *dst, size_t cap)
 {
     ENTER(c);
     int64_t rc = check_shard(c, shard);
-    if (rc == VMC_OK && (rc = vmc_shard_lock(c, (uint32_t)shard)) == VMC_OK) {
+    if (rc == VMC_OK && (rc = vmc_shard_lock_reading(c, (uint32_t)shard)) == VMC_OK) {
         const uint64_t *slots = c->index + (uint64_t)shard * c->slots;
         uint64_t now = vmc_now_ns(), used = 0;
         for (uint32_t i = 0; i < c->slots; i++) {
@@ -1504,6 +1610,8 @@ int vmc_statistics(vmc_cache *c, struct vmc_stats *out)
         out->expirations += VMC_LOAD(sh->expirations);
         out->entries += VMC_LOAD(sh->count);
     }
+    for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) /* the optimistic gets' hits */
+        out->hits += __atomic_load_n(&c->hdr->spares[i].hits, __ATOMIC_RELAXED);
     out->gets = out->hits + out->misses;
     struct vmc_header *h = c->hdr;
     out->loader_calls = __atomic_load_n(&h->loader_calls, __ATOMIC_RELAXED);
@@ -1532,7 +1640,7 @@ int vmc_count_loads(vmc_cache *c, const char *key, size_t klen, uint32_t loader_
          * were answered with a value, so they become hits (gets unchanged).
          * First, so that a failure (VMC_E_REPAIR: called again) counts nothing. */
         uint32_t s = vmc_shard_of(c, vmc_hash_key(c, key, klen));
-        if ((rc = vmc_shard_lock(c, s)) == VMC_OK) {
+        if ((rc = vmc_shard_lock_reading(c, s)) == VMC_OK) { /* counters only */
             struct vmc_shard *sh = &c->shards[s];
             uint64_t n = coalesced_hits < sh->misses ? coalesced_hits : sh->misses;
             VMC_STORE(sh->misses, sh->misses - n);
@@ -1659,7 +1767,7 @@ static int64_t committed(vmc_cache *c)
         return rc;
     uint64_t t = __atomic_load_n(&c->hdr->clock, __ATOMIC_SEQ_CST);
     for (uint32_t s = 0; s < c->n_shards; s++) {
-        int rc = vmc_shard_lock(c, s);
+        int rc = vmc_shard_lock_reading(c, s);
         if (rc < 0)
             return rc;
         vmc_shard_unlock(c, s);

@@ -12,10 +12,13 @@
  * reached its caller (a close racing vmc_reserve) is not leaked. */
 void vmc_cache_drop_reservations(vmc_cache *c);
 
-/* A destination chosen under the shard lock, once the value's length is
- * known (vmc_fast.c: a bytes object of that length, allocated with the GIL
- * held). `dst` may be called again, in a later round of the same get, with
- * another length; it returns NULL to copy nothing. */
+/* A destination chosen once the value's length is known, under the shard
+ * lock or in an optimistic round (vmc_fast.c: a bytes object of that length,
+ * allocated with the GIL held). `dst` may be called again, in a later round
+ * of the same get, with another length; it returns NULL to copy nothing. The
+ * destination holds the value only if the get answers a hit: a round that
+ * failed its validation may have filled it, and the get may then miss or
+ * answer VMC_BUSY without calling `dst` again. */
 struct vmc_sink {
     char *(*dst)(struct vmc_sink *sink, uint64_t len);
     size_t item; /* vmc_get_many_sink: the index of the key being looked up */

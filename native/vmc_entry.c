@@ -93,22 +93,12 @@ int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint
     return rc;
 }
 
-#ifdef __SANITIZE_THREAD__ /* the thread sanitizer's annotations (libtsan) */
-void AnnotateIgnoreReadsBegin(const char *file, int line);
-void AnnotateIgnoreReadsEnd(const char *file, int line);
-#define IGNORE_READS_BEGIN() AnnotateIgnoreReadsBegin(__FILE__, __LINE__)
-#define IGNORE_READS_END() AnnotateIgnoreReadsEnd(__FILE__, __LINE__)
-#else
-#define IGNORE_READS_BEGIN() ((void)0)
-#define IGNORE_READS_END() ((void)0)
-#endif
-
 int vmc_entry_copy_unlocked(vmc_cache *c, uint32_t head, char *dst, uint64_t offset,
                             uint64_t len, uint64_t *data)
 {
-    IGNORE_READS_BEGIN();
+    VMC_IGNORE_READS_BEGIN();
     int rc = vmc_entry_copy(c, head, dst, offset, len, data);
-    IGNORE_READS_END();
+    VMC_IGNORE_READS_END();
     return rc;
 }
 

@@ -643,9 +643,11 @@ static Py_ssize_t many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_
         if (sink.no_memory)
             rc = -1;
         for (Py_ssize_t i = from; i <= end && i < n && rc == 0; i++) {
+            int64_t got = status[i];
             PyObject *value = results[i];
             results[i] = NULL;
-            int64_t got = status[i];
+            if (got < 0) /* a destination given to a round that did not hit: not the value */
+                Py_CLEAR(value);
             if (value == NULL && (got >= 0 || (i == end && got == VMC_BUSY)))
                 value = finish(c, ptrs[i], lens[i], got, limit, flags, &got);
             if (value) {

@@ -158,6 +158,13 @@ struct vmc_shard {
     uint32_t count;         /* entries indexed (expired ones too, until removed) */
     uint32_t reserved1;
     uint64_t puts, evictions, expirations;
+    uint64_t seq;           /* the read sequence: odd while a lock holder may change the
+                               shard's index slots or entries (or reads access times to
+                               choose a victim), even otherwise. A write section opens
+                               with a seq_cst increment taken with the lock and closes
+                               with a release increment at the unlock; lock holders that
+                               only read open none. Read without the lock by optimistic
+                               gets (vmc_cache.c, "optimistic reads") */
     /* Every field is written under `lock`; count, top_atime and the counters
      * are also read without it (statistics, len, victim selection) through
      * relaxed atomic loads, so such a reader sees a slightly stale value. */
@@ -208,12 +215,16 @@ struct vmc_pool {
 
 /* A handle's spare slot: where the file names the handle's spare, a RESERVED
  * head on no list, so that a dead owner's spare is found (vmc_reclaim_dead)
- * without a walk over the pool. A line of its own: only its owner writes
- * `unit`, on every put that refills or renews its spare. */
+ * without a walk over the pool, and where its optimistic gets count their
+ * hits. A line of its own: only its owner writes `unit` and `hits`, on every
+ * put that refills or renews its spare and every optimistic hit. */
 struct vmc_spare_slot {
-    uint64_t owner;         /* the owner id holding the slot, 0 = free; pool lock. A slot
-                               of a dead owner is freed (with its spare) by
-                               vmc_reclaim_dead and by repair; recovery at open frees all */
+    uint64_t owner;         /* the owner id holding the slot, 0 = free. Taken from 0 by
+                               compare-and-swap (no lock: vmc_spare_slot_take_free);
+                               set to 0 (release store, `unit` first) by its owner's
+                               close and, for a dead owner, by vmc_reclaim_dead and
+                               claims (pool lock) and by repair; recovery at open frees
+                               all */
     uint32_t unit;          /* the owner's spare or the put filling it (RESERVED, nonce
                                VMC_SPARE_NONCE), 0 = none; may be stale (the head since
                                published or freed: believe it only with that state, owner
@@ -222,6 +233,10 @@ struct vmc_spare_slot {
                                lock held; read by others under the pool lock once the
                                owner is dead, or under every lock (repair) */
     uint32_t reserved0;
+    uint64_t hits;          /* hits counted by the optimistic gets of the slot's owners
+                               (atomic add by the owner, no lock), summed into the
+                               statistics with the shards' counters. Never reset while
+                               the file lives: a slot's next owner counts on */
 } __attribute__((aligned(64)));
 
 /* The header page. The first block is written once by the creator, before the
@@ -285,6 +300,8 @@ _Static_assert(sizeof(struct vmc_entry) == 56, "entry header must stay 56 bytes"
 _Static_assert(sizeof(struct vmc_entry) <= VMC_MIN_UNIT, "a unit holds an entry header");
 _Static_assert(offsetof(struct vmc_shard, top_atime) == 64 || sizeof(pthread_mutex_t) != 40,
                "a get hit must write the shard's first cache line only");
+_Static_assert(sizeof(struct vmc_shard) == 128, "a shard is two cache lines");
+_Static_assert(sizeof(struct vmc_spare_slot) == 64, "a spare slot is one cache line");
 _Static_assert(sizeof(struct vmc_body) == 16, "body header must stay 16 bytes");
 _Static_assert(sizeof(struct vmc_header) <= VMC_PAGE, "header must fit its page");
 

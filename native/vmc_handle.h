@@ -93,6 +93,28 @@ static inline uint64_t vmc_now_ns(void)
 }
 
 #define VMC_LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+
+/* Reads that race with writers by design (a seqlock's read side: optimistic
+ * gets, unlocked copies), validated afterwards: under the thread sanitizer
+ * they are annotated as such, and only they are. */
+#ifdef __SANITIZE_THREAD__ /* the thread sanitizer's annotations (libtsan) */
+void AnnotateIgnoreReadsBegin(const char *file, int line);
+void AnnotateIgnoreReadsEnd(const char *file, int line);
+#define VMC_IGNORE_READS_BEGIN() AnnotateIgnoreReadsBegin(__FILE__, __LINE__)
+#define VMC_IGNORE_READS_END() AnnotateIgnoreReadsEnd(__FILE__, __LINE__)
+#else
+#define VMC_IGNORE_READS_BEGIN() ((void)0)
+#define VMC_IGNORE_READS_END() ((void)0)
+#endif
+/* A memory fence: the seqlock's (vmc_mutex.c, vmc_cache.c). The thread
+ * sanitizer does not model fences (gcc refuses them there); its build relies
+ * on the atomic operations next to each fence, and ignores the reads the
+ * fences order (above). */
+#ifdef __SANITIZE_THREAD__
+#define VMC_FENCE(order) ((void)0)
+#else
+#define VMC_FENCE(order) __atomic_thread_fence(order)
+#endif
 /* Tags are stored with release order: the walk's invariant depends on the
  * order of the stores surviving a crash between any two of them. */
 #define VMC_STORE_TAG(x, v) __atomic_store_n(&(x), (v), __ATOMIC_RELEASE)

@@ -20,14 +20,17 @@ static uint32_t home_of(const vmc_cache *c, uint32_t tag)
     return (uint32_t)(((uint64_t)tag * c->slots) >> 32);
 }
 
-uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
-                        size_t klen, uint32_t *slot)
+/* find -- vmc_index_find, or (locked false) its optimistic twin: every load
+ * a relaxed atomic one, every address checked, and a slot that leads to no
+ * published head only noted in *odd (under the lock it is damage). */
+static uint32_t find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key, size_t klen,
+                     uint32_t *slot, bool locked, bool *odd)
 {
     uint64_t *s = slots_of(c, shard);
     uint32_t tag = (uint32_t)(hash >> 32);
     uint32_t i = home_of(c, tag);
     for (uint32_t probes = 0; probes < c->slots; probes++) {
-        uint64_t v = s[i];
+        uint64_t v = VMC_LOAD(s[i]);
         if (v == 0) {
             *slot = i;
             return 0;
@@ -43,10 +46,19 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
                 __builtin_prefetch((const char *)vmc_unit(c, u) + 192);
                 __builtin_prefetch((const char *)vmc_unit(c, u) + 256);
             }
+            /* vmc_head checked the key_len it loaded against the extent; a
+             * racing writer may change it before the load below, so the key's
+             * bytes are compared only where the pool holds them. */
             struct vmc_entry *e = vmc_head(c, u);
-            if (e == NULL || e->state != VMC_PUBLISHED) {
-                vmc_mark_damaged(c);
-            } else if (e->key_len == klen && memcmp(vmc_entry_key(e), key, klen) == 0) {
+            if (e == NULL || VMC_LOAD(e->state) != VMC_PUBLISHED) {
+                if (locked)
+                    vmc_mark_damaged(c);
+                else
+                    *odd = true;
+            } else if (VMC_LOAD(e->key_len) == klen &&
+                       ((uint64_t)(u - 1) << c->shift) + sizeof *e + klen <=
+                           (uint64_t)c->pool_units << c->shift &&
+                       memcmp(vmc_entry_key(e), key, klen) == 0) {
                 *slot = i;
                 return u;
             }
@@ -56,6 +68,20 @@ uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char 
     }
     *slot = UINT32_MAX;
     return 0;
+}
+
+uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
+                        size_t klen, uint32_t *slot)
+{
+    return find(c, shard, hash, key, klen, slot, true, NULL);
+}
+
+uint32_t vmc_index_find_unlocked(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
+                                 size_t klen, bool *odd)
+{
+    uint32_t slot;
+    *odd = false;
+    return find(c, shard, hash, key, klen, &slot, false, odd);
 }
 
 void vmc_index_prefetch(vmc_cache *c, uint64_t hash, bool entry)

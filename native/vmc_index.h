@@ -1,6 +1,7 @@
 /* vmc_index.h -- a shard's hash index: key -> head unit.
  *
- * Every function runs with the shard's lock held. A slot is
+ * Every function but vmc_index_find_unlocked and vmc_index_prefetch runs with
+ * the shard's lock held. A slot is
  * (hash >> 32) << 32 | head unit, 0 when empty (vmc_format.h).
  */
 #ifndef VMC_INDEX_H
@@ -13,6 +14,13 @@
  * shard's index is full), valid until the index changes. */
 uint32_t vmc_index_find(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
                         size_t klen, uint32_t *slot);
+/* vmc_index_find_unlocked -- vmc_index_find without the shard lock, for an
+ * optimistic get (the shard's `seq` validates the answer afterwards): safe to
+ * run against any concurrent change, its answer meaningful only if `seq` did
+ * not change. *odd is set if a slot led to no published head (damage, or a
+ * change in flight): the caller then looks again under the lock. */
+uint32_t vmc_index_find_unlocked(vmc_cache *c, uint32_t shard, uint64_t hash, const char *key,
+                                 size_t klen, bool *odd);
 /* vmc_index_set -- point a slot at a head: an occupied slot at a new head of
  * the same key, or the empty slot a miss of vmc_index_find returned. */
 void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, uint32_t unit);

@@ -135,7 +135,7 @@ void vmc_lru_append(vmc_cache *c, uint32_t shard, uint32_t unit)
     struct vmc_entry *e = vmc_unit(c, unit);
     if (sh->heap_len >= c->slots)
         vmc_lru_heapify(c, shard); /* drops the items of replaced duplicates */
-    h[sh->heap_len++] = (struct vmc_heap_item){e->atime_ns, unit, (uint32_t)e->stamp};
+    h[sh->heap_len++] = (struct vmc_heap_item){VMC_LOAD(e->atime_ns), unit, (uint32_t)e->stamp};
 }
 
 void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit)
@@ -147,7 +147,7 @@ void vmc_lru_insert(vmc_cache *c, uint32_t shard, uint32_t unit)
         vmc_mark_damaged(c); /* more items than the index has slots: repair rebuilds */
         return;
     }
-    h[sh->heap_len] = (struct vmc_heap_item){e->atime_ns, unit, (uint32_t)e->stamp};
+    h[sh->heap_len] = (struct vmc_heap_item){VMC_LOAD(e->atime_ns), unit, (uint32_t)e->stamp};
     sift_up(c, h, sh->heap_len++);
     publish_top(c, sh, h);
 }
@@ -198,11 +198,13 @@ uint32_t vmc_lru_settle(vmc_cache *c, uint32_t shard)
     }
     for (uint64_t steps = 0; sh->heap_len > 0 && steps <= 2ull * c->slots; steps++) {
         struct vmc_entry *e = live(c, &h[0]);
+        /* optimistic gets store atime_ns without the lock (vmc_cache.c): one load */
+        uint64_t atime = e ? VMC_LOAD(e->atime_ns) : 0;
         if (e == NULL) { /* damage: drop it, repair will follow */
             vmc_mark_damaged(c);
             remove_at(c, shard, 0);
-        } else if (e->atime_ns != h[0].key) {
-            h[0].key = e->atime_ns;
+        } else if (atime != h[0].key) {
+            h[0].key = atime;
             sift_down(c, h, sh->heap_len, 0);
         } else {
             publish_top(c, sh, h);

@@ -116,7 +116,22 @@ void vmc_pool_unlock(vmc_cache *c)
     pthread_mutex_unlock(&c->hdr->pool.lock);
 }
 
+void vmc_shard_writing(vmc_cache *c, uint32_t shard)
+{
+    uint64_t *seq = &c->shards[shard].seq;
+    if (!(VMC_LOAD(*seq) & 1)) { /* odd: a section already open, or left by a dead holder */
+        __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
+        /* a full fence (x86's locked add already is one; arm64 needs it): this
+         * thread's later loads of access times come after the increment */
+        VMC_FENCE(__ATOMIC_SEQ_CST);
+    }
+}
+
 void vmc_shard_unlock(vmc_cache *c, uint32_t shard)
 {
+    uint64_t *seq = &c->shards[shard].seq;
+    uint64_t v = VMC_LOAD(*seq);
+    if (v & 1)
+        __atomic_store_n(seq, v + 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&c->shards[shard].lock);
 }

@@ -338,7 +338,8 @@ struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c)
 }
 
 /* free_slot -- free a slot (a dead owner's, or this handle's at its close),
- * and the spare it names if that is still one of its owner's. */
+ * and the spare it names if that is still one of its owner's. `owner` goes
+ * last (release): a claimer that takes the slot from 0 finds `unit` at 0. */
 static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot)
 {
     uint32_t u = slot->unit;
@@ -347,30 +348,45 @@ static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot)
         e->checksum == VMC_SPARE_NONCE)
         vmc_release_entry(c, u);
     VMC_STORE(slot->unit, 0);
-    VMC_STORE(slot->owner, 0);
+    __atomic_store_n(&slot->owner, 0, __ATOMIC_RELEASE);
+}
+
+struct vmc_spare_slot *vmc_spare_slot_take_free(vmc_cache *c)
+{
+    struct vmc_spare_slot *slots = c->hdr->spares;
+    for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
+        uint64_t none = 0;
+        if (VMC_LOAD(slots[i].owner) != 0 ||
+            !__atomic_compare_exchange_n(&slots[i].owner, &none, c->owner, false,
+                                         __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            continue;
+        uint32_t unclaimed = 0;
+        if (__atomic_compare_exchange_n(&c->spare_slot, &unclaimed, i + 1, false,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return &slots[i];
+        /* another thread of this handle claimed one meanwhile: keep that one */
+        __atomic_store_n(&slots[i].owner, 0, __ATOMIC_RELEASE);
+        return vmc_spare_slot(c);
+    }
+    return NULL;
 }
 
 struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c)
 {
-    if (c->spare_slot)
+    if (__atomic_load_n(&c->spare_slot, __ATOMIC_ACQUIRE))
         return vmc_spare_slot(c);
     struct vmc_spare_slot *slots = c->hdr->spares;
-    uint32_t i = 0;
-    while (i < VMC_SPARE_SLOTS && slots[i].owner != 0)
-        i++;
-    for (uint32_t j = 0; i == VMC_SPARE_SLOTS && j < VMC_SPARE_SLOTS; j++)
-        if (!vmc_owner_alive(c, slots[j].owner)) { /* a dead owner's: free it for us */
+    struct vmc_spare_slot *slot = vmc_spare_slot_take_free(c);
+    for (uint32_t j = 0; slot == NULL && j < VMC_SPARE_SLOTS; j++) {
+        uint64_t owner = VMC_LOAD(slots[j].owner);
+        if (owner != 0 && !vmc_owner_alive(c, owner)) { /* a dead owner's: free it for us */
             free_slot(c, &slots[j]);
-            i = j;
+            slot = vmc_spare_slot_take_free(c);
         }
-    if (i == VMC_SPARE_SLOTS) { /* every slot held by a live handle: this one keeps no spare */
-        __atomic_store_n(&c->spare_slot, UINT32_MAX, __ATOMIC_RELEASE);
-        return NULL;
     }
-    VMC_STORE(slots[i].unit, 0);
-    VMC_STORE(slots[i].owner, c->owner);
-    __atomic_store_n(&c->spare_slot, i + 1, __ATOMIC_RELEASE);
-    return &slots[i];
+    if (slot == NULL) /* every slot held by a live handle: this one keeps no spare */
+        __atomic_store_n(&c->spare_slot, UINT32_MAX, __ATOMIC_RELEASE);
+    return slot;
 }
 
 void vmc_spare_slot_release(vmc_cache *c)
@@ -387,7 +403,7 @@ void vmc_spare_slots_reset(vmc_cache *c, bool all)
         struct vmc_spare_slot *slot = &c->hdr->spares[i];
         if (all || (slot->owner != 0 && !vmc_owner_alive(c, slot->owner))) {
             VMC_STORE(slot->unit, 0); /* the spare itself: the sweep frees it */
-            VMC_STORE(slot->owner, 0);
+            __atomic_store_n(&slot->owner, 0, __ATOMIC_RELEASE);
         }
     }
 }

@@ -28,11 +28,18 @@ void vmc_reserved_unlink(vmc_cache *c, uint32_t head);
  * the units freed. */
 uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
 /* vmc_spare_slot -- this handle's spare slot, or NULL if it has none (no
- * lock needed: only the pool lock's holder claims or releases it). */
+ * lock needed). */
 struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c);
-/* vmc_spare_slot_claim -- this handle's spare slot, claimed on first use (a
- * free slot, or a dead owner's, freed with its spare); NULL when every slot
- * belongs to a live handle (the handle then keeps no spare). */
+/* vmc_spare_slot_take_free -- claim a free slot for this handle, with no
+ * lock: compare-and-swap of its `owner` from 0 (every claim takes a slot so,
+ * and only a free, a release or a reset stores 0 there); its slot if it had
+ * one already, NULL if none is free. An optimistic get's first hit claims
+ * the slot it counts in this way. */
+struct vmc_spare_slot *vmc_spare_slot_take_free(vmc_cache *c);
+/* vmc_spare_slot_claim -- (pool lock held) this handle's spare slot, claimed
+ * on first use (a free slot, or a dead owner's, freed with its spare); NULL
+ * when every slot belongs to a live handle (the handle then keeps no spare
+ * and counts its hits under the shard locks). */
 struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c);
 /* vmc_spare_slot_release -- give this handle's slot back, and free the spare
  * it names (its close). */

@@ -89,8 +89,10 @@ static void reset_derived(vmc_cache *c, enum vmc_rebuild_mode mode)
 {
     for (uint32_t s = 0; s < c->n_shards; s++) {
         struct vmc_shard *sh = &c->shards[s];
-        if (mode == VMC_REBUILD_RECOVER)
+        if (mode == VMC_REBUILD_RECOVER) { /* else the repair's own write section is open */
             vmc_mutex_init(&sh->lock);
+            VMC_STORE(sh->seq, 0); /* a writer that died in a section left it odd */
+        }
         VMC_STORE(sh->heap_len, 0);
         VMC_STORE(sh->count, 0);
         VMC_STORE(sh->top_atime, UINT64_MAX);

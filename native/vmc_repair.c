@@ -49,6 +49,7 @@ int vmc_repair(vmc_cache *c)
         rc = vmc_mutex_lock(c, &c->shards[locked].lock);
         if (rc < 0)
             goto out;
+        vmc_shard_writing(c, locked);
     }
     rc = vmc_mutex_lock(c, &c->hdr->pool.lock);
     if (rc < 0)
@@ -98,6 +99,14 @@ static int lock_outer(vmc_cache *c, pthread_mutex_t *m)
 }
 
 int vmc_shard_lock(vmc_cache *c, uint32_t shard)
+{
+    int rc = vmc_shard_lock_reading(c, shard);
+    if (rc == VMC_OK)
+        vmc_shard_writing(c, shard);
+    return rc;
+}
+
+int vmc_shard_lock_reading(vmc_cache *c, uint32_t shard)
 {
     VMC_ASSERT(shard < c->n_shards, "shard %u of %u", shard, c->n_shards);
     return lock_outer(c, &c->shards[shard].lock);

@@ -29,10 +29,17 @@ bool vmc_no_repair_begin(bool on);
 void vmc_no_repair_end(bool previous);
 /* vmc_no_repair -- whether the calling thread defers repairs. */
 bool vmc_no_repair(void);
-/* vmc_shard_lock -- lock a shard with no other lock held, repairing first if needed. */
+/* vmc_shard_lock -- lock a shard with no other lock held, repairing first if
+ * needed, and open a write section (vmc_shard_writing): the holder may change
+ * the shard's index and entries. */
 int vmc_shard_lock(vmc_cache *c, uint32_t shard);
-/* vmc_shard_trylock -- lock a shard only if that takes no wait and no repair:
- * VMC_OK, or VMC_BUSY (nothing held; a dead owner is noted for the next lock). */
+/* vmc_shard_lock_reading -- vmc_shard_lock for a holder that only reads (and
+ * stores access times and counters): no write section, so optimistic gets of
+ * the shard go on. It opens one (vmc_shard_writing) before any other change. */
+int vmc_shard_lock_reading(vmc_cache *c, uint32_t shard);
+/* vmc_shard_trylock -- vmc_shard_lock_reading only if that takes no wait and
+ * no repair: VMC_OK, or VMC_BUSY (nothing held; a dead owner is noted for the
+ * next lock). */
 int vmc_shard_trylock(vmc_cache *c, uint32_t shard);
 /* vmc_pool_lock -- lock the pool with no other lock held, repairing first if needed. */
 int vmc_pool_lock(vmc_cache *c);

@@ -54,8 +54,9 @@ def run_program(program: str | Path, timeout: float = 60) -> subprocess.Complete
         path.unlink(missing_ok=True)
     try:
         command = [str(program)] if isinstance(program, Path) else ["-c", program]
-        return subprocess.run([sys.executable, *command], capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            [sys.executable, *command], capture_output=True, text=True, timeout=timeout, check=False
+        )
     finally:
         for path in files:
             path.unlink(missing_ok=True)
@@ -620,7 +621,21 @@ HEADER_FIELDS = {  # name: (offset, size)
     "spares[0].unit": (584, 4),
     **{f"free_head[{k}]": (168 + 4 * k, 4) for k in range(32)},
 }
-SHARD_FIELDS = {"heap_len": (40, 4), "count": (72, 4), "top_atime": (64, 8)}
+SPARE_SLOTS, SPARE_SLOT_SIZE = 48, 64  # struct vmc_spare_slot, from offset 576
+
+
+def slot_hits(path: str) -> list[int]:
+    """The hits each spare slot of the file at `path` counted: the optimistic
+    gets' (docs/format.md, "Spare slots")."""
+    with open(path, "rb") as f:
+        data = f.read(PAGE)
+    return [
+        int.from_bytes(data[off + 16 : off + 24], "little")
+        for off in range(576, 576 + SPARE_SLOTS * SPARE_SLOT_SIZE, SPARE_SLOT_SIZE)
+    ]
+
+
+SHARD_FIELDS = {"heap_len": (40, 4), "count": (72, 4), "top_atime": (64, 8), "seq": (104, 8)}
 ENTRY_FIELDS_AT = {
     "tag": (0, 8),
     "next": (8, 4),

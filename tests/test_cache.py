@@ -27,7 +27,7 @@ from aiovmc import (
 from aiovmc._convert import parse_size
 
 from .conftest import Clock
-from .helpers import private_file_stats
+from .helpers import SPARE_SLOTS, private_file_stats, slot_hits
 
 MiB = 1 << 20
 
@@ -78,10 +78,12 @@ def test_attach_with_other_size_is_config_error(cache_path: str) -> None:
 
 @pytest.mark.parametrize(
     "options, text",
-    [({"extent_size": 512}, "extent_size=256, not extent_size=512"),
-     ({"max_entries": 100}, "max_entries=6880, not max_entries=100"),
-     ({"policy": "none"}, "policy='lru', not policy='none'"),
-     ({"ttl": 5}, r"ttl=None, not ttl=5:")],
+    [
+        ({"extent_size": 512}, "extent_size=256, not extent_size=512"),
+        ({"max_entries": 100}, "max_entries=6880, not max_entries=100"),
+        ({"policy": "none"}, "policy='lru', not policy='none'"),
+        ({"ttl": 5}, r"ttl=None, not ttl=5:"),
+    ],
 )
 def test_attach_with_other_geometry_is_config_error(
     cache_path: str, options: dict[str, object], text: str
@@ -149,8 +151,17 @@ def test_parameter_types(cache_path: str) -> None:
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("512k", 512 << 10), ("64MiB", 64 << 20), ("1GiB", 1 << 30), ("1.5G", 3 << 29),
-     ("4kb", 4096), ("100", 100), ("2T", 2 << 40), (" 8 M ", 8 << 20), (4096, 4096)],
+    [
+        ("512k", 512 << 10),
+        ("64MiB", 64 << 20),
+        ("1GiB", 1 << 30),
+        ("1.5G", 3 << 29),
+        ("4kb", 4096),
+        ("100", 100),
+        ("2T", 2 << 40),
+        (" 8 M ", 8 << 20),
+        (4096, 4096),
+    ],
 )
 def test_parse_size(text: object, expected: int) -> None:
     assert parse_size(text) == expected
@@ -226,8 +237,13 @@ def test_key_size_limits(cache: Cache) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"abc", bytearray(b"abc"), memoryview(b"xabcx")[1:4], array.array("b", b"abc"),
-     np.frombuffer(b"abc", dtype=np.uint8)],
+    [
+        b"abc",
+        bytearray(b"abc"),
+        memoryview(b"xabcx")[1:4],
+        array.array("b", b"abc"),
+        np.frombuffer(b"abc", dtype=np.uint8),
+    ],
 )
 def test_value_types(cache: Cache, value: Any) -> None:
     cache.put(b"k", value)
@@ -414,7 +430,7 @@ def test_evict_key_and_lru(cache_path: str) -> None:
 def test_policy_none(cache_path: str) -> None:
     with Cache(cache_path, size=MiB, policy="none") as c:
         n = 0
-        with pytest.raises(CacheFullError, match="policy is \"none\""):
+        with pytest.raises(CacheFullError, match='policy is "none"'):
             while True:
                 c.put(f"k{n}", bytes(1000))
                 n += 1
@@ -472,8 +488,17 @@ def test_put_then_get_hits_even_when_evicting(cache_path: str) -> None:
 def test_exact_statistics(cache_path: str) -> None:
     with Cache(cache_path, size=MiB) as c:
         assert c.statistics() == aiovmc.CacheStatistics(
-            puts=0, gets=0, hits=0, misses=0, evictions=0, expirations=0, entries=0,
-            used_bytes=0, capacity=c.capacity, loader_calls=0, coalesced_gets=0,
+            puts=0,
+            gets=0,
+            hits=0,
+            misses=0,
+            evictions=0,
+            expirations=0,
+            entries=0,
+            used_bytes=0,
+            capacity=c.capacity,
+            loader_calls=0,
+            coalesced_gets=0,
             load_takeovers=0,
         )
         c.put(b"a", b"1")
@@ -561,8 +586,13 @@ def test_add_over_expired_entry(cache: Cache, clock: Clock) -> None:
 
 @pytest.mark.parametrize(
     "ttl, text",
-    [(0, "positive"), (-1, "positive"), (float("nan"), "positive"), (float("inf"), "positive"),
-     (1e10, "century")],
+    [
+        (0, "positive"),
+        (-1, "positive"),
+        (float("nan"), "positive"),
+        (float("inf"), "positive"),
+        (1e10, "century"),
+    ],
 )
 def test_invalid_ttl(cache: Cache, ttl: float, text: str) -> None:
     with pytest.raises(CacheConfigError, match=text):
@@ -660,10 +690,19 @@ def test_closed_handle(cache_path: str) -> None:
     c.close()
     assert c.closed
     for call in (
-        lambda: c.get(b"k"), lambda: c.put(b"k", b"v"), lambda: b"k" in c, lambda: len(c),
-        lambda: c.statistics(), lambda: c.delete(b"k"), lambda: c.keys(), lambda: c.clear(),
-        lambda: c.reserve(b"k", 10), lambda: c.persist(), lambda: c.evict(),
-        lambda: c.get_into(b"k", bytearray(1)), lambda: c.purge_expired(),
+        lambda: c.get(b"k"),
+        lambda: c.put(b"k", b"v"),
+        lambda: b"k" in c,
+        lambda: len(c),
+        lambda: c.statistics(),
+        lambda: c.delete(b"k"),
+        lambda: c.keys(),
+        lambda: c.clear(),
+        lambda: c.reserve(b"k", 10),
+        lambda: c.persist(),
+        lambda: c.evict(),
+        lambda: c.get_into(b"k", bytearray(1)),
+        lambda: c.purge_expired(),
     ):
         with pytest.raises(CacheClosedError):
             call()
@@ -741,9 +780,6 @@ def test_reservation_cancel_and_context(cache: Cache) -> None:
     assert cache.statistics().used_bytes == used + 256
 
 
-SPARE_SLOTS = 48  # the header's spare slots (docs/format.md)
-
-
 def test_a_handle_keeps_a_spare_while_it_holds_a_spare_slot(cache_path: str) -> None:
     """Each handle that keeps a spare holds one of the header's spare slots,
     where the file names its spare; a handle that finds every slot held by a
@@ -801,6 +837,97 @@ def test_threads_replacing_on_one_handle_keep_at_most_one_spare(cache_path: str)
         for mine in keys:
             for i, key in enumerate(mine):  # last replaced at n = 2950 + i
                 assert other.get(key) == bytes([(2950 + i) % 251]) * 100
+
+
+def test_threads_reading_while_another_writes_verify_and_count_exactly(cache_path: str) -> None:
+    """Threads of one handle get a few keys without the shard lock (optimistic
+    reads, counted in the handle's slot by every thread) while a thread of the
+    same handle replaces them with values of other sizes and deletes them:
+    every value read is its key's, and the hits and misses counted are exactly
+    those the readers saw."""
+    keys = [b"r%d" % i for i in range(8)]
+    seen = [[0, 0] for _ in range(3)]
+    errors: list[BaseException] = []
+    with Cache(cache_path, size=MiB) as c:
+        before = c.statistics()
+        start = threading.Barrier(4)
+
+        def read(me: int) -> None:
+            rng = random.Random(me)
+            try:
+                start.wait()
+                for _ in range(20_000):
+                    key = rng.choice(keys)
+                    value = c.get(key)
+                    if value is None:
+                        seen[me][1] += 1
+                    else:
+                        seen[me][0] += 1
+                        assert value == key * (len(value) // len(key)), key
+            except BaseException as exc:
+                errors.append(exc)
+
+        def write() -> None:
+            rng = random.Random(99)
+            start.wait()
+            for n in range(6000):
+                key = rng.choice(keys)
+                if n % 10 == 0:
+                    c.delete(key)
+                else:
+                    c.put(key, key * rng.choice((10, 100, 1000, 5000)))
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+        threads.append(threading.Thread(target=write))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        after = c.statistics()
+        assert after.hits - before.hits == sum(h for h, _ in seen)
+        assert after.misses - before.misses == sum(m for _, m in seen)
+
+
+def test_a_handles_hits_outlive_it_in_its_slot(cache_path: str) -> None:
+    """An optimistic hit is counted in its handle's spare slot, not in the
+    shard: closing the handle keeps the count, and the slot's next owner counts
+    on from it. The file-wide statistics stay exact throughout."""
+    with Cache(cache_path, size=MiB) as c:
+        c.put(b"k", b"v")
+        base = c.statistics().hits
+        with Cache(cache_path) as reader:
+            for _ in range(10):
+                assert reader.get(b"k") == b"v"
+            counted = slot_hits(cache_path)
+        assert sum(counted) >= 10  # counted in a slot, the reader's or c's
+        assert c.statistics().hits == base + 10  # closed: still counted
+        with Cache(cache_path) as next_reader:  # takes the freed slot
+            for _ in range(5):
+                assert next_reader.get(b"k") == b"v"
+        assert c.statistics().hits == base + 15
+        assert sum(slot_hits(cache_path)) == sum(counted) + 5
+
+
+def test_handles_beyond_the_slots_count_hits_under_the_lock(cache_path: str) -> None:
+    """48 spare slots: a handle that finds every one held by a live handle
+    reads under the shard lock and counts its hits there; the statistics are
+    exact either way."""
+    with Cache(cache_path, size=MiB) as c:
+        c.put(b"k", b"v")
+        handles = [Cache(cache_path) for _ in range(SPARE_SLOTS)]
+        try:
+            for h in handles:
+                assert h.get(b"k") == b"v"  # each takes a slot (c holds none yet)
+            assert all(slot_hits(cache_path))
+            held, base = slot_hits(cache_path), c.statistics().hits
+            for _ in range(7):
+                assert c.get(b"k") == b"v"
+            assert slot_hits(cache_path) == held  # no slot of c's
+            assert c.statistics().hits == base + 7
+        finally:
+            for h in handles:
+                h.close()
 
 
 def test_a_forked_child_keeps_its_own_spare_and_leaves_its_parents(cache_path: str) -> None:

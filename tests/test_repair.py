@@ -29,20 +29,25 @@ from aiovmc._cache import CacheCore
 from aiovmc._errors import RepairNeeded
 from aiovmc._native._binding import ffi
 
-from .helpers import HEADER_FIELDS, WAIT, check_value, make_value, read_header
+from .helpers import HEADER_FIELDS, SHARD_FIELDS, WAIT, check_value, make_value, read_header
 
 N = 200
 
 
-def _lock_and_die(path: str, base: int | None, offsets: list[int]) -> None:
+def _lock_and_die(path: str, base: int | None, offsets: list[int], seqs: list[int]) -> None:
     """Take locks of the file and die holding them (a process SIGKILLed
-    mid-operation). A spawned process (no `base`) maps the file itself."""
+    mid-operation). At each of `seqs` (a shard's read sequence), open a write
+    section as a writer does (odd), so that optimistic gets of that shard look
+    no further. A spawned process (no `base`) maps the file itself."""
     if base is None:
         cache = aiovmc.Cache(path)
         base = int(ffi.cast("uintptr_t", cache._base))
     libc = ctypes.CDLL(None)
     for offset in offsets:
         libc.pthread_mutex_lock(ctypes.c_void_p(base + offset))
+    for offset in seqs:
+        seq = ctypes.c_uint64.from_address(base + offset)
+        seq.value |= 1
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -52,18 +57,46 @@ def _fill(cache: aiovmc.Cache) -> None:
         cache.put(key, make_value(key, i, 300))
 
 
-def _kill_holding_every_shard_lock(cache: aiovmc.Cache, path: str, method: str = "fork") -> None:
+def _kill_holding_every_shard_lock(
+    cache: aiovmc.Cache, path: str, method: str = "fork", writing: bool = True
+) -> None:
     """A process takes every shard lock, and is SIGKILLed holding them:
-    whichever key the next call looks up, its lock's owner is dead."""
+    whichever key the next call looks up, its lock's owner is dead. `writing`:
+    it died in a write section of every shard (as a put, a delete or an
+    eviction would), else holding the locks only to read."""
     hdr = read_header(Path(path).read_bytes()[:4096])
     base = int(ffi.cast("uintptr_t", cache._base)) if method == "fork" else None
     shard_size = (hdr["flights_off"] - hdr["shards_off"]) // 64  # sizeof(struct vmc_shard)
     offsets = [hdr["shards_off"] + shard * shard_size for shard in range(64)]
+    seq = SHARD_FIELDS["seq"][0]
+    seqs = [offset + seq for offset in offsets] if writing else []
     ctx: Any = multiprocessing.get_context(method)
-    p = ctx.Process(target=_lock_and_die, args=(path, base, offsets))
+    p = ctx.Process(target=_lock_and_die, args=(path, base, offsets, seqs))
     p.start()
     p.join(WAIT)
     assert p.exitcode == -signal.SIGKILL
+
+
+def test_a_holder_that_died_reading_leaves_hits_to_the_optimistic_path(cache_path: str) -> None:
+    """A process SIGKILLed holding every shard lock outside a write section
+    (as a locked get holds it) changed nothing: a hit is answered without the
+    lock, its dead owner unnoticed and nothing to repair for it. A miss looks
+    again under the lock: it finds the dead owner, and the repair keeps every
+    entry."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        _fill(cache)
+        _kill_holding_every_shard_lock(cache, cache_path, writing=False)
+        core = CacheCore(cache)
+        for i in range(N):  # inline calls: a lock taken would answer RepairNeeded
+            key = b"e%d" % i
+            assert check_value(key, core.get_inline(key, 1 << 20)) == i
+        with pytest.raises(RepairNeeded):
+            core.get_inline(b"absent", 1 << 20)
+        assert cache.get(b"absent") is None  # Cache repairs on the calling thread
+        assert len(cache) == N
+        for i in range(N):
+            key = b"e%d" % i
+            assert check_value(key, core.get_inline(key, 1 << 20)) == i
 
 
 def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: str) -> None:
