@@ -9,6 +9,14 @@ round's figure is the sum of its workers' ops/s; the rounds of every group are
 interleaved. py-lmdb runs the same: a read transaction per 1,000 gets, a write
 transaction per put. Scaling = median(2 processes) / median(1 process). With 2
 CPUs, the 2-process figure leaves no core to the OS or the parent: a lower bound.
+
+What the scaling figure cannot tell apart -- the code contending and the machine
+giving less than two cores -- is measured beside it: each worker's thread CPU
+time per op (cache-line transfers and lock waits spent spinning count there; a
+CPU taken away by the hypervisor or lent to another process does not), and the
+share of the CPUs' time the hypervisor stole during each group's rounds
+(/proc/stat). CPU per op at 2 processes over 1 process near 1.0 means the
+processes did not slow each other down.
 """
 
 from __future__ import annotations
@@ -44,6 +52,11 @@ TABLES = [
           Plot("bars", "bench_scaling.png", "Throughput on one shared file (median)",
                xlabel="M ops/s")),
     Table("2 processes / 1", "Scaling: the 2-process figure over the 1-process one"),
+    Table("CPU per op", "A worker thread's CPU time per op (mean over the group's workers)"),
+    Table("CPU per op, 2 processes / 1",
+          "Contention: CPU per op with 2 processes over 1 process (1.00: none)"),
+    Table("steal", "CPU time the hypervisor took from the VM during the group's rounds, "
+                   "% of both CPUs"),
 ]  # fmt: skip
 MODES = ("get", "put", "10 % puts")
 CHUNK = 1_000
@@ -92,16 +105,25 @@ def _worker(
             gc.collect()
             gc.disable()
             ops, i = 0, 0
+            cpu0 = time.thread_time_ns()
             t0 = time.perf_counter_ns()
             end = t0 + int(duration * 1e9)
             while (now := time.perf_counter_ns()) < end:
                 chunk_loop(chunks[i])
                 ops += len(chunks[i])
                 i = (i + 1) % len(chunks)
+            cpu = time.thread_time_ns() - cpu0
             gc.enable()
-            queue.put(ops * 1e9 / (now - t0))
+            queue.put((ops * 1e9 / (now - t0), cpu / ops))
     finally:
         close()
+
+
+def _stolen() -> tuple[int, int]:
+    """(steal, all) jiffies of every CPU since boot, from /proc/stat's cpu line."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[7], sum(fields[:8])  # user nice system idle iowait irq softirq steal
 
 
 def run(settings: Settings, fam: Family) -> None:
@@ -120,6 +142,8 @@ def run(settings: Settings, fam: Family) -> None:
         env.close()
         groups = [(lib, mode, n) for lib in paths for mode in MODES for n in (1, 2)]
         per: dict[tuple[str, str, int], list[float]] = {g: [] for g in groups}
+        cpu: dict[tuple[str, str, int], list[float]] = {g: [] for g in groups}
+        steal = {g: [0, 0] for g in groups}
         say(f"  {len(groups)} process groups, {rounds} rounds of {settings.duration:g} s")
         with contextlib.ExitStack() as stack:
             running = {
@@ -130,14 +154,28 @@ def run(settings: Settings, fam: Family) -> None:
             }  # fmt: skip
             for r in range(rounds):
                 for g, group in running.items():
-                    total = sum(group.round())
+                    stolen0, all0 = _stolen()
+                    reports = group.round()
+                    stolen1, all1 = _stolen()
                     if r >= settings.warmup:
-                        per[g].append(total)
+                        per[g].append(sum(ops for ops, _ in reports))
+                        cpu[g].append(sum(c for _, c in reports) / len(reports))
+                        steal[g][0] += stolen1 - stolen0
+                        steal[g][1] += all1 - all0
     for (lib, mode, n), xs in per.items():
-        fam.add("throughput", lib, f"{mode}, {n} process{'es' if n > 1 else ''}", xs, "ops/s")
+        col = f"{mode}, {n} process{'es' if n > 1 else ''}"
+        fam.add("throughput", lib, col, xs, "ops/s")
+        fam.add("CPU per op", lib, col, cpu[(lib, mode, n)], "ns")
+        stolen, total = steal[(lib, mode, n)]
+        fam.add("steal", lib, col, 100 * stolen / max(total, 1), "%")
     for lib in paths:
         for mode in MODES:
             one = fam.value("throughput", lib, f"{mode}, 1 process")
             two = fam.value("throughput", lib, f"{mode}, 2 processes")
             fam.add("2 processes / 1", lib, mode, two / one, "x")
-            say(f"  {lib} {mode}: {fmt(one, 'ops/s')} -> {fmt(two, 'ops/s')} ({two / one:.2f}×)")
+            cpu1 = fam.value("CPU per op", lib, f"{mode}, 1 process")
+            cpu2 = fam.value("CPU per op", lib, f"{mode}, 2 processes")
+            fam.add("CPU per op, 2 processes / 1", lib, mode, cpu2 / cpu1, "x")
+            say(f"  {lib} {mode}: {fmt(one, 'ops/s')} -> {fmt(two, 'ops/s')} ({two / one:.2f}×); "
+                f"CPU per op {fmt(cpu1, 'ns')} -> {fmt(cpu2, 'ns')} ({cpu2 / cpu1:.2f}×), "
+                f"steal {fam.value('steal', lib, f'{mode}, 2 processes'):.1f} %")

@@ -3,8 +3,9 @@
  * A put is a reservation filled and published in one call: room is taken
  * under the pool lock (evicting least recently used entries first), the key
  * and value are copied with no lock held, then the entry is linked under its
- * shard lock, which is also where it gets its timestamp. A get hashes, locks
- * the key's shard, looks up, touches the LRU order and copies, in one call.
+ * shard lock, which is also where it gets its timestamp. A get hashes, looks
+ * up, copies and touches the LRU order in one call: without the shard lock,
+ * validated by the shard's read sequence ("optimistic reads"), or under it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -142,7 +143,7 @@ static void unlist(vmc_cache *c, uint32_t head, uint32_t nonce)
 static void free_spare(vmc_cache *c, uint32_t spare)
 {
     if (spare && still_reserved(c, spare, VMC_SPARE_NONCE)) {
-        unname_spare(c, spare);
+        unlist(c, spare, VMC_SPARE_NONCE);
         vmc_release_entry(c, spare);
     }
 }
@@ -339,7 +340,11 @@ static int64_t evict_for(vmc_cache *c, size_t klen, uint64_t vlen, bool contiguo
     }
     uint64_t *stamps = (uint64_t *)(heads + WINDOW_VICTIMS), *hashes = stamps + WINDOW_VICTIMS;
     uint32_t n = vmc_pool_window(c, run, heads, WINDOW_VICTIMS);
-    for (uint32_t i = 0; i < n; i++) { /* entries cannot go while the pool lock is held */
+    /* Noted under the pool lock, but an entry may still go before its
+     * eviction (a refill turns a replaced entry into a spare under its shard
+     * lock alone, and its owner rewrites it with no lock): evict_victim
+     * evicts only what is still indexed under this hash with this stamp. */
+    for (uint32_t i = 0; i < n; i++) {
         struct vmc_entry *e = heads[i] ? vmc_head(c, heads[i]) : NULL;
         stamps[i] = e ? e->stamp : 0;
         hashes[i] = e ? vmc_hash_key(c, vmc_entry_key(e), e->key_len) : 0;
@@ -959,12 +964,20 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
 #define OPTIMISTIC_TRIES 2
 
 /* hit_counter -- the slot where this handle's optimistic hits are counted,
- * its spare slot, taken with no lock on first use; NULL if it has none (every
- * slot held: its hits are counted under the shard lock). */
+ * its spare slot, taken with no lock on first use; NULL if it has none: every
+ * slot was held by a live handle when it looked (its hits are then counted
+ * under the shard lock for its life; attaching handles free dead owners'
+ * slots, vmc_reclaim_dead). */
 static struct vmc_spare_slot *hit_counter(vmc_cache *c)
 {
-    return __atomic_load_n(&c->spare_slot, __ATOMIC_ACQUIRE) ? vmc_spare_slot(c)
-                                                              : vmc_spare_slot_take_free(c);
+    if (__atomic_load_n(&c->spare_slot, __ATOMIC_ACQUIRE))
+        return vmc_spare_slot(c);
+    struct vmc_spare_slot *slot = vmc_spare_slot_take_free(c);
+    uint32_t unclaimed = 0;
+    if (slot == NULL) /* none free: do not look again on every get */
+        __atomic_compare_exchange_n(&c->spare_slot, &unclaimed, UINT32_MAX, false,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    return slot;
 }
 
 /* get_optimistic -- the get of get_hashed without the shard lock (above):
@@ -1014,16 +1027,25 @@ static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t kle
         VMC_FENCE(__ATOMIC_ACQUIRE); /* the reads above before the check */
         if (VMC_LOAD(sh->seq) != seq)
             continue; /* a writer was in: what was read means nothing */
-        if (!sound)
+        if (!sound || odd)
             return false; /* damage: the locked get finds it and repairs */
         if (counter) {
-            /* validated: the entry was the key's all along; touch it while
-             * it still holds the time read, then check for a victim chooser */
-            if (atime < now &&
-                !__atomic_compare_exchange_n(&e->atime_ns, &atime, now, false,
-                                             __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
-                continue; /* touched meanwhile (or freed): look again */
-            if (__atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq)
+            /* validated: the entry was the key's all along. Touch it while it
+             * still holds a time read in a validated state: a swap that fails
+             * reloads the time, which another reader's touch may have moved
+             * (then swap again, unless it is already later), or a writer's
+             * reuse (then `seq` moved: look again). Last, check for a victim
+             * chooser that read the old time. */
+            bool touched = true;
+            while (atime < now && !__atomic_compare_exchange_n(&e->atime_ns, &atime, now, false,
+                                                               __ATOMIC_SEQ_CST,
+                                                               __ATOMIC_SEQ_CST)) {
+                if (__atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq) {
+                    touched = false;
+                    break;
+                }
+            }
+            if (!touched || __atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq)
                 continue;
             __atomic_fetch_add(&counter->hits, 1, __ATOMIC_RELAXED);
         }
@@ -1341,7 +1363,7 @@ static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
     uint32_t s = vmc_shard_of(c, hash), slot;
     struct vmc_shard *sh = &c->shards[s];
     for (int round = 0;; round++) {
-        if ((rc = vmc_shard_lock(c, s)) < 0)
+        if ((rc = vmc_shard_lock_reading(c, s)) < 0) /* an absent key changes nothing */
             return rc;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
         if (u == 0) {
@@ -1350,6 +1372,7 @@ static int remove_key(vmc_cache *c, const char *key, size_t klen, bool evicted)
                 continue;
             return 0;
         }
+        vmc_shard_writing(c, s);
         bool expired = vmc_expired(vmc_unit(c, u), vmc_now_ns());
         rc = remove_locked(c, s, u, slot);
         if (rc == VMC_OK && expired)

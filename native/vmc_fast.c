@@ -3,10 +3,10 @@
  * The cffi binding pays, per get, a cffi call that releases and retakes the
  * GIL, and a per-thread scratch buffer (with a re-entrancy flag) from which
  * the result is sliced: two copies. Here the result is a bytes object
- * allocated under the shard lock once the value's length is known, and the
- * value is copied into it (and verified against its checksum) in one pass,
- * with the GIL held throughout. That is safe because nothing holding a shard
- * lock ever waits for the GIL (no core code calls Python, and allocating a
+ * allocated once the value's length is known (in an optimistic round, or
+ * under the shard lock), and the value is copied into it (and verified
+ * against its checksum) in one pass, with the GIL held throughout. That is
+ * safe because nothing holding a shard lock ever waits for the GIL (no core code calls Python, and allocating a
  * bytes object runs no Python code), and it never stalls the process's other
  * threads behind another process: vmc_get_sink only *tries* the shard lock
  * and backs off (VMC_BUSY) rather than wait for it, for a repair or for the
@@ -139,6 +139,8 @@ struct bytes_sink {
 static char *bytes_dst(struct vmc_sink *sink, uint64_t len)
 {
     struct bytes_sink *b = (struct bytes_sink *)sink;
+    if (b->no_memory) /* an exception is set: allocate nothing more */
+        return NULL;
     PyObject **result = &b->results[sink->item];
     if (*result && (uint64_t)PyBytes_GET_SIZE(*result) == len)
         return PyBytes_AS_STRING(*result); /* a later round, the same length */
@@ -295,7 +297,7 @@ static PyObject *lookup(vmc_cache *c, const char *k, size_t klen, int64_t limit,
     PyObject *result = NULL;
     struct bytes_sink sink = {{bytes_dst, 0}, max, &result, false};
     int64_t n = vmc_get_sink(c, k, klen, &sink.base, flags);
-    if (n >= 0 && result) /* the hit, copied and verified under the lock */
+    if (n >= 0 && result && !sink.no_memory) /* the hit, copied and verified */
         return result;
     Py_CLEAR(result);
     if (sink.no_memory)

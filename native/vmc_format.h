@@ -10,8 +10,10 @@
  * read from the file is bounds-checked before it is used to address memory.
  *
  * Locks (process-shared, robust pthread mutexes living in the file):
- *   - shard[i].lock guards shard i: its index slots, its LRU heap, the atime
- *     of its PUBLISHED entries, its counters;
+ *   - shard[i].lock guards shard i: its index slots, its LRU heap, its
+ *     counters, the atime of its PUBLISHED entries (an optimistic get also
+ *     stores it without the lock: vmc_cache.c, "optimistic reads"); a holder
+ *     that changes the index or an entry does so in a write section (`seq`);
  *   - pool.lock guards the allocator: free lists, extent tags, the reserved list
  *     and the links of RESERVED entries.
  *
@@ -22,7 +24,7 @@
  * once. The least recently used entry of the shard is then the
  * top once settled, and that of the whole cache the settled top with the
  * smallest key over all shards: exact LRU, with a hit writing nothing shared
- * but the shard's lock line and its own entry.
+ * but its own entry (and its handle's counter line).
  * Order: at most one shard lock, then the pool lock. Repair takes every shard
  * lock in ascending order, then the pool lock ("stop the world").
  *
@@ -125,7 +127,8 @@ struct vmc_entry {
     uint32_t checksum;      /* over sizes, expiry, timestamp, key and value; shard lock, at publication */
     uint64_t expires_ns;    /* CLOCK_REALTIME deadline, 0 = never; pool lock, at allocation */
     uint64_t stamp;         /* publication timestamp; shard lock, at publication */
-    uint64_t atime_ns;      /* PUBLISHED: last access (CLOCK_REALTIME), shard lock.
+    uint64_t atime_ns;      /* PUBLISHED: last access (CLOCK_REALTIME), shard lock, or an
+                               optimistic get's compare-and-swap after its validation.
                                RESERVED: the owner id (vmc_flight.h), pool lock. Publication
                                overwrites it before changing the state, so a crash in between
                                leaves a RESERVED entry whose "owner" (a time, >= 2^40) is none. */
@@ -145,12 +148,13 @@ struct vmc_free {
 };
 
 struct vmc_shard {
-    /* First cache line: all that a get hit writes (the lock and the hit or
-     * miss count), so that a hit moves one shared line between cores. */
+    /* First cache line: all that a get under the lock writes (the lock and the
+     * hit or miss count); an optimistic hit writes nothing of its shard. */
     pthread_mutex_t lock;
     uint32_t heap_len;      /* items in this shard's LRU heap */
     uint32_t reserved0;
-    uint64_t hits, misses;  /* gets = hits + misses */
+    uint64_t hits, misses;  /* of gets under the lock; gets = every hit (the spare
+                               slots' too) + misses */
     /* Second line: written by puts, removals and evictions. */
     uint64_t top_atime;     /* key of the heap's top item (UINT64_MAX if empty): a lower
                                bound of the shard's least recent access, read without the
@@ -161,8 +165,9 @@ struct vmc_shard {
     uint64_t seq;           /* the read sequence: odd while a lock holder may change the
                                shard's index slots or entries (or reads access times to
                                choose a victim), even otherwise. A write section opens
-                               with a seq_cst increment taken with the lock and closes
-                               with a release increment at the unlock; lock holders that
+                               with a seq_cst increment taken with the lock (+1, or +2
+                               if a dead holder or damage left it odd) and closes with
+                               a release increment at the unlock; lock holders that
                                only read open none. Read without the lock by optimistic
                                gets (vmc_cache.c, "optimistic reads") */
     /* Every field is written under `lock`; count, top_atime and the counters

@@ -72,7 +72,8 @@ struct vmc_cache {
                                      (compare-and-swap), see vmc_cache.c, "the spare" */
     uint32_t spare_slot;          /* this handle's slot in hdr->spares, plus 1; 0 = none
                                      claimed yet, UINT32_MAX = none free (no spare is
-                                     kept). Claimed under the pool lock (vmc_pool.c) */
+                                     kept, no optimistic get). Claimed by compare-and-
+                                     swap (vmc_pool.c) */
     atomic_int active;            /* calls in flight on this handle */
     atomic_int closed;
     pthread_mutex_t rids_lock;    /* guards the next three (process-local) */

@@ -1,4 +1,5 @@
-/* vmc_index.c -- a shard's index (shard lock held throughout).
+/* vmc_index.c -- a shard's index: written under the shard lock, in a write
+ * section (relaxed atomic stores), read under it or by optimistic gets.
  *
  * Open addressing with linear probing over 64-bit slots (hash tag << 32 |
  * head unit); deletion shifts later slots back, so there are no tombstones
@@ -107,7 +108,7 @@ void vmc_index_set(vmc_cache *c, uint32_t shard, uint32_t slot, uint64_t hash, u
 {
     VMC_ASSERT(slot < c->slots && vmc_unit_ok(c, unit), "slot %u of %u, unit %u of %u", slot,
                c->slots, unit, c->pool_units);
-    slots_of(c, shard)[slot] = VMC_SLOT((uint32_t)(hash >> 32), unit);
+    VMC_STORE(slots_of(c, shard)[slot], VMC_SLOT((uint32_t)(hash >> 32), unit));
 }
 
 int vmc_index_insert(vmc_cache *c, uint32_t shard, uint64_t hash, uint32_t unit)
@@ -117,7 +118,7 @@ int vmc_index_insert(vmc_cache *c, uint32_t shard, uint64_t hash, uint32_t unit)
     uint32_t i = home_of(c, tag);
     for (uint32_t probes = 0; probes < c->slots; probes++) {
         if (s[i] == 0) {
-            s[i] = VMC_SLOT(tag, unit);
+            VMC_STORE(s[i], VMC_SLOT(tag, unit));
             return 0;
         }
         if (++i == c->slots)
@@ -130,7 +131,7 @@ void vmc_index_delete(vmc_cache *c, uint32_t shard, uint32_t slot)
 {
     uint64_t *s = slots_of(c, shard);
     uint32_t n = c->slots, hole = slot, j = slot;
-    s[hole] = 0;
+    VMC_STORE(s[hole], 0);
     for (uint32_t probes = 0; probes < n; probes++) {
         if (++j == n)
             j = 0;
@@ -142,8 +143,8 @@ void vmc_index_delete(vmc_cache *c, uint32_t shard, uint32_t slot)
         bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
         if (stays)
             continue;
-        s[hole] = v;
-        s[j] = 0;
+        VMC_STORE(s[hole], v);
+        VMC_STORE(s[j], 0);
         hole = j;
     }
 }

@@ -119,12 +119,12 @@ void vmc_pool_unlock(vmc_cache *c)
 void vmc_shard_writing(vmc_cache *c, uint32_t shard)
 {
     uint64_t *seq = &c->shards[shard].seq;
-    if (!(VMC_LOAD(*seq) & 1)) { /* odd: a section already open, or left by a dead holder */
-        __atomic_fetch_add(seq, 1, __ATOMIC_SEQ_CST);
-        /* a full fence (x86's locked add already is one; arm64 needs it): this
-         * thread's later loads of access times come after the increment */
-        VMC_FENCE(__ATOMIC_SEQ_CST);
-    }
+    /* Even: +1. Odd (left so by a holder that died in a section, or forged):
+     * +2, so that the value moves past any a reader could have seen. */
+    __atomic_fetch_add(seq, (VMC_LOAD(*seq) & 1) ? 2 : 1, __ATOMIC_SEQ_CST);
+    /* a full fence (x86's locked add already is one; arm64 needs it): this
+     * thread's later loads of access times come after the increment */
+    VMC_FENCE(__ATOMIC_SEQ_CST);
 }
 
 void vmc_shard_unlock(vmc_cache *c, uint32_t shard)

@@ -41,8 +41,9 @@ bool vmc_damaged(vmc_cache *c);
 int vmc_pool_lock_nested(vmc_cache *c);
 /* vmc_pool_unlock -- release the pool lock. */
 void vmc_pool_unlock(vmc_cache *c);
-/* vmc_shard_writing -- with the shard's lock held, open a write section if
- * none is open: the shard's `seq` becomes odd (a seq_cst increment, so that
+/* vmc_shard_writing -- with the shard's lock held, open a write section: the
+ * shard's `seq` becomes odd and moves (+1, or +2 if it was odd already: a
+ * holder that died in a section, or damage) (a seq_cst increment, so that
  * no later load of this thread, an access time read to choose a victim
  * included, is ordered before it), and optimistic gets of the shard fail
  * their validation until the unlock. */

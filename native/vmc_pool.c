@@ -337,18 +337,28 @@ struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c)
     return i && i <= VMC_SPARE_SLOTS ? &c->hdr->spares[i - 1] : NULL;
 }
 
-/* free_slot -- free a slot (a dead owner's, or this handle's at its close),
- * and the spare it names if that is still one of its owner's. `owner` goes
- * last (release): a claimer that takes the slot from 0 finds `unit` at 0. */
-static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot)
+/* free_slot -- free a slot held by `owner` (a dead owner, read once by the
+ * caller, or this handle at its close), and the spare it names if that is
+ * still one of the owner's. `owner` goes last, by compare-and-swap from the
+ * owner that was checked (release): a claimer that takes the slot from 0
+ * finds `unit` at 0, and a slot taken meanwhile is left to its new owner. */
+static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot, uint64_t owner)
 {
-    uint32_t u = slot->unit;
+    uint32_t u = VMC_LOAD(slot->unit);
     struct vmc_entry *e = u ? vmc_head(c, u) : NULL;
-    if (e && e->state == VMC_RESERVED && e->atime_ns == slot->owner &&
+    if (e && e->state == VMC_RESERVED && e->atime_ns == owner &&
         e->checksum == VMC_SPARE_NONCE)
         vmc_release_entry(c, u);
     VMC_STORE(slot->unit, 0);
-    __atomic_store_n(&slot->owner, 0, __ATOMIC_RELEASE);
+    __atomic_compare_exchange_n(&slot->owner, &owner, 0, false, __ATOMIC_RELEASE,
+                                __ATOMIC_RELAXED);
+}
+
+/* slot_owner -- the owner id a slot names, read once (claims change it with
+ * no lock). */
+static uint64_t slot_owner(const struct vmc_spare_slot *slot)
+{
+    return __atomic_load_n(&slot->owner, __ATOMIC_ACQUIRE);
 }
 
 struct vmc_spare_slot *vmc_spare_slot_take_free(vmc_cache *c)
@@ -356,7 +366,7 @@ struct vmc_spare_slot *vmc_spare_slot_take_free(vmc_cache *c)
     struct vmc_spare_slot *slots = c->hdr->spares;
     for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
         uint64_t none = 0;
-        if (VMC_LOAD(slots[i].owner) != 0 ||
+        if (slot_owner(&slots[i]) != 0 ||
             !__atomic_compare_exchange_n(&slots[i].owner, &none, c->owner, false,
                                          __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             continue;
@@ -378,22 +388,25 @@ struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c)
     struct vmc_spare_slot *slots = c->hdr->spares;
     struct vmc_spare_slot *slot = vmc_spare_slot_take_free(c);
     for (uint32_t j = 0; slot == NULL && j < VMC_SPARE_SLOTS; j++) {
-        uint64_t owner = VMC_LOAD(slots[j].owner);
+        uint64_t owner = slot_owner(&slots[j]);
         if (owner != 0 && !vmc_owner_alive(c, owner)) { /* a dead owner's: free it for us */
-            free_slot(c, &slots[j]);
+            free_slot(c, &slots[j], owner);
             slot = vmc_spare_slot_take_free(c);
         }
     }
-    if (slot == NULL) /* every slot held by a live handle: this one keeps no spare */
-        __atomic_store_n(&c->spare_slot, UINT32_MAX, __ATOMIC_RELEASE);
+    uint32_t unclaimed = 0;
+    if (slot == NULL && /* every slot held by a live handle: this one keeps no spare */
+        !__atomic_compare_exchange_n(&c->spare_slot, &unclaimed, UINT32_MAX, false,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        slot = vmc_spare_slot(c); /* another thread of this handle took one meanwhile */
     return slot;
 }
 
 void vmc_spare_slot_release(vmc_cache *c)
 {
     struct vmc_spare_slot *slot = vmc_spare_slot(c);
-    if (slot && slot->owner == c->owner)
-        free_slot(c, slot);
+    if (slot && slot_owner(slot) == c->owner)
+        free_slot(c, slot, c->owner);
     __atomic_store_n(&c->spare_slot, 0, __ATOMIC_RELEASE);
 }
 
@@ -401,9 +414,11 @@ void vmc_spare_slots_reset(vmc_cache *c, bool all)
 {
     for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
         struct vmc_spare_slot *slot = &c->hdr->spares[i];
-        if (all || (slot->owner != 0 && !vmc_owner_alive(c, slot->owner))) {
+        uint64_t owner = slot_owner(slot);
+        if (all || (owner != 0 && !vmc_owner_alive(c, owner))) {
             VMC_STORE(slot->unit, 0); /* the spare itself: the sweep frees it */
-            __atomic_store_n(&slot->owner, 0, __ATOMIC_RELEASE);
+            __atomic_compare_exchange_n(&slot->owner, &owner, 0, false, __ATOMIC_RELEASE,
+                                        __ATOMIC_RELAXED);
         }
     }
 }
@@ -426,8 +441,9 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force)
     uint64_t before = p->free_units;
     for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
         struct vmc_spare_slot *slot = &c->hdr->spares[i];
-        if (slot->owner != 0 && !vmc_owner_alive(c, slot->owner))
-            free_slot(c, slot);
+        uint64_t owner = slot_owner(slot);
+        if (owner != 0 && !vmc_owner_alive(c, owner))
+            free_slot(c, slot, owner);
     }
     uint32_t u = p->reserved_head;
     for (uint32_t steps = 0; u && steps <= c->pool_units; steps++) {

@@ -31,10 +31,11 @@ uint64_t vmc_reclaim_dead(vmc_cache *c, bool force);
  * lock needed). */
 struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c);
 /* vmc_spare_slot_take_free -- claim a free slot for this handle, with no
- * lock: compare-and-swap of its `owner` from 0 (every claim takes a slot so,
- * and only a free, a release or a reset stores 0 there); its slot if it had
- * one already, NULL if none is free. An optimistic get's first hit claims
- * the slot it counts in this way. */
+ * lock: compare-and-swap of its `owner` from 0 (every claim takes a slot so;
+ * 0 is stored back by a free, a release or a reset, each by compare-and-swap
+ * from the owner it checked, and by a claimer backing out of a second slot
+ * for its handle); its slot if it had one already, NULL if none is free. An
+ * optimistic get's first hit claims the slot it counts in this way. */
 struct vmc_spare_slot *vmc_spare_slot_take_free(vmc_cache *c);
 /* vmc_spare_slot_claim -- (pool lock held) this handle's spare slot, claimed
  * on first use (a free slot, or a dead owner's, freed with its spare); NULL
