@@ -24,6 +24,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -125,6 +126,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.005)
+
+
+def run_threads(threads: Iterable[threading.Thread], timeout: float = WAIT) -> None:
+    """Start every thread, then join them all within `timeout` seconds in all;
+    fail on a hang."""
+    threads = list(threads)
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not [t for t in threads if t.is_alive()], "threads still running (a hang)"
 
 
 def join_all(procs: Iterable[Any], timeout: float = WAIT) -> None:

@@ -27,7 +27,7 @@ from aiovmc import (
 from aiovmc._convert import parse_size
 
 from .conftest import Clock
-from .helpers import SPARE_SLOTS, private_file_stats, slot_hits
+from .helpers import SPARE_SLOTS, private_file_stats, run_threads, slot_hits
 
 MiB = 1 << 20
 
@@ -735,10 +735,7 @@ def test_threads_hammering_one_handle(cache_path: str) -> None:
 
     with Cache(cache_path, size=2 * MiB) as c:
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(threads)
         assert not errors, errors
         stats = c.statistics()
         assert stats.entries == len(c.keys()) and stats.gets > 0
@@ -828,10 +825,7 @@ def test_threads_replacing_on_one_handle_keep_at_most_one_spare(cache_path: str)
                     c.put(mine[n % len(mine)], bytes([n % 251]) * 100)
 
             threads = [threading.Thread(target=replace, args=(mine,)) for mine in keys]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads(threads)
         stats = other.statistics()
         assert (stats.entries, stats.used_bytes) == (200, used)
         for mine in keys:
@@ -879,10 +873,7 @@ def test_threads_reading_while_another_writes_verify_and_count_exactly(cache_pat
 
         threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
         threads.append(threading.Thread(target=write))
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(threads)
         assert not errors, errors
         after = c.statistics()
         assert after.hits - before.hits == sum(h for h, _ in seen)
@@ -1182,10 +1173,7 @@ def test_concurrent_publish_of_one_reservation(cache_path: str) -> None:
                     outcomes.append(exc)
 
             threads = [threading.Thread(target=publish) for _ in range(2)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_threads(threads)
             assert sum(isinstance(o, int) for o in outcomes) == 1, outcomes
             assert c.get(b"k") == bytes([round_ % 256]) * 100
         stats = c.statistics()

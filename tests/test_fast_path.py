@@ -28,6 +28,7 @@ from aiovmc import AsyncCache, Cache, CacheConfigError
 from aiovmc._native import FAST_PATH, SCRATCH_SIZE, ready
 
 from .conftest import Clock
+from .helpers import run_threads
 
 MiB = 1 << 20
 
@@ -195,10 +196,7 @@ def test_exact_statistics_after_threads_race_on_one_handle(cache_path: str) -> N
             c.put(key, key)
         threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
         threads += [threading.Thread(target=writer, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(threads)
         assert not errors, errors
         stats = c.statistics()
         assert (stats.gets, stats.hits, stats.misses) == (4 * rounds * 2, 4 * rounds, 4 * rounds)
@@ -390,10 +388,7 @@ def test_threads_on_one_handle_put_get_into_and_get_many(cache_path: str) -> Non
             c.put(key, key)
         threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
         threads += [threading.Thread(target=reader, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(threads)
         assert not errors, errors
         stats = c.statistics()
         per_round = 1 + 34 + 1
