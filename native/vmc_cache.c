@@ -938,6 +938,24 @@ static int64_t get(vmc_cache *c, const char *key, size_t klen, char *dst, size_t
     return rc;
 }
 
+/* copy_range -- what a get copies of a value of vlen bytes into a
+ * destination of `room` bytes: with VMC_F_WHOLE the whole value if it fits,
+ * else nothing; otherwise value[offset, offset + room), clipped to the value.
+ * In *from and *len; true if that is the whole value (verified against its
+ * checksum as it is copied). */
+static bool copy_range(uint32_t flags, uint64_t vlen, uint64_t room, uint64_t offset,
+                       uint64_t *from, uint64_t *len)
+{
+    *from = *len = 0;
+    if (flags & VMC_F_WHOLE) {
+        *len = vlen <= room ? vlen : 0;
+    } else if (offset < vlen) {
+        *from = offset;
+        *len = room < vlen - offset ? room : vlen - offset;
+    }
+    return *from == 0 && *len == vlen;
+}
+
 /* ---- optimistic reads ----
  *
  * A get first looks its key up without the shard lock, as the read side of a
@@ -1004,15 +1022,8 @@ static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t kle
         if (e == NULL || (expires != 0 && now >= expires) || vlen > VMC_SCRATCH_SIZE)
             return false; /* a miss (counted under the lock), an entry to remove, a long copy */
         char *to = sink ? sink->dst(sink, vlen) : dst;
-        size_t room = sink ? (to ? vlen : 0) : cap;
-        uint64_t from = 0, len = 0;
-        if (flags & VMC_F_WHOLE) {
-            len = vlen <= room ? vlen : 0;
-        } else if (offset < vlen) {
-            from = offset;
-            len = room < vlen - offset ? room : vlen - offset;
-        }
-        bool whole = from == 0 && len == vlen;
+        uint64_t from, len;
+        bool whole = copy_range(flags, vlen, sink ? (to ? vlen : 0) : cap, offset, &from, &len);
         uint64_t data = hash;
         VMC_IGNORE_READS_BEGIN();
         int copied = len || whole ? vmc_entry_copy(c, u, to, from, len, whole ? &data : NULL)
@@ -1121,16 +1132,10 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
             dst = sink->dst(sink, vlen);
             cap = dst ? vlen : 0;
         }
-        uint64_t from = 0, len = 0;
-        if (flags & VMC_F_WHOLE) {
-            len = vlen <= cap ? vlen : 0;
-        } else if (offset < vlen) {
-            from = offset;
-            len = cap < vlen - offset ? cap : vlen - offset;
-        }
         /* A whole value is verified against its checksum as it is copied; a
          * part (get_into) or a size only is checked against the extents. */
-        bool whole = from == 0 && len == vlen;
+        uint64_t from, len;
+        bool whole = copy_range(flags, vlen, cap, offset, &from, &len);
         uint64_t data = hash;
         int copied;
         if (len > VMC_SCRATCH_SIZE) /* a long copy: not with the GIL held */
