@@ -6,8 +6,10 @@
  * Every operation of vmc.h (host-wide single-flight included), and the
  * no-wait calls of the CPython fast path (vmc_cache.h), runs
  * concurrently on a few keys, with values large
- * enough to take the unlocked copy path and the scattered allocation, in a
- * file whose entry budget is below the number of keys. Values
+ * enough to take the unlocked copy path and the scattered allocation, and
+ * small same-size replacements that refill the handle's spare from several
+ * threads at once (its naming token), in a file whose entry budget is below
+ * the number of keys. Gets race with all of it optimistically. Values
  * verify themselves: [key id u64][seq u64] then bytes derived from both; a get
  * that returns anything else fails the run. Exit status 0: clean.
  */
@@ -158,8 +160,8 @@ static void *worker(void *arg)
                     verify(buf + i * VMC_SCRATCH_SIZE, (size_t)status[i], ids[i]);
             if (done < MANY && status[done] != VMC_BUSY)
                 fail("get_many", ids[done], (long)status[done]);
-        } else if (op < 60) {
-            size_t size = pick_size(&r);
+        } else if (op < 60) { /* 40..47: same-size replacements, which refill spares */
+            size_t size = op >= 40 && op < 48 ? 200 : pick_size(&r);
             fill(val, size, id, (uint64_t)atomic_fetch_add(&seq_counter, 1));
             n = (long)vmc_put(cache, key, (size_t)klen, val, size, -1, op < 40 ? VMC_F_ADD : 0);
             if (n < 0 && n != VMC_E_FULL)
