@@ -1028,7 +1028,7 @@ static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t kle
         VMC_IGNORE_READS_BEGIN();
         int copied = len || whole ? vmc_entry_copy(c, u, to, from, len, whole ? &data : NULL)
                                   : vmc_entry_check(c, u);
-        bool sound = copied == VMC_OK &&
+        bool sound = copied == VMC_OK && VMC_LOAD(e->value_len) == vlen &&
                      (!whole || vmc_entry_seal(e, data) == VMC_LOAD(e->checksum));
         if (meta) {
             meta[0] = VMC_LOAD(e->stamp);
@@ -1043,19 +1043,26 @@ static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t kle
         if (counter) {
             /* validated: the entry was the key's all along. Touch it while it
              * still holds a time read in a validated state: a swap that fails
-             * reloads the time, which another reader's touch may have moved
-             * (then swap again, unless it is already later), or a writer's
-             * reuse (then `seq` moved: look again). Last, check for a victim
+             * reloads the word. Another reader's touch moves it later (then
+             * swap again from that time, unless it is already later than
+             * ours); anything else (a writer's reuse, which moves `seq`, or
+             * damage) ends the round: look again. Last, check for a victim
              * chooser that read the old time. */
             bool touched = true;
-            while (atime < now && !__atomic_compare_exchange_n(&e->atime_ns, &atime, now, false,
-                                                               __ATOMIC_SEQ_CST,
-                                                               __ATOMIC_SEQ_CST)) {
-                if (__atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq) {
+            uint64_t seen = atime;
+            VMC_IGNORE_WRITES_BEGIN();
+            VMC_IGNORE_READS_BEGIN();
+            while (seen < now && !__atomic_compare_exchange_n(&e->atime_ns, &seen, now, false,
+                                                              __ATOMIC_SEQ_CST,
+                                                              __ATOMIC_SEQ_CST)) {
+                if (seen < atime || __atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq) {
                     touched = false;
                     break;
                 }
+                atime = seen;
             }
+            VMC_IGNORE_READS_END();
+            VMC_IGNORE_WRITES_END();
             if (!touched || __atomic_load_n(&sh->seq, __ATOMIC_SEQ_CST) != seq)
                 continue;
             __atomic_fetch_add(&counter->hits, 1, __ATOMIC_RELAXED);

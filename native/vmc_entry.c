@@ -62,11 +62,13 @@ struct copy_ctx {
     uint64_t from, to; /* value range wanted */
     uint64_t *data;    /* NULL, or the data hash of what was copied (whole values) */
     bool whole;        /* every piece fell inside [from, to) */
+    uint64_t end;      /* where the value ends, as walked */
 };
 
 static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
 {
     struct copy_ctx *x = ctx;
+    x->end = at + len;
     uint64_t lo = at > x->from ? at : x->from;
     uint64_t hi = at + len < x->to ? at + len : x->to;
     if (x->data && lo == at && hi == at + len) { /* a whole piece of a whole value */
@@ -84,9 +86,11 @@ static void copy_piece(void *ctx, const char *piece, uint64_t at, uint64_t len)
 int vmc_entry_copy(vmc_cache *c, uint32_t head, char *dst, uint64_t offset, uint64_t len,
                    uint64_t *data)
 {
-    struct copy_ctx x = {dst, offset, offset + len, offset == 0 ? data : NULL, true};
+    struct copy_ctx x = {dst, offset, offset + len, offset == 0 ? data : NULL, true, 0};
     int rc = walk_value(c, head, copy_piece, &x);
-    if (x.data && x.whole && rc == VMC_OK)
+    /* whole: the value walked is exactly [0, len), not shorter (a reader
+     * without the lock may find another value's length there) */
+    if (x.data && x.whole && x.end == len && rc == VMC_OK)
         *data |= 1;
     else if (data)
         *data = 0;
