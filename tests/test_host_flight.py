@@ -822,9 +822,14 @@ async def test_a_scribbled_flight_table_delays_loads_at_most_load_timeout(
         live_owner = int.from_bytes(mapping[488:496], "little")  # next_owner: the keeper's id
         mapping[off : off + n * 32] = random.Random(3).randbytes(n * 32)
         forged = [b"forged-1", b"forged-2"]
+        taken: set[int] = set()
         for key in forged:
             h = vmc_hash(key, hdr["hash_seed"])
-            at = off + ((h >> 40) & (n - 1)) * 32
+            slot = (h >> 40) & (n - 1)  # its home; a lookup goes on through the table
+            while slot in taken:  # both homes alike (the seed is random): the next slot
+                slot = (slot + 1) & (n - 1)
+            taken.add(slot)
+            at = off + slot * 32
             mapping[at : at + 32] = struct.pack(
                 "<IBBHQQQ", 7, 1, 0, len(key), h, live_owner, time.monotonic_ns()
             )
