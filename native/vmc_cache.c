@@ -983,9 +983,9 @@ static bool copy_range(uint32_t flags, uint64_t vlen, uint64_t room, uint64_t of
 
 /* hit_counter -- the slot where this handle's optimistic hits are counted,
  * its spare slot, taken with no lock on first use; NULL if it has none: every
- * slot was held by a live handle when it looked (its hits are then counted
- * under the shard lock for its life; attaching handles free dead owners'
- * slots, vmc_reclaim_dead). */
+ * slot was held when it looked, by live handles or by dead ones not yet
+ * reclaimed (its hits are then counted under the shard lock for its life;
+ * attaching handles free dead owners' slots, vmc_reclaim_dead). */
 static struct vmc_spare_slot *hit_counter(vmc_cache *c)
 {
     if (__atomic_load_n(&c->spare_slot, __ATOMIC_ACQUIRE))

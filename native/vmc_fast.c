@@ -6,9 +6,10 @@
  * allocated once the value's length is known (in an optimistic round, or
  * under the shard lock), and the value is copied into it (and verified
  * against its checksum) in one pass, with the GIL held throughout. That is
- * safe because nothing holding a shard lock ever waits for the GIL (no core code calls Python, and allocating a
- * bytes object runs no Python code), and it never stalls the process's other
- * threads behind another process: vmc_get_sink only *tries* the shard lock
+ * safe because nothing holding a shard lock ever waits for the GIL (no core
+ * code calls Python, and allocating a bytes object runs no Python code), and
+ * it never stalls the process's other threads behind another process:
+ * vmc_get_sink only *tries* the shard lock
  * and backs off (VMC_BUSY) rather than wait for it, for a repair or for the
  * pool lock; this file then releases the GIL and takes the same path as the
  * cffi binding (vmc_get to count and size, then a quiet copy into a bytes

@@ -42,11 +42,11 @@ int vmc_pool_lock_nested(vmc_cache *c);
 /* vmc_pool_unlock -- release the pool lock. */
 void vmc_pool_unlock(vmc_cache *c);
 /* vmc_shard_writing -- with the shard's lock held, open a write section: the
- * shard's `seq` becomes odd and moves (+1, or +2 if it was odd already: a
- * holder that died in a section, or damage) (a seq_cst increment, so that
- * no later load of this thread, an access time read to choose a victim
- * included, is ordered before it), and optimistic gets of the shard fail
- * their validation until the unlock. */
+ * shard's `seq` becomes odd and moves, by a seq_cst increment (+1, or +2 if
+ * it was odd already: a holder that died in a section, or damage) after which
+ * no load of this thread, an access time read to choose a victim included, is
+ * ordered before it; optimistic gets of the shard fail their validation until
+ * the unlock. */
 void vmc_shard_writing(vmc_cache *c, uint32_t shard);
 /* vmc_shard_unlock -- close the write section if one is open (`seq` even
  * again, a release store), and release the shard's lock. */
