@@ -138,6 +138,19 @@ def _limiter() -> anyio.CapacityLimiter:
     return limiter
 
 
+def _finish_repeats(
+    finish: Callable[[bytes, int], bytes | None], key: bytes, size: int, repeats: int
+) -> bytes | None:
+    """`finish` the `repeats` asks of a large key in one `get_many` after the
+    first found it gone: the value if it is back (the asks not finished yet
+    stay hits), else None (each ask counted a miss)."""
+    for _ in range(repeats):
+        value = finish(key, size)
+        if value is not None:
+            return value
+    return None
+
+
 async def _wait_for_wave(wave: HostWave) -> None:
     """Sleep in a worker thread until the wave changes (or a probe interval
     passes). Cancellable at once: the task leaves, and its thread is woken so
@@ -477,11 +490,11 @@ class AsyncCache:
             found = await self._repaired(self._get_inline, k, self._limit)
             if found.__class__ is bytes:
                 return found
-        if found is not None:
-            value = await _offload(functools.partial(self._core.fetch, k))
+        if isinstance(found, int):  # a hit too large for the loop: its size
+            value = await _offload(functools.partial(self._core.finish, k, found))
             if value is not None:
                 return value
-            # Deleted or replaced between the lookup and the copy: a miss after all.
+            # Deleted between the lookup and the copy: a miss after all (so counted).
         loader = on_miss if on_miss is not None else self.on_miss
         if loader is None:
             return default
@@ -589,7 +602,9 @@ class AsyncCache:
         except RepairNeeded:
             found = await self._repaired(functools.partial(get_entry, k, self._limit, inline=True))
         if isinstance(found, int):  # large: counted, copied by a worker thread
-            found = await _offload(functools.partial(get_entry, k, sys.maxsize, inline=False))
+            found = await _offload(
+                functools.partial(get_entry, k, sys.maxsize, inline=False, counted=True)
+            )
         return entry_of(found)
 
     async def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
@@ -630,10 +645,19 @@ class AsyncCache:
                     raise RepairNeeded("get_many: a key still needs a repair")
 
             await self._repaired(the_rest)
-        for k in large:
-            copied = await _offload(functools.partial(self._core.fetch, k))
+        finish = self._core.finish
+        for k, size in large.items():
+            copied = await _offload(functools.partial(finish, k, size))
+            if copied is None:  # deleted meanwhile: a miss after all
+                # Asked more than once, it was counted (as a hit) at each ask
+                # and copied once: the other asks finish too, each a miss
+                # unless the key is back.
+                repeats = sum(1 for key in asked if encode_key(key) == k) - 1
+                copied = await _offload(
+                    functools.partial(_finish_repeats, finish, k, size, repeats)
+                )
             if copied is None:
-                del found[k]  # deleted meanwhile: a miss after all
+                del found[k]
             else:
                 found[k] = copied
         return found

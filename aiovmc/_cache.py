@@ -30,7 +30,7 @@ from ._errors import (
     RepairNeeded,
     ValueTooLargeError,
 )
-from ._native import ABSENT, ADD, NO_REPAIR, Handle
+from ._native import ABSENT, ADD, COUNTED, NO_REPAIR, Handle
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -317,7 +317,7 @@ class Cache(Handle):
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
             if isinstance(step, Peek):
-                reply = self._peek(key)
+                reply = self._fetch(key)
             elif isinstance(step, Wait):
                 step.wave.wait()
                 reply = None
@@ -327,11 +327,6 @@ class Cache(Handle):
                 except BaseException as exc:
                     steps.throw(exc)  # ends the wave as failed, then re-raises
                     raise
-
-    def _peek(self, key: bytes) -> bytes | None:
-        """The value of `key` if stored, read quietly (no statistics, no LRU touch)."""
-        size = self._size(key)
-        return None if size is None else self._copy_whole(key, size)
 
     def _call_loader(
         self,
@@ -632,8 +627,8 @@ class CacheCore:
     layer needs them split (an inline lookup, then a copy off the loop) and
     with one difference: those meant for an event loop's thread (``inline``,
     and every operation below that has no ``inline`` argument but for
-    `fetch`, `repair` and the flight steps, which never need to) never repair
-    the file. Where
+    `fetch`, `finish`, `repair` and the flight steps, which never need to)
+    never repair the file. Where
     `Cache`'s would stop the world to rebuild it (O(pool): after a process
     died holding a lock), they raise `RepairNeeded`, having stored nothing;
     the caller runs `repair` where it may wait, then calls again.
@@ -642,6 +637,7 @@ class CacheCore:
     __slots__ = (
         "cache",
         "fetch",
+        "finish",
         "flight_end",
         "flight_join",
         "flight_kick",
@@ -661,7 +657,7 @@ class CacheCore:
         self.load_timeout_ns = cache._load_timeout_ns
         # Bound methods: a call costs what the Cache's own would.
         #: (key, limit) -> a counted hit of at most `limit` bytes as bytes, a
-        #: larger one as its size (not copied: `fetch` it), a miss as None.
+        #: larger one as its size (not copied: `finish` it), a miss as None.
         self.get_inline: Callable[[bytes, int], bytes | int | None] = cache._get_inline
         #: (keys, limit, found, large, start) -> the number of keys done:
         #: `get_inline` of keys[start:] in batches (one C call per 64 keys on
@@ -672,6 +668,16 @@ class CacheCore:
         #: (key) -> the whole value, quietly (no count, no LRU touch), or None;
         #: for worker threads (repairs).
         self.fetch: Callable[[bytes], bytes | None] = cache._fetch
+        copy_whole = cache._copy_whole
+
+        def finish(key: bytes, size: int) -> bytes | None:
+            return copy_whole(key, size, COUNTED)
+
+        #: (key, size) -> the value of a get that `get_inline` counted as a hit
+        #: and sized (too large to copy on the loop), copied quietly; for
+        #: worker threads (repairs). None if the key has gone meanwhile: the
+        #: core then counts that get as a miss, as the caller answers it.
+        self.finish: Callable[[bytes, int], bytes | None] = finish
         #: () -> None: repair the file, or wait for the repair in progress
         #: (O(pool), every lock held): for a worker thread.
         self.repair: Callable[[], None] = cache._repair
@@ -706,10 +712,13 @@ class CacheCore:
         raise self.unmendable()
 
     def get_entry(
-        self, key: bytes, limit: int, *, inline: bool
+        self, key: bytes, limit: int, *, inline: bool, counted: bool = False
     ) -> tuple[bytes, int, int] | int | None:
-        """As `Cache.get_entry`, raw: a hit larger than `limit` as its size."""
-        return self.cache._get_entry(key, limit, NO_REPAIR if inline else 0)
+        """As `Cache.get_entry`, raw: a hit larger than `limit` as its size.
+        ``counted``: finishes a get that this call's first form counted as a hit
+        and sized (as `finish`)."""
+        flags = (NO_REPAIR if inline else 0) | (COUNTED if counted else 0)
+        return self.cache._get_entry(key, limit, flags)
 
     def size(self, key: bytes, *, inline: bool) -> int | None:
         """A value's size, or None if absent; counts nothing, touches nothing."""

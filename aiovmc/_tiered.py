@@ -606,13 +606,14 @@ class TieredCache:
     ) -> object:
         """`get` past its L1 lookup, which found no value to return at once (``found``:
         a large value's size, None or `RepairNeeded`, as for `AsyncCache._get_rest`):
-        L1's own get, which waits for a repair or copies a large value off the loop,
-        and whose loader looks in redis, then loads."""
+        the rest of L1's get from that lookup (counted once), which waits for a
+        repair or copies a large value off the loop, and whose loader looks in
+        redis, then loads."""
         loader = on_miss if on_miss is not None else self.on_miss
         effective = ttl if ttl is not None else self._ttl
         fill = _Fill()
         miss = functools.partial(self._miss, fill=fill, loader=loader, ttl=effective)
-        value = await self._l1.get(k, on_miss=miss, ttl=effective)  # type: ignore[arg-type]
+        value = await self._l1._get_waiting(k, found, None, miss, effective)  # type: ignore[arg-type]
         if fill.before is not None and self._sidecar.stamp(k) != fill.before:
             # An invalidation (or a resync) may have run between our lookup and the
             # store: what we stored may be stale for L1, though it was current when

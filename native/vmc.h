@@ -61,9 +61,12 @@ enum vmc_flags {
     VMC_F_ANY_OWNER = 64,        /* open: accept a file owned by another user */
     VMC_F_CONTIGUOUS = 128,      /* evict_for: room for a reservation (one extent) */
     VMC_F_NO_REPAIR = 256,       /* never repair, nor wait for a repair: VMC_E_REPAIR */
-    VMC_F_FRESH = 512            /* get: dst is a new buffer of the caller's, shared with
+    VMC_F_FRESH = 512,           /* get: dst is a new buffer of the caller's, shared with
                                     nothing: the core may have the kernel back it with huge
                                     pages (cheap to fault in, cheap to unmap) */
+    VMC_F_COUNTED = 1024         /* get, with VMC_F_QUIET: the rest of a get this handle
+                                    already counted as a hit (the copy after sizing it); if
+                                    the key has gone, that hit is counted a miss instead */
 };
 
 enum vmc_policy { VMC_POLICY_LRU = 0, VMC_POLICY_NONE = 1 };

@@ -1073,6 +1073,26 @@ static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t kle
     return false;
 }
 
+/* uncount_hit -- (shard s locked) a get this handle counted as a hit
+ * answers a miss after all (the key went between the count and the copy):
+ * move one hit to the misses. The hit is in the shard's count or in the
+ * handle's slot; the statistics sum both, so take it from whichever holds
+ * one, the shard's first (its lock is held). */
+static void uncount_hit(vmc_cache *c, uint32_t s)
+{
+    struct vmc_shard *sh = &c->shards[s];
+    VMC_COUNT(sh->misses);
+    if (sh->hits > 0) {
+        VMC_STORE(sh->hits, sh->hits - 1);
+        return;
+    }
+    struct vmc_spare_slot *slot = vmc_spare_slot(c);
+    uint64_t hits = slot ? __atomic_load_n(&slot->hits, __ATOMIC_RELAXED) : 0;
+    while (hits > 0 && !__atomic_compare_exchange_n(&slot->hits, &hits, hits - 1, false,
+                                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ; /* another thread of this handle counted meanwhile: again */
+}
+
 /* get_hashed -- get, for a key of a sound length and its hash, in a call
  * entered, at time `at` (its expiry check and access time; 0: the clock's). */
 static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t hash, uint64_t at,
@@ -1082,8 +1102,11 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
     int64_t rc;
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
-    bool quiet = flags & VMC_F_QUIET;
+    bool quiet = flags & (VMC_F_QUIET | VMC_F_COUNTED);
     bool counted = false; /* a sink's get may back off (VMC_BUSY) until it counts */
+    /* a hit counted for this get, by an earlier call (VMC_F_COUNTED) or by
+     * this one before an unlocked copy: a miss now moves it to the misses */
+    bool hit_counted = flags & VMC_F_COUNTED;
     struct vmc_spare_slot *counter = quiet ? NULL : hit_counter(c);
     if ((quiet || counter) &&
         get_optimistic(c, s, key, klen, hash, at, dst, cap, offset, flags, meta, sink, counter,
@@ -1118,7 +1141,9 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
             e = NULL;
         }
         if (e == NULL) {
-            if (!quiet)
+            if (hit_counted)
+                uncount_hit(c, s);
+            else if (!quiet)
                 VMC_COUNT(sh->misses);
             vmc_shard_unlock(c, s);
             rc = VMC_MISS;
@@ -1132,7 +1157,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         if (!quiet) {
             VMC_COUNT(sh->hits);
             VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
-            quiet = true; /* counted once, whatever happens next */
+            quiet = hit_counted = true; /* counted once, whatever happens next */
         }
         counted = true;
         if (sink) {

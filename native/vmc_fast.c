@@ -239,8 +239,9 @@ static PyObject *raise_status(int64_t status)
 /* copy_whole -- a value of known size, copied quietly (no statistics, no LRU
  * touch) with the GIL released into a new bytes object (VMC_F_FRESH: backed by
  * huge pages where it can be, so that freeing it is cheap too); NULL with *status
- * set if it has gone (VMC_MISS) or the copy failed, NULL with an exception
- * if out of memory. */
+ * set if it has gone (VMC_MISS; with VMC_F_COUNTED in `flags`, the hit counted
+ * for it becomes a miss) or the copy failed, NULL with an exception if out of
+ * memory. */
 static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t size,
                             uint32_t flags, int64_t *status)
 {
@@ -281,7 +282,7 @@ static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int
         Py_END_ALLOW_THREADS
     }
     if (n >= 0 && n <= limit) { /* counted, not copied: too large for the GIL held */
-        PyObject *result = copy_whole(c, k, klen, n, flags, &n);
+        PyObject *result = copy_whole(c, k, klen, n, flags | VMC_F_COUNTED, &n);
         if (result || PyErr_Occurred())
             return result;
     }
@@ -390,7 +391,7 @@ static PyMethodDef get_inline_def = {
     "hit as its size (not copied); a miss as None. Counts the get either way."};
 
 /* _copy_whole(key, size, flags=0): as Handle._copy_whole (key: bytes; flags:
- * 0 or VMC_F_NO_REPAIR). The result is allocated uninitialised, where the
+ * VMC_F_NO_REPAIR, VMC_F_COUNTED, both or neither). The result is allocated uninitialised, where the
  * pure binding's bytes(size) zeroes it with the GIL held: O(size) work that
  * stalls the event loop when a worker thread copies a large value, once
  * malloc serves such sizes from its heap (glibc does after the first one is
@@ -404,7 +405,7 @@ static PyObject *fast_copy_whole(PyObject *self, PyObject *const *args, Py_ssize
     long flags = nargs == 3 ? PyLong_AsLong(args[2]) : 0;
     if (PyErr_Occurred())
         return NULL;
-    if (size < 0 || (flags & ~(long)VMC_F_NO_REPAIR))
+    if (size < 0 || (flags & ~(long)(VMC_F_NO_REPAIR | VMC_F_COUNTED)))
         return PyErr_Format(PyExc_ValueError, "_copy_whole: size %lld, flags %ld",
                             (long long)size, flags);
     FastHandle *fast = handle_of(self);

@@ -129,16 +129,16 @@ async def test_a_get_runs_as_a_task_of_its_own(acache: AsyncCache, anyio_backend
 
 
 def _fetching_threads(acache: AsyncCache) -> list[int]:
-    """The threads that copy large values (the core's ``fetch``), as a list that
-    grows with every call from now on."""
+    """The threads that copy large values (the core's ``finish``), as a list
+    that grows with every call from now on."""
     threads: list[int] = []
-    fetch = acache._core.fetch
+    finish = acache._core.finish
 
-    def spy(key: bytes) -> bytes | None:
+    def spy(key: bytes, size: int) -> bytes | None:
         threads.append(threading.get_ident())
-        return fetch(key)
+        return finish(key, size)
 
-    acache._core.fetch = spy
+    acache._core.finish = spy
     return threads
 
 
@@ -158,14 +158,18 @@ async def test_large_entry_replaced_by_a_miss_between_lookup_and_copy(
     acache: AsyncCache,
 ) -> None:
     await acache.put("big", b"x" * 8192)
-    fetch = acache._core.fetch
+    finish = acache._core.finish
 
-    def vanished(key: bytes) -> bytes | None:
+    def vanished(key: bytes, size: int) -> bytes | None:
         acache.cache.delete(key)
-        return fetch(key)
+        return finish(key, size)
 
-    acache._core.fetch = vanished
+    acache._core.finish = vanished
     assert await acache.get("big", b"gone") == b"gone"
+    await acache.put("big", b"x" * 8192)
+    assert await acache.get_many(["big", "big"]) == {}
+    stats = acache.statistics()
+    assert (stats.hits, stats.misses) == (0, 3)  # counted as answered: misses
 
 
 async def test_get_into(acache: AsyncCache) -> None:
@@ -229,14 +233,14 @@ async def test_get_many_cancelled_in_the_middle(acache: AsyncCache) -> None:
     big = bytes(range(256)) * 64
     await acache.put_many({"a": b"1", "big": big, "big2": big})
     copying, release = threading.Event(), threading.Event()
-    fetch = acache._core.fetch
+    finish = acache._core.finish
 
-    def held(key: bytes) -> bytes | None:
+    def held(key: bytes, size: int) -> bytes | None:
         copying.set()
         assert release.wait(30), "the test did not release the copy"
-        return fetch(key)
+        return finish(key, size)
 
-    acache._core.fetch = held
+    acache._core.finish = held
     outcome: list[object] = []
 
     async def get_many() -> None:
@@ -250,7 +254,7 @@ async def test_get_many_cancelled_in_the_middle(acache: AsyncCache) -> None:
     assert outcome == []  # the call returned nothing
     stats = acache.statistics()
     assert (stats.gets, stats.hits) == (3, 3)  # the lookups made are counted
-    acache._core.fetch = fetch
+    acache._core.finish = finish
     assert await acache.get_many(["big2", "a"]) == {b"big2": big, b"a": b"1"}
 
 
@@ -741,7 +745,7 @@ async def test_large_copies_run_off_the_loop_while_it_runs_on() -> None:
 
     acache = AsyncCache.from_cache(PutInFlight(size="512MiB"))
     try:
-        acache._core.fetch = after_the_loop_answers(acache._core.fetch)
+        acache._core.finish = after_the_loop_answers(acache._core.finish)
         got: list[bytes | None] = []
 
         async def put_then_get(n: int) -> None:

@@ -20,6 +20,7 @@ import signal
 import time
 from typing import Any
 
+import anyio
 import pytest
 
 import aiovmc
@@ -227,6 +228,114 @@ def test_optimistic_reads_racing_writers_and_evictions_verify_and_count_exactly(
 
 def _churn_worker(target: Any, args: tuple[Any, ...], start: Any, out: Any) -> None:
     target(*args, start, out)
+
+
+FLICKER = b"flicker"  # one key, deleted and put back without pause
+
+
+def _flicker_writer(path: str, size: int, stop: Any, start: Any, out: Any) -> None:
+    """Delete FLICKER and put it back (`size` bytes), until `stop` is set."""
+    error = None
+    try:
+        values = [make_value(FLICKER, i, size) for i in range(2)]
+        with aiovmc.Cache(path) as cache:
+            start.wait(WAIT)
+            i = 0
+            while not stop.is_set():
+                cache.delete(FLICKER)
+                cache.put(FLICKER, values[i % 2])
+                i += 1
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    out.put(("writer", (0, 0), error))
+
+
+async def _flicker_gets(cache: aiovmc.AsyncCache, n: int) -> tuple[int, int]:
+    """n gets of FLICKER in each of AsyncCache's forms, and more until both a
+    hit and a miss were seen: (hits, misses) seen."""
+    hits = done = 0
+    while done < n or not 0 < hits < done:
+        i, done = done, done + 1
+        if i % 3 == 0:
+            value = await cache.get(FLICKER)
+        elif i % 3 == 1:
+            value = (await cache.get_many([FLICKER])).get(FLICKER)
+        else:
+            entry = await cache.get_entry(FLICKER)
+            value = None if entry is None else entry.value
+        if value is not None:
+            check_value(FLICKER, value)
+            hits += 1
+    return hits, done - hits
+
+
+def _flicker_reader(path: str, how: str, n: int, stop: Any, start: Any, out: Any) -> None:
+    """n gets of FLICKER (get, get_many, get_entry in turn; sync, or
+    AsyncCache's on the event loop `how`), and more until both a hit and a
+    miss were seen, every value verified; then sets `stop`. Reports (hits,
+    misses) seen."""
+    seen, error = (0, 0), None
+    try:
+        if how == "sync":
+            with aiovmc.Cache(path) as cache:
+                start.wait(WAIT)
+                hits = done = 0
+                while done < n or not 0 < hits < done:  # until both were seen
+                    i, done = done, done + 1
+                    if i % 3 == 0:
+                        value = cache.get(FLICKER)
+                    elif i % 3 == 1:
+                        value = cache.get_many([FLICKER]).get(FLICKER)
+                    else:
+                        entry = cache.get_entry(FLICKER)
+                        value = None if entry is None else entry.value
+                    if value is not None:
+                        check_value(FLICKER, value)
+                        hits += 1
+                seen = (hits, done - hits)
+        else:
+
+            async def main() -> tuple[int, int]:
+                async with aiovmc.AsyncCache(path, offload_threshold="4KiB") as cache:
+                    await anyio.to_thread.run_sync(start.wait, WAIT)
+                    return await _flicker_gets(cache, n)
+
+            seen = anyio.run(main, backend=how)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        stop.set()
+    out.put(("reader", seen, error))
+
+
+@pytest.mark.parametrize("how", ["sync", "asyncio", "trio"])
+@pytest.mark.parametrize("size", [100, 70_000])
+def test_a_get_counts_a_hit_only_if_it_returns_the_value(
+    ctx: Any, cache_path: str, size: int, how: str
+) -> None:
+    """A get that sizes a value in one core call and copies it in another (a
+    value too large for the scratch buffer or the event loop; on the fast path,
+    a get that found the shard lock held) counts its hit in the first. If the
+    key is deleted between the two, the get answers a miss, and so it is
+    counted: the hits and misses counted are exactly those the reader saw,
+    while another process deletes and puts the key back without pause."""
+    n = 30_000 if size == 100 else 1_500
+    with aiovmc.Cache(cache_path, size="8MiB") as cache:
+        before = cache.statistics()
+        stop = ctx.Event()
+        results = _run_workers(
+            ctx,
+            _churn_worker,
+            [
+                (_flicker_reader, (cache_path, how, n, stop)),
+                (_flicker_writer, (cache_path, size, stop)),
+            ],
+            barrier=True,
+        )
+        assert not [r for r in results if r[2]], results
+        ((hits, misses),) = [r[1] for r in results if r[0] == "reader"]
+        after = cache.statistics()
+        assert (after.hits - before.hits, after.misses - before.misses) == (hits, misses)
 
 
 def _replacement(wid: int, i: int, r: int) -> tuple[bytes, bytes]:

@@ -399,6 +399,26 @@ async def test_get_is_awaitable_once_and_runs_as_a_task(
 
 
 @pytest.mark.anyio
+async def test_l1_counts_each_get_once(redis_server: RedisServer, hosts: Any) -> None:
+    # A get that misses L1 goes on from its own lookup (redis, then the loader,
+    # or a large value's copy off the loop): L1 counts it once, as AsyncCache's.
+    client = redis_server.client()
+    async with aiovmc.TieredCache(hosts(), redis=redis_server.url, namespace="t",
+                                  timeout=TIMEOUT, size="4MiB",
+                                  offload_threshold="4KiB") as cache:
+        await listening(cache)
+        big = bytes(range(256)) * 64  # copied off the loop
+        await cache.put(b"big", big)
+        client.set(b"t:remote", b"r")
+        assert await cache.get(b"big") == big  # an L1 hit
+        assert await cache.get(b"remote") == b"r"  # an L1 miss, a redis hit
+        assert await cache.get(b"new", on_miss=lambda k: b"loaded") == b"loaded"
+        assert await cache.get(b"absent") is None  # a miss everywhere
+        l1 = cache.statistics().l1
+        assert (l1.gets, l1.hits, l1.misses) == (4, 1, 3)
+
+
+@pytest.mark.anyio
 async def test_loader_error_propagates_and_is_not_cached(
     redis_server: RedisServer, hosts: Any
 ) -> None:

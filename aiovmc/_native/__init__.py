@@ -3,6 +3,7 @@
 from ._handle import (
     ABSENT,
     ADD,
+    COUNTED,
     END_FAILED,
     END_NONE,
     END_VALUE,
@@ -28,6 +29,7 @@ from ._status import ERRORS, raise_for
 __all__ = [
     "ABSENT",
     "ADD",
+    "COUNTED",
     "END_FAILED",
     "END_NONE",
     "END_VALUE",

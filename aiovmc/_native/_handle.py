@@ -41,6 +41,7 @@ T = TypeVar("T")
 __all__ = [
     "ABSENT",
     "ADD",
+    "COUNTED",
     "END_FAILED",
     "END_NONE",
     "END_VALUE",
@@ -73,6 +74,10 @@ _CONTIGUOUS = lib.VMC_F_CONTIGUOUS
 #: The flag of a call that must not repair the file (it raises RepairNeeded):
 #: the `flags` argument of the private methods below is 0 or this.
 NO_REPAIR: int = lib.VMC_F_NO_REPAIR
+#: The flag of a copy that finishes a get already counted as a hit (the value
+#: was sized by one call, is copied by another): if the key has gone between
+#: the two, the core counts that get as a miss instead.
+COUNTED: int = lib.VMC_F_COUNTED
 _RECORDS = SCRATCH_SIZE + 2  # room for the record of any one evicted key, and more
 _MISS = lib.VMC_MISS
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
@@ -280,7 +285,7 @@ class Handle:
             finally:
                 s.busy = False
         if n >= 0:  # counted, not copied: too large for the scratch buffer
-            value = self._copy_whole(key, n)
+            value = self._copy_whole(key, n, COUNTED)
             if value is not None:
                 return value
             n = _MISS  # removed between the two calls
@@ -296,9 +301,10 @@ class Handle:
     ) -> tuple[bytes, int, int] | int | None:
         """(value, publication timestamp, expiry in ns or 0) of a hit, read in
         one core call; a hit larger than `limit` as its size, not copied (the
-        caller fetches it with `_get_entry(key, sys.maxsize)` from a worker
-        thread, which takes a second call for values past the scratch buffer);
-        None on a miss. Counts the get like `get`; never loads."""
+        caller fetches it with `_get_entry(key, sys.maxsize, COUNTED)` from a
+        worker thread, which takes a second call for values past the scratch
+        buffer); None on a miss. Counts the get like `get` (with COUNTED in
+        `flags`: finishes a get counted already); never loads."""
         meta = ffi.new("uint64_t[2]")
         s = _scratch
         cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
@@ -319,7 +325,7 @@ class Handle:
             out = _fresh_result(n)  # every byte filled below, or dropped unseen
             size = n
             n = lib.vmc_get_entry(
-                self._h, key, len(key), ffi.from_buffer(out), size, _QUIET | _FRESH | flags, meta
+                self._h, key, len(key), ffi.from_buffer(out), size, COUNTED | _FRESH | flags, meta
             )
             if n == size:
                 return out, int(meta[0]), int(meta[1])
@@ -329,7 +335,8 @@ class Handle:
 
     def _copy_whole(self, key: bytes, size: int, flags: int = 0) -> bytes | None:
         """Copy a value whose size is already known (no statistics, no LRU touch)
-        straight into a new bytes object; None if it has gone meanwhile."""
+        straight into a new bytes object; None if it has gone meanwhile (with
+        COUNTED in `flags`, the hit counted for it then becomes a miss)."""
         flags |= _WHOLE | _QUIET | _FRESH
         while True:
             # A fresh bytes object nobody else can see yet: the core fills it
@@ -378,7 +385,7 @@ class Handle:
             finally:
                 s.busy = False
         if n >= 0:
-            return n if n > limit else self._copy_whole(key, n, NO_REPAIR)
+            return n if n > limit else self._copy_whole(key, n, NO_REPAIR | COUNTED)
         if n == _MISS:
             return None
         raise_for(n)
