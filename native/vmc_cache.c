@@ -562,8 +562,9 @@ static void untrack_rid(vmc_cache *c, uint64_t rid)
 
 void vmc_cache_drop_reservations(vmc_cache *c)
 {
-    take_off_spare(c); /* its slot names it: freed with the slot */
+    uint32_t spare = take_off_spare(c);
     if (c->spare_slot && vmc_pool_lock(c) == VMC_OK) { /* else freed as a dead owner's */
+        free_spare(c, spare); /* the one this handle knows, not what its slot names */
         vmc_spare_slot_release(c);
         vmc_pool_unlock(c);
     }

@@ -337,11 +337,19 @@ struct vmc_spare_slot *vmc_spare_slot(vmc_cache *c)
     return i && i <= VMC_SPARE_SLOTS ? &c->hdr->spares[i - 1] : NULL;
 }
 
-/* free_slot -- free a slot held by `owner` (a dead owner, read once by the
- * caller, or this handle at its close), and the spare it names if that is
- * still one of the owner's. `owner` goes last, by compare-and-swap from the
- * owner that was checked (release): a claimer that takes the slot from 0
- * finds `unit` at 0, and a slot taken meanwhile is left to its new owner. */
+/* clear_slot -- free a slot held by `owner`, read once by the caller.
+ * `owner` goes last, by compare-and-swap from the owner that was checked
+ * (release): a claimer that takes the slot from 0 finds `unit` at 0, and a
+ * slot taken meanwhile is left to its new owner. */
+static void clear_slot(struct vmc_spare_slot *slot, uint64_t owner)
+{
+    VMC_STORE(slot->unit, 0);
+    __atomic_compare_exchange_n(&slot->owner, &owner, 0, false, __ATOMIC_RELEASE,
+                                __ATOMIC_RELAXED);
+}
+
+/* free_slot -- free the slot of a dead owner, and the spare it names if that
+ * is still one of the owner's (the slot is all that names it). */
 static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot, uint64_t owner)
 {
     uint32_t u = VMC_LOAD(slot->unit);
@@ -349,9 +357,7 @@ static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot, uint64_t owner)
     if (e && e->state == VMC_RESERVED && e->atime_ns == owner &&
         e->checksum == VMC_SPARE_NONCE)
         vmc_release_entry(c, u);
-    VMC_STORE(slot->unit, 0);
-    __atomic_compare_exchange_n(&slot->owner, &owner, 0, false, __ATOMIC_RELEASE,
-                                __ATOMIC_RELAXED);
+    clear_slot(slot, owner);
 }
 
 /* slot_owner -- the owner id a slot names, read once (claims change it with
@@ -406,7 +412,7 @@ void vmc_spare_slot_release(vmc_cache *c)
 {
     struct vmc_spare_slot *slot = vmc_spare_slot(c);
     if (slot && slot_owner(slot) == c->owner)
-        free_slot(c, slot, c->owner);
+        clear_slot(slot, c->owner);
     __atomic_store_n(&c->spare_slot, 0, __ATOMIC_RELEASE);
 }
 
@@ -415,11 +421,8 @@ void vmc_spare_slots_reset(vmc_cache *c, bool all)
     for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++) {
         struct vmc_spare_slot *slot = &c->hdr->spares[i];
         uint64_t owner = slot_owner(slot);
-        if (all || (owner != 0 && !vmc_owner_alive(c, owner))) {
-            VMC_STORE(slot->unit, 0); /* the spare itself: the sweep frees it */
-            __atomic_compare_exchange_n(&slot->owner, &owner, 0, false, __ATOMIC_RELEASE,
-                                        __ATOMIC_RELAXED);
-        }
+        if (all || (owner != 0 && !vmc_owner_alive(c, owner)))
+            clear_slot(slot, owner); /* the spare itself: the sweep frees it */
     }
 }
 

@@ -42,8 +42,10 @@ struct vmc_spare_slot *vmc_spare_slot_take_free(vmc_cache *c);
  * when every slot belongs to a live handle (the handle then keeps no spare
  * and counts its hits under the shard locks). */
 struct vmc_spare_slot *vmc_spare_slot_claim(vmc_cache *c);
-/* vmc_spare_slot_release -- give this handle's slot back, and free the spare
- * it names (its close). */
+/* vmc_spare_slot_release -- (pool lock held) give this handle's slot back
+ * at its close, the caller having freed the spare it knows (c->spare): not
+ * what the slot names, which damage may have pointed anywhere, even at a
+ * head forged inside a value. */
 void vmc_spare_slot_release(vmc_cache *c);
 /* vmc_spare_slots_reset -- (recovery, repair) free every slot (`all`: no
  * handle is attached) or those of dead owners; the spares themselves are the

@@ -694,7 +694,7 @@ def mutate(old: int, size: int, how: str) -> int:
     }[how]
 
 
-def _find_head(data: bytes, hdr: dict[str, Any], key: bytes) -> tuple[int, int, int] | None:
+def find_head(data: bytes, hdr: dict[str, Any], key: bytes) -> tuple[int, int, int] | None:
     """(shard, slot index, head unit) of `key` in a live file's index."""
     h = vmc_hash(key, hdr["hash_seed"])
     shard, tag, slots = h & 63, h >> 32, hdr["slots_per_shard"]
@@ -746,7 +746,7 @@ def resolve_target(data: bytes, target: list[Any]) -> tuple[int, int] | None:
         slot = (h >> 40) & (hdr["n_flights"] - 1)
         off, size = FLIGHT_FIELDS[target[2]]
         return hdr["flights_off"] + 32 * slot + off, size
-    found = _find_head(data, hdr, bytes.fromhex(target[1]))
+    found = find_head(data, hdr, bytes.fromhex(target[1]))
     if found is None:
         return None
     shard, slot, unit = found
