@@ -138,13 +138,13 @@ def _limiter() -> anyio.CapacityLimiter:
     return limiter
 
 
-def _finish_repeats(
-    finish: Callable[[bytes, int], bytes | None], key: bytes, size: int, repeats: int
+def _finish_asks(
+    finish: Callable[[bytes, int], bytes | None], key: bytes, size: int, asks: int
 ) -> bytes | None:
-    """`finish` the `repeats` asks of a large key in one `get_many` after the
-    first found it gone: the value if it is back (the asks not finished yet
-    stay hits), else None (each ask counted a miss)."""
-    for _ in range(repeats):
+    """`finish` a key that one `get_many` asked for `asks` times, each ask a
+    hit counted and not copied: the value; or, while the key is gone, the
+    next ask (each then counted a miss). None if it is gone for all."""
+    for _ in range(asks):
         value = finish(key, size)
         if value is not None:
             return value
@@ -589,7 +589,9 @@ class AsyncCache:
             found = self._get_inline(k, sys.maxsize)
         except RepairNeeded:  # synchronous: repaired on the calling thread
             found = self._core.repaired(self._get_inline, k, sys.maxsize)
-        return default if found is None else found  # type: ignore[return-value]
+        if isinstance(found, int):  # a copy that met a repair: finished here
+            found = self._core.finish(k, found)
+        return default if found is None else found
 
     async def get_entry(self, key: Key) -> CacheEntry | None:
         """As `Cache.get_entry`: the value with its timestamp and expiry, or None.
@@ -633,7 +635,7 @@ class AsyncCache:
         """
         asked = keys if keys.__class__ is list else list(keys)
         found: dict[bytes, bytes] = {}
-        large: dict[bytes, int] = {}  # each key copied once, however often it is asked
+        large: dict[bytes, tuple[int, int]] = {}  # (size, asks): each key copied once
         get_many_inline, limit = self._core.get_many_inline, self._limit
         done = get_many_inline(asked, limit, found, large, 0)
         if done < len(asked):  # the next key needs a repair first
@@ -646,18 +648,10 @@ class AsyncCache:
 
             await self._repaired(the_rest)
         finish = self._core.finish
-        for k, size in large.items():
-            copied = await _offload(functools.partial(finish, k, size))
-            if copied is None:  # deleted meanwhile: a miss after all
-                # Asked more than once, it was counted (as a hit) at each ask
-                # and copied once: the other asks finish too, each a miss
-                # unless the key is back.
-                repeats = sum(1 for key in asked if encode_key(key) == k) - 1
-                copied = await _offload(
-                    functools.partial(_finish_repeats, finish, k, size, repeats)
-                )
+        for k, (size, asks) in large.items():
+            copied = await _offload(functools.partial(_finish_asks, finish, k, size, asks))
             if copied is None:
-                del found[k]
+                del found[k]  # deleted meanwhile: a miss after all
             else:
                 found[k] = copied
         return found

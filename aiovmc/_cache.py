@@ -657,13 +657,15 @@ class CacheCore:
         self.load_timeout_ns = cache._load_timeout_ns
         # Bound methods: a call costs what the Cache's own would.
         #: (key, limit) -> a counted hit of at most `limit` bytes as bytes, a
-        #: larger one as its size (not copied: `finish` it), a miss as None.
+        #: larger one (or one whose copy must wait for a repair) as its size
+        #: (not copied: `finish` it), a miss as None.
         self.get_inline: Callable[[bytes, int], bytes | int | None] = cache._get_inline
         #: (keys, limit, found, large, start) -> the number of keys done:
         #: `get_inline` of keys[start:] in batches (one C call per 64 keys on
-        #: the fast path), fewer done when the next key needs a repair.
+        #: the fast path), fewer done when the next key needs a repair; the
+        #: hits to `finish` in `large` as (size, asks).
         self.get_many_inline: Callable[
-            [list[Any], int, dict[bytes, bytes], dict[bytes, int], int], int
+            [list[Any], int, dict[bytes, bytes], dict[bytes, tuple[int, int]], int], int
         ] = cache._get_many_inline
         #: (key) -> the whole value, quietly (no count, no LRU touch), or None;
         #: for worker threads (repairs).
@@ -674,9 +676,9 @@ class CacheCore:
             return copy_whole(key, size, COUNTED)
 
         #: (key, size) -> the value of a get that `get_inline` counted as a hit
-        #: and sized (too large to copy on the loop), copied quietly; for
-        #: worker threads (repairs). None if the key has gone meanwhile: the
-        #: core then counts that get as a miss, as the caller answers it.
+        #: and sized, copied quietly; for worker threads (repairs). None if
+        #: the key has gone meanwhile: the core then counts that get as a
+        #: miss, as the caller answers it.
         self.finish: Callable[[bytes, int], bytes | None] = finish
         #: () -> None: repair the file, or wait for the repair in progress
         #: (O(pool), every lock held): for a worker thread.

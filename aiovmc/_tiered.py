@@ -372,6 +372,14 @@ class _Listener(threading.Thread):
                     self._halt.wait(backoff)
                     backoff = min(backoff * 2, 1.0)
         finally:
+            self.close_fd()
+
+    def close_fd(self) -> None:
+        """Close its descriptor (handing the election on) and leave `_listeners`,
+        in one step as far as fork() is concerned: a child must not close the
+        number again, which the parent may have reused for anything by then."""
+        with _listeners_lock:
+            _listeners.discard(self)
             os.close(self._fd)
 
     def _listen(self) -> None:
@@ -404,22 +412,29 @@ class _Listener(threading.Thread):
             pubsub.close()
 
 
+#: The listeners whose descriptor is open. fork() holds `_listeners_lock`, so
+#: that no listener is between closing its descriptor and leaving the set.
 _listeners: weakref.WeakSet[_Listener] = weakref.WeakSet()
+_listeners_lock = threading.Lock()
 
 
 def _forget_listeners_in_child() -> None:
     """After fork: the child has no listener threads, and its copies of their
     descriptors would keep a dead parent's election lock held: close them."""
-    for listener in list(_listeners):
-        listener._halt.set()
-        try:
+    try:
+        for listener in list(_listeners):
+            listener._halt.set()
             os.close(listener._fd)
-        except OSError:
-            pass
-    _listeners.clear()
+        _listeners.clear()
+    finally:
+        _listeners_lock.release()
 
 
-os.register_at_fork(after_in_child=_forget_listeners_in_child)
+os.register_at_fork(
+    before=_listeners_lock.acquire,
+    after_in_parent=_listeners_lock.release,
+    after_in_child=_forget_listeners_in_child,
+)
 
 
 # -- TieredCache -----------------------------------------------------------------------
@@ -535,7 +550,7 @@ class TieredCache:
                 self._forget_l1()
         except BaseException:
             if hasattr(self, "_listener"):
-                os.close(self._listener._fd)
+                self._listener.close_fd()
             self._sidecar.close()
             self._l1.cache.close()
             raise

@@ -64,7 +64,7 @@ enum vmc_flags {
     VMC_F_FRESH = 512,           /* get: dst is a new buffer of the caller's, shared with
                                     nothing: the core may have the kernel back it with huge
                                     pages (cheap to fault in, cheap to unmap) */
-    VMC_F_COUNTED = 1024         /* get, with VMC_F_QUIET: the rest of a get this handle
+    VMC_F_COUNTED = 1024         /* get (implies VMC_F_QUIET): the rest of a get this handle
                                     already counted as a hit (the copy after sizing it); if
                                     the key has gone, that hit is counted a miss instead */
 };

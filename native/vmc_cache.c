@@ -1074,24 +1074,58 @@ static bool get_optimistic(vmc_cache *c, uint32_t s, const char *key, size_t kle
     return false;
 }
 
-/* uncount_hit -- (shard s locked) a get this handle counted as a hit
- * answers a miss after all (the key went between the count and the copy):
- * move one hit to the misses. The hit is in the shard's count or in the
- * handle's slot; the statistics sum both, so take it from whichever holds
- * one, the shard's first (its lock is held). */
-static void uncount_hit(vmc_cache *c, uint32_t s)
+/* take_slot_hit -- one hit off a spare slot's count (compare-and-swap: its
+ * owner's gets add to it with no lock); false if it holds none. */
+static bool take_slot_hit(struct vmc_spare_slot *slot)
 {
-    struct vmc_shard *sh = &c->shards[s];
-    VMC_COUNT(sh->misses);
-    if (sh->hits > 0) {
-        VMC_STORE(sh->hits, sh->hits - 1);
-        return;
-    }
-    struct vmc_spare_slot *slot = vmc_spare_slot(c);
-    uint64_t hits = slot ? __atomic_load_n(&slot->hits, __ATOMIC_RELAXED) : 0;
+    uint64_t hits = __atomic_load_n(&slot->hits, __ATOMIC_RELAXED);
     while (hits > 0 && !__atomic_compare_exchange_n(&slot->hits, &hits, hits - 1, false,
                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-        ; /* another thread of this handle counted meanwhile: again */
+        ; /* counted meanwhile: again */
+    return hits > 0;
+}
+
+/* take_back_hit -- take back one hit that this handle counted. The
+ * statistics sum the shards' counts and the slots', so any of them may give
+ * it: the handle's own slot first (where most of its hits are counted), then
+ * the count of `sh` if given (its shard lock held), then any slot -- the hit
+ * was counted somewhere, but another handle's taking back may have taken it
+ * from where it was. False if none holds a hit. */
+static bool take_back_hit(vmc_cache *c, struct vmc_shard *sh)
+{
+    struct vmc_spare_slot *own = vmc_spare_slot(c);
+    if (own && take_slot_hit(own))
+        return true;
+    if (sh && sh->hits > 0) {
+        VMC_STORE(sh->hits, sh->hits - 1);
+        return true;
+    }
+    for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++)
+        if (take_slot_hit(&c->hdr->spares[i]))
+            return true;
+    return false;
+}
+
+/* uncount_hit -- (shard s locked) a get this handle counted as a hit
+ * answers a miss after all (the key went between the count and the copy):
+ * move one hit to the misses. */
+static void uncount_hit(vmc_cache *c, uint32_t s)
+{
+    VMC_COUNT(c->shards[s].misses);
+    take_back_hit(c, &c->shards[s]);
+}
+
+/* failed_after_hit -- a get that counted its hit fails with rc before its
+ * copy (a repair pending in a call that must not make it, or damage that
+ * stays): the caller gets no value, and VMC_E_REPAIR promises that nothing
+ * was counted (the call is made again after the repair). The hit is taken
+ * back from a slot, with no lock: the shard's count would need the shard
+ * lock, which is what failed (if no slot holds a hit, the get stays
+ * counted). Returns rc. */
+static int64_t failed_after_hit(vmc_cache *c, int64_t rc)
+{
+    take_back_hit(c, NULL);
+    return rc;
 }
 
 /* get_hashed -- get, for a key of a sound length and its hash, in a call
@@ -1104,19 +1138,20 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & (VMC_F_QUIET | VMC_F_COUNTED);
-    bool counted = false; /* a sink's get may back off (VMC_BUSY) until it counts */
+    bool found = false; /* a sink's get may back off (VMC_BUSY) until it finds the entry */
     /* a hit counted for this get, by an earlier call (VMC_F_COUNTED) or by
      * this one before an unlocked copy: a miss now moves it to the misses */
     bool hit_counted = flags & VMC_F_COUNTED;
+    bool counted_here = false; /* ...by this call: a failure takes it back */
     struct vmc_spare_slot *counter = quiet ? NULL : hit_counter(c);
     if ((quiet || counter) &&
         get_optimistic(c, s, key, klen, hash, at, dst, cap, offset, flags, meta, sink, counter,
                        &rc))
         return rc;
     for (int round = 0;; round++) {
-        bool no_wait = sink && !counted;
+        bool no_wait = sink && !found;
         if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock_reading(c, s)) < 0)
-            return rc;
+            return counted_here ? failed_after_hit(c, rc) : rc;
         uint64_t now = at ? at : vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
@@ -1158,9 +1193,9 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         if (!quiet) {
             VMC_COUNT(sh->hits);
             VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
-            quiet = hit_counted = true; /* counted once, whatever happens next */
+            quiet = hit_counted = counted_here = true; /* counted once, whatever happens next */
         }
-        counted = true;
+        found = true;
         if (sink) {
             dst = sink->dst(sink, vlen);
             cap = dst ? vlen : 0;
@@ -1187,7 +1222,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
             }
             if (round >= 8) {
                 rc = vmc_fail(VMC_E_CORRUPT, "an entry stays damaged after repair");
-                return rc;
+                return counted_here ? failed_after_hit(c, rc) : rc;
             }
             continue; /* the next lock repairs: the entry is dropped */
         }
@@ -1201,7 +1236,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         vmc_shard_unlock(c, s);
         copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock_reading(c, s)) < 0)
-            return rc;
+            return counted_here ? failed_after_hit(c, rc) : rc;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
         if (same && copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)

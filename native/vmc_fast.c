@@ -270,9 +270,11 @@ static PyObject *copy_whole(vmc_cache *c, const char *key, size_t klen, int64_t 
  * without a result: a value of n bytes counted but too large for the GIL held
  * (copied now with the GIL released, if it has at most `limit` bytes), or
  * VMC_BUSY (the get again, waiting without the GIL). The value as bytes; else
- * NULL with *status set to its size (counted, not copied), to VMC_MISS or to
- * a failure; or NULL with an exception (out of memory). `flags`: 0, or
- * VMC_F_NO_REPAIR. */
+ * NULL with *status set to its size (counted, not copied: more than `limit`
+ * bytes, or, with VMC_F_NO_REPAIR, a repair pending before its copy, which
+ * the caller makes where a repair may run, as for a large value), to
+ * VMC_MISS or to a failure; or NULL with an exception (out of memory).
+ * `flags`: 0, or VMC_F_NO_REPAIR. */
 static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int64_t limit,
                         uint32_t flags, int64_t *status)
 {
@@ -282,9 +284,12 @@ static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int
         Py_END_ALLOW_THREADS
     }
     if (n >= 0 && n <= limit) { /* counted, not copied: too large for the GIL held */
-        PyObject *result = copy_whole(c, k, klen, n, flags | VMC_F_COUNTED, &n);
+        int64_t size = n;
+        PyObject *result = copy_whole(c, k, klen, size, flags | VMC_F_COUNTED, &n);
         if (result || PyErr_Occurred())
             return result;
+        if (n == VMC_E_REPAIR) /* counted: not to be looked up (and counted) again */
+            n = size;
     }
     *status = n;
     return NULL;
@@ -388,14 +393,15 @@ static PyObject *fast_get_inline(PyObject *self, PyObject *const *args, Py_ssize
 static PyMethodDef get_inline_def = {
     "_get_inline", (PyCFunction)(void (*)(void))fast_get_inline, METH_FASTCALL,
     "_get_inline(key, limit)\n--\n\nA hit of at most `limit` bytes as bytes; a larger "
-    "hit as its size (not copied); a miss as None. Counts the get either way."};
+    "hit, or one whose copy must wait for a repair, as its size (not copied: finish it with "
+    "_copy_whole(key, size, COUNTED)); a miss as None. Counts the get either way."};
 
 /* _copy_whole(key, size, flags=0): as Handle._copy_whole (key: bytes; flags:
- * VMC_F_NO_REPAIR, VMC_F_COUNTED, both or neither). The result is allocated uninitialised, where the
- * pure binding's bytes(size) zeroes it with the GIL held: O(size) work that
- * stalls the event loop when a worker thread copies a large value, once
- * malloc serves such sizes from its heap (glibc does after the first one is
- * freed, up to 32 MiB). */
+ * VMC_F_NO_REPAIR, VMC_F_COUNTED, both or neither). The result is allocated
+ * uninitialised, where the pure binding's bytes(size) zeroes it with the GIL
+ * held: O(size) work that stalls the event loop when a worker thread copies a
+ * large value, once malloc serves such sizes from its heap (glibc does after
+ * the first one is freed, up to 32 MiB). */
 static PyObject *fast_copy_whole(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 2 || nargs > 3 || !PyBytes_CheckExact(args[0]) || !PyLong_CheckExact(args[1]) ||
@@ -425,7 +431,8 @@ static PyObject *fast_copy_whole(PyObject *self, PyObject *const *args, Py_ssize
 static PyMethodDef copy_whole_def = {
     "_copy_whole", (PyCFunction)(void (*)(void))fast_copy_whole, METH_FASTCALL,
     "_copy_whole(key, size, flags=0)\n--\n\nA value whose size is known, copied quietly (no "
-    "statistics, no LRU touch) into a new bytes object; None if it has gone meanwhile."};
+    "statistics, no LRU touch) into a new bytes object; None if it has gone meanwhile (with "
+    "COUNTED in flags, the hit counted for it then becomes a miss)."};
 
 /* fresh_bytes(size): a bytes object of `size` bytes, not initialised, for
  * the pure binding's large results that the core then fills (get_entry):
@@ -617,14 +624,44 @@ static PyMethodDef put_def = {
 
 static PyObject *empty_bytes; /* b"" */
 
+/* add_large -- note in `large` a hit of key counted and not copied (as
+ * finish() answers its size), as (size, asks): its size and how many of
+ * the keys asked were such hits of it, each to be finished; and hold its
+ * place in `found` with b"". 0, or -1 with an exception. */
+static int add_large(PyObject *large, PyObject *found, PyObject *key, int64_t size)
+{
+    PyObject *was = PyDict_GetItemWithError(large, key); /* borrowed */
+    long long asks = 1;
+    if (was == NULL && PyErr_Occurred())
+        return -1;
+    if (was && (!PyTuple_CheckExact(was) || PyTuple_GET_SIZE(was) != 2)) {
+        PyErr_Format(PyExc_TypeError, "_get_many_inline: large[%R] is %R, not (size, asks)",
+                     key, was);
+        return -1;
+    }
+    if (was) {
+        long long before = PyLong_AsLongLong(PyTuple_GET_ITEM(was, 1));
+        if (before == -1 && PyErr_Occurred())
+            return -1;
+        asks = before + 1;
+    }
+    PyObject *entry = Py_BuildValue("(LL)", (long long)size, asks);
+    int rc = entry == NULL || PyDict_SetItem(large, key, entry) < 0 ||
+                     PyDict_SetItem(found, key, empty_bytes) < 0
+                 ? -1
+                 : 0;
+    Py_XDECREF(entry);
+    return rc;
+}
+
 /* many_batch -- look keys[0..n) up into found (a dict), in order: hits
  * copied under the lock in one core call, then each key that call stopped at
  * (VMC_BUSY: it would wait) finished as a get is, and the call made again
- * for the rest. A hit of more than `limit` bytes is counted, not copied: it
- * goes into found as b"" (holding its place) and into `large` as its size
- * (_get_many_inline; get_many's limit is INT64_MAX). The number of keys done:
- * n, or fewer when (with VMC_F_NO_REPAIR) the next one needs a repair; -1
- * with an exception. */
+ * for the rest. A hit that finish() leaves counted and not copied (more than
+ * `limit` bytes, or a repair pending) goes into `large` (add_large;
+ * _get_many_inline; get_many's limit is INT64_MAX and it never stops for a
+ * repair). The number of keys done: n, or fewer when (with VMC_F_NO_REPAIR)
+ * the next one needs a repair; -1 with an exception. */
 static Py_ssize_t many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_t limit,
                              uint32_t flags, PyObject *found, PyObject *large)
 {
@@ -659,13 +696,8 @@ static Py_ssize_t many_batch(vmc_cache *c, PyObject **keys, Py_ssize_t n, int64_
                 Py_DECREF(value);
             } else if (PyErr_Occurred()) {
                 rc = -1;
-            } else if (got >= 0 && large) { /* more than `limit` bytes: its size */
-                PyObject *size = PyLong_FromLongLong(got);
-                rc = size == NULL || PyDict_SetItem(large, keys[i], size) < 0 ||
-                             PyDict_SetItem(found, keys[i], empty_bytes) < 0
-                         ? -1
-                         : 0;
-                Py_XDECREF(size);
+            } else if (got >= 0 && large) { /* counted, not copied: its size */
+                rc = add_large(large, found, keys[i], got);
             } else if (got == VMC_E_REPAIR && (flags & VMC_F_NO_REPAIR)) {
                 done = i;
                 rc = 1;
@@ -778,9 +810,9 @@ static PyObject *fast_get_many_inline(PyObject *self, PyObject *const *args, Py_
 static PyMethodDef get_many_inline_def = {
     "_get_many_inline", (PyCFunction)(void (*)(void))fast_get_many_inline, METH_FASTCALL,
     "_get_many_inline(keys, limit, found, large, start)\n--\n\nLook keys[start:] up: hits of at "
-    "most `limit` bytes into `found`, larger ones into `large` (their size) and into `found` "
-    "(b\"\", holding their place); the number of keys done, fewer than len(keys) when the "
-    "next one needs a repair (never made here)."};
+    "most `limit` bytes into `found`, the others (larger, or to copy after a repair) into "
+    "`large` as (size, asks) and into `found` (b\"\", holding their place); the number of keys "
+    "done, fewer than len(keys) when the next one needs a repair (never made here)."};
 
 static PyMethodDef get_many_def = {
     "get_many", fast_get_many, METH_O,

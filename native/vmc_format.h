@@ -153,8 +153,9 @@ struct vmc_shard {
     pthread_mutex_t lock;
     uint32_t heap_len;      /* items in this shard's LRU heap */
     uint32_t reserved0;
-    uint64_t hits, misses;  /* of gets under the lock; gets = every hit (the spare
-                               slots' too) + misses */
+    uint64_t hits, misses;  /* of gets under the lock (and a hit moved to the misses
+                               when its get found the key gone before its copy); gets =
+                               every hit (the spare slots' too) + misses */
     /* Second line: written by puts, removals and evictions. */
     uint64_t top_atime;     /* key of the heap's top item (UINT64_MAX if empty): a lower
                                bound of the shard's least recent access, read without the
@@ -222,7 +223,8 @@ struct vmc_pool {
  * head on no list, so that a dead owner's spare is found (vmc_reclaim_dead)
  * without a walk over the pool, and where its optimistic gets count their
  * hits. A line of its own: only its owner writes `unit` and `hits`, on every
- * put that refills or renews its spare and every optimistic hit. */
+ * put that refills or renews its spare and every optimistic hit (and any
+ * handle's get may take a hit back: uncount_hit). */
 struct vmc_spare_slot {
     uint64_t owner;         /* the owner id holding the slot, 0 = free. Taken from 0 by
                                compare-and-swap (no lock: vmc_spare_slot_take_free);
@@ -240,7 +242,10 @@ struct vmc_spare_slot {
     uint32_t reserved0;
     uint64_t hits;          /* hits counted by the optimistic gets of the slot's owners
                                (atomic add by the owner, no lock), summed into the
-                               statistics with the shards' counters. Never reset while
+                               statistics with the shards' counters. A hit whose get found
+                               the key gone before its copy is taken back from here or
+                               from a shard's count, whichever holds one (compare-and-swap,
+                               any handle: vmc_cache.c, uncount_hit). Never reset while
                                the file lives: a slot's next owner counts on */
 } __attribute__((aligned(64)));
 

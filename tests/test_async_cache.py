@@ -128,7 +128,7 @@ async def test_a_get_runs_as_a_task_of_its_own(acache: AsyncCache, anyio_backend
         assert await asyncio.gather(acache.get("k"), acache.get("absent", b"d")) == [b"v", b"d"]
 
 
-def _fetching_threads(acache: AsyncCache) -> list[int]:
+def _finishing_threads(acache: AsyncCache) -> list[int]:
     """The threads that copy large values (the core's ``finish``), as a list
     that grows with every call from now on."""
     threads: list[int] = []
@@ -145,7 +145,7 @@ def _fetching_threads(acache: AsyncCache) -> list[int]:
 async def test_large_hit_is_copied_in_a_worker_thread(acache: AsyncCache) -> None:
     value = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
     await acache.put("big", value)
-    threads = _fetching_threads(acache)
+    threads = _finishing_threads(acache)
     assert await acache.get("big") == value
     assert threads and threads[0] != threading.get_ident()
     assert await checkpoints(acache.get("big"))  # an offloaded copy is a checkpoint
@@ -220,13 +220,36 @@ async def test_get_many_batches_hits_misses_duplicates_and_expired(
 async def test_get_many_copies_large_values_off_the_loop(acache: AsyncCache) -> None:
     big = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
     await acache.put_many({"a": b"1", "big": big, "big2": big[::-1]})
-    threads = _fetching_threads(acache)
+    threads = _finishing_threads(acache)
     got = await acache.get_many(["big", "a", "big", "big2"])
     assert got == {b"big": big, b"a": b"1", b"big2": big[::-1]}
     assert list(got) == [b"big", b"a", b"big2"]
     assert len(threads) == 2 and threading.get_ident() not in threads  # each large key once
     stats = acache.statistics()
     assert (stats.gets, stats.hits) == (4, 4)
+
+
+async def test_get_many_finishes_each_ask_of_a_large_key_that_hit(acache: AsyncCache) -> None:
+    # A large key asked twice is copied once, and each ask that hit is
+    # finished: here the key is deleted after the first ask (a hit, counted),
+    # so the second misses; the copy then finds it gone and the first ask
+    # becomes a miss too. No other hit is touched.
+    big = bytes(range(256)) * 64  # 16 KiB >= the fixture's 4 KiB threshold
+    await acache.put_many({"a": b"1", "big": big})
+    assert await acache.get("a") == b"1"
+    inline = acache._core.get_many_inline
+
+    def deleting_after_the_first_ask(
+        keys: list[Any], limit: int, found: dict[bytes, bytes], large: Any, start: int
+    ) -> int:
+        done = inline(keys[: start + 1], limit, found, large, start)
+        acache.cache.delete(b"big")
+        return inline(keys, limit, found, large, done)
+
+    acache._core.get_many_inline = deleting_after_the_first_ask
+    assert await acache.get_many(["big", "big"]) == {}
+    stats = acache.statistics()
+    assert (stats.hits, stats.misses) == (1, 2)
 
 
 async def test_get_many_cancelled_in_the_middle(acache: AsyncCache) -> None:

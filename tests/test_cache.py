@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from aiovmc import (
     ValueTooLargeError,
 )
 from aiovmc._convert import parse_size
+from aiovmc._native import COUNTED
 
 from .conftest import Clock
 from .helpers import SPARE_SLOTS, private_file_stats, run_threads, slot_hits
@@ -302,6 +304,35 @@ def test_get_default_and_on_miss(cache_path: str) -> None:
         with pytest.raises(KeyError):
             c[b"other"]  # the mapping protocol does not load
         assert calls == [b"abc", b"none"]
+
+
+def test_the_copy_that_finishes_a_counted_get_counts_a_miss_if_the_key_went(
+    cache: Cache,
+) -> None:
+    # A get sized by one call and copied by another (values past 64 KiB, and
+    # AsyncCache's off the loop): the copy carries COUNTED, and if the key went
+    # in between, the hit its first call counted becomes a miss.
+    def hits_and_misses() -> tuple[int, int]:
+        stats = cache.statistics()
+        return stats.hits, stats.misses
+
+    value = bytes(range(256)) * 400  # past the scratch buffer
+    cache.put(b"k", value)
+    size = cache._get_inline(b"k", 0)  # counted, not copied
+    assert isinstance(size, int)
+    assert size == len(value) and hits_and_misses() == (1, 0)
+    assert cache._copy_whole(b"k", size, COUNTED) == value and hits_and_misses() == (1, 0)
+    assert cache._get_inline(b"k", 0) == size
+    cache.delete(b"k")
+    assert cache._copy_whole(b"k", size, COUNTED) is None and hits_and_misses() == (1, 1)
+    cache.put(b"k", value)
+    assert cache._get_entry(b"k", 0) == len(value)  # counted, not copied
+    cache.delete(b"k")
+    assert cache._get_entry(b"k", sys.maxsize, COUNTED) is None
+    assert hits_and_misses() == (1, 2)
+    cache.put(b"k", value)
+    assert cache._copy_whole(b"k", size) == value  # a quiet copy counts nothing
+    assert hits_and_misses() == (1, 2)
 
 
 def test_get_into_edges(cache: Cache) -> None:

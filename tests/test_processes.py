@@ -250,19 +250,14 @@ def _flicker_writer(path: str, size: int, stop: Any, start: Any, out: Any) -> No
     out.put(("writer", (0, 0), error))
 
 
-async def _flicker_gets(cache: aiovmc.AsyncCache, n: int) -> tuple[int, int]:
-    """n gets of FLICKER in each of AsyncCache's forms, and more until both a
-    hit and a miss were seen: (hits, misses) seen."""
+async def _flicker_gets(forms: list[Any], n: int) -> tuple[int, int]:
+    """Gets of FLICKER by each of `forms` in turn (async callables answering
+    the value or None), every value verified: n, then more until both a hit
+    and a miss were seen (at most 100 n). (hits, misses) seen."""
     hits = done = 0
-    while done < n or not 0 < hits < done:
-        i, done = done, done + 1
-        if i % 3 == 0:
-            value = await cache.get(FLICKER)
-        elif i % 3 == 1:
-            value = (await cache.get_many([FLICKER])).get(FLICKER)
-        else:
-            entry = await cache.get_entry(FLICKER)
-            value = None if entry is None else entry.value
+    while (done < n or not 0 < hits < done) and done < 100 * n:
+        value = await forms[done % len(forms)]()
+        done += 1
         if value is not None:
             check_value(FLICKER, value)
             hits += 1
@@ -270,37 +265,48 @@ async def _flicker_gets(cache: aiovmc.AsyncCache, n: int) -> tuple[int, int]:
 
 
 def _flicker_reader(path: str, how: str, n: int, stop: Any, start: Any, out: Any) -> None:
-    """n gets of FLICKER (get, get_many, get_entry in turn; sync, or
-    AsyncCache's on the event loop `how`), and more until both a hit and a
-    miss were seen, every value verified; then sets `stop`. Reports (hits,
-    misses) seen."""
+    """`_flicker_gets` by get, get_many and get_entry: Cache's ("sync", on an
+    asyncio loop that only calls them) or AsyncCache's (on the loop `how`);
+    then sets `stop`. Reports (hits, misses) seen."""
     seen, error = (0, 0), None
-    try:
+
+    async def main() -> tuple[int, int]:
         if how == "sync":
-            with aiovmc.Cache(path) as cache:
-                start.wait(WAIT)
-                hits = done = 0
-                while done < n or not 0 < hits < done:  # until both were seen
-                    i, done = done, done + 1
-                    if i % 3 == 0:
-                        value = cache.get(FLICKER)
-                    elif i % 3 == 1:
-                        value = cache.get_many([FLICKER]).get(FLICKER)
-                    else:
-                        entry = cache.get_entry(FLICKER)
-                        value = None if entry is None else entry.value
-                    if value is not None:
-                        check_value(FLICKER, value)
-                        hits += 1
-                seen = (hits, done - hits)
+            cache: Any = aiovmc.Cache(path)
+            handle = cache
+
+            async def get() -> bytes | None:
+                return cache.get(FLICKER)  # type: ignore[no-any-return]
+
+            async def get_many() -> bytes | None:
+                return cache.get_many([FLICKER]).get(FLICKER)  # type: ignore[no-any-return]
+
+            async def get_entry() -> bytes | None:
+                entry = cache.get_entry(FLICKER)
+                return None if entry is None else entry.value
+
         else:
+            cache = aiovmc.AsyncCache(path, offload_threshold="4KiB")
+            handle = cache.cache
 
-            async def main() -> tuple[int, int]:
-                async with aiovmc.AsyncCache(path, offload_threshold="4KiB") as cache:
-                    await anyio.to_thread.run_sync(start.wait, WAIT)
-                    return await _flicker_gets(cache, n)
+            async def get() -> bytes | None:
+                return await cache.get(FLICKER)  # type: ignore[no-any-return]
 
-            seen = anyio.run(main, backend=how)
+            async def get_many() -> bytes | None:
+                return (await cache.get_many([FLICKER])).get(FLICKER)  # type: ignore[no-any-return]
+
+            async def get_entry() -> bytes | None:
+                entry = await cache.get_entry(FLICKER)
+                return None if entry is None else entry.value
+
+        try:
+            await anyio.to_thread.run_sync(start.wait, WAIT)
+            return await _flicker_gets([get, get_many, get_entry], n)
+        finally:
+            handle.close()
+
+    try:
+        seen = anyio.run(main, backend="asyncio" if how == "sync" else how)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -309,16 +315,18 @@ def _flicker_reader(path: str, how: str, n: int, stop: Any, start: Any, out: Any
 
 
 @pytest.mark.parametrize("how", ["sync", "asyncio", "trio"])
-@pytest.mark.parametrize("size", [100, 70_000])
+@pytest.mark.parametrize("size", [100, 70_000, 300_000])
 def test_a_get_counts_a_hit_only_if_it_returns_the_value(
     ctx: Any, cache_path: str, size: int, how: str
 ) -> None:
     """A get that sizes a value in one core call and copies it in another (a
     value too large for the scratch buffer or the event loop; on the fast path,
-    a get that found the shard lock held) counts its hit in the first. If the
-    key is deleted between the two, the get answers a miss, and so it is
-    counted: the hits and misses counted are exactly those the reader saw,
-    while another process deletes and puts the key back without pause."""
+    a get that found the shard lock held) counts its hit in the first; one
+    that copies a value past 256 KiB without the shard lock, then finds it
+    replaced, looks again in the same call. If the key is deleted before the
+    copy, the get answers a miss, and so it is counted: the hits and misses
+    counted are exactly those the reader saw, while another process deletes
+    and puts the key back without pause."""
     n = 30_000 if size == 100 else 1_500
     with aiovmc.Cache(cache_path, size="8MiB") as cache:
         before = cache.statistics()

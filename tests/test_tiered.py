@@ -399,6 +399,40 @@ async def test_get_is_awaitable_once_and_runs_as_a_task(
 
 
 @pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_a_closed_handle_leaves_a_forked_child_its_descriptors(
+    redis_server: RedisServer, hosts: Any
+) -> None:
+    # A fork() child closes its copies of the listeners' descriptors (they hold
+    # the host's election). A listener that has ended closed its own already:
+    # its number may since have been reused for anything, which the child must
+    # keep. Here the number goes to a descriptor the child then uses.
+    cache = aiovmc.TieredCache(hosts(), redis=redis_server.url, namespace="t",
+                               timeout=TIMEOUT, size="4MiB")
+    async with cache:
+        await listening(cache)
+        number = cache._listener._fd
+    # closed: the listener has ended, and `cache` still holds it
+    kept: list[int] = []
+    try:
+        while number not in kept:  # each open takes the lowest free number
+            assert len(kept) <= number
+            kept.append(os.open(os.devnull, os.O_RDONLY))
+        pid = os.fork()
+        if pid == 0:  # the child: is `number` still open?
+            try:
+                os.fstat(number)
+            except OSError:
+                os._exit(1)
+            os._exit(0)
+        _, status = await anyio.to_thread.run_sync(os.waitpid, pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for fd in kept:
+            os.close(fd)
+
+
+@pytest.mark.anyio
 async def test_l1_counts_each_get_once(redis_server: RedisServer, hosts: Any) -> None:
     # A get that misses L1 goes on from its own lookup (redis, then the loader,
     # or a large value's copy off the loop): L1 counts it once, as AsyncCache's.

@@ -369,8 +369,11 @@ class Handle:
 
     def _get_inline(self, key: bytes, limit: int) -> bytes | int | None:
         """A hit of at most `limit` bytes as bytes; a larger hit as its size
-        (not copied); a miss as None. Counts the get either way. Never repairs
-        the file: `RepairNeeded` instead (it is AsyncCache's get on the loop)."""
+        (not copied: finish it with ``_copy_whole(key, size, COUNTED)``); a miss
+        as None. Counts the get either way. Never repairs the file:
+        `RepairNeeded` instead, having counted nothing (it is AsyncCache's get
+        on the loop), or, for a hit counted before its copy met the repair,
+        its size (to finish where a repair may run, as a larger hit)."""
         s = _scratch
         cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
         if s.busy:  # re-entered: see _Scratch
@@ -384,8 +387,13 @@ class Handle:
                     return s.view[0:n]
             finally:
                 s.busy = False
+        if n > limit:
+            return n
         if n >= 0:
-            return n if n > limit else self._copy_whole(key, n, NO_REPAIR | COUNTED)
+            try:
+                return self._copy_whole(key, n, NO_REPAIR | COUNTED)
+            except RepairNeeded:
+                return n  # counted: not to be looked up (and counted) again
         if n == _MISS:
             return None
         raise_for(n)
@@ -395,14 +403,16 @@ class Handle:
         keys: list[Key],
         limit: int,
         found: dict[bytes, bytes],
-        large: dict[bytes, int],
+        large: dict[bytes, tuple[int, int]],
         start: int,
     ) -> int:
         """Look ``keys[start:]`` up in order, each as `_get_inline` (counted; never
         repairs the file): hits of at most `limit` bytes into `found` (keyed by the
-        encoded key), larger ones into `large` as their size and into `found` as
-        b"" (holding their place). Returns the number of keys done: fewer than
-        ``len(keys)`` when the next one needs a repair (`RepairNeeded`).
+        encoded key); the others `_get_inline` answers with a size into `large`
+        as (size, asks), asks being how many of the keys were such hits of it
+        (each to be finished), and into `found` as b"" (holding their place).
+        Returns the number of keys done: fewer than ``len(keys)`` when the next
+        one needs a repair (`RepairNeeded`).
         The fast path looks them up in batches, one C call per 64 keys."""
         for at in range(start, len(keys)):
             key = keys[at]
@@ -411,11 +421,11 @@ class Handle:
                 value = self._get_inline(k, limit)
             except RepairNeeded:
                 return at
-            if value.__class__ is bytes:
-                found[k] = value
-            elif value is not None:
-                large[k] = value  # type: ignore[assignment]
+            if isinstance(value, int):
+                large[k] = (value, large[k][1] + 1 if k in large else 1)
                 found[k] = b""
+            elif value is not None:
+                found[k] = value
         return len(keys)
 
     def get_into(self, key: Key, buffer: Buffer, *, offset: int = 0) -> int | None:
