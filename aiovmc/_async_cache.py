@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar, Union, cast, overload
 
 import anyio
 import anyio.lowlevel
@@ -634,7 +634,7 @@ class AsyncCache:
         loop; the larger ones are then copied in a worker thread (a checkpoint).
         """
         asked = keys if keys.__class__ is list else list(keys)
-        found: dict[bytes, bytes] = {}
+        found: dict[bytes, bytes | None] = {}  # None: a large value's place
         large: dict[bytes, tuple[int, int]] = {}  # (size, asks): each key copied once
         get_many_inline, limit = self._core.get_many_inline, self._limit
         done = get_many_inline(asked, limit, found, large, 0)
@@ -650,11 +650,11 @@ class AsyncCache:
         finish = self._core.finish
         for k, (size, asks) in large.items():
             copied = await _offload(functools.partial(_finish_asks, finish, k, size, asks))
-            if copied is None:
-                del found[k]  # deleted meanwhile: a miss after all
-            else:
+            if copied is not None:
                 found[k] = copied
-        return found
+            elif found[k] is None:  # deleted meanwhile, and no other ask found it
+                del found[k]
+        return cast("dict[bytes, bytes]", found)  # every place filled or dropped
 
     # -- writes --------------------------------------------------------------------
 

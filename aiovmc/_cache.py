@@ -665,7 +665,7 @@ class CacheCore:
         #: the fast path), fewer done when the next key needs a repair; the
         #: hits to `finish` in `large` as (size, asks).
         self.get_many_inline: Callable[
-            [list[Any], int, dict[bytes, bytes], dict[bytes, tuple[int, int]], int], int
+            [list[Any], int, dict[bytes, bytes | None], dict[bytes, tuple[int, int]], int], int
         ] = cache._get_many_inline
         #: (key) -> the whole value, quietly (no count, no LRU touch), or None;
         #: for worker threads (repairs).

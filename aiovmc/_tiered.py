@@ -339,9 +339,14 @@ class _Listener(threading.Thread):
         self._pubsub: Any = None
         # Its own open file description: the lock belongs to it, and closing it (at
         # the thread's end, or by the kernel at the process's) hands the election on.
-        self._fd = os.open(f"/proc/self/fd/{tiered._sidecar.fd}", os.O_RDWR | os.O_CLOEXEC)
-        _listeners.add(self)
-        self.elected_at_once = _ofd_lock(self._fd, _LISTENER_LOCK, wait=False)
+        with _listeners_lock:  # a fork() child closes it: no fork in between
+            self._fd = os.open(f"/proc/self/fd/{tiered._sidecar.fd}", os.O_RDWR | os.O_CLOEXEC)
+            _listeners.add(self)
+        try:
+            self.elected_at_once = _ofd_lock(self._fd, _LISTENER_LOCK, wait=False)
+        except BaseException:
+            self.close_fd()
+            raise
 
     def stop(self) -> None:
         self._halt.set()
@@ -413,26 +418,49 @@ class _Listener(threading.Thread):
 
 
 #: The listeners whose descriptor is open. fork() holds `_listeners_lock`, so
-#: that no listener is between closing its descriptor and leaving the set.
+#: that no listener is between opening its descriptor and joining the set, or
+#: between closing it and leaving. Nothing done under it allocates Python
+#: objects that could run a finalizer (which might fork): an open or a close,
+#: a set's add or discard.
 _listeners: weakref.WeakSet[_Listener] = weakref.WeakSet()
 _listeners_lock = threading.Lock()
+_listeners_held = False  # whether the fork in progress took `_listeners_lock`
 
 
-def _forget_listeners_in_child() -> None:
-    """After fork: the child has no listener threads, and its copies of their
-    descriptors would keep a dead parent's election lock held: close them."""
-    try:
-        for listener in list(_listeners):
-            listener._halt.set()
-            os.close(listener._fd)
-        _listeners.clear()
-    finally:
+def _hold_listeners() -> None:
+    """Before fork: take `_listeners_lock` (noted, so that the hooks after the
+    fork release it only if this took it: an exception, such as a signal
+    handler's, may end the wait)."""
+    global _listeners_held
+    _listeners_held = False
+    _listeners_lock.acquire()
+    _listeners_held = True
+
+
+def _release_listeners() -> None:
+    """After fork, in the parent: give `_listeners_lock` back."""
+    if _listeners_held:
         _listeners_lock.release()
 
 
+def _forget_listeners_in_child() -> None:
+    """After fork, in the child: it has no listener threads, and its copies of
+    their descriptors would keep a dead parent's election lock held: close
+    them (each, whatever another's close raises)."""
+    try:
+        for listener in list(_listeners):
+            try:
+                os.close(listener._fd)
+            except OSError:
+                pass
+        _listeners.clear()
+    finally:
+        _release_listeners()
+
+
 os.register_at_fork(
-    before=_listeners_lock.acquire,
-    after_in_parent=_listeners_lock.release,
+    before=_hold_listeners,
+    after_in_parent=_release_listeners,
     after_in_child=_forget_listeners_in_child,
 )
 

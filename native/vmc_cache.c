@@ -138,6 +138,19 @@ static void unlist(vmc_cache *c, uint32_t head, uint32_t nonce)
         vmc_reserved_unlink(c, head);
 }
 
+/* keep_spare -- make `spare`, a spare of this handle taken off it by a call
+ * that could neither use nor free it (a lock it must not wait for or repair),
+ * the handle's spare again: its slot still names it, and nothing else can
+ * become the spare meanwhile (name_spare takes the slot only from a name that
+ * is no spare of this handle's). 0 is none. */
+static void keep_spare(vmc_cache *c, uint32_t spare)
+{
+    uint32_t none = 0;
+    if (spare)
+        __atomic_compare_exchange_n(&c->spare, &none, spare, false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_RELAXED);
+}
+
 /* free_spare -- (pool lock held) free `spare`, a spare of this handle taken
  * off it (see "the spare" below), if it is still one; 0 is none. */
 static void free_spare(vmc_cache *c, uint32_t spare)
@@ -394,8 +407,10 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
     int stalled = 0;
     for (;;) {
         int rc = vmc_pool_lock(c);
-        if (rc < 0)
+        if (rc < 0) {
+            keep_spare(c, spare);
             return rc;
+        }
         free_spare(c, spare);
         spare = 0;
         rc = vmc_alloc_entry(c, klen, vlen, contiguous, head);
@@ -494,12 +509,10 @@ static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     int rc = vmc_pool_lock(c);
     if (rc == VMC_E_REPAIR && nonce == VMC_SPARE_NONCE) {
-        /* A spare taken off the handle: its slot still names it, so it is
-         * the handle's spare again (a repair keeps a live owner's). The
-         * orphan list could not hold it: its nonce is RID_ORPHAN's bit. */
-        uint32_t none = 0;
-        __atomic_compare_exchange_n(&c->spare, &none, head, false, __ATOMIC_ACQ_REL,
-                                    __ATOMIC_RELAXED);
+        /* A spare taken off the handle: the handle's spare again (a repair
+         * keeps a live owner's). The orphan list could not hold it: its
+         * nonce is RID_ORPHAN's bit. */
+        keep_spare(c, head);
         return rc;
     }
     if (rc == VMC_E_REPAIR && !track_rid(c, RID(head, nonce), true))
@@ -1085,47 +1098,38 @@ static bool take_slot_hit(struct vmc_spare_slot *slot)
     return hits > 0;
 }
 
-/* take_back_hit -- take back one hit that this handle counted. The
+/* uncount_hit -- (shard s locked) a get this handle counted as a hit, in the
+ * call that sized its value, answers a miss after all: the key went before
+ * the copy that finishes it (VMC_F_COUNTED). Move one hit to the misses. The
  * statistics sum the shards' counts and the slots', so any of them may give
- * it: the handle's own slot first (where most of its hits are counted), then
- * the count of `sh` if given (its shard lock held), then any slot -- the hit
- * was counted somewhere, but another handle's taking back may have taken it
- * from where it was. False if none holds a hit. */
-static bool take_back_hit(vmc_cache *c, struct vmc_shard *sh)
+ * the hit back: the handle's own slot first (where most of its hits are
+ * counted), then the shard's count (its lock is held), then any slot -- the
+ * hit was counted somewhere, but another handle's uncount may have taken it
+ * from where it was. */
+static void uncount_hit(vmc_cache *c, uint32_t s)
 {
+    struct vmc_shard *sh = &c->shards[s];
     struct vmc_spare_slot *own = vmc_spare_slot(c);
+    VMC_COUNT(sh->misses);
     if (own && take_slot_hit(own))
-        return true;
-    if (sh && sh->hits > 0) {
+        return;
+    if (sh->hits > 0) {
         VMC_STORE(sh->hits, sh->hits - 1);
-        return true;
+        return;
     }
     for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++)
         if (take_slot_hit(&c->hdr->spares[i]))
-            return true;
-    return false;
+            return;
 }
 
-/* uncount_hit -- (shard s locked) a get this handle counted as a hit
- * answers a miss after all (the key went between the count and the copy):
- * move one hit to the misses. */
-static void uncount_hit(vmc_cache *c, uint32_t s)
+/* count_hit -- (shard lock held) a get found its entry and copied (or sized)
+ * its value: count the hit and touch the entry (the LRU heap re-keys
+ * lazily). Counted only then, so that a get that fails or looks again
+ * (damage, a repair pending, a large copy thrown away) has counted nothing. */
+static void count_hit(struct vmc_shard *sh, struct vmc_entry *e, uint64_t now)
 {
-    VMC_COUNT(c->shards[s].misses);
-    take_back_hit(c, &c->shards[s]);
-}
-
-/* failed_after_hit -- a get that counted its hit fails with rc before its
- * copy (a repair pending in a call that must not make it, or damage that
- * stays): the caller gets no value, and VMC_E_REPAIR promises that nothing
- * was counted (the call is made again after the repair). The hit is taken
- * back from a slot, with no lock: the shard's count would need the shard
- * lock, which is what failed (if no slot holds a hit, the get stays
- * counted). Returns rc. */
-static int64_t failed_after_hit(vmc_cache *c, int64_t rc)
-{
-    take_back_hit(c, NULL);
-    return rc;
+    VMC_COUNT(sh->hits);
+    VMC_STORE(e->atime_ns, now);
 }
 
 /* get_hashed -- get, for a key of a sound length and its hash, in a call
@@ -1139,10 +1143,6 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
     struct vmc_shard *sh = &c->shards[s];
     bool quiet = flags & (VMC_F_QUIET | VMC_F_COUNTED);
     bool found = false; /* a sink's get may back off (VMC_BUSY) until it finds the entry */
-    /* a hit counted for this get, by an earlier call (VMC_F_COUNTED) or by
-     * this one before an unlocked copy: a miss now moves it to the misses */
-    bool hit_counted = flags & VMC_F_COUNTED;
-    bool counted_here = false; /* ...by this call: a failure takes it back */
     struct vmc_spare_slot *counter = quiet ? NULL : hit_counter(c);
     if ((quiet || counter) &&
         get_optimistic(c, s, key, klen, hash, at, dst, cap, offset, flags, meta, sink, counter,
@@ -1151,7 +1151,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
     for (int round = 0;; round++) {
         bool no_wait = sink && !found;
         if ((rc = no_wait ? vmc_shard_trylock(c, s) : vmc_shard_lock_reading(c, s)) < 0)
-            return counted_here ? failed_after_hit(c, rc) : rc;
+            return rc;
         uint64_t now = at ? at : vmc_now_ns();
         uint32_t slot;
         uint32_t u = vmc_index_find(c, s, hash, key, klen, &slot);
@@ -1177,7 +1177,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
             e = NULL;
         }
         if (e == NULL) {
-            if (hit_counted)
+            if (flags & VMC_F_COUNTED) /* a hit counted by the call that sized it */
                 uncount_hit(c, s);
             else if (!quiet)
                 VMC_COUNT(sh->misses);
@@ -1189,11 +1189,6 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         if (meta) {
             meta[0] = e->stamp;
             meta[1] = e->expires_ns;
-        }
-        if (!quiet) {
-            VMC_COUNT(sh->hits);
-            VMC_STORE(e->atime_ns, now); /* the LRU heap re-keys lazily */
-            quiet = hit_counted = counted_here = true; /* counted once, whatever happens next */
         }
         found = true;
         if (sink) {
@@ -1215,6 +1210,8 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
                 copied = VMC_E_CORRUPT;
             if (copied < 0)
                 vmc_mark_damaged(c);
+            else if (!quiet)
+                count_hit(sh, e, now);
             vmc_shard_unlock(c, s);
             if (copied == VMC_OK) {
                 rc = (int64_t)vlen;
@@ -1222,7 +1219,7 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
             }
             if (round >= 8) {
                 rc = vmc_fail(VMC_E_CORRUPT, "an entry stays damaged after repair");
-                return counted_here ? failed_after_hit(c, rc) : rc;
+                return rc;
             }
             continue; /* the next lock repairs: the entry is dropped */
         }
@@ -1236,13 +1233,15 @@ static int64_t get_hashed(vmc_cache *c, const char *key, size_t klen, uint64_t h
         vmc_shard_unlock(c, s);
         copied = vmc_entry_copy_unlocked(c, u, dst, from, len, whole ? &data : NULL);
         if ((rc = vmc_shard_lock_reading(c, s)) < 0)
-            return counted_here ? failed_after_hit(c, rc) : rc;
+            return rc;
         bool same = vmc_index_find(c, s, hash, key, klen, &slot) == u &&
                     ((struct vmc_entry *)vmc_unit(c, u))->stamp == stamp;
         if (same && copied == VMC_OK && whole && vmc_entry_seal(e, data) != e->checksum)
             copied = VMC_E_CORRUPT;
         if (same && copied < 0)
             vmc_mark_damaged(c);
+        else if (same && copied == VMC_OK && !quiet)
+            count_hit(sh, e, now);
         vmc_shard_unlock(c, s);
         if (same && copied == VMC_OK) {
             rc = (int64_t)vlen;

@@ -288,7 +288,7 @@ static PyObject *finish(vmc_cache *c, const char *k, size_t klen, int64_t n, int
         PyObject *result = copy_whole(c, k, klen, size, flags | VMC_F_COUNTED, &n);
         if (result || PyErr_Occurred())
             return result;
-        if (n == VMC_E_REPAIR) /* counted: not to be looked up (and counted) again */
+        if (n == VMC_E_REPAIR && (flags & VMC_F_NO_REPAIR)) /* counted: not to count again */
             n = size;
     }
     *status = n;
@@ -622,19 +622,19 @@ static PyMethodDef put_def = {
 /* Keys looked up per core call of get_many: the batch its prefetching runs over. */
 #define BATCH 64
 
-static PyObject *empty_bytes; /* b"" */
-
 /* add_large -- note in `large` a hit of key counted and not copied (as
  * finish() answers its size), as (size, asks): its size and how many of
- * the keys asked were such hits of it, each to be finished; and hold its
- * place in `found` with b"". 0, or -1 with an exception. */
+ * the keys asked were such hits of it, each to be finished; and, unless an
+ * earlier ask of it found a value, hold its place in `found` with None. 0,
+ * or -1 with an exception. */
 static int add_large(PyObject *large, PyObject *found, PyObject *key, int64_t size)
 {
     PyObject *was = PyDict_GetItemWithError(large, key); /* borrowed */
     long long asks = 1;
     if (was == NULL && PyErr_Occurred())
         return -1;
-    if (was && (!PyTuple_CheckExact(was) || PyTuple_GET_SIZE(was) != 2)) {
+    if (was && !(PyTuple_CheckExact(was) && PyTuple_GET_SIZE(was) == 2 &&
+                 PyLong_CheckExact(PyTuple_GET_ITEM(was, 1)))) {
         PyErr_Format(PyExc_TypeError, "_get_many_inline: large[%R] is %R, not (size, asks)",
                      key, was);
         return -1;
@@ -646,12 +646,11 @@ static int add_large(PyObject *large, PyObject *found, PyObject *key, int64_t si
         asks = before + 1;
     }
     PyObject *entry = Py_BuildValue("(LL)", (long long)size, asks);
-    int rc = entry == NULL || PyDict_SetItem(large, key, entry) < 0 ||
-                     PyDict_SetItem(found, key, empty_bytes) < 0
-                 ? -1
-                 : 0;
+    int rc = entry == NULL || PyDict_SetItem(large, key, entry) < 0 ? -1 : 0;
     Py_XDECREF(entry);
-    return rc;
+    if (rc == 0 && (rc = PyDict_Contains(found, key)) == 0)
+        rc = PyDict_SetItem(found, key, Py_None);
+    return rc < 0 ? -1 : 0;
 }
 
 /* many_batch -- look keys[0..n) up into found (a dict), in order: hits
@@ -811,7 +810,8 @@ static PyMethodDef get_many_inline_def = {
     "_get_many_inline", (PyCFunction)(void (*)(void))fast_get_many_inline, METH_FASTCALL,
     "_get_many_inline(keys, limit, found, large, start)\n--\n\nLook keys[start:] up: hits of at "
     "most `limit` bytes into `found`, the others (larger, or to copy after a repair) into "
-    "`large` as (size, asks) and into `found` (b\"\", holding their place); the number of keys "
+    "`large` as (size, asks) and, unless an earlier ask found a value, into `found` as None "
+    "(holding their place); the number of keys "
     "done, fewer than len(keys) when the next one needs a repair (never made here)."};
 
 static PyMethodDef get_many_def = {
@@ -1131,8 +1131,6 @@ static int install(void)
         (str_on_evict = PyUnicode_InternFromString("_on_evict")) == NULL)
         return -1;
     if (str_get_rest == NULL && (str_get_rest = PyUnicode_InternFromString("_get_rest")) == NULL)
-        return -1;
-    if (empty_bytes == NULL && (empty_bytes = PyBytes_FromStringAndSize("", 0)) == NULL)
         return -1;
     if (PyType_Ready(&FastHandleType) < 0 || PyType_Ready(&ReadyType) < 0)
         return -1;

@@ -240,7 +240,7 @@ async def test_get_many_finishes_each_ask_of_a_large_key_that_hit(acache: AsyncC
     inline = acache._core.get_many_inline
 
     def deleting_after_the_first_ask(
-        keys: list[Any], limit: int, found: dict[bytes, bytes], large: Any, start: int
+        keys: list[Any], limit: int, found: dict[bytes, bytes | None], large: Any, start: int
     ) -> int:
         done = inline(keys[: start + 1], limit, found, large, start)
         acache.cache.delete(b"big")
@@ -250,6 +250,34 @@ async def test_get_many_finishes_each_ask_of_a_large_key_that_hit(acache: AsyncC
     assert await acache.get_many(["big", "big"]) == {}
     stats = acache.statistics()
     assert (stats.hits, stats.misses) == (1, 2)
+    # Both asks hit, then the key goes before the copy: two misses.
+    acache._core.get_many_inline = inline
+    await acache.put("big", big)
+    finish = acache._core.finish
+
+    def gone(key: bytes, size: int) -> bytes | None:
+        acache.cache.delete(key)
+        return finish(key, size)
+
+    acache._core.finish = gone
+    assert await acache.get_many(["big", "big"]) == {}
+    stats = acache.statistics()
+    assert (stats.hits, stats.misses) == (1, 4)
+    # A small value of the key, copied by the first ask, is kept when the
+    # second ask's large one has gone before its copy.
+    await acache.put("k", b"small")
+
+    def replaced_after_the_first_ask(
+        keys: list[Any], limit: int, found: dict[bytes, bytes | None], large: Any, start: int
+    ) -> int:
+        done = inline(keys[: start + 1], limit, found, large, start)
+        acache.cache.put(b"k", big)
+        return inline(keys, limit, found, large, done)
+
+    acache._core.get_many_inline = replaced_after_the_first_ask
+    assert await acache.get_many(["k", "k"]) == {b"k": b"small"}
+    stats = acache.statistics()
+    assert (stats.hits, stats.misses) == (2, 5)
 
 
 async def test_get_many_cancelled_in_the_middle(acache: AsyncCache) -> None:

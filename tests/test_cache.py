@@ -26,10 +26,11 @@ from aiovmc import (
     ValueTooLargeError,
 )
 from aiovmc._convert import parse_size
-from aiovmc._native import COUNTED
+from aiovmc._errors import RepairNeeded
+from aiovmc._native import COUNTED, NO_REPAIR
 
 from .conftest import Clock
-from .helpers import SPARE_SLOTS, private_file_stats, run_threads, slot_hits
+from .helpers import HEADER_FIELDS, SPARE_SLOTS, private_file_stats, run_threads, slot_hits
 
 MiB = 1 << 20
 
@@ -333,6 +334,22 @@ def test_the_copy_that_finishes_a_counted_get_counts_a_miss_if_the_key_went(
     cache.put(b"k", value)
     assert cache._copy_whole(b"k", size) == value  # a quiet copy counts nothing
     assert hits_and_misses() == (1, 2)
+    # A copy that must not repair (on an event loop) meets a pending repair:
+    # RepairNeeded, nothing counted; the get counted by the call that sized
+    # it stays counted once, and is finished where a repair may run.
+    assert cache._get_entry(b"k", 0, NO_REPAIR) == size
+    at, width = HEADER_FIELDS["needs_repair"]
+    with open(cache.path, "r+b") as f:  # the file's pages are the mapping's
+        f.seek(at)
+        f.write((1).to_bytes(width, "little"))
+    with pytest.raises(RepairNeeded):
+        cache._get_entry(b"k", sys.maxsize, NO_REPAIR | COUNTED)
+    with pytest.raises(RepairNeeded):
+        cache._copy_whole(b"k", size, NO_REPAIR | COUNTED)
+    assert hits_and_misses() == (2, 2)
+    entry = cache._get_entry(b"k", sys.maxsize, COUNTED)  # repairs, then copies
+    assert isinstance(entry, tuple) and entry[0] == value
+    assert hits_and_misses() == (2, 2)
 
 
 def test_get_into_edges(cache: Cache) -> None:

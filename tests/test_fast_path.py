@@ -72,7 +72,7 @@ def test_the_compiled_helpers_check_their_arguments(cache: Cache) -> None:
         cache._get_many_inline((b"k",), 10, {}, {}, 0)  # type: ignore[arg-type]  # a tuple
     with pytest.raises(TypeError):
         cache._get_many_inline([b"k", 3.5], 10, {}, {}, 0)  # type: ignore[list-item]
-    found: dict[bytes, bytes] = {}
+    found: dict[bytes, bytes | None] = {}
     cache.put(b"k", b"v")
     assert cache._get_many_inline([b"k", "k"], 10, found, {}, 5) == 2  # from past the end
     assert found == {}

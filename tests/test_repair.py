@@ -132,7 +132,7 @@ def test_inline_calls_answer_repair_needed_and_leave_it_to_repair(cache_path: st
         for call in calls:  # each finds the damage, none repairs it: the next finds it too
             with pytest.raises(RepairNeeded):
                 call()
-        found: dict[bytes, bytes] = {}
+        found: dict[bytes, bytes | None] = {}
         assert core.get_many_inline([b"e1", b"e2"], 1 << 20, found, {}, 0) == 0  # stops there
         assert found == {}
         assert core.persisted() == 0  # takes no lock: nothing to repair first

@@ -80,6 +80,7 @@ NO_REPAIR: int = lib.VMC_F_NO_REPAIR
 COUNTED: int = lib.VMC_F_COUNTED
 _RECORDS = SCRATCH_SIZE + 2  # room for the record of any one evicted key, and more
 _MISS = lib.VMC_MISS
+_REPAIR = lib.VMC_E_REPAIR
 _NEED_ROOM = lib.VMC_E_NEED_ROOM
 _NULL = ffi.NULL
 _get = lib.vmc_get
@@ -300,11 +301,12 @@ class Handle:
         self, key: bytes, limit: int, flags: int = 0
     ) -> tuple[bytes, int, int] | int | None:
         """(value, publication timestamp, expiry in ns or 0) of a hit, read in
-        one core call; a hit larger than `limit` as its size, not copied (the
-        caller fetches it with `_get_entry(key, sys.maxsize, COUNTED)` from a
-        worker thread, which takes a second call for values past the scratch
-        buffer); None on a miss. Counts the get like `get` (with COUNTED in
-        `flags`: finishes a get counted already); never loads."""
+        one core call; a hit larger than `limit` (or, with NO_REPAIR, one whose
+        copy met a repair) as its size, not copied (the caller fetches it with
+        `_get_entry(key, sys.maxsize, COUNTED)` from a worker thread, which
+        takes a second call for values past the scratch buffer); None on a
+        miss. Counts the get like `get` (with COUNTED in `flags`: finishes a
+        get counted already); never loads."""
         meta = ffi.new("uint64_t[2]")
         s = _scratch
         cap = limit if limit < SCRATCH_SIZE else SCRATCH_SIZE
@@ -321,6 +323,7 @@ class Handle:
                 s.busy = False
         if n > limit:
             return int(n)
+        size = -1
         while n >= 0:  # counted, not copied: copy into a result of the right size
             out = _fresh_result(n)  # every byte filled below, or dropped unseen
             size = n
@@ -331,6 +334,8 @@ class Handle:
                 return out, int(meta[0]), int(meta[1])
         if n == _MISS:
             return None
+        if n == _REPAIR and size >= 0:  # counted: finished where a repair may run
+            return int(size)
         raise_for(n)
 
     def _copy_whole(self, key: bytes, size: int, flags: int = 0) -> bytes | None:
@@ -402,7 +407,7 @@ class Handle:
         self,
         keys: list[Key],
         limit: int,
-        found: dict[bytes, bytes],
+        found: dict[bytes, bytes | None],
         large: dict[bytes, tuple[int, int]],
         start: int,
     ) -> int:
@@ -410,7 +415,8 @@ class Handle:
         repairs the file): hits of at most `limit` bytes into `found` (keyed by the
         encoded key); the others `_get_inline` answers with a size into `large`
         as (size, asks), asks being how many of the keys were such hits of it
-        (each to be finished), and into `found` as b"" (holding their place).
+        (each to be finished), and, unless an earlier ask of it found a value,
+        into `found` as None (holding their place).
         Returns the number of keys done: fewer than ``len(keys)`` when the next
         one needs a repair (`RepairNeeded`).
         The fast path looks them up in batches, one C call per 64 keys."""
@@ -423,7 +429,7 @@ class Handle:
                 return at
             if isinstance(value, int):
                 large[k] = (value, large[k][1] + 1 if k in large else 1)
-                found[k] = b""
+                found.setdefault(k, None)
             elif value is not None:
                 found[k] = value
         return len(keys)
