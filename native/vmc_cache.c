@@ -1100,23 +1100,25 @@ static bool take_slot_hit(struct vmc_spare_slot *slot)
 
 /* uncount_hit -- (shard s locked) a get this handle counted as a hit, in the
  * call that sized its value, answers a miss after all: the key went before
- * the copy that finishes it (VMC_F_COUNTED). Move one hit to the misses. The
- * statistics sum the shards' counts and the slots', so any of them may give
- * the hit back: the handle's own slot first (where most of its hits are
- * counted), then the shard's count (its lock is held), then any slot -- the
- * hit was counted somewhere, but another handle's uncount may have taken it
- * from where it was. */
+ * the copy that finishes it (VMC_F_COUNTED). Count the miss, and take one hit
+ * back. The statistics sum the shards' counts and the slots', so any of them
+ * may give it, as long as one always can: the shard's count first (its lock
+ * is held), then the handle's own slot, then any slot. A shard's count can
+ * only have lost the hit to the take-back of a get of the same shard whose
+ * hit a slot holds (the shard's went first), so when the shard has none, a
+ * slot does. (Taking a slot's first, a large key's miss could empty the slot
+ * that held a small key's hit, whose miss then found its own shard empty.) */
 static void uncount_hit(vmc_cache *c, uint32_t s)
 {
     struct vmc_shard *sh = &c->shards[s];
     struct vmc_spare_slot *own = vmc_spare_slot(c);
     VMC_COUNT(sh->misses);
-    if (own && take_slot_hit(own))
-        return;
     if (sh->hits > 0) {
         VMC_STORE(sh->hits, sh->hits - 1);
         return;
     }
+    if (own && take_slot_hit(own))
+        return;
     for (uint32_t i = 0; i < VMC_SPARE_SLOTS; i++)
         if (take_slot_hit(&c->hdr->spares[i]))
             return;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import itertools
 import os
 import random
 import sys
@@ -30,7 +31,15 @@ from aiovmc._errors import RepairNeeded
 from aiovmc._native import COUNTED, NO_REPAIR
 
 from .conftest import Clock
-from .helpers import HEADER_FIELDS, SPARE_SLOTS, private_file_stats, run_threads, slot_hits
+from .helpers import (
+    HEADER_FIELDS,
+    SPARE_SLOTS,
+    private_file_stats,
+    read_header,
+    run_threads,
+    slot_hits,
+    vmc_hash,
+)
 
 MiB = 1 << 20
 
@@ -350,6 +359,31 @@ def test_the_copy_that_finishes_a_counted_get_counts_a_miss_if_the_key_went(
     entry = cache._get_entry(b"k", sys.maxsize, COUNTED)  # repairs, then copies
     assert isinstance(entry, tuple) and entry[0] == value
     assert hits_and_misses() == (2, 2)
+
+
+def test_a_hit_taken_back_is_taken_where_one_is_counted(cache: Cache) -> None:
+    # Hits are counted in the key's shard (under its lock: a value past 64 KiB)
+    # or in the handle's slot (the optimistic path). A counted get whose key
+    # goes before its copy takes one hit back wherever one is: its shard first.
+    # Taking the slot's first, the large key's miss would take the small key's
+    # hit, and the small key's miss would then find none in its own shard:
+    # one hit too many, for ever.
+    data = Path(cache.path).read_bytes()
+    seed = read_header(data)["hash_seed"]
+    keys = (b"k%d" % i for i in itertools.count())
+    large = next(keys)
+    small = next(k for k in keys if vmc_hash(k, seed) % 64 != vmc_hash(large, seed) % 64)
+    cache.put(large, bytes(100_000))  # past the scratch buffer: counted under the lock
+    cache.put(small, bytes(100))  # counted in the slot
+    sizes = [cache._get_inline(key, 0) for key in (large, small)]  # counted, not copied
+    assert sizes == [100_000, 100] and cache.statistics().hits == 2
+    cache.delete(large)
+    cache.delete(small)
+    for key, size in zip((large, small), sizes, strict=True):
+        assert isinstance(size, int)
+        assert cache._copy_whole(key, size, COUNTED) is None
+    stats = cache.statistics()
+    assert (stats.hits, stats.misses) == (0, 2)
 
 
 def test_get_into_edges(cache: Cache) -> None:
