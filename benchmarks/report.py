@@ -54,6 +54,7 @@ def verdict_rows(results: dict[str, Any]) -> Iterator[list[str]]:
         for b, key in v.missing:
             family = key.split(":")[0]
             parts.append(f"{b.label + ': ' if b.label else ''}not measured (`--only {family}`)")
+        parts.extend(f"{label}: {_ratio(value)}" for label, value in v.context)
         if v.target.unmeasured:
             parts.append(v.target.unmeasured)
         verdict = v.verdict if v.verdict == "not measured" else f"**{v.verdict}**"

@@ -4,7 +4,9 @@ Each ``Target`` is one row of §8's table; each of its ``Bound``s names the figu
 it reads by key (``family: table | row | col``, see ``harness.Figure``): a figure
 alone, or a figure over a peer's figure (a ratio). A row is met when every bound
 is, missed when one measured bound is missed; a bound whose figures were not
-measured otherwise leaves the row unverified, with the reason, never passed.
+measured otherwise leaves the row unverified, with the reason, never passed. A
+row's ``context`` figures are shown beside its bounds and never judged: what the
+machine allows, measured in the same run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Target:
     target: str  # as §8 states it
     bounds: tuple[Bound, ...]
     unmeasured: str = ""  # why this machine cannot measure it (no bounds then)
+    context: tuple[tuple[str, str], ...] = ()  # (label, figure) shown beside, not judged
 
 
 def _sync(col: str, row: str = "aiovmc") -> str:
@@ -60,7 +63,9 @@ TARGETS: tuple[Target, ...] = (
                   "<=", 0.5, "async: hit path | async-lru hit | per hit"))),
     Target("2 processes reading / putting (2 cores)", "≥ 1.9 × / ≥ 1.5 × one process",
            (Bound("reading", "scaling: 2 processes / 1 | aiovmc | get", ">=", 1.9),
-            Bound("putting", "scaling: 2 processes / 1 | aiovmc | put", ">=", 1.5))),
+            Bound("putting", "scaling: 2 processes / 1 | aiovmc | put", ">=", 1.5)),
+           context=(("this machine's ceiling for reading (bare mapping reads)",
+                     "scaling: 2 processes / 1 | bare mapping reads | get"),)),
     Target("16 processes reading / 10 % puts, on a 16-core machine",
            "≥ 12 × / ≥ 10 × one process", (),
            unmeasured="needs 16 cores; the `scaling` family measures 1 and 2 processes "
@@ -116,6 +121,7 @@ class Verdict:
     target: Target
     measured: list[tuple[Bound, float]]  # each bound's figure (or ratio)
     missing: list[tuple[Bound, str]]  # the bounds not measured, each with a missing key
+    context: list[tuple[str, float]]  # the target's context figures that were measured
     verdict: str  # "PASS", "MISS" or "not measured"
 
 
@@ -136,7 +142,8 @@ def judge(target: Target, lookup: Callable[[str], float | None]) -> Verdict:
         verdict = "not measured"
     else:
         verdict = "PASS"
-    return Verdict(target, measured, missing, verdict)
+    context = [(label, v) for label, key in target.context if (v := lookup(key)) is not None]
+    return Verdict(target, measured, missing, context, verdict)
 
 
 def judge_all(figures: Mapping[str, float]) -> list[Verdict]:
