@@ -129,10 +129,10 @@ static void unname_spare(vmc_cache *c, uint32_t head)
 
 /* unlist -- (pool lock held, or the shard lock for a spare) take a RESERVED
  * head off where it is found: its owner's spare slot for a spare (nonce
- * VMC_SPARE_NONCE), else the reserved list. */
+ * c->spare_mark), else the reserved list. */
 static void unlist(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
-    if (nonce == VMC_SPARE_NONCE)
+    if (nonce == c->spare_mark)
         unname_spare(c, head);
     else
         vmc_reserved_unlink(c, head);
@@ -155,8 +155,8 @@ static void keep_spare(vmc_cache *c, uint32_t spare)
  * off it (see "the spare" below), if it is still one; 0 is none. */
 static void free_spare(vmc_cache *c, uint32_t spare)
 {
-    if (spare && still_reserved(c, spare, VMC_SPARE_NONCE)) {
-        unlist(c, spare, VMC_SPARE_NONCE);
+    if (spare && still_reserved(c, spare, c->spare_mark)) {
+        unlist(c, spare, c->spare_mark);
         vmc_release_entry(c, spare);
     }
 }
@@ -508,7 +508,7 @@ static bool track_rid(vmc_cache *c, uint64_t rid, bool orphan);
 static int drop_reservation(vmc_cache *c, uint32_t head, uint32_t nonce)
 {
     int rc = vmc_pool_lock(c);
-    if (rc == VMC_E_REPAIR && nonce == VMC_SPARE_NONCE) {
+    if (rc == VMC_E_REPAIR && nonce == c->spare_mark) {
         /* A spare taken off the handle: the handle's spare again (a repair
          * keeps a live owner's). The orphan list could not hold it: its
          * nonce is RID_ORPHAN's bit. */
@@ -628,7 +628,7 @@ static int clocks_sane(vmc_cache *c)
  *
  * A replacement's old entry, if it is one small extent, is not freed: it
  * becomes a RESERVED head of this handle's (owned by its owner id, nonce
- * VMC_SPARE_NONCE), and the handle's next put of an entry of the same number
+ * the file's spare mark, c->spare_mark), and the handle's next put of an entry of the same number
  * of units fills it without taking the pool lock. A spare is on no list: the
  * handle's spare slot in the header names it (vmc_format.h), so that a dead
  * owner's is found. A steady stream of replacements of one size thus takes no
@@ -666,7 +666,7 @@ static uint32_t stale_name(vmc_cache *c)
 {
     struct vmc_spare_slot *slot = vmc_spare_slot(c);
     uint32_t named = slot ? VMC_LOAD(slot->unit) : 0;
-    return named && !still_reserved(c, named, VMC_SPARE_NONCE) ? named : 0;
+    return named && !still_reserved(c, named, c->spare_mark) ? named : 0;
 }
 
 /* claim_naming, release_naming -- the right to rename this handle's spare
@@ -693,7 +693,7 @@ static void make_spare(vmc_cache *c, uint32_t old)
     struct vmc_entry *e = vmc_unit(c, old);
     VMC_STORE(e->state, VMC_REMOVED); /* tells a reader copying it without a lock */
     VMC_STORE(e->atime_ns, c->owner);
-    VMC_STORE(e->checksum, VMC_SPARE_NONCE);
+    VMC_STORE(e->checksum, c->spare_mark);
     VMC_STORE(e->state, VMC_RESERVED);
     __atomic_store_n(&c->spare, old, __ATOMIC_RELEASE);
 }
@@ -713,7 +713,7 @@ static uint32_t take_spare(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t ex
     uint64_t need = sizeof *e + klen + vlen;
     uint64_t room = e ? vmc_extent_bytes(c, vmc_tag_at(c, spare)) : 0;
     /* exactly the units a new allocation would take: no room is wasted */
-    if (e == NULL || !still_reserved(c, spare, VMC_SPARE_NONCE) || VMC_LOAD(e->next) != 0 ||
+    if (e == NULL || !still_reserved(c, spare, c->spare_mark) || VMC_LOAD(e->next) != 0 ||
         need > room ||
         room - need >= c->unit_size) {
         *unfit = spare;
@@ -740,7 +740,7 @@ static int64_t publish(vmc_cache *c, uint32_t head, uint32_t nonce, uint64_t has
     uint32_t s = vmc_shard_of(c, hash);
     struct vmc_shard *sh = &c->shards[s];
     int rc;
-    bool spare = nonce == VMC_SPARE_NONCE; /* a refilled spare: on no list */
+    bool spare = nonce == c->spare_mark; /* a refilled spare: on no list */
     for (int round = 0;; round++) {
         if ((rc = vmc_shard_lock(c, s)) < 0) {
             drop_reservation(c, head, nonce);
@@ -1406,7 +1406,7 @@ int64_t vmc_put(vmc_cache *c, const char *key, size_t klen, const char *value, s
     uint32_t unfit;
     uint64_t expires = expiry(c, ttl_ns, vmc_now_ns());
     uint32_t head = take_spare(c, klen, vlen, expires, &unfit);
-    uint32_t nonce = head ? VMC_SPARE_NONCE : 0;
+    uint32_t nonce = head ? c->spare_mark : 0;
     if (head == 0 && (rc = make_room(c, klen, vlen, expires, false, flags, 0, unfit, &head)) < 0)
         goto out;
     vmc_index_prefetch(c, hash, true); /* ...then the entry it points to */
@@ -1788,7 +1788,7 @@ int64_t vmc_reserve(vmc_cache *c, const char *key, size_t klen, size_t size, int
 /* owned_reservation -- the head of a reservation this process holds. */
 static struct vmc_entry *owned_reservation(vmc_cache *c, uint64_t rid)
 {
-    if (RID_NONCE(rid) == 0 || RID_NONCE(rid) == VMC_SPARE_NONCE ||
+    if (RID_NONCE(rid) == 0 || (RID_NONCE(rid) & VMC_SPARE_BIT) ||
         !still_reserved(c, RID_HEAD(rid), RID_NONCE(rid))) {
         vmc_fail(VMC_E_STATE, "reservation %llx is not open in this process (already "
                               "published or cancelled, or made before a fork)",

@@ -528,6 +528,7 @@ int vmc_open(const char *path, const struct vmc_config *cfg, uint32_t flags, vmc
     c->heap_off = h.heap_off;
     c->pool_off = h.pool_off;
     c->seed = h.hash_seed;
+    c->spare_mark = vmc_spare_mark(h.hash_seed);
     c->shift = h.unit_shift;
     c->unit_size = h.unit_size;
     c->pool_units = h.pool_units;

@@ -84,9 +84,13 @@
 #define VMC_TAG_KIND(tag) ((uint32_t)((tag) >> 32) & ~1u)
 
 /* The `checksum` of a RESERVED head that is a handle's spare (or a put filling
- * it): on no list, named by its owner's spare slot instead. Reservation nonces
- * are 31 bits and a put's own reservation has 0, so this never names one. */
-#define VMC_SPARE_NONCE 0x80000000u
+ * it), on no list, named by its owner's spare slot instead, is the file's
+ * spare mark (vmc_spare_mark): this bit, which no reservation nonce has (they
+ * are 31 bits, and a put's own reservation has 0), and 31 bits drawn from the
+ * file's hash seed. A slot may name a unit inside another entry's value (a
+ * stale name, or damage), where the application's bytes could pass for any
+ * constant; they pass for a spare only if they hold the file's secret. */
+#define VMC_SPARE_BIT 0x80000000u
 #define VMC_SPARE_SLOTS 48u          /* spare slots in the header page */
 
 /* Entry states. */
@@ -233,7 +237,7 @@ struct vmc_spare_slot {
                                claims (pool lock) and by repair; recovery at open frees
                                all */
     uint32_t unit;          /* the owner's spare or the put filling it (RESERVED, nonce
-                               VMC_SPARE_NONCE), 0 = none; may be stale (the head since
+                               the spare mark), 0 = none; may be stale (the head since
                                published or freed: believe it only with that state, owner
                                and nonce). Written by the owner alone (compare-and-swap:
                                threads of one handle), with its shard lock or the pool

@@ -47,6 +47,7 @@ struct vmc_cache {
     uint64_t file_size;
     uint64_t shards_off, index_off, heap_off, pool_off; /* from the validated header copy */
     uint64_t seed;
+    uint32_t spare_mark;          /* vmc_spare_mark(seed): a spare's nonce in this file */
     uint32_t shift;               /* log2(unit_size) */
     uint32_t unit_size;
     uint32_t pool_units;
@@ -174,6 +175,14 @@ static inline uint64_t vmc_extent_bytes(const vmc_cache *c, uint64_t tag)
 static inline uint64_t vmc_hash_key(const vmc_cache *c, const void *key, size_t klen)
 {
     return vmc_hash(key, klen, c->seed);
+}
+
+/* vmc_spare_mark -- the spare mark of a file of this hash seed (vmc_format.h,
+ * VMC_SPARE_BIT): the seed is drawn from getrandom() at creation and read by
+ * nobody but the handles of the file. */
+static inline uint32_t vmc_spare_mark(uint64_t hash_seed)
+{
+    return VMC_SPARE_BIT | (uint32_t)(vmc_hash("spare mark", 10, hash_seed) >> 33);
 }
 
 /* vmc_shard_of -- the shard a key hash belongs to. */

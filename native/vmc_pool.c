@@ -355,7 +355,7 @@ static void free_slot(vmc_cache *c, struct vmc_spare_slot *slot, uint64_t owner)
     uint32_t u = VMC_LOAD(slot->unit);
     struct vmc_entry *e = u ? vmc_head(c, u) : NULL;
     if (e && e->state == VMC_RESERVED && e->atime_ns == owner &&
-        e->checksum == VMC_SPARE_NONCE)
+        e->checksum == c->spare_mark)
         vmc_release_entry(c, u);
     clear_slot(slot, owner);
 }

@@ -172,7 +172,7 @@ static void keep_head(vmc_cache *c, struct marks *m, uint32_t u, enum vmc_rebuil
         (*dropped)++;
     } else if (e->state == VMC_RESERVED && mode == VMC_REBUILD_LIVE &&
                vmc_owner_alive(c, e->atime_ns) && vmc_head(c, u) && chain(c, m, u, true)) {
-        if (e->checksum != VMC_SPARE_NONCE) /* a spare is on no list: its slot names it */
+        if (e->checksum != c->spare_mark) /* a spare is on no list: its slot names it */
             vmc_reserved_push(c, u);
         c->hdr->pool.heads++;
         return;

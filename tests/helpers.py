@@ -900,3 +900,44 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
     cache.close()
     os.unlink(path)
     return {"outcome": "ok", "wrong": wrong, "op_errors": errors}
+
+
+def spare_mark(hdr: dict[str, Any]) -> int:
+    """The file's spare mark, a spare's nonce (native/vmc_handle.h, vmc_spare_mark)."""
+    return 0x80000000 | (vmc_hash(b"spare mark", hdr["hash_seed"]) >> 33)
+
+
+def plant_forged_spare(path: str, writer: Any, key: bytes, nonce: int) -> bytes:
+    """Point the one spare slot of the file at `path` that names a spare at a head
+    forged inside a value: `writer` (a handle that keeps no spare of its own) puts
+    under `key` a value of 8 units whose third unit holds a one-unit RESERVED head of
+    the slot's owner with `nonce` (the file's spare mark: a spare, as far as any
+    field tells). Returns the value."""
+    data = Path(path).read_bytes()
+    hdr = read_header(data)
+    unit = 1 << hdr["unit_shift"]
+    slot_owner, _ = HEADER_FIELDS["spares[0].owner"]
+    slot_unit, unit_size = HEADER_FIELDS["spares[0].unit"]
+    (slot,) = [  # the slots that name a spare: one
+        slot_owner + SPARE_SLOT_SIZE * i
+        for i in range(SPARE_SLOTS)
+        if any(data[slot_unit + SPARE_SLOT_SIZE * i : slot_unit + SPARE_SLOT_SIZE * i + 4])
+    ]
+    owner = int.from_bytes(data[slot : slot + 8], "little")
+    # tag, next, value_len, link_prev, link_next, key_len, state RESERVED,
+    # reserved0, checksum (the nonce), expires_ns, stamp, atime_ns (the owner id)
+    forged = ENTRY.pack(KIND_HEAD << 32 | 1, 0, 0, 0, 0, 0, 1, 0, nonce, 0, 0, owner)
+    at = 2 * unit - ENTRY.size - len(key)  # where the value meets the third unit
+    value = bytes(at) + forged
+    value += bytes(8 * unit - ENTRY.size - len(key) - len(value))
+    writer.put(key, value)
+    data = Path(path).read_bytes()
+    found = find_head(data, hdr, key)
+    assert found is not None
+    victim = found[2]
+    head = hdr["pool_off"] + (victim - 1) * unit
+    assert int.from_bytes(data[head : head + 4], "little") == 8  # one extent of 8 units
+    with open(path, "r+b") as f:  # the file's pages are the mapping's
+        f.seek(slot + slot_unit - slot_owner)
+        f.write((victim + 2).to_bytes(unit_size, "little"))
+    return value

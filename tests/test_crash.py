@@ -42,7 +42,9 @@ from .helpers import (
     check_value,
     join_all,
     make_value,
+    plant_forged_spare,
     read_header,
+    spare_mark,
     verify_get,
     wait_for,
 )
@@ -292,6 +294,35 @@ def test_killed_process_spare_extent_reclaimed_when_another_process_attaches(
         assert cache.statistics().used_bytes == base + held // 2
         assert cache.get(b"spare") == make_value(b"spare", 2, 100)
         check_value(b"k", cache.get(b"k"))
+
+
+def test_a_dead_owners_slot_frees_only_a_head_bearing_the_files_spare_mark(
+    ctx: Any, cache_path: str
+) -> None:
+    """A dead owner's spare slot is all that names its spare, and it may be
+    stale or damaged: here it names a head forged inside another entry's value,
+    whose bytes copy every field of a spare but the file's secret spare mark
+    (the constant a spare's nonce once was). The attach that frees the dead
+    owner's slot leaves that head alone: the value stays whole, and the room
+    the puts after it take is never inside it."""
+    with aiovmc.Cache(cache_path, size="2MiB") as cache:
+        ready = ctx.Event()
+        p = ctx.Process(target=_replace_and_hang, args=(cache_path, ready))
+        p.start()
+        assert ready.wait(WAIT)
+        hdr = read_header(Path(cache_path).read_bytes())
+        assert spare_mark(hdr) != 0x80000000
+        value = plant_forged_spare(cache_path, cache, b"victim", 0x80000000)
+        _kill(p)
+        p = ctx.Process(target=_attach_and_leave, args=(cache_path,))
+        p.start()
+        join_all([p])
+        assert p.exitcode == 0
+        unit = 1 << hdr["unit_shift"]
+        for i in range(20):  # room freed inside the value would be filled here
+            cache.put(b"f%d" % i, bytes(2 * unit - 100))
+        assert cache.get(b"victim") == value
+        assert cache.get(b"spare") == make_value(b"spare", 2, 100)
 
 
 def _replace_forever(path: str, seed: int, progress: Any) -> None:

@@ -30,17 +30,14 @@ from aiovmc._errors import RepairNeeded
 from aiovmc._native._binding import ffi
 
 from .helpers import (
-    ENTRY,
     HEADER_FIELDS,
-    KIND_HEAD,
     SHARD_FIELDS,
-    SPARE_SLOT_SIZE,
-    SPARE_SLOTS,
     WAIT,
     check_value,
-    find_head,
     make_value,
+    plant_forged_spare,
     read_header,
+    spare_mark,
 )
 
 N = 200
@@ -380,52 +377,24 @@ def test_a_close_frees_the_spare_it_knows_not_what_its_slot_was_pointed_at(
 ) -> None:
     """A handle's spare slot names its spare in the file, where damage may
     point it anywhere: here at a head forged inside another entry's value (a
-    value's bytes are whatever the application stored) as the handle's own
-    spare. The close frees the spare the handle knows, never what the slot
-    names: the value holding the forged head stays whole, and the spare's room
-    is freed."""
+    value's bytes are whatever the application stored), with the file's own
+    spare mark, as the handle's spare. The close frees the spare the handle
+    knows, never what the slot names: the value holding the forged head stays
+    whole, and the spare's room is freed."""
     with aiovmc.Cache(cache_path, size="2MiB") as other:
         cache = aiovmc.Cache(cache_path)
         cache.put(b"s", make_value(b"s", 0, 300))
         cache.put(b"s", make_value(b"s", 1, 300))  # the old s is the spare
-        data = Path(cache_path).read_bytes()
-        hdr = read_header(data)
-        unit = 1 << hdr["unit_shift"]
-        slot_owner, _ = HEADER_FIELDS["spares[0].owner"]
-        slot_unit, unit_size = HEADER_FIELDS["spares[0].unit"]
-        naming = [  # the slots that name a spare: `cache`'s alone
-            slot_owner + SPARE_SLOT_SIZE * i
-            for i in range(SPARE_SLOTS)
-            if any(data[slot_unit + SPARE_SLOT_SIZE * i : slot_unit + SPARE_SLOT_SIZE * i + 4])
-        ]
-        assert len(naming) == 1
-        slot = naming[0]
-        owner = int.from_bytes(data[slot : slot + 8], "little")
-        # A head of one unit as a spare of this owner: tag, next, value_len,
-        # link_prev, link_next, key_len, state RESERVED, reserved0, checksum
-        # VMC_SPARE_NONCE, expires_ns, stamp, atime_ns = the owner id.
-        forged = ENTRY.pack(KIND_HEAD << 32 | 1, 0, 0, 0, 0, 0, 1, 0, 0x80000000, 0, 0, owner)
-        key = b"victim"
-        at = 2 * unit - ENTRY.size - len(key)  # where the value meets the third unit
-        value = bytes(at) + forged  # the entry takes 8 units: the forged head is in it
-        value += bytes(8 * unit - ENTRY.size - len(key) - len(value))
-        other.put(key, value)  # by another handle: `cache` keeps its spare
-        data = Path(cache_path).read_bytes()
-        found = find_head(data, read_header(data), key)
-        assert found is not None
-        victim = found[2]
-        head = hdr["pool_off"] + (victim - 1) * unit
-        assert int.from_bytes(data[head : head + 4], "little") == 8  # one extent of 8 units
+        hdr = read_header(Path(cache_path).read_bytes())
+        value = plant_forged_spare(cache_path, other, b"victim", spare_mark(hdr))
         used = other.statistics().used_bytes
-        with open(cache_path, "r+b") as f:  # the file's pages are the mapping's
-            f.seek(slot + slot_unit - slot_owner)
-            f.write((victim + 2).to_bytes(unit_size, "little"))
         cache.close()
-        assert other.get(key) == value
-        assert other.statistics().used_bytes == used - 2 * unit  # the spare's two units
+        assert other.get(b"victim") == value
+        assert other.statistics().used_bytes == used - 2 * (1 << hdr["unit_shift"])
         for i in range(20):  # the room freed is room: puts fill it, no entry is harmed
-            other.put(b"f%d" % i, bytes(2 * unit - 100))
-        assert other.get(key) == value and other.get(b"s") == make_value(b"s", 1, 300)
+            other.put(b"f%d" % i, bytes(2 * (1 << hdr["unit_shift"]) - 100))
+        assert other.get(b"victim") == value
+        assert other.get(b"s") == make_value(b"s", 1, 300)
 
 
 _FORK_DURING_DROP_ORPHANS = r"""
