@@ -9,13 +9,18 @@ interleaved. py-lmdb runs the same: a read transaction per 1,000 gets, a write
 transaction per put. Scaling = median(2 processes) / median(1 process). With 2
 CPUs, the 2-process figure leaves no core to the OS or the parent: a lower bound.
 
-What the machine allows a reader of a shared mapping is measured beside them:
-"bare mapping reads" gets the same keys' values from a file on tmpfs mapped by
-every worker, through the least any shared-memory cache does -- two dependent
-loads at random (an 8-byte index word among 1M, then the 100 B value it names,
-copied into a new bytes object) -- with no lock, no check, no write. Its scaling
-is this machine's ceiling for random reads of shared memory from Python: a
-cache reading at that ratio loses nothing to its own code.
+What the machine allows readers is measured beside them, in the same rounds, by
+three references that share nothing a cache could contend on:
+- "dict of 1,000 keys, one per process": each worker gets 1,000 keys of its own
+  small dict over and over: no cache miss, the CPU alone;
+- "dict, one per process": each worker gets the same keys as the caches from its
+  own dict of the 100k keys' values (a process's private cache, less the copy);
+- "bare mapping reads": each worker reads a file on tmpfs that every worker maps,
+  through the least any shared-memory cache does -- two dependent loads at random
+  (an 8-byte index word among 1M, then the 100 B value it names, copied into a
+  new bytes object) -- with no lock, no check, no write.
+Their scaling is this machine's ceiling for random reads from Python: a cache
+reading at that ratio loses nothing to its own code.
 
 What the scaling figure cannot tell apart -- the code contending and the machine
 giving less than two cores -- is measured beside it: each worker's thread CPU
@@ -72,6 +77,8 @@ MODES = ("get", "put", "10 % puts")
 CHUNK = 1_000
 VALUE = 100
 BARE = "bare mapping reads"
+PRIVATE = "dict, one per process"
+SMALL = "dict of 1,000 keys, one per process"
 BARE_SLOTS = 1 << 20  # index words of the bare mapping (8 MiB), its values after them
 BARE_STRIDE = 192  # the bytes an aiovmc entry of a 16 B key and a 100 B value takes
 
@@ -98,7 +105,8 @@ def _worker(
     n_keys: int, duration: float,
 ) -> None:  # fmt: skip
     """A child process: per round, ops of ``mode`` for ``duration`` seconds."""
-    order = key_order(n_keys, seed=1000 + index)
+    size = 1_000 if lib == SMALL else n_keys  # the keys this worker walks
+    order = key_order(size, seed=1000 + index)
     if lib == BARE:
         slots = _bare_slots(n_keys)
         items: list[Any] = [slots[i] * 8 for i in order]  # the index words' offsets
@@ -130,6 +138,15 @@ def _worker(
                 mm[v : v + VALUE]
 
         close = mm.close
+    elif lib in (PRIVATE, SMALL):
+        private = {make_key(i): i.to_bytes(4, "little") + value[4:] for i in range(size)}
+        get = private.__getitem__
+
+        def chunk_loop(chunk: list[bytes]) -> None:
+            for k in chunk:
+                get(k)
+
+        close = private.clear
     else:
         env = lmdb.open(path, map_size=2 * GiB, sync=False, writemap=True)
         begin = env.begin
@@ -177,8 +194,8 @@ def run(settings: Settings, fam: Family) -> None:
     rounds = settings.warmup + settings.rounds
     value = make_value(VALUE)
     with scratch("scaling") as d:
-        paths = {lib: os.path.join(d, lib) for lib in ("aiovmc", BARE, "lmdb")}
-        modes = {"aiovmc": MODES, BARE: ("get",), "lmdb": MODES}
+        paths = {lib: os.path.join(d, lib) for lib in ("aiovmc", SMALL, PRIVATE, BARE, "lmdb")}
+        modes = {lib: ("get",) for lib in paths} | {"aiovmc": MODES, "lmdb": MODES}
         cache = aiovmc.Cache(paths["aiovmc"], size=256 * MiB)
         env = lmdb.open(paths["lmdb"], map_size=2 * GiB, sync=False, writemap=True)
         with env.begin(write=True) as txn:
