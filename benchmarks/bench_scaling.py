@@ -11,10 +11,10 @@ CPUs, the 2-process figure leaves no core to the OS or the parent: a lower bound
 
 What the machine allows readers is measured beside them, in the same rounds, by
 three references that share nothing a cache could contend on:
-- "dict of 1,000 keys, one per process": each worker gets 1,000 keys of its own
-  small dict over and over: no cache miss, the CPU alone;
-- "dict, one per process": each worker gets the same keys as the caches from its
-  own dict of the 100k keys' values (a process's private cache, less the copy);
+- "1k-key dict per process": each worker gets the 1,000 keys of its own small
+  dict over and over: no cache miss, the CPU alone;
+- "100k-key dict per process": each worker gets the caches' keys from its own
+  dict of the 100k keys' values (a process's private cache, less the copy);
 - "bare mapping reads": each worker reads a file on tmpfs that every worker maps,
   through the least any shared-memory cache does -- two dependent loads at random
   (an 8-byte index word among 1M, then the 100 B value it names, copied into a
@@ -63,10 +63,11 @@ import aiovmc
 
 TITLE = "Processes sharing one file"
 TABLES = [
-    Table("throughput", "Ops/s summed over the processes (100 B values, 100k keys, random)",
-          Plot("bars", "bench_scaling.png", "Throughput on one shared file (median)",
-               xlabel="M ops/s")),
-    Table("2 processes / 1", "Scaling: the 2-process figure over the 1-process one"),
+    Table("throughput", "Ops/s summed over the processes (100 B values, 100k keys, random)"),
+    Table("2 processes / 1", "Scaling: the 2-process figure over the 1-process one",
+          Plot("bars", "bench_scaling.png",
+               "2 processes over 1 (medians of rounds; dashed: two cores' worth)",
+               hline=2.0)),
     Table("CPU per op", "A worker thread's CPU time per op (mean over the group's workers)"),
     Table("CPU per op, 2 processes / 1",
           "Contention: CPU per op with 2 processes over 1 process (1.00: none)"),
@@ -77,8 +78,8 @@ MODES = ("get", "put", "10 % puts")
 CHUNK = 1_000
 VALUE = 100
 BARE = "bare mapping reads"
-PRIVATE = "dict, one per process"
-SMALL = "dict of 1,000 keys, one per process"
+PRIVATE = "100k-key dict per process"
+SMALL = "1k-key dict per process"
 BARE_SLOTS = 1 << 20  # index words of the bare mapping (8 MiB), its values after them
 BARE_STRIDE = 192  # the bytes an aiovmc entry of a 16 B key and a 100 B value takes
 

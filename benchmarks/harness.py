@@ -85,7 +85,7 @@ class Plot:
     ylabel: str = ""
     logx: bool = False
     logy: bool = False
-    hline: float | None = None
+    hline: float | None = None  # a reference value (bars: a vertical line)
     hline_label: str = ""
 
 

@@ -902,6 +902,13 @@ def _attached_attempt(spec: dict[str, Any], expect: dict[bytes, bytes]) -> dict[
     return {"outcome": "ok", "wrong": wrong, "op_errors": errors}
 
 
+def spare_slot_units(data: bytes) -> list[bytes]:
+    """The `unit` word of each spare slot of a file's bytes."""
+    at, size = HEADER_FIELDS["spares[0].unit"]
+    starts = range(at, at + SPARE_SLOTS * SPARE_SLOT_SIZE, SPARE_SLOT_SIZE)
+    return [data[start : start + size] for start in starts]
+
+
 def spare_mark(hdr: dict[str, Any]) -> int:
     """The file's spare mark, a spare's nonce (native/vmc_handle.h, vmc_spare_mark)."""
     return 0x80000000 | (vmc_hash(b"spare mark", hdr["hash_seed"]) >> 33)
@@ -919,9 +926,7 @@ def plant_forged_spare(path: str, writer: Any, key: bytes, nonce: int) -> bytes:
     slot_owner, _ = HEADER_FIELDS["spares[0].owner"]
     slot_unit, unit_size = HEADER_FIELDS["spares[0].unit"]
     (slot,) = [  # the slots that name a spare: one
-        slot_owner + SPARE_SLOT_SIZE * i
-        for i in range(SPARE_SLOTS)
-        if any(data[slot_unit + SPARE_SLOT_SIZE * i : slot_unit + SPARE_SLOT_SIZE * i + 4])
+        slot_owner + SPARE_SLOT_SIZE * i for i, u in enumerate(spare_slot_units(data)) if any(u)
     ]
     owner = int.from_bytes(data[slot : slot + 8], "little")
     # tag, next, value_len, link_prev, link_next, key_len, state RESERVED,

@@ -45,6 +45,7 @@ from .helpers import (
     plant_forged_spare,
     read_header,
     spare_mark,
+    spare_slot_units,
     verify_get,
     wait_for,
 )
@@ -318,6 +319,7 @@ def test_a_dead_owners_slot_frees_only_a_head_bearing_the_files_spare_mark(
         p.start()
         join_all([p])
         assert p.exitcode == 0
+        assert not any(map(any, spare_slot_units(Path(cache_path).read_bytes())))  # freed
         unit = 1 << hdr["unit_shift"]
         for i in range(20):  # room freed inside the value would be filled here
             cache.put(b"f%d" % i, bytes(2 * unit - 100))

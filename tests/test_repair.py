@@ -38,6 +38,7 @@ from .helpers import (
     plant_forged_spare,
     read_header,
     spare_mark,
+    spare_slot_units,
 )
 
 N = 200
@@ -385,7 +386,12 @@ def test_a_close_frees_the_spare_it_knows_not_what_its_slot_was_pointed_at(
         cache = aiovmc.Cache(cache_path)
         cache.put(b"s", make_value(b"s", 0, 300))
         cache.put(b"s", make_value(b"s", 1, 300))  # the old s is the spare
-        hdr = read_header(Path(cache_path).read_bytes())
+        data = Path(cache_path).read_bytes()
+        hdr = read_header(data)
+        (spare,) = {int.from_bytes(u, "little") for u in spare_slot_units(data)} - {0}
+        head = hdr["pool_off"] + ((spare - 1) << hdr["unit_shift"])
+        state, nonce = data[head + 26], int.from_bytes(data[head + 28 : head + 32], "little")
+        assert (state, nonce) == (1, spare_mark(hdr))  # RESERVED, the file's mark
         value = plant_forged_spare(cache_path, other, b"victim", spare_mark(hdr))
         used = other.statistics().used_bytes
         cache.close()
