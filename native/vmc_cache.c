@@ -464,7 +464,9 @@ static int make_room(vmc_cache *c, size_t klen, uint64_t vlen, uint64_t expires,
                 continue;
             return vmc_fail(VMC_E_FULL,
                             "no room for a %llu-byte %s: everything evictable is gone and "
-                            "open reservations hold the rest",
+                            "open reservations hold the rest (among them each open handle's "
+                            "spare: the last entry of up to 4 KiB it replaced, kept for its "
+                            "next put)",
                             (unsigned long long)(klen + vlen),
                             contiguous ? "contiguous reservation" : "entry");
         }

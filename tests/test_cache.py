@@ -1063,6 +1063,25 @@ def test_a_replaced_small_entry_is_the_spare_of_the_next_put(cache_path: str) ->
         assert other.statistics().used_bytes == 0
 
 
+def test_open_handles_spares_count_as_open_reservations(cache_path: str) -> None:
+    """A spare is a reservation of its live handle, out of eviction's reach:
+    a few idle handles' spares, scattered over a full pool, can leave no run
+    long enough for a reservation of half the cache. The error says so, and
+    the reservation fits once those handles close."""
+    with Cache(cache_path, size=4 * MiB) as c:
+        n = c.capacity // 256
+        for i in range(n):  # one-extent entries fill the pool
+            c.put(b"k%d" % i, bytes(150))
+        idle = [Cache(cache_path) for _ in range(8)]
+        for j, h in enumerate(idle):  # each keeps a spare, an eighth of the pool apart
+            h.put(b"k%d" % ((2 * j + 1) * n // 16), b"x" * 150)
+        with pytest.raises(aiovmc.CacheFullError, match="each open handle's spare"):
+            c.reserve(b"big", c.capacity // 2)
+        for h in idle:
+            h.close()
+        c.reserve(b"big", c.capacity // 2).cancel()
+
+
 def test_reservation_replaces_and_close_cancels(cache_path: str) -> None:
     c = Cache(cache_path, size=MiB)
     c.put(b"k", b"old")
