@@ -30,6 +30,8 @@ from aiovmc._errors import RepairNeeded
 from aiovmc._native._binding import ffi
 
 from .helpers import (
+    ENTRY,
+    ENTRY_FIELDS,
     HEADER_FIELDS,
     SHARD_FIELDS,
     WAIT,
@@ -388,17 +390,18 @@ def test_a_close_frees_the_spare_it_knows_not_what_its_slot_was_pointed_at(
         cache.put(b"s", make_value(b"s", 1, 300))  # the old s is the spare
         data = Path(cache_path).read_bytes()
         hdr = read_header(data)
+        unit = 1 << hdr["unit_shift"]
         (spare,) = {int.from_bytes(u, "little") for u in spare_slot_units(data)} - {0}
-        head = hdr["pool_off"] + ((spare - 1) << hdr["unit_shift"])
-        state, nonce = data[head + 26], int.from_bytes(data[head + 28 : head + 32], "little")
-        assert (state, nonce) == (1, spare_mark(hdr))  # RESERVED, the file's mark
+        fields = ENTRY.unpack_from(data, hdr["pool_off"] + (spare - 1) * unit)
+        head = dict(zip(ENTRY_FIELDS, fields, strict=True))
+        assert (head["state"], head["checksum"]) == (1, spare_mark(hdr))  # RESERVED, the mark
         value = plant_forged_spare(cache_path, other, b"victim", spare_mark(hdr))
         used = other.statistics().used_bytes
         cache.close()
         assert other.get(b"victim") == value
-        assert other.statistics().used_bytes == used - 2 * (1 << hdr["unit_shift"])
+        assert other.statistics().used_bytes == used - 2 * unit  # the spare's two units
         for i in range(20):  # the room freed is room: puts fill it, no entry is harmed
-            other.put(b"f%d" % i, bytes(2 * (1 << hdr["unit_shift"]) - 100))
+            other.put(b"f%d" % i, bytes(2 * unit - 100))
         assert other.get(b"victim") == value
         assert other.get(b"s") == make_value(b"s", 1, 300)
 
